@@ -1,0 +1,91 @@
+"""otree: Erlang/OTP-style supervision trees for Python, on trio.
+
+A worker that crashes is restarted by its supervisor::
+
+    import trio, otree
+
+    async def flaky(name):
+        await trio.sleep(1)
+        raise RuntimeError(f"{name} crashed")     # restarted, at most 3 times in 5 s
+
+    tree = otree.supervisor("fleet", children=[otree.task("alice", flaky, "alice")])
+
+    async def main():
+        async with otree.open_supervisor(tree) as sup:
+            async for event in sup.events():
+                print(event.path, event.kind, event.reason)
+
+    trio.run(main)
+
+Run a tree file with ``otree run tree.py``; check one with ``otree check tree.py``.
+"""
+
+from __future__ import annotations
+
+from contextlib import suppress as _suppress
+
+from ._errors import AlreadyPresent as AlreadyPresent
+from ._errors import MaxChildren as MaxChildren
+from ._errors import NotFound as NotFound
+from ._errors import NotRunning as NotRunning
+from ._errors import OtreeError as OtreeError
+from ._errors import Restarting as Restarting
+from ._errors import RestartIntensityExceeded as RestartIntensityExceeded
+from ._errors import Running as Running
+from ._errors import Shutdown as Shutdown
+from ._errors import SpecError as SpecError
+from ._errors import StartError as StartError
+from ._errors import SupervisorFailed as SupervisorFailed
+from ._events import Event as Event
+from ._events import EventStream as EventStream
+from ._info import ChildInfo as ChildInfo
+from ._info import Counts as Counts
+from ._info import ExitInfo as ExitInfo
+from ._spec import Backoff as Backoff
+from ._spec import SupervisorSpec as SupervisorSpec
+from ._spec import TaskSpec as TaskSpec
+from ._spec import supervisor as supervisor
+from ._spec import task as task
+from ._supervisor import SupervisorHandle as SupervisorHandle
+from ._supervisor import open_supervisor as open_supervisor
+from ._supervisor import run as run
+from ._task import RunningChild as RunningChild
+from ._task import current_child as current_child
+
+__all__ = [
+    "AlreadyPresent",
+    "Backoff",
+    "ChildInfo",
+    "Counts",
+    "Event",
+    "EventStream",
+    "ExitInfo",
+    "MaxChildren",
+    "NotFound",
+    "NotRunning",
+    "OtreeError",
+    "RestartIntensityExceeded",
+    "Restarting",
+    "Running",
+    "RunningChild",
+    "Shutdown",
+    "SpecError",
+    "StartError",
+    "SupervisorFailed",
+    "SupervisorHandle",
+    "SupervisorSpec",
+    "TaskSpec",
+    "current_child",
+    "open_supervisor",
+    "run",
+    "supervisor",
+    "task",
+]
+
+# Tracebacks and reprs say otree.SpecError, not otree._errors.SpecError.
+for _name in __all__:
+    _obj = globals()[_name]
+    if getattr(_obj, "__module__", "").startswith("otree."):
+        with _suppress(AttributeError, TypeError):
+            _obj.__module__ = "otree"
+del _name, _obj

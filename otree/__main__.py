@@ -1,0 +1,7 @@
+"""``python -m otree``: the same as the ``otree`` command."""
+
+import sys
+
+from ._cli import main
+
+sys.exit(main())

@@ -1,0 +1,160 @@
+"""The one exception tree of otree.
+
+Every error otree raises on purpose is an ``OtreeError``; callers never see a
+bare ``ExceptionGroup`` from the public API. The child's own exception, where
+there is one, is chained as ``__cause__``.
+
+* OtreeError
+  + SpecError                  a child spec or tree is invalid (raised at declaration)
+  + StartError                 a child failed to start
+  + NotFound                   no child with that id / path
+  + AlreadyPresent             start_child with an id the supervisor already holds
+  + Running                    the child runs (restart_child, delete_child)
+  + Restarting                 the child is in a restart loop (restart_child, delete_child)
+  + MaxChildren                the supervisor holds max_children specs already
+  + NotRunning                 the supervisor the handle names is not running
+  + SupervisorFailed           a supervisor stopped because of a failure
+    + RestartIntensityExceeded more than max_restarts restarts within max_seconds
+
+``Shutdown`` is not an error: a child raises it to exit with reason ``shutdown``.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AlreadyPresent",
+    "MaxChildren",
+    "NotFound",
+    "NotRunning",
+    "OtreeError",
+    "RestartIntensityExceeded",
+    "Restarting",
+    "Running",
+    "Shutdown",
+    "SpecError",
+    "StartError",
+    "SupervisorFailed",
+]
+
+
+class OtreeError(Exception):
+    """Root of every error otree raises on purpose."""
+
+
+class SpecError(OtreeError):
+    """A child spec or supervision tree is invalid.
+
+    The message reads ``<path>: <field> <expected>; got <value>``; the parts
+    are kept as attributes so tools can point at the offending field.
+    """
+
+    def __init__(self, path: str, field: str, expected: str, got: object) -> None:
+        self.path = path
+        self.field = field
+        self.expected = expected
+        self.got = got
+        super().__init__(f"{path}: {field} {expected}; got {got!r}")
+
+    def at(self, parent: str) -> SpecError:
+        """The same error with its path prefixed by ``parent`` (used when a tree nests)."""
+        return SpecError(f"{parent}/{self.path}", self.field, self.expected, self.got)
+
+
+class StartError(OtreeError):
+    """A child failed to start; the cause is chained."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        self.path = path
+        self.reason = reason
+        super().__init__(f"{path}: failed to start: {reason}")
+
+
+class NotFound(OtreeError):
+    """No child with that id under the named supervisor."""
+
+    def __init__(self, supervisor: str, child_id: str, existing: list[str]) -> None:
+        self.supervisor = supervisor
+        self.child_id = child_id
+        self.existing = existing
+        ids = ", ".join(existing) if existing else "none"
+        super().__init__(f"no child at {supervisor}/{child_id} (children of {supervisor}: {ids})")
+
+
+class AlreadyPresent(OtreeError):
+    """``start_child`` named an id the supervisor holds already.
+
+    ``running`` tells OTP's ``already_started`` (True) from ``already_present``.
+    """
+
+    def __init__(self, path: str, *, running: bool) -> None:
+        self.path = path
+        self.running = running
+        what = "already running" if running else "already present (not running)"
+        super().__init__(f"{path}: {what}")
+
+
+class Running(OtreeError):
+    """The operation needs a stopped child and this one runs."""
+
+    def __init__(self, path: str, operation: str) -> None:
+        self.path = path
+        super().__init__(f"{path}: cannot {operation} a running child")
+
+
+class Restarting(OtreeError):
+    """The operation needs a stopped child and this one is in a restart loop."""
+
+    def __init__(self, path: str, operation: str) -> None:
+        self.path = path
+        super().__init__(f"{path}: cannot {operation} a restarting child")
+
+
+class MaxChildren(OtreeError):
+    """The supervisor already holds ``max_children`` specs."""
+
+    def __init__(self, path: str, max_children: int) -> None:
+        self.path = path
+        self.max_children = max_children
+        super().__init__(f"{path}: holds max_children={max_children} specs already")
+
+
+class NotRunning(OtreeError):
+    """The supervisor a handle names is not running (stopped, or between restarts)."""
+
+    def __init__(self, path: str, state: str) -> None:
+        self.path = path
+        self.state = state
+        super().__init__(f"{path}: supervisor is not running (state: {state})")
+
+
+class SupervisorFailed(OtreeError):
+    """A supervisor stopped because of a failure, not because it was asked to."""
+
+    def __init__(self, path: str, message: str) -> None:
+        self.path = path
+        super().__init__(f"{path}: {message}")
+
+
+class RestartIntensityExceeded(SupervisorFailed):
+    """More than ``max_restarts`` restarts fell within ``max_seconds``; the supervisor gave up."""
+
+    def __init__(self, path: str, max_restarts: int, max_seconds: float, child: str) -> None:
+        self.max_restarts = max_restarts
+        self.max_seconds = max_seconds
+        self.child = child
+        super().__init__(
+            path,
+            f"reached max restart intensity ({max_restarts} restarts in {max_seconds:g}s); "
+            f"last failing child: {child}",
+        )
+
+
+class Shutdown(Exception):
+    """Raised by a child to exit with reason ``shutdown`` (OTP's ``{shutdown, Reason}``).
+
+    A transient child that raises it is not restarted.
+    """
+
+    def __init__(self, reason: str = "") -> None:
+        self.reason = reason
+        super().__init__(reason)

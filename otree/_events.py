@@ -1,0 +1,163 @@
+"""Events: every supervisor decision as a msgspec Struct, published to subscribers and the log.
+
+A subscriber never slows the tree: each has a bounded buffer, and when it
+overflows the oldest events are dropped and the next event it receives says
+how many in ``details["dropped"]``. Events go to the ``otree`` logger too; an
+event is only built when a subscriber or an enabled log level wants it.
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from collections import deque
+from types import TracebackType
+from typing import Any
+
+import msgspec
+import trio
+
+__all__ = ["Event", "EventBus", "EventStream", "level_of"]
+
+_log = logging.getLogger("otree")
+_log.addHandler(logging.NullHandler())
+
+DEFAULT_BUFFER = 10_000
+
+# Kinds logged above INFO; every other kind is INFO.
+_LEVELS = {
+    "supervisor.intensity_exceeded": logging.ERROR,
+    "child.shutdown_error": logging.WARNING,
+    "child.start_failed": logging.WARNING,
+}
+
+
+class Event(msgspec.Struct, frozen=True):
+    """One decision of the tree.
+
+    Attributes:
+      time: wall-clock ``time.time()`` of the decision.
+      path: the child concerned (a supervisor's own path for supervisor events).
+      kind: dotted kind, e.g. ``child.exited`` or ``supervisor.intensity_exceeded``.
+      reason: the exit reason or a short word.
+      details: plain values (exception, delay, restarts in window, ...).
+    """
+
+    time: float
+    path: str
+    kind: str
+    reason: str = ""
+    details: dict[str, Any] = {}
+
+
+def level_of(kind: str, reason: str) -> int:
+    """The log level of an event: errors are WARNING, giving up is ERROR."""
+    if reason == "error" and kind == "child.exited":
+        return logging.WARNING
+    return _LEVELS.get(kind, logging.INFO)
+
+
+class EventBus:
+    """Fan-out of one tree's events to its subscribers and the ``otree`` logger."""
+
+    __slots__ = ("_streams", "closed")
+
+    def __init__(self) -> None:
+        self._streams: weakref.WeakSet[EventStream] = weakref.WeakSet()
+        self.closed = False
+
+    def wants(self, level: int) -> bool:
+        """Whether an event at ``level`` would reach anyone (so it is worth building)."""
+        return bool(self._streams) or _log.isEnabledFor(level)
+
+    def publish(self, event: Event, level: int) -> None:
+        for stream in self._streams:
+            stream._offer(event)
+        if _log.isEnabledFor(level):
+            _log.log(
+                level,
+                "%s %s %s %s",
+                event.path,
+                event.kind,
+                event.reason,
+                event.details,
+                extra={"otree_event": event},
+            )
+
+    def subscribe(self, prefix: str, buffer: int = DEFAULT_BUFFER) -> EventStream:
+        stream = EventStream(prefix, buffer)
+        if self.closed:
+            stream._closed = True
+        else:
+            self._streams.add(stream)
+        return stream
+
+    def close(self) -> None:
+        """End every stream once it has delivered what it holds (the tree has stopped)."""
+        self.closed = True
+        for stream in list(self._streams):
+            stream._end()
+        self._streams.clear()
+
+
+class EventStream:
+    """Live events of one supervisor and its descendants, from the moment of subscription.
+
+    Use as ``async for event in stream`` (or inside ``async with`` to unsubscribe
+    on exit). The stream ends when the tree has stopped.
+    """
+
+    __slots__ = ("__weakref__", "_buffer", "_closed", "_dropped", "_lot", "_maxlen", "_prefix", "_slash")
+
+    def __init__(self, prefix: str, buffer: int) -> None:
+        self._prefix = prefix
+        self._slash = prefix + "/"
+        self._maxlen = buffer
+        self._buffer: deque[Event] = deque()
+        self._dropped = 0
+        self._closed = False
+        self._lot = trio.lowlevel.ParkingLot()
+
+    def _offer(self, event: Event) -> None:
+        if self._closed:
+            return
+        path = event.path
+        if path != self._prefix and not path.startswith(self._slash):
+            return
+        buffer = self._buffer
+        if len(buffer) >= self._maxlen:
+            buffer.popleft()
+            self._dropped += 1
+        buffer.append(event)
+        self._lot.unpark_all()
+
+    def _end(self) -> None:
+        self._closed = True
+        self._lot.unpark_all()
+
+    def __aiter__(self) -> EventStream:
+        return self
+
+    async def __anext__(self) -> Event:
+        while not self._buffer:
+            if self._closed:
+                raise StopAsyncIteration
+            await self._lot.park()
+        event = self._buffer.popleft()
+        if self._dropped:
+            event = msgspec.structs.replace(event, details={**event.details, "dropped": self._dropped})
+            self._dropped = 0
+        return event
+
+    async def aclose(self) -> None:
+        """Unsubscribe; buffered events are discarded."""
+        self._buffer.clear()
+        self._end()
+
+    async def __aenter__(self) -> EventStream:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()

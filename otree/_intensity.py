@@ -1,0 +1,56 @@
+"""Restart intensity and backoff arithmetic: pure, the clock is passed in, no trio.
+
+OTP's ``add_restart`` keeps every restart of the last period and walks the list
+on each restart. Here a deque holds them oldest first, so expired entries fall
+off the front and each restart costs amortised O(1); the deque never holds more
+than ``max_restarts + 1`` entries because the supervisor gives up at that point.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+__all__ = ["RestartWindow", "backoff_delay"]
+
+
+class RestartWindow:
+    """The restarts of one supervisor within the last ``max_seconds``.
+
+    A restart at time ``t`` counts while ``now - t <= max_seconds`` (otree's
+    window is in float seconds; OTP's is in whole seconds).
+    """
+
+    __slots__ = ("_times", "max_restarts", "max_seconds")
+
+    def __init__(self, max_restarts: int, max_seconds: float) -> None:
+        self.max_restarts = max_restarts
+        self.max_seconds = max_seconds
+        self._times: deque[float] = deque()
+
+    def add_restart(self, now: float) -> bool:
+        """Record a restart at ``now``; False when that makes more than ``max_restarts``."""
+        times = self._times
+        times.append(now)
+        limit = self.max_seconds
+        while now - times[0] > limit:
+            times.popleft()
+        return len(times) <= self.max_restarts
+
+    def in_window(self, now: float) -> int:
+        """How many recorded restarts still count at ``now``."""
+        return sum(1 for t in self._times if now - t <= self.max_seconds)
+
+
+def backoff_delay(
+    attempt: int, *, initial: float, maximum: float, factor: float, jitter: float, unit: float
+) -> float:
+    """Delay before the ``attempt``-th consecutive restart (1-based) of one child.
+
+    ``min(maximum, initial * factor**(attempt-1))``, scaled by ``1 + jitter * (2*unit - 1)``
+    where ``unit`` is a uniform draw in [0, 1) supplied by the caller (so tests can pin it).
+    """
+    try:
+        base = min(maximum, initial * factor ** (attempt - 1))
+    except OverflowError:
+        base = maximum
+    return max(0.0, base * (1.0 + jitter * (2.0 * unit - 1.0)))

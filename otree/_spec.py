@@ -1,0 +1,296 @@
+"""Child specs: frozen msgspec Structs, every default, and eager validation.
+
+A spec validates itself in ``__post_init__``, so a spec built by hand is held
+to the same rules as one from a builder. Errors are ``SpecError`` in the form
+``<path>: <field> <expected>; got <value>``; a spec names its own id, and a
+supervisor checking its children as a set names ``parent/child``.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import math
+import re
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, ClassVar, Literal
+
+import msgspec
+
+from ._errors import SpecError
+from ._strategy import Restart, Strategy
+
+__all__ = [
+    "AutoShutdown",
+    "Backoff",
+    "ChildSpec",
+    "ShutdownValue",
+    "SupervisorSpec",
+    "TaskSpec",
+    "supervisor",
+    "takes_task_status",
+    "task",
+]
+
+AutoShutdown = Literal["never", "any_significant", "all_significant"]
+# Seconds of grace before a stop turns into a kill, or one of OTP's two words.
+ShutdownValue = float | Literal["brutal_kill", "infinity"]
+
+ID_PATTERN = "[A-Za-z0-9][A-Za-z0-9_.-]*"
+_ID_RE = re.compile(ID_PATTERN)
+_RESTARTS = ("permanent", "transient", "temporary")
+_STRATEGIES = ("one_for_one", "one_for_all", "rest_for_one")
+_AUTO_SHUTDOWNS = ("never", "any_significant", "all_significant")
+
+
+def _one_of(values: Sequence[str]) -> str:
+    return "must be one of " + ", ".join(repr(v) for v in values)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_id(child_id: object) -> str:
+    if not isinstance(child_id, str) or _ID_RE.fullmatch(child_id) is None:
+        shown = child_id if isinstance(child_id, str) and child_id else "<child>"
+        raise SpecError(shown, "id", f"must match {ID_PATTERN}", child_id)
+    return child_id
+
+
+def _check_choice(path: str, field: str, value: object, choices: Sequence[str]) -> None:
+    if not isinstance(value, str) or value not in choices:
+        raise SpecError(path, field, _one_of(choices), value)
+
+
+def _check_shutdown(path: str, value: object) -> None:
+    if value in ("brutal_kill", "infinity"):
+        return
+    if not _is_number(value) or not value >= 0:  # type: ignore[operator]
+        raise SpecError(path, "shutdown", 'must be >= 0, "brutal_kill" or "infinity"', value)
+
+
+def _check_restart_and_significant(path: str, restart: object, significant: object) -> None:
+    _check_choice(path, "restart", restart, _RESTARTS)
+    if not isinstance(significant, bool):
+        raise SpecError(path, "significant", "must be True or False", significant)
+    if significant and restart == "permanent":
+        raise SpecError(path, "significant=True", "requires restart 'transient' or 'temporary'", restart)
+
+
+class Backoff(msgspec.Struct, frozen=True):
+    """Delay before each automatic restart of the same child (OTP restarts at once).
+
+    The n-th consecutive restart waits ``min(maximum, initial * factor**(n-1))``,
+    randomised by ``±jitter`` (a fraction); the count resets once the child has
+    run ``reset_after`` seconds.
+    """
+
+    initial: float = 0.1
+    maximum: float = 30.0
+    factor: float = 2.0
+    jitter: float = 0.1
+    reset_after: float = 60.0
+
+    def __post_init__(self) -> None:
+        for field in ("initial", "maximum", "reset_after"):
+            value = getattr(self, field)
+            if not _is_number(value) or not value >= 0:
+                raise SpecError("backoff", field, "must be a number >= 0", value)
+        if not _is_number(self.factor) or not self.factor >= 1:
+            raise SpecError("backoff", "factor", "must be a number >= 1", self.factor)
+        if not _is_number(self.jitter) or not 0 <= self.jitter <= 1:
+            raise SpecError("backoff", "jitter", "must be a number in [0, 1]", self.jitter)
+
+
+class _Spec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Base of every child spec.
+
+    * frozen: a spec is a value; a running tree never sees it change.
+    * kw_only: fields are named at construction (the builders take positionals).
+    * forbid_unknown_fields: a typo in a decoded spec is an error, not a no-op.
+    """
+
+    kind: ClassVar[str]
+    id: str
+    restart: Restart = "permanent"
+    significant: bool = False
+
+
+class TaskSpec(_Spec, frozen=True, kw_only=True):
+    """A trio task child: ``await fn(*args)``, with ``task_status`` if ``fn`` takes it."""
+
+    kind: ClassVar[str] = "task"
+    fn: Callable[..., Awaitable[Any]]
+    args: tuple[Any, ...] = ()
+    shutdown: ShutdownValue = 5.0
+
+    def __post_init__(self) -> None:
+        path = _check_id(self.id)
+        _check_restart_and_significant(path, self.restart, self.significant)
+        _check_shutdown(path, self.shutdown)
+        _check_task_fn(path, self.fn, self.args)
+
+
+class SupervisorSpec(_Spec, frozen=True, kw_only=True):
+    """A supervisor child: its own children, strategy and restart intensity."""
+
+    kind: ClassVar[str] = "supervisor"
+    children: tuple[ChildSpec, ...] = ()
+    strategy: Strategy = "one_for_one"
+    max_restarts: int = 3
+    max_seconds: float = 5.0
+    max_children: int | None = None
+    auto_shutdown: AutoShutdown = "never"
+    backoff: Backoff | None = None
+    shutdown: ShutdownValue = "infinity"
+
+    def __post_init__(self) -> None:
+        path = _check_id(self.id)
+        _check_restart_and_significant(path, self.restart, self.significant)
+        _check_shutdown(path, self.shutdown)
+        _check_choice(path, "strategy", self.strategy, _STRATEGIES)
+        _check_choice(path, "auto_shutdown", self.auto_shutdown, _AUTO_SHUTDOWNS)
+        if (
+            not isinstance(self.max_restarts, int)
+            or isinstance(self.max_restarts, bool)
+            or self.max_restarts < 0
+        ):
+            raise SpecError(path, "max_restarts", "must be an integer >= 0", self.max_restarts)
+        if not _is_number(self.max_seconds) or not 0 < self.max_seconds < math.inf:
+            raise SpecError(path, "max_seconds", "must be a number > 0", self.max_seconds)
+        limit = self.max_children
+        if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 0):
+            raise SpecError(path, "max_children", "must be None or an integer >= 0", limit)
+        if self.backoff is not None and not isinstance(self.backoff, Backoff):
+            raise SpecError(path, "backoff", "must be None or an otree.Backoff", self.backoff)
+        if not isinstance(self.children, (list, tuple)):
+            raise SpecError(path, "children", "must be a list of child specs", self.children)
+        msgspec.structs.force_setattr(self, "children", tuple(self.children))
+        seen: list[ChildSpec] = []
+        for child in self.children:
+            self.check_child(child, seen)
+            seen.append(child)
+        if limit is not None and len(seen) > limit:
+            raise SpecError(path, "children", f"must number at most max_children={limit}", len(seen))
+
+    def check_child(self, child: object, siblings: Sequence[ChildSpec], where: str = "") -> None:
+        """Validate ``child`` as a new child next to ``siblings`` (used by start_child too).
+
+        ``where`` is this supervisor's path in a running tree (default: its id).
+        """
+        where = where or self.id
+        if not isinstance(child, (TaskSpec, SupervisorSpec)):
+            raise SpecError(where, "children", "must hold child specs (otree.task, otree.supervisor)", child)
+        path = f"{where}/{child.id}"
+        if any(s.id == child.id for s in siblings):
+            raise SpecError(path, "id", "must be unique among siblings", child.id)
+        if child.significant and self.auto_shutdown == "never":
+            raise SpecError(
+                path,
+                "significant=True",
+                "requires the supervisor's auto_shutdown 'any_significant' or 'all_significant'",
+                self.auto_shutdown,
+            )
+
+
+ChildSpec = TaskSpec | SupervisorSpec
+
+
+@functools.lru_cache(maxsize=4096)
+def takes_task_status(fn: Callable[..., Any]) -> bool:
+    """Whether ``fn`` accepts ``task_status`` (then it reports readiness itself)."""
+    try:
+        return "task_status" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _check_task_fn(path: str, fn: object, args: object) -> None:
+    if not callable(fn):
+        raise SpecError(path, "fn", "must be an async function", fn)
+    if not isinstance(args, tuple):
+        raise SpecError(path, "args", "must be a tuple", args)
+    target = inspect.unwrap(fn.func if isinstance(fn, functools.partial) else fn)
+    if (inspect.isfunction(target) or inspect.isbuiltin(target)) and not inspect.iscoroutinefunction(target):
+        raise SpecError(path, "fn", "must be an async function", fn)
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return
+    try:
+        signature.bind(*args)
+    except TypeError as exc:
+        raise SpecError(
+            path, "args", f"must fit {getattr(fn, '__name__', fn)}{signature} ({exc})", args
+        ) from None
+
+
+def task(
+    id: str,  # noqa: A002 - OTP's name for it
+    fn: Callable[..., Awaitable[Any]],
+    *args: Any,
+    restart: Restart = "permanent",
+    shutdown: ShutdownValue = 5.0,
+    significant: bool = False,
+) -> TaskSpec:
+    """A trio task child running ``await fn(*args)``.
+
+    Args:
+      id: unique among siblings, ``[A-Za-z0-9][A-Za-z0-9_.-]*``.
+      fn: an async function. If it takes ``task_status`` it is ready when it
+        calls ``task_status.started()``; otherwise it is ready at once.
+      args: positional arguments for ``fn`` (use ``functools.partial`` for keywords).
+      restart: ``"permanent"`` (default), ``"transient"`` or ``"temporary"``.
+      shutdown: seconds of grace (default 5.0), ``"brutal_kill"`` or ``"infinity"``.
+      significant: whether its own exit may shut the supervisor down (auto_shutdown).
+
+    Raises:
+      SpecError: a field is invalid.
+    """
+    return TaskSpec(id=id, fn=fn, args=args, restart=restart, shutdown=shutdown, significant=significant)
+
+
+def supervisor(
+    id: str,  # noqa: A002 - OTP's name for it
+    *,
+    children: Sequence[ChildSpec] = (),
+    strategy: Strategy = "one_for_one",
+    max_restarts: int = 3,
+    max_seconds: float = 5.0,
+    max_children: int | None = None,
+    auto_shutdown: AutoShutdown = "never",
+    backoff: Backoff | None = None,
+    restart: Restart = "permanent",
+    shutdown: ShutdownValue = "infinity",
+    significant: bool = False,
+) -> SupervisorSpec:
+    """A supervisor of ``children``, started in list order and stopped in reverse.
+
+    Args:
+      strategy: ``"one_for_one"`` (default), ``"one_for_all"`` or ``"rest_for_one"``.
+      max_restarts, max_seconds: more than ``max_restarts`` restarts within
+        ``max_seconds`` makes the supervisor give up (defaults 3 and 5.0, Elixir's).
+      max_children: None, or the most specs it may hold (running or stopped).
+      auto_shutdown: ``"never"`` (default), ``"any_significant"``, ``"all_significant"``.
+      backoff: None (restart at once, as OTP) or an ``otree.Backoff``.
+      restart, shutdown, significant: as for ``task``; shutdown defaults to ``"infinity"``.
+
+    Raises:
+      SpecError: a field or a child is invalid.
+    """
+    if not isinstance(children, (list, tuple)):
+        raise SpecError(str(id), "children", "must be a list of child specs", children)
+    return SupervisorSpec(
+        id=id,
+        children=tuple(children),
+        strategy=strategy,
+        max_restarts=max_restarts,
+        max_seconds=max_seconds,
+        max_children=max_children,
+        auto_shutdown=auto_shutdown,
+        backoff=backoff,
+        restart=restart,
+        shutdown=shutdown,
+        significant=significant,
+    )

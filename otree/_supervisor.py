@@ -1,0 +1,777 @@
+"""The supervisor runtime: start order, the restart loop, termination, the handle API.
+
+One supervisor is one trio task (the body of its children's nursery) that
+serves one ordered queue of operations: API calls, child exits and restart
+retries, as OTP's gen_server serves its mailbox. The decisions are pure
+functions (``_strategy``, ``_intensity``); this module only carries them out.
+
+Children run in the supervisor's nursery with shielded cancel scopes, so
+nothing but their own supervisor stops them. Stopping a list of children is a
+chain: the supervisor asks the last one to stop, and each child, as it exits,
+asks the one before it, so children stop strictly one at a time in reverse
+start order without a round trip through the supervisor for each.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+import traceback
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from typing import Any
+
+import trio
+
+from ._errors import (
+    AlreadyPresent,
+    MaxChildren,
+    NotFound,
+    NotRunning,
+    OtreeError,
+    Restarting,
+    RestartIntensityExceeded,
+    Running,
+    Shutdown,
+    SpecError,
+    StartError,
+)
+from ._events import Event, EventBus, EventStream, level_of
+from ._info import ChildInfo, ChildState, Counts, ExitInfo
+from ._intensity import RestartWindow, backoff_delay
+from ._spec import ChildSpec, SupervisorSpec, TaskSpec, takes_task_status
+from ._strategy import affected_children, should_restart
+from ._task import RunningChild
+
+__all__ = ["SupervisorHandle", "open_supervisor", "run"]
+
+
+################################################################
+# Runtime records
+################################################################
+
+
+class _Child:
+    """What a supervisor holds for one child spec (OTP's ``#child{}``)."""
+
+    __slots__ = (
+        "consecutive",
+        "error",
+        "exit",
+        "nested",
+        "path",
+        "pending",
+        "restarts",
+        "run",
+        "spec",
+        "started_at",
+        "state",
+    )
+
+    def __init__(self, spec: ChildSpec, path: str) -> None:
+        self.spec = spec
+        self.path = path
+        self.state: ChildState = "stopped"
+        self.run: RunningChild | None = None
+        self.nested: _Supervisor | None = None
+        self.restarts = 0
+        self.started_at: float | None = None
+        self.exit: ExitInfo | None = None  # the last run's exit
+        self.error: BaseException | None = None  # the last run's exception, if any
+        self.consecutive = 0  # automatic restarts in a row, for backoff
+        self.pending: object | None = None  # token of a scheduled retry while restarting
+
+
+class _GiveUp(Exception):
+    """Restart intensity exceeded: the supervisor stops and exits ``shutdown``."""
+
+    def __init__(self, error: RestartIntensityExceeded) -> None:
+        self.error = error
+
+
+class _AutoShutdown(Exception):
+    """A significant child ended the supervisor (auto_shutdown)."""
+
+
+class _StartFailed(Exception):
+    def __init__(self, run: RunningChild) -> None:
+        self.run = run
+
+
+class _Call:
+    """A pending API request in a supervisor's queue and its answer."""
+
+    __slots__ = ("done", "error", "result")
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.result: Any = None
+        self.error: BaseException | None = None
+
+
+_Op = tuple[Callable[..., Awaitable[Any]], tuple[Any, ...], "_Call | None"]
+
+
+class _StopChain:
+    """Stops children one at a time in the given order; ``done`` is set after the last."""
+
+    __slots__ = ("_children", "_index", "_sup", "done")
+
+    def __init__(self, sup: _Supervisor, children: list[_Child]) -> None:
+        self._sup = sup
+        self._children = children
+        self._index = 0
+        self.done = trio.Event()
+
+    def advance(self) -> None:
+        children = self._children
+        while self._index < len(children):
+            child = children[self._index]
+            self._index += 1
+            run = child.run
+            if run is None:
+                continue
+            if run.exit is not None:  # it exited by itself; its queued exit is now stale
+                self._sup._settle(child, run, stopped=False)
+                continue
+            child.state = "stopping"
+            run.request_stop(child.spec.shutdown, self._exited)
+            return
+        self.done.set()
+
+    def _exited(self, run: RunningChild) -> None:
+        self._sup._settle(run.child, run, stopped=True)
+        self.advance()
+
+
+@contextmanager
+def _flatten() -> Iterator[None]:
+    """Let no ExceptionGroup out of otree's nurseries: raise the one exception that matters.
+
+    otree's own tasks never raise, so a group here holds cancellations or one
+    exception that must pass through untouched (e.g. KeyboardInterrupt).
+    """
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        leaves: list[BaseException] = []
+        stack: list[BaseException] = [group]
+        while stack:
+            exc = stack.pop()
+            if isinstance(exc, BaseExceptionGroup):
+                stack.extend(reversed(exc.exceptions))
+            else:
+                leaves.append(exc)
+        chosen = next((e for e in leaves if not isinstance(e, trio.Cancelled)), leaves[0])
+        raise chosen from chosen.__cause__
+
+
+class _Tree:
+    """What the supervisors of one tree share: the event bus and the root's fate."""
+
+    def __init__(self, spec: SupervisorSpec) -> None:
+        self.bus = EventBus()
+        self.random = random.Random()
+        self.root = _Supervisor(spec, spec.id, self, None)
+        self.ready = False
+        self.settled = trio.Event()  # the root is ready, or has ended
+        self.body_scope = trio.CancelScope()
+        self.outcome: BaseException | None = None
+
+    async def serve(self) -> None:
+        try:
+            await self.root.serve(self._root_ready)
+        except (Shutdown, OtreeError) as exc:
+            if not isinstance(exc, Shutdown):
+                self.outcome = exc
+        finally:
+            self.body_scope.cancel()
+            self.bus.close()
+            self.settled.set()
+
+    def _root_ready(self) -> None:
+        self.ready = True
+        self.settled.set()
+
+
+################################################################
+# The supervisor
+################################################################
+
+
+class _Supervisor:
+    """One running supervisor (one run of a supervisor spec)."""
+
+    def __init__(self, spec: SupervisorSpec, path: str, tree: _Tree, run: RunningChild | None) -> None:
+        self.spec = spec
+        self.path = path
+        self.tree = tree
+        self.run = run
+        self.children: dict[str, _Child] = {}  # in start order
+        self.window = RestartWindow(spec.max_restarts, spec.max_seconds)
+        self.state: ChildState = "starting"
+        self._ops: deque[_Op] = deque()
+        self._lot = trio.lowlevel.ParkingLot()
+        self._stop_requested = False
+        self._nursery: trio.Nursery | None = None
+        self._timers: trio.Nursery | None = None
+
+    # --- events -------------------------------------------------------------
+
+    def _emit(self, path: str, kind: str, reason: str = "", **details: Any) -> None:
+        level = level_of(kind, reason)
+        bus = self.tree.bus
+        if bus.wants(level):
+            bus.publish(Event(time.time(), path, kind, reason, details), level)
+
+    def _emit_end(self, kind: str, child: _Child, run: RunningChild) -> None:
+        exit_info = run.exit
+        assert exit_info is not None
+        level = level_of(kind, exit_info.reason)
+        bus = self.tree.bus
+        if not bus.wants(level):
+            return
+        details: dict[str, Any] = {"detail": exit_info.detail}
+        error = run.error
+        if error is not None:
+            details["exception"] = type(error).__name__
+            details["message"] = str(error)
+            details["traceback"] = "".join(traceback.format_exception(error))
+        if run.cost:
+            details["cost"] = run.cost
+        bus.publish(Event(time.time(), child.path, kind, exit_info.reason, details), level)
+
+    # --- serving --------------------------------------------------------------
+
+    async def serve(self, ready: Callable[[], None]) -> None:
+        """Start the children, call ``ready()``, serve the queue until stopped, stop the children.
+
+        Raises:
+          StartError: a child failed to start (the started ones were stopped).
+          RestartIntensityExceeded: the supervisor gave up.
+          Shutdown: a significant child shut the supervisor down (auto_shutdown).
+        """
+        outcome: BaseException | None = None
+        with _flatten():
+            async with trio.open_nursery() as children:
+                self._nursery = children
+                try:
+                    async with trio.open_nursery() as timers:
+                        self._timers = timers
+                        outcome = await self._serve(ready)
+                        timers.cancel_scope.cancel()
+                finally:
+                    self.state = "stopping"
+                    with trio.CancelScope(shield=True):
+                        await self._stop_children(list(reversed(self.children.values())))
+                    self._close(outcome)
+        if outcome is not None:
+            raise outcome
+
+    async def serve_child(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve as a nested supervisor: ready once every child is ready."""
+        await self.serve(task_status.started)
+
+    async def _serve(self, ready: Callable[[], None]) -> BaseException | None:
+        for spec in self.spec.children:
+            child = self._add(spec)
+            try:
+                await self._start(child)
+            except _StartFailed as failed:
+                return self._start_error(child, failed.run)
+        self.state = "running"
+        self._emit(self.path, "supervisor.started")
+        ready()
+        return await self._loop()
+
+    async def _loop(self) -> BaseException | None:
+        ops = self._ops
+        while not self._stop_requested:
+            if not ops:
+                await self._lot.park()
+                continue
+            op, args, call = ops.popleft()
+            try:
+                result = await op(*args)
+            except _GiveUp as give_up:
+                return give_up.error
+            except _AutoShutdown:
+                self._emit(self.path, "supervisor.auto_shutdown", "shutdown")
+                return Shutdown("auto_shutdown")
+            except OtreeError as error:
+                if call is None:
+                    raise
+                call.error = error
+                call.done.set()
+            else:
+                if call is not None:
+                    call.result = result
+                    call.done.set()
+        return None
+
+    def request_stop(self) -> None:
+        """Ask the supervisor to stop its children in reverse order and exit (OTP's parent exit)."""
+        self._stop_requested = True
+        self._lot.unpark_all()
+
+    def _close(self, outcome: BaseException | None) -> None:
+        self.state = "stopped"
+        self._stop_requested = True
+        while self._ops:
+            _, _, call = self._ops.popleft()
+            if call is not None:
+                call.error = NotRunning(self.path, "stopped")
+                call.done.set()
+        reason = "error" if isinstance(outcome, StartError) else "shutdown"
+        detail = "reached max restart intensity" if isinstance(outcome, RestartIntensityExceeded) else ""
+        if isinstance(outcome, Shutdown):
+            detail = outcome.reason
+        self._emit(self.path, "supervisor.stopped", reason, detail=detail)
+
+    def _post(self, op: Callable[..., Awaitable[Any]], *args: Any) -> None:
+        self._ops.append((op, args, None))
+        self._lot.unpark()
+
+    async def call(self, op: Callable[..., Awaitable[Any]], *args: Any) -> Any:
+        """Queue an API operation behind everything already queued and wait for its answer."""
+        if self.state != "running" or self._stop_requested:
+            raise NotRunning(self.path, self.state)
+        call = _Call()
+        self._ops.append((op, args, call))
+        self._lot.unpark()
+        await call.done.wait()
+        if call.error is not None:
+            raise call.error
+        return call.result
+
+    # --- start ----------------------------------------------------------------
+
+    def _add(self, spec: ChildSpec) -> _Child:
+        child = _Child(spec, f"{self.path}/{spec.id}")
+        self.children[spec.id] = child
+        return child
+
+    async def _start(self, child: _Child) -> None:
+        """Start one child and wait until it is ready (OTP's ``do_start_child``)."""
+        assert self._nursery is not None
+        spec = child.spec
+        run = RunningChild(self, child, child.path)
+        child.run = run
+        child.state = "starting"
+        child.started_at = time.time()
+        if isinstance(spec, TaskSpec):
+            fn: Callable[..., Awaitable[Any]] = spec.fn
+            args = spec.args
+            takes_status = takes_task_status(fn)
+            child.nested = None
+        else:
+            nested = _Supervisor(spec, child.path, self.tree, run)
+            run.on_stop = nested.request_stop
+            child.nested = nested
+            fn, args, takes_status = nested.serve_child, (), True
+        self._nursery.start_soon(run.main, fn, args, takes_status, name=child.path)
+        self._emit(child.path, "child.started")
+        if not takes_status:
+            run.ready = True
+        elif not await run.wait_ready():
+            child.run = None
+            child.state = "stopped"
+            child.exit = run.exit
+            child.error = run.error
+            self._emit_end("child.start_failed", child, run)
+            raise _StartFailed(run)
+        if child.run is run and child.state == "starting":
+            child.state = "running"
+        self._emit(child.path, "child.ready")
+
+    def _start_error(self, child: _Child, run: RunningChild) -> StartError:
+        assert run.exit is not None
+        error = StartError(child.path, run.exit.detail or run.exit.reason)
+        error.__cause__ = run.error
+        return error
+
+    # --- exits and restarts -----------------------------------------------------
+
+    def run_exited(self, run: RunningChild) -> None:
+        """A child's run ended by itself: queue its exit (OTP's ``'EXIT'`` message)."""
+        self._post(self._child_exited, run)
+
+    def _settle(self, child: _Child, run: RunningChild, *, stopped: bool) -> None:
+        """Record the end of ``run``: state, exit info, event; forget a temporary child."""
+        child.run = None
+        child.state = "stopped"
+        child.exit = run.exit
+        child.error = run.error
+        self._emit_end("child.stopped" if stopped else "child.exited", child, run)
+        if stopped and (run.error is not None or (run.stop_mode == "grace" and run.scope.cancelled_caught)):
+            self._emit_end("child.shutdown_error", child, run)
+        if child.spec.restart == "temporary" and self.children.get(child.spec.id) is child:
+            del self.children[child.spec.id]
+
+    async def _child_exited(self, run: RunningChild) -> None:
+        child = run.child
+        if child.run is not run:
+            return  # a stale exit: the child was stopped or replaced meanwhile
+        self._settle(child, run, stopped=False)
+        assert run.exit is not None
+        if should_restart(child.spec.restart, run.exit.reason):
+            backoff = self.spec.backoff
+            if backoff is not None and trio.current_time() - run.started_mono >= backoff.reset_after:
+                child.consecutive = 0
+            await self._restart(child)
+        elif child.spec.significant:
+            self._check_auto_shutdown()
+
+    def _check_auto_shutdown(self) -> None:
+        mode = self.spec.auto_shutdown
+        if mode == "any_significant":
+            raise _AutoShutdown
+        if mode == "all_significant" and not any(
+            c.spec.significant and c.state != "stopped" for c in self.children.values()
+        ):
+            raise _AutoShutdown
+
+    async def _restart(self, child: _Child) -> None:
+        """Count one restart, then restart ``child`` and its group by the strategy."""
+        if not self.window.add_restart(trio.current_time()):
+            child.state = "stopped"
+            child.pending = None
+            error = RestartIntensityExceeded(
+                self.path, self.spec.max_restarts, self.spec.max_seconds, child.path
+            )
+            error.__cause__ = child.error
+            self._emit(
+                self.path,
+                "supervisor.intensity_exceeded",
+                "shutdown",
+                max_restarts=self.spec.max_restarts,
+                max_seconds=self.spec.max_seconds,
+                child=child.path,
+            )
+            raise _GiveUp(error)
+        child.restarts += 1
+        child.state = "restarting"
+        child.pending = None
+        delay = self._backoff(child)
+        self._emit(
+            child.path,
+            "child.restarting",
+            "restart",
+            delay=delay,
+            restarts_in_window=self.window.in_window(trio.current_time()),
+        )
+        group = self._group(child)
+        await self._stop_children([self.children[i] for i in reversed(group) if i != child.spec.id])
+        if delay > 0:
+            assert self._timers is not None
+            token = child.pending = object()
+            self._timers.start_soon(self._wake_after, delay, child, token)
+        else:
+            await self._start_group(child)
+
+    def _group(self, child: _Child) -> list[str]:
+        if self.spec.strategy == "one_for_one":  # spare listing every id on the hot path
+            return [child.spec.id]
+        return affected_children(self.spec.strategy, list(self.children), child.spec.id)
+
+    def _backoff(self, child: _Child) -> float:
+        backoff = self.spec.backoff
+        if backoff is None:
+            return 0.0
+        child.consecutive += 1
+        return backoff_delay(
+            child.consecutive,
+            initial=backoff.initial,
+            maximum=backoff.maximum,
+            factor=backoff.factor,
+            jitter=backoff.jitter,
+            unit=self.tree.random.random(),
+        )
+
+    async def _start_group(self, trigger: _Child) -> None:
+        """Start the group in order; a failed start marks that child restarting and queues a retry."""
+        for child_id in self._group(trigger):
+            child = self.children.get(child_id)
+            if child is None or child.run is not None:
+                continue
+            child.pending = None
+            try:
+                await self._start(child)
+            except _StartFailed:
+                child.state = "restarting"
+                token = child.pending = object()
+                self._post(self._retry, child, token)
+                return
+
+    async def _retry(self, child: _Child, token: object) -> None:
+        if child.pending is token and child.state == "restarting":
+            await self._restart(child)
+
+    async def _wake_after(self, delay: float, child: _Child, token: object) -> None:
+        await trio.sleep(delay)
+        self._post(self._resume, child, token)
+
+    async def _resume(self, child: _Child, token: object) -> None:
+        if child.pending is token and child.state == "restarting":
+            await self._start_group(child)
+
+    # --- stop -----------------------------------------------------------------
+
+    async def _stop_children(self, children: list[_Child]) -> None:
+        """Stop ``children`` one at a time in the given order (OTP's ``terminate_children``)."""
+        if not any(c.run is not None for c in children):
+            return
+        chain = _StopChain(self, children)
+        chain.advance()
+        await chain.done.wait()
+
+    # --- API operations (run in the supervisor's task, in queue order) -----------
+
+    def _get(self, child_id: str) -> _Child:
+        child = self.children.get(child_id)
+        if child is None:
+            raise NotFound(self.path, child_id, list(self.children))
+        return child
+
+    async def op_start_child(self, spec: ChildSpec) -> ChildInfo:
+        existing = self.children.get(spec.id)
+        if existing is not None:
+            raise AlreadyPresent(existing.path, running=existing.run is not None)
+        limit = self.spec.max_children
+        if limit is not None and len(self.children) >= limit:
+            raise MaxChildren(self.path, limit)
+        child = self._add(spec)
+        try:
+            await self._start(child)
+        except _StartFailed as failed:
+            del self.children[spec.id]
+            raise self._start_error(child, failed.run) from None
+        return self.info(child)
+
+    async def op_terminate_child(self, child_id: str) -> None:
+        child = self._get(child_id)
+        child.pending = None
+        if child.run is not None:
+            await self._stop_children([child])
+        elif child.state == "restarting":
+            child.state = "stopped"
+            if child.spec.restart == "temporary":
+                del self.children[child_id]
+
+    async def op_restart_child(self, child_id: str) -> ChildInfo:
+        child = self._get(child_id)
+        if child.run is not None:
+            raise Running(child.path, "restart")
+        if child.state == "restarting":
+            raise Restarting(child.path, "restart")
+        try:
+            await self._start(child)
+        except _StartFailed as failed:
+            raise self._start_error(child, failed.run) from None
+        return self.info(child)
+
+    async def op_delete_child(self, child_id: str) -> None:
+        child = self._get(child_id)
+        if child.run is not None:
+            raise Running(child.path, "delete")
+        if child.state == "restarting":
+            raise Restarting(child.path, "delete")
+        del self.children[child_id]
+
+    # --- reading state ------------------------------------------------------------
+
+    def info(self, child: _Child) -> ChildInfo:
+        return ChildInfo(
+            id=child.spec.id,
+            path=child.path,
+            kind=child.spec.kind,
+            state=child.state,
+            pid=None,
+            restarts=child.restarts,
+            started_at=child.started_at,
+            exit=child.exit,
+            status=None,
+        )
+
+
+################################################################
+# The public handle
+################################################################
+
+
+class SupervisorHandle:
+    """A running supervisor, named by its path in the tree.
+
+    The handle resolves its path on every call, so a handle of a nested
+    supervisor stays valid across that supervisor's restarts. Calls that
+    change the tree go through the supervisor's queue, in order, as OTP's do.
+    """
+
+    __slots__ = ("_ids", "_tree", "path")
+
+    def __init__(self, tree: _Tree, ids: tuple[str, ...]) -> None:
+        self._tree = tree
+        self._ids = ids
+        self.path = "/".join((tree.root.path, *ids))
+
+    def __repr__(self) -> str:
+        return f"<otree.SupervisorHandle {self.path}>"
+
+    def _sup(self) -> _Supervisor:
+        sup = self._tree.root
+        for child_id in self._ids:
+            child = sup._get(child_id)
+            if child.nested is None or child.run is None:
+                raise NotRunning(child.path, child.state)
+            sup = child.nested
+        return sup
+
+    async def start_child(self, spec: ChildSpec) -> ChildInfo:
+        """Add and start a child at the end of the start order.
+
+        Raises:
+          AlreadyPresent: the id is held already (``running`` tells which kind).
+          MaxChildren: the supervisor holds ``max_children`` specs.
+          SpecError: ``spec`` is not a child spec or does not fit this supervisor.
+          StartError: it failed to start; nothing is stored (cause chained).
+        """
+        sup = self._sup()
+        sup.spec.check_child(spec, (), sup.path)
+        info: ChildInfo = await sup.call(sup.op_start_child, spec)
+        return info
+
+    async def terminate_child(self, child_id: str) -> None:
+        """Stop a child and keep its spec (a temporary child's spec is dropped).
+
+        A stopped child is left as it is; a restarting one stops retrying.
+        """
+        sup = self._sup()
+        await sup.call(sup.op_terminate_child, child_id)
+
+    async def restart_child(self, child_id: str) -> ChildInfo:
+        """Start a stopped child again (OTP's meaning: not counted as a restart).
+
+        Raises:
+          Running, Restarting: the child is not stopped.
+          StartError: it failed to start; the spec is kept, stopped.
+        """
+        sup = self._sup()
+        info: ChildInfo = await sup.call(sup.op_restart_child, child_id)
+        return info
+
+    async def delete_child(self, child_id: str) -> None:
+        """Forget a stopped child's spec.
+
+        Raises:
+          Running, Restarting: the child is not stopped.
+        """
+        sup = self._sup()
+        await sup.call(sup.op_delete_child, child_id)
+
+    def which_children(self) -> list[ChildInfo]:
+        """Every child, newest first (as OTP)."""
+        sup = self._sup()
+        return [sup.info(child) for child in reversed(sup.children.values())]
+
+    def count_children(self) -> Counts:
+        """Specs held, children running, and specs that are supervisors / workers."""
+        children = self._sup().children.values()
+        supervisors = sum(1 for c in children if c.spec.kind == "supervisor")
+        return Counts(
+            specs=len(children),
+            active=sum(1 for c in children if c.run is not None),
+            supervisors=supervisors,
+            workers=len(children) - supervisors,
+        )
+
+    def get_childspec(self, child_id: str) -> ChildSpec:
+        """The spec of a child."""
+        return self._sup()._get(child_id).spec
+
+    def child(self, child_id: str) -> SupervisorHandle:
+        """The handle of the nested supervisor ``child_id``.
+
+        Raises:
+          NotFound: no such child.
+          TypeError: the child is a worker, not a supervisor.
+        """
+        return self.find(child_id)
+
+    def find(self, path: str) -> SupervisorHandle:
+        """The handle of a nested supervisor by a path relative to this one (``"db/cache"``)."""
+        ids = tuple(part for part in path.split("/") if part)
+        sup = self._sup()
+        for depth, child_id in enumerate(ids):
+            child = sup._get(child_id)
+            if child.spec.kind != "supervisor":
+                raise TypeError(f"{child.path} is a {child.spec.kind}, not a supervisor")
+            if depth == len(ids) - 1:
+                break
+            if child.nested is None or child.run is None:
+                raise NotRunning(child.path, child.state)
+            sup = child.nested
+        return SupervisorHandle(self._tree, self._ids + ids)
+
+    def events(self, *, buffer: int = 10_000) -> EventStream:
+        """Live events of this supervisor and all its descendants, from now on."""
+        return self._tree.bus.subscribe(self.path, buffer)
+
+
+################################################################
+# Running a tree
+################################################################
+
+
+def _check_root(spec: object) -> SupervisorSpec:
+    if not isinstance(spec, SupervisorSpec):
+        raise SpecError("<tree>", "root", "must be a supervisor spec (otree.supervisor(...))", spec)
+    return spec
+
+
+@asynccontextmanager
+async def open_supervisor(spec: SupervisorSpec) -> AsyncIterator[SupervisorHandle]:
+    """Run a supervision tree for the duration of the block.
+
+    Returns once every child is ready; leaving the block stops the whole tree
+    in reverse order. If the tree shuts itself down (auto_shutdown) the block
+    is cancelled and the context manager exits quietly; if the root gives up,
+    the block is cancelled and ``RestartIntensityExceeded`` is raised.
+
+    Raises:
+      StartError: a child failed to start (the started ones were stopped).
+      RestartIntensityExceeded: the root gave up (the child's exception chained).
+    """
+    tree = _Tree(_check_root(spec))
+    body_error: BaseException | None = None
+    with _flatten():
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(tree.serve, name=f"otree supervisor {spec.id}")
+            await tree.settled.wait()
+            if tree.ready:
+                try:
+                    with tree.body_scope:
+                        yield SupervisorHandle(tree, ())
+                except BaseException as exc:  # noqa: BLE001 - re-raised once the tree has stopped
+                    body_error = exc
+                tree.root.request_stop()
+    if body_error is not None:
+        raise body_error
+    if tree.outcome is not None:
+        raise tree.outcome
+
+
+async def run(
+    spec: SupervisorSpec, *, task_status: trio.TaskStatus[SupervisorHandle] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """Run a tree until it shuts itself down, gives up, or the caller is cancelled.
+
+    With ``nursery.start(otree.run, tree)`` the handle is returned once the tree is up.
+    Cancelling it stops the tree in order first, then honours the cancellation.
+
+    Raises:
+      StartError, RestartIntensityExceeded: as ``open_supervisor``.
+    """
+    async with open_supervisor(spec) as sup:
+        task_status.started(sup)
+        await trio.sleep_forever()

@@ -1,0 +1,201 @@
+"""One run of a child as a trio task: readiness, exit classification, the stop request.
+
+A child's cancel scope is shielded, so only its own supervisor ever cancels it:
+a cancellation from outside the tree reaches the supervisor, which then stops
+its children one at a time in reverse order.
+
+Stopping follows OTP's split between processes that trap exits and those that
+do not. A task that has looked at ``current_child().stopping`` is trapping: it
+is asked to stop (the event is set) and cancelled only when its ``shutdown``
+grace runs out. A task that never looked cannot hear the request, so it is
+cancelled at once, as an Erlang process that does not trap exits dies at once
+on ``exit(Pid, shutdown)``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
+from typing import Any, Protocol
+
+import trio
+
+from ._errors import RestartIntensityExceeded, Shutdown
+from ._info import ExitInfo
+
+__all__ = ["RunningChild", "current_child", "describe"]
+
+
+class _Owner(Protocol):
+    def run_exited(self, run: RunningChild) -> None: ...
+
+
+_current: ContextVar[RunningChild] = ContextVar("otree_current_child")
+
+
+def current_child() -> RunningChild:
+    """The child run the calling task belongs to (inside a task child and its own tasks).
+
+    Raises:
+      RuntimeError: called outside a child of an otree supervisor.
+    """
+    try:
+        return _current.get()
+    except LookupError:
+        raise RuntimeError("otree.current_child() called outside an otree task child") from None
+
+
+def describe(exc: BaseException) -> str:
+    """``Type: message`` (or just ``Type``) for exit details and events."""
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+class RunningChild:
+    """One run of a child; inside a task child, ``otree.current_child()`` returns it.
+
+    Attributes:
+      path: the child's path in the tree, e.g. ``"fleet/alice"``.
+      cost: spend reported by this run through ``report_cost``.
+    """
+
+    __slots__ = (
+        "_ready_waiter",
+        "_stopping",
+        "_trapping",
+        "child",
+        "cost",
+        "error",
+        "exit",
+        "on_stop",
+        "owner",
+        "path",
+        "ready",
+        "scope",
+        "started_mono",
+        "stop_mode",
+        "stopper",
+    )
+
+    def __init__(self, owner: _Owner, child: Any, path: str) -> None:
+        self.owner = owner
+        self.child = child
+        self.path = path
+        self.scope = trio.CancelScope(shield=True)
+        self.ready = False
+        self._ready_waiter: trio.Event | None = None
+        self._stopping: trio.Event | None = None
+        self._trapping = False
+        # How a stop was asked for: "" (not asked), "cancel", "grace" or "brutal".
+        self.stop_mode = ""
+        # Called once this run, asked to stop, has exited (a supervisor's stop chain).
+        self.stopper: Callable[[RunningChild], None] | None = None
+        # Set for a nested supervisor: how to ask it to stop its subtree.
+        self.on_stop: Callable[[], None] | None = None
+        self.exit: ExitInfo | None = None
+        self.error: BaseException | None = None
+        self.cost = 0.0
+        self.started_mono = trio.current_time()
+
+    # --- what a child sees -------------------------------------------------
+
+    @property
+    def stopping(self) -> trio.Event:
+        """Set when the supervisor begins to stop this child.
+
+        Looking at it makes the child trapping: from then on a stop waits up to
+        its ``shutdown`` grace for it to return before cancelling it.
+        """
+        self._trapping = True
+        if self._stopping is None:
+            self._stopping = trio.Event()
+            if self.stop_mode:
+                self._stopping.set()
+        return self._stopping
+
+    def report_cost(self, usd: float) -> None:
+        """Add ``usd`` to this run's spend (reported in its exit event)."""
+        if isinstance(usd, bool) or not isinstance(usd, (int, float)) or not 0 <= usd < math.inf:
+            raise ValueError(f"report_cost needs a finite number of USD >= 0; got {usd!r}")
+        self.cost += usd
+
+    def started(self, value: object = None) -> None:
+        """``task_status.started()``: the child is ready; the supervisor starts the next one."""
+        if self.ready:
+            raise RuntimeError("called 'started' twice on the same task status")
+        self.ready = True
+        if self._ready_waiter is not None:
+            self._ready_waiter.set()
+
+    # --- what the supervisor does ------------------------------------------
+
+    async def wait_ready(self) -> bool:
+        """Wait until the child is ready (True) or has exited without being ready (False)."""
+        if not self.ready and self.exit is None:
+            self._ready_waiter = trio.Event()
+            await self._ready_waiter.wait()
+        return self.ready
+
+    def request_stop(self, shutdown: float | str, stopper: Callable[[RunningChild], None]) -> None:
+        """Begin to stop this run; ``stopper(run)`` is called once it has exited."""
+        self.stopper = stopper
+        if self.on_stop is not None:
+            self.stop_mode = "grace"
+            self.on_stop()
+        elif shutdown == "brutal_kill":
+            self.stop_mode = "brutal"
+            self.scope.cancel()
+            return
+        elif not self._trapping:
+            self.stop_mode = "cancel"
+            self.scope.cancel()
+            return
+        else:
+            self.stop_mode = "grace"
+            self.stopping.set()
+        if shutdown == "brutal_kill":
+            self.scope.cancel()
+        elif shutdown != "infinity":
+            self.scope.deadline = min(self.scope.deadline, trio.current_time() + float(shutdown))
+
+    async def main(
+        self, fn: Callable[..., Awaitable[Any]], args: tuple[Any, ...], takes_status: bool
+    ) -> None:
+        """Run the child's function and report how it ended to the supervisor."""
+        _current.set(self)
+        returned = False
+        try:
+            with self.scope:
+                if takes_status:
+                    await fn(*args, task_status=self)
+                else:
+                    await fn(*args)
+                returned = True
+        except Exception as exc:  # noqa: BLE001 - a child's exception is its exit reason
+            self.error = exc
+        self.exit = self._classify(returned)
+        if self._ready_waiter is not None and not self.ready:
+            self._ready_waiter.set()
+        elif self.stopper is not None:
+            self.stopper(self)
+        else:
+            self.owner.run_exited(self)
+
+    def _classify(self, returned: bool) -> ExitInfo:
+        exc = self.error
+        if exc is None:
+            if returned:
+                return ExitInfo("shutdown" if self.stop_mode else "normal")
+            if self.stop_mode == "cancel":
+                return ExitInfo("shutdown")
+            if self.stop_mode:
+                return ExitInfo("shutdown", "killed")
+            return ExitInfo("error", "cancelled")
+        if isinstance(exc, Shutdown):
+            return ExitInfo("shutdown", exc.reason)
+        if isinstance(exc, RestartIntensityExceeded) and self.on_stop is not None:
+            return ExitInfo("shutdown", "reached max restart intensity")
+        if self.stop_mode:
+            return ExitInfo("shutdown", f"error while stopping: {describe(exc)}")
+        return ExitInfo("error", describe(exc))
