@@ -51,7 +51,7 @@ def load_tree(path: str, attr: str = "tree") -> SupervisorSpec:
         sys.path.insert(0, directory)
     try:
         spec.loader.exec_module(module)
-    except BaseException as exc:  # noqa: BLE001 - any failure of user code is a load error
+    except BaseException as exc:
         del sys.modules[name]
         if isinstance(exc, (KeyboardInterrupt, SystemExit)):
             raise
@@ -65,6 +65,6 @@ def load_tree(path: str, attr: str = "tree") -> SupervisorSpec:
         ) from None
     if not isinstance(tree, SupervisorSpec):
         raise LoadError(
-            f"{path}: {attr} is a {type(tree).__name__}, not a supervisor spec (build it with otree.supervisor)"
+            f"{path}: {attr} is a {type(tree).__name__}, not a supervisor spec (use otree.supervisor)"
         )
     return tree
