@@ -546,7 +546,7 @@ class _Supervisor:
             await self._start(child)
         except _StartFailed as failed:
             del self.children[spec.id]
-            raise self._start_error(child, failed.run) from None
+            raise self._start_error(child, failed.run) from failed.run.error
         return self.info(child)
 
     async def op_terminate_child(self, child_id: str) -> None:
@@ -568,7 +568,7 @@ class _Supervisor:
         try:
             await self._start(child)
         except _StartFailed as failed:
-            raise self._start_error(child, failed.run) from None
+            raise self._start_error(child, failed.run) from failed.run.error
         return self.info(child)
 
     async def op_delete_child(self, child_id: str) -> None:

@@ -1,0 +1,89 @@
+"""Children for runtime tests: they record what happens to them in a shared log."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import trio
+
+import otree
+
+
+class Log:
+    """An ordered record of ("start" | "stop" | "crash", name) entries."""
+
+    def __init__(self) -> None:
+        self.entries: list[tuple[str, str]] = []
+
+    def add(self, what: str, name: str) -> None:
+        self.entries.append((what, name))
+
+    def of(self, what: str) -> list[str]:
+        return [name for kind, name in self.entries if kind == what]
+
+    def clear(self) -> None:
+        self.entries.clear()
+
+
+async def worker(log: Log, name: str, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    """Ready at once, runs until stopped; logs its start and its stop."""
+    log.add("start", name)
+    try:
+        task_status.started()
+        await trio.sleep_forever()
+    finally:
+        log.add("stop", name)
+
+
+async def crash_after(
+    log: Log, name: str, delay: float, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """Ready at once, raises RuntimeError after ``delay`` seconds."""
+    log.add("start", name)
+    task_status.started()
+    await trio.sleep(delay)
+    log.add("crash", name)
+    raise RuntimeError(f"{name} crashed")
+
+
+class Switch:
+    """A flag a test flips to make a child's next start fail."""
+
+    def __init__(self, failing: bool = False) -> None:
+        self.failing = failing
+        self.attempts = 0
+
+
+async def fails_to_start(
+    switch: Switch, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """Fails before reporting ready while ``switch.failing``; otherwise runs until stopped."""
+    switch.attempts += 1
+    if switch.failing:
+        raise ConnectionError("cannot connect")
+    task_status.started()
+    await trio.sleep_forever()
+
+
+async def exits_with(kind: str, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    """Ready, then ends with ``kind``: "return", "shutdown" (otree.Shutdown) or "error"."""
+    task_status.started()
+    await trio.sleep(1)
+    if kind == "shutdown":
+        raise otree.Shutdown("done")
+    if kind == "error":
+        raise ValueError("boom")
+
+
+def states(sup: otree.SupervisorHandle) -> dict[str, str]:
+    return {info.id: info.state for info in sup.which_children()}
+
+
+async def collect(stream: otree.EventStream, until: Any) -> list[otree.Event]:
+    """Events from ``stream`` up to and including the first for which ``until(event)`` holds."""
+    seen: list[otree.Event] = []
+    async for event in stream:
+        seen.append(event)
+        if until(event):
+            break
+    return seen
