@@ -60,19 +60,24 @@ def level_of(kind: str, reason: str) -> int:
 class EventBus:
     """Fan-out of one tree's events to its subscribers and the ``otree`` logger."""
 
-    __slots__ = ("_streams", "closed")
+    __slots__ = ("_streams", "_subscribed", "closed")
 
     def __init__(self) -> None:
+        # Weak, so a stream its owner dropped without closing stops costing anything.
         self._streams: weakref.WeakSet[EventStream] = weakref.WeakSet()
+        self._subscribed = False  # cheap "any streams?", refreshed as events are published
         self.closed = False
 
     def wants(self, level: int) -> bool:
         """Whether an event at ``level`` would reach anyone (so it is worth building)."""
-        return bool(self._streams) or _log.isEnabledFor(level)
+        return self._subscribed or _log.isEnabledFor(level)
 
-    def publish(self, event: Event, level: int) -> None:
-        for stream in self._streams:
-            stream._offer(event)
+    def publish(self, event: Event, level: int, error: BaseException | None = None) -> None:
+        """Deliver ``event``; ``error`` (a child's exception) goes to the log record only."""
+        if self._subscribed:
+            for stream in self._streams:
+                stream._offer(event)
+            self._subscribed = bool(self._streams)
         if _log.isEnabledFor(level):
             _log.log(
                 level,
@@ -81,6 +86,7 @@ class EventBus:
                 event.kind,
                 event.reason,
                 event.details,
+                exc_info=error,
                 extra={"otree_event": event},
             )
 
@@ -90,6 +96,7 @@ class EventBus:
             stream._closed = True
         else:
             self._streams.add(stream)
+            self._subscribed = True
         return stream
 
     def close(self) -> None:
@@ -98,6 +105,7 @@ class EventBus:
         for stream in list(self._streams):
             stream._end()
         self._streams.clear()
+        self._subscribed = False
 
 
 class EventStream:

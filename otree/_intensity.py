@@ -37,8 +37,11 @@ class RestartWindow:
         return len(times) <= self.max_restarts
 
     def in_window(self, now: float) -> int:
-        """How many recorded restarts still count at ``now``."""
-        return sum(1 for t in self._times if now - t <= self.max_seconds)
+        """How many recorded restarts still count at ``now`` (``now`` never goes back)."""
+        times = self._times
+        while times and now - times[0] > self.max_seconds:
+            times.popleft()
+        return len(times)
 
 
 def backoff_delay(
@@ -52,5 +55,5 @@ def backoff_delay(
     try:
         base = min(maximum, initial * factor ** (attempt - 1))
     except OverflowError:
-        base = maximum
+        base = maximum if initial > 0 else 0.0
     return max(0.0, base * (1.0 + jitter * (2.0 * unit - 1.0)))

@@ -12,7 +12,7 @@ import functools
 import inspect
 import math
 import re
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Container, Sequence
 from typing import Any, ClassVar, Literal
 
 import msgspec
@@ -167,15 +167,15 @@ class SupervisorSpec(_Spec, frozen=True, kw_only=True):
         if not isinstance(self.children, (list, tuple)):
             raise SpecError(path, "children", "must be a list of child specs", self.children)
         msgspec.structs.force_setattr(self, "children", tuple(self.children))
-        seen: list[ChildSpec] = []
+        seen: set[str] = set()
         for child in self.children:
             self.check_child(child, seen)
-            seen.append(child)
+            seen.add(child.id)
         if limit is not None and len(seen) > limit:
             raise SpecError(path, "children", f"must number at most max_children={limit}", len(seen))
 
-    def check_child(self, child: object, siblings: Sequence[ChildSpec], where: str = "") -> None:
-        """Validate ``child`` as a new child next to ``siblings`` (used by start_child too).
+    def check_child(self, child: object, sibling_ids: Container[str], where: str = "") -> None:
+        """Validate ``child`` as a new child next to siblings with ``sibling_ids`` (start_child too).
 
         ``where`` is this supervisor's path in a running tree (default: its id).
         """
@@ -183,7 +183,7 @@ class SupervisorSpec(_Spec, frozen=True, kw_only=True):
         if not isinstance(child, (TaskSpec, SupervisorSpec)):
             raise SpecError(where, "children", "must hold child specs (otree.task, otree.supervisor)", child)
         path = f"{where}/{child.id}"
-        if any(s.id == child.id for s in siblings):
+        if child.id in sibling_ids:
             raise SpecError(path, "id", "must be unique among siblings", child.id)
         if child.significant and self.auto_shutdown == "never":
             raise SpecError(

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import random
 import time
-import traceback
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
@@ -237,10 +236,9 @@ class _Supervisor:
         if error is not None:
             details["exception"] = type(error).__name__
             details["message"] = str(error)
-            details["traceback"] = "".join(traceback.format_exception(error))
         if run.cost:
             details["cost"] = run.cost
-        bus.publish(Event(time.time(), child.path, kind, exit_info.reason, details), level)
+        bus.publish(Event(time.time(), child.path, kind, exit_info.reason, details), level, error)
 
     # --- serving --------------------------------------------------------------
 

@@ -25,7 +25,9 @@ class Log:
         self.entries.clear()
 
 
-async def worker(log: Log, name: str, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+async def worker(
+    log: Log, name: str, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+) -> None:
     """Ready at once, runs until stopped; logs its start and its stop."""
     log.add("start", name)
     try:

@@ -1,0 +1,139 @@
+"""Core benchmarks: otree against bare trio, each scenario in a fresh interpreter.
+
+Run all with ``python -m benchmarks``; one scenario with
+``python -m benchmarks.bench_core SCENARIO N`` (prints one JSON object).
+
+Scenarios:
+  restart-otree / restart-otree-quiet / restart-trio: a child that crashes
+    right after starting, restarted N times (otree: a permanent task child, with
+    the default logging, which builds one WARNING record per crash, or with the
+    otree logger silenced; trio: a fresh task per run, the crash swallowed).
+  tree-otree / tree-trio: start N idle children under one supervisor (trio:
+    one nursery), wait until all are blocked, then stop them all.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import logging
+import sys
+import time
+
+import trio
+import trio.testing
+
+import otree
+
+
+def _rss_kib(field: str = "VmRSS") -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+async def _idle() -> None:
+    await trio.sleep_forever()
+
+
+async def restart_otree(n: int) -> dict[str, float]:
+    state = {"runs": 0, "t0": 0.0, "t1": 0.0}
+    finished = trio.Event()
+
+    async def crasher() -> None:
+        state["runs"] += 1
+        if state["runs"] == 1:
+            state["t0"] = time.perf_counter()
+        elif state["runs"] == n + 1:
+            state["t1"] = time.perf_counter()
+            finished.set()
+            await trio.sleep_forever()
+        raise RuntimeError("crash")
+
+    tree = otree.supervisor(
+        "bench", max_restarts=10 * n, max_seconds=3600, children=[otree.task("c", crasher)]
+    )
+    async with otree.open_supervisor(tree):
+        await finished.wait()
+    return {"us_per_restart": (state["t1"] - state["t0"]) / n * 1e6}
+
+
+async def restart_otree_quiet(n: int) -> dict[str, float]:
+    """As restart_otree with the ``otree`` logger silenced (no WARNING record per crash)."""
+    logging.getLogger("otree").setLevel(logging.CRITICAL)
+    return await restart_otree(n)
+
+
+async def restart_trio(n: int) -> dict[str, float]:
+    async def crasher() -> None:
+        raise RuntimeError("crash")
+
+    async def guarded(done: trio.Event) -> None:
+        with contextlib.suppress(Exception):  # the reference swallows the crash and restarts
+            await crasher()
+        done.set()
+
+    async with trio.open_nursery() as nursery:
+        t0 = time.perf_counter()
+        for _ in range(n):
+            done = trio.Event()
+            nursery.start_soon(guarded, done)
+            await done.wait()
+        t1 = time.perf_counter()
+    return {"us_per_restart": (t1 - t0) / n * 1e6}
+
+
+async def tree_otree(n: int) -> dict[str, float]:
+    gc.collect()
+    base = _rss_kib()
+    t_spec = time.perf_counter()
+    tree = otree.supervisor("bench", children=[otree.task(f"c{i}", _idle) for i in range(n)])
+    t0 = time.perf_counter()
+    sup_cm = otree.open_supervisor(tree)
+    await sup_cm.__aenter__()
+    await trio.testing.wait_all_tasks_blocked()
+    t1 = time.perf_counter()
+    rss = _rss_kib()
+    t2 = time.perf_counter()
+    await sup_cm.__aexit__(None, None, None)
+    t3 = time.perf_counter()
+    return {
+        "spec_s": t0 - t_spec,
+        "start_s": t1 - t0,
+        "stop_s": t3 - t2,
+        "kib_per_child": (rss - base) / n,
+    }
+
+
+async def tree_trio(n: int) -> dict[str, float]:
+    gc.collect()
+    base = _rss_kib()
+    async with trio.open_nursery() as nursery:
+        t0 = time.perf_counter()
+        for _ in range(n):
+            nursery.start_soon(_idle)
+        await trio.testing.wait_all_tasks_blocked()
+        t1 = time.perf_counter()
+        rss = _rss_kib()
+        t2 = time.perf_counter()
+        nursery.cancel_scope.cancel()
+    t3 = time.perf_counter()
+    return {"spec_s": 0.0, "start_s": t1 - t0, "stop_s": t3 - t2, "kib_per_child": (rss - base) / n}
+
+
+SCENARIOS = {
+    "restart-otree": restart_otree,
+    "restart-otree-quiet": restart_otree_quiet,
+    "restart-trio": restart_trio,
+    "tree-otree": tree_otree,
+    "tree-trio": tree_trio,
+}
+
+if __name__ == "__main__":
+    name, count = sys.argv[1], int(sys.argv[2])
+    result = trio.run(SCENARIOS[name], count)
+    result["peak_rss_kib"] = _rss_kib("VmHWM")
+    print(json.dumps(result))
