@@ -21,7 +21,7 @@ from ._errors import OtreeError
 from ._events import Event
 from ._loader import LoadError, load_tree
 from ._spec import ChildSpec, SupervisorSpec
-from ._supervisor import open_supervisor
+from ._supervisor import run
 
 __all__ = ["main"]
 
@@ -67,12 +67,25 @@ class _EventHandler(logging.Handler):
         self.stream.flush()
 
 
-async def _serve(tree: SupervisorSpec) -> None:
+async def _watch_signals(scope: trio.CancelScope) -> None:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async with open_supervisor(tree):
-            async for signum in signals:
-                _log.info("otree: %s received: stopping the tree", signal.Signals(signum).name)
-                break
+        async for signum in signals:
+            _log.info("otree: %s received: stopping the tree", signal.Signals(signum).name)
+            scope.cancel()
+            return
+
+
+async def _serve(tree: SupervisorSpec) -> OtreeError | None:
+    """Run ``tree`` until it ends or SIGINT/SIGTERM arrives (even mid-start); its error, if any."""
+    outcome: OtreeError | None = None
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_watch_signals, nursery.cancel_scope)
+        try:
+            await run(tree)
+        except OtreeError as error:
+            outcome = error
+        nursery.cancel_scope.cancel()
+    return outcome
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -85,12 +98,12 @@ def _run(args: argparse.Namespace) -> int:
     _log.addHandler(handler)
     _log.setLevel(logging.INFO)
     try:
-        trio.run(_serve, tree)
-    except OtreeError as error:
-        print(f"otree: {type(error).__name__}: {error}", file=sys.stderr)
-        return 1
+        failure = trio.run(_serve, tree)
     finally:
         _log.removeHandler(handler)
+    if failure is not None:
+        print(f"otree: {type(failure).__name__}: {failure}", file=sys.stderr)
+        return 1
     return 0
 
 

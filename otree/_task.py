@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Awaitable, Callable
-from contextvars import ContextVar
 from typing import Any, Protocol
 
 import trio
@@ -31,9 +30,6 @@ class _Owner(Protocol):
     def run_exited(self, run: RunningChild) -> None: ...
 
 
-_current: ContextVar[RunningChild] = ContextVar("otree_current_child")
-
-
 def current_child() -> RunningChild:
     """The child run the calling task belongs to (inside a task child and its own tasks).
 
@@ -41,9 +37,21 @@ def current_child() -> RunningChild:
       RuntimeError: called outside a child of an otree supervisor.
     """
     try:
-        return _current.get()
-    except LookupError:
-        raise RuntimeError("otree.current_child() called outside an otree task child") from None
+        task: trio.lowlevel.Task | None = trio.lowlevel.current_task()
+    except RuntimeError:
+        task = None
+    # Found through the task tree rather than a ContextVar: setting a ContextVar in
+    # every child costs about as much as the rest of its start. A child's task runs
+    # RunningChild.main, whose frame holds the run; tasks the child spawned in its
+    # own nurseries find it through their parents.
+    while task is not None:
+        coro = task.coro
+        if getattr(coro, "cr_code", None) is _MAIN_CODE and coro.cr_frame is not None:
+            run: RunningChild = coro.cr_frame.f_locals["self"]
+            return run
+        nursery = task.parent_nursery
+        task = nursery.parent_task if nursery is not None else None
+    raise RuntimeError("otree.current_child() called outside an otree task child")
 
 
 def describe(exc: BaseException) -> str:
@@ -163,7 +171,6 @@ class RunningChild:
         self, fn: Callable[..., Awaitable[Any]], args: tuple[Any, ...], takes_status: bool
     ) -> None:
         """Run the child's function and report how it ended to the supervisor."""
-        _current.set(self)
         returned = False
         try:
             with self.scope:
@@ -176,7 +183,9 @@ class RunningChild:
             self.error = exc
         self.exit = self._classify(returned)
         if self._ready_waiter is not None and not self.ready:
-            self._ready_waiter.set()
+            self._ready_waiter.set()  # a failed start: the waiting supervisor handles it
+            if self.stopper is not None:  # unless the supervisor is stopping it meanwhile
+                self.stopper(self)
         elif self.stopper is not None:
             self.stopper(self)
         else:
@@ -199,3 +208,6 @@ class RunningChild:
         if self.stop_mode:
             return ExitInfo("shutdown", f"error while stopping: {describe(exc)}")
         return ExitInfo("error", describe(exc))
+
+
+_MAIN_CODE = RunningChild.main.__code__

@@ -1046,3 +1046,23 @@ async def test_functools_partial_children_work(autojump_clock: trio.testing.Mock
     tree = otree.supervisor("root", children=[otree.task("p", functools.partial(worker, log, "p"))])
     async with otree.open_supervisor(tree):
         assert log.of("start") == ["p"]
+
+
+async def test_cancelling_during_a_start_stops_the_starting_child_too(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    log = Log()
+
+    async def never_ready(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            await trio.sleep_forever()
+        finally:
+            log.add("stop", "hang")
+
+    tree = otree.supervisor(
+        "root", children=[otree.task("a", worker, log, "a"), otree.task("hang", never_ready)]
+    )
+    with trio.move_on_after(5) as scope:
+        await otree.run(tree)
+    assert scope.cancelled_caught
+    assert log.of("stop") == ["hang", "a"]
