@@ -8,12 +8,12 @@ import subprocess
 import sys
 
 
-def measure(scenario: str, n: int, repeats: int) -> dict[str, float]:
+def measure(scenario: str, n: int, repeats: int, *flags: str) -> dict[str, float]:
     """Median of each figure over ``repeats`` fresh interpreters."""
     runs = []
     for _ in range(repeats):
         out = subprocess.run(
-            [sys.executable, "-m", "benchmarks.bench_core", scenario, str(n)],
+            [sys.executable, "-m", "benchmarks.bench_core", scenario, str(n), *flags],
             check=True,
             capture_output=True,
             text=True,
@@ -32,11 +32,12 @@ def main() -> None:
             f"{scenario} (2000 crash->running cycles): otree {otree_us:.1f} us, "
             f"bare trio {trio_us:.1f} us, ratio {otree_us / trio_us:.2f}"
         )
-    for n in (10_000, 100_000):
-        o = measure("tree-otree", n, repeats)
-        t = measure("tree-trio", n, repeats)
+    for n, flags in ((10_000, ()), (100_000, ()), (100_000, ("nogc",))):
+        o = measure("tree-otree", n, repeats, *flags)
+        t = measure("tree-trio", n, repeats, *flags)
+        label = f"{n:>7} idle children" + (" (gc disabled)" if flags else "")
         print(
-            f"{n:>7} idle children: start otree {o['start_s']:.3f} s / trio {t['start_s']:.3f} s "
+            f"{label}: start otree {o['start_s']:.3f} s / trio {t['start_s']:.3f} s "
             f"(ratio {o['start_s'] / t['start_s']:.2f}); "
             f"stop otree {o['stop_s']:.3f} s / trio {t['stop_s']:.3f} s "
             f"(ratio {o['stop_s'] / t['stop_s']:.2f}); "

@@ -1,7 +1,8 @@
 """Core benchmarks: otree against bare trio, each scenario in a fresh interpreter.
 
 Run all with ``python -m benchmarks``; one scenario with
-``python -m benchmarks.bench_core SCENARIO N`` (prints one JSON object).
+``python -m benchmarks.bench_core SCENARIO N [nogc]`` (prints one JSON object;
+``nogc`` disables the cyclic garbage collector for the run).
 
 Scenarios:
   restart-otree / restart-otree-quiet / restart-trio: a child that crashes
@@ -134,6 +135,8 @@ SCENARIOS = {
 
 if __name__ == "__main__":
     name, count = sys.argv[1], int(sys.argv[2])
+    if "nogc" in sys.argv[3:]:  # to show how much of a start is the cyclic GC's
+        gc.disable()
     result = trio.run(SCENARIOS[name], count)
     result["peak_rss_kib"] = _rss_kib("VmHWM")
     print(json.dumps(result))

@@ -79,16 +79,18 @@ class EventBus:
                 stream._offer(event)
             self._subscribed = bool(self._streams)
         if _log.isEnabledFor(level):
-            _log.log(
+            # Built by hand: Logger.log would walk the stack for a caller that is always here.
+            record = _log.makeRecord(
+                _log.name,
                 level,
+                __file__,
+                0,
                 "%s %s %s %s",
-                event.path,
-                event.kind,
-                event.reason,
-                event.details,
-                exc_info=error,
+                (event.path, event.kind, event.reason, event.details),
+                (type(error), error, error.__traceback__) if error is not None else None,
                 extra={"otree_event": event},
             )
+            _log.handle(record)
 
     def subscribe(self, prefix: str, buffer: int = DEFAULT_BUFFER) -> EventStream:
         stream = EventStream(prefix, buffer)

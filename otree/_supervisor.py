@@ -211,7 +211,7 @@ class _Supervisor:
         self.window = RestartWindow(spec.max_restarts, spec.max_seconds)
         self.state: ChildState = "starting"
         self._ops: deque[_Op] = deque()
-        self._lot = trio.lowlevel.ParkingLot()
+        self._parked: trio.lowlevel.Task | None = None  # the supervisor's task, waiting for an op
         self._stop_requested = False
         self._nursery: trio.Nursery | None = None
         self._timers: trio.Nursery | None = None
@@ -287,7 +287,8 @@ class _Supervisor:
         ops = self._ops
         while not self._stop_requested:
             if not ops:
-                await self._lot.park()
+                self._parked = trio.lowlevel.current_task()
+                await trio.lowlevel.wait_task_rescheduled(self._unpark_on_cancel)
                 continue
             op, args, call = ops.popleft()
             try:
@@ -308,10 +309,21 @@ class _Supervisor:
                     call.done.set()
         return None
 
+    def _wake(self) -> None:
+        """Wake the supervisor's task if it waits for an operation (a one-task ParkingLot)."""
+        task = self._parked
+        if task is not None:
+            self._parked = None
+            trio.lowlevel.reschedule(task)
+
+    def _unpark_on_cancel(self, raise_cancel: object) -> trio.lowlevel.Abort:
+        self._parked = None
+        return trio.lowlevel.Abort.SUCCEEDED
+
     def request_stop(self) -> None:
         """Ask the supervisor to stop its children in reverse order and exit (OTP's parent exit)."""
         self._stop_requested = True
-        self._lot.unpark_all()
+        self._wake()
 
     def _close(self, outcome: BaseException | None) -> None:
         self.state = "stopped"
@@ -329,7 +341,7 @@ class _Supervisor:
 
     def _post(self, op: Callable[..., Awaitable[Any]], *args: Any) -> None:
         self._ops.append((op, args, None))
-        self._lot.unpark()
+        self._wake()
 
     async def call(self, op: Callable[..., Awaitable[Any]], *args: Any) -> Any:
         """Queue an API operation behind everything already queued and wait for its answer."""
@@ -337,7 +349,7 @@ class _Supervisor:
             raise NotRunning(self.path, self.state)
         call = _Call()
         self._ops.append((op, args, call))
-        self._lot.unpark()
+        self._wake()
         await call.done.wait()
         if call.error is not None:
             raise call.error
@@ -355,6 +367,8 @@ class _Supervisor:
         assert self._nursery is not None
         spec = child.spec
         run = RunningChild(self, child, child.path)
+        if self.spec.backoff is not None:
+            run.started_mono = trio.current_time()
         child.run = run
         child.state = "starting"
         child.started_at = time.time()
@@ -432,7 +446,8 @@ class _Supervisor:
 
     async def _restart(self, child: _Child) -> None:
         """Count one restart, then restart ``child`` and its group by the strategy."""
-        if not self.window.add_restart(trio.current_time()):
+        now = trio.current_time()
+        if not self.window.add_restart(now):
             child.state = "stopped"
             child.pending = None
             error = RestartIntensityExceeded(
@@ -457,10 +472,11 @@ class _Supervisor:
             "child.restarting",
             "restart",
             delay=delay,
-            restarts_in_window=self.window.in_window(trio.current_time()),
+            restarts_in_window=self.window.in_window(now),
         )
         group = self._group(child)
-        await self._stop_children([self.children[i] for i in reversed(group) if i != child.spec.id])
+        if len(group) > 1:
+            await self._stop_children([self.children[i] for i in reversed(group) if i != child.spec.id])
         if delay > 0:
             assert self._timers is not None
             token = child.pending = object()

@@ -104,7 +104,7 @@ class RunningChild:
         self.exit: ExitInfo | None = None
         self.error: BaseException | None = None
         self.cost = 0.0
-        self.started_mono = trio.current_time()
+        self.started_mono = 0.0  # trio time of the start, set where backoff needs it
 
     # --- what a child sees -------------------------------------------------
 
