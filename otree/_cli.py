@@ -89,11 +89,7 @@ async def _serve(tree: SupervisorSpec) -> OtreeError | None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    try:
-        tree = load_tree(args.file, args.attr)
-    except LoadError as error:
-        print(f"otree: {error}", file=sys.stderr)
-        return 2
+    tree = load_tree(args.file, args.attr)
     handler = _EventHandler(sys.stderr, args.log_format)
     _log.addHandler(handler)
     _log.setLevel(logging.INFO)
@@ -134,12 +130,7 @@ def _print_tree(spec: ChildSpec, depth: int, out: TextIO) -> None:
 
 
 def _check(args: argparse.Namespace) -> int:
-    try:
-        tree = load_tree(args.file, args.attr)
-    except LoadError as error:
-        print(f"otree: {error}", file=sys.stderr)
-        return 2
-    _print_tree(tree, 0, sys.stdout)
+    _print_tree(load_tree(args.file, args.attr), 0, sys.stdout)
     return 0
 
 
@@ -165,5 +156,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exit_:
         return int(exit_.code or 0)
-    code: int = args.handler(args)
+    try:
+        code: int = args.handler(args)
+    except LoadError as error:
+        print(f"otree: {error}", file=sys.stderr)
+        return 2
     return code

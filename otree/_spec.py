@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable, Container, Sequence
 from typing import Any, ClassVar, Literal
 
 import msgspec
+import trio
 
 from ._errors import SpecError
 from ._strategy import Restart, Strategy
@@ -197,33 +198,54 @@ class SupervisorSpec(_Spec, frozen=True, kw_only=True):
 ChildSpec = TaskSpec | SupervisorSpec
 
 
-@functools.lru_cache(maxsize=4096)
-def takes_task_status(fn: Callable[..., Any]) -> bool:
-    """Whether ``fn`` accepts ``task_status`` (then it reports readiness itself)."""
+def _takes_task_status(fn: Callable[..., Any]) -> bool:
     try:
         return "task_status" in inspect.signature(fn).parameters
     except (TypeError, ValueError):
         return False
 
 
+_takes_task_status_cached = functools.lru_cache(maxsize=4096)(_takes_task_status)
+
+
+def takes_task_status(fn: Callable[..., Any]) -> bool:
+    """Whether ``fn`` accepts ``task_status`` (then it reports readiness itself)."""
+    try:
+        return _takes_task_status_cached(fn)
+    except TypeError:  # an unhashable callable: not cached
+        return _takes_task_status(fn)
+
+
+def _is_sync(fn: object) -> bool:
+    """Whether ``fn`` is plainly a synchronous callable (so awaiting its result would fail)."""
+    target = inspect.unwrap(fn.func if isinstance(fn, functools.partial) else fn)  # type: ignore[arg-type]
+    if inspect.ismethod(target):
+        target = target.__func__
+    if inspect.isfunction(target) or inspect.isbuiltin(target):
+        return not inspect.iscoroutinefunction(target)
+    if inspect.isclass(target):
+        return False
+    call = getattr(type(target), "__call__", None)  # noqa: B004 - the instance's own __call__
+    return inspect.isfunction(call) and not inspect.iscoroutinefunction(call)
+
+
 def _check_task_fn(path: str, fn: object, args: object) -> None:
-    if not callable(fn):
+    if not callable(fn) or _is_sync(fn):
         raise SpecError(path, "fn", "must be an async function", fn)
     if not isinstance(args, tuple):
         raise SpecError(path, "args", "must be a tuple", args)
-    target = inspect.unwrap(fn.func if isinstance(fn, functools.partial) else fn)
-    if (inspect.isfunction(target) or inspect.isbuiltin(target)) and not inspect.iscoroutinefunction(target):
-        raise SpecError(path, "fn", "must be an async function", fn)
     try:
         signature = inspect.signature(fn)
     except (TypeError, ValueError):
         return
+    # The supervisor passes task_status itself when fn takes it: bind it too, so an
+    # argument that would land on it, or a task_status without a default, is judged right.
+    extra = {"task_status": trio.TASK_STATUS_IGNORED} if "task_status" in signature.parameters else {}
     try:
-        signature.bind(*args)
+        signature.bind(*args, **extra)
     except TypeError as exc:
-        raise SpecError(
-            path, "args", f"must fit {getattr(fn, '__name__', fn)}{signature} ({exc})", args
-        ) from None
+        name = getattr(fn, "__name__", repr(fn))
+        raise SpecError(path, "args", f"must fit {name}{signature} ({exc})", args) from None
 
 
 def task(

@@ -367,21 +367,21 @@ class _Supervisor:
         assert self._nursery is not None
         spec = child.spec
         run = RunningChild(self, child, child.path)
-        if self.spec.backoff is not None:
-            run.started_mono = trio.current_time()
-        child.run = run
-        child.state = "starting"
-        child.started_at = time.time()
         if isinstance(spec, TaskSpec):
             fn: Callable[..., Awaitable[Any]] = spec.fn
             args = spec.args
             takes_status = takes_task_status(fn)
-            child.nested = None
+            nested = None
         else:
             nested = _Supervisor(spec, child.path, self.tree, run)
             run.on_stop = nested.request_stop
-            child.nested = nested
             fn, args, takes_status = nested.serve_child, (), True
+        if self.spec.backoff is not None:
+            run.started_mono = trio.current_time()
+        child.run = run
+        child.nested = nested
+        child.state = "starting"
+        child.started_at = time.time()
         self._nursery.start_soon(run.main, fn, args, takes_status, name=child.path)
         self._emit(child.path, "child.started")
         if not takes_status:
