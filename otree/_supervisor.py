@@ -14,6 +14,7 @@ start order without a round trip through the supervisor for each.
 
 from __future__ import annotations
 
+import math
 import random
 import time
 from collections import deque
@@ -115,13 +116,21 @@ _Op = tuple[Callable[..., Awaitable[Any]], tuple[Any, ...], "_Call | None"]
 class _StopChain:
     """Stops children one at a time in the given order; ``done`` is set after the last."""
 
-    __slots__ = ("_children", "_index", "_sup", "done")
+    __slots__ = ("_brutal", "_children", "_current", "_index", "_sup", "done")
 
     def __init__(self, sup: _Supervisor, children: list[_Child]) -> None:
         self._sup = sup
         self._children = children
+        self._brutal = False
+        self._current: RunningChild | None = None
         self._index = 0
         self.done = trio.Event()
+
+    def make_brutal(self) -> None:
+        """Kill the child being stopped and every one after it at once (a grace ran out)."""
+        self._brutal = True
+        if self._current is not None:
+            self._current.request_stop("brutal_kill", self._exited)
 
     def advance(self) -> None:
         children = self._children
@@ -135,8 +144,10 @@ class _StopChain:
                 self._sup._settle(child, run, stopped=False)
                 continue
             child.state = "stopping"
-            run.request_stop(child.spec.shutdown, self._exited)
+            self._current = run
+            run.request_stop("brutal_kill" if self._brutal else child.spec.shutdown, self._exited)
             return
+        self._current = None
         self.done.set()
 
     def _exited(self, run: RunningChild) -> None:
@@ -213,6 +224,8 @@ class _Supervisor:
         self._ops: deque[_Op] = deque()
         self._parked: trio.lowlevel.Task | None = None  # the supervisor's task, waiting for an op
         self._stop_requested = False
+        self._kill_at = math.inf
+        self._kill_scope: trio.CancelScope | None = None
         self._nursery: trio.Nursery | None = None
         self._timers: trio.Nursery | None = None
 
@@ -262,7 +275,7 @@ class _Supervisor:
                 finally:
                     self.state = "stopping"
                     with trio.CancelScope(shield=True):
-                        await self._stop_children(list(reversed(self.children.values())))
+                        await self._stop_children(list(reversed(self.children.values())), final=True)
                     self._close(outcome)
         if outcome is not None:
             raise outcome
@@ -320,9 +333,15 @@ class _Supervisor:
         self._parked = None
         return trio.lowlevel.Abort.SUCCEEDED
 
-    def request_stop(self) -> None:
-        """Ask the supervisor to stop its children in reverse order and exit (OTP's parent exit)."""
+    def request_stop(self, kill_at: float = math.inf) -> None:
+        """Ask the supervisor to stop its children in reverse order and exit (OTP's parent exit).
+
+        At trio time ``kill_at`` whatever still runs of its subtree is killed at once.
+        """
         self._stop_requested = True
+        self._kill_at = min(self._kill_at, kill_at)
+        if self._kill_scope is not None:
+            self._kill_scope.deadline = self._kill_at
         self._wake()
 
     def _close(self, outcome: BaseException | None) -> None:
@@ -416,7 +435,8 @@ class _Supervisor:
         child.exit = run.exit
         child.error = run.error
         self._emit_end("child.stopped" if stopped else "child.exited", child, run)
-        if stopped and (run.error is not None or (run.stop_mode == "grace" and run.scope.cancelled_caught)):
+        assert run.exit is not None
+        if stopped and (run.error is not None or (run.stop_mode == "grace" and run.exit.detail == "killed")):
             self._emit_end("child.shutdown_error", child, run)
         if child.spec.restart == "temporary" and self.children.get(child.spec.id) is child:
             del self.children[child.spec.id]
@@ -532,12 +552,22 @@ class _Supervisor:
 
     # --- stop -----------------------------------------------------------------
 
-    async def _stop_children(self, children: list[_Child]) -> None:
-        """Stop ``children`` one at a time in the given order (OTP's ``terminate_children``)."""
+    async def _stop_children(self, children: list[_Child], *, final: bool = False) -> None:
+        """Stop ``children`` one at a time in the given order (OTP's ``terminate_children``).
+
+        In the ``final`` stop, once the parent's grace for this supervisor runs out
+        (``_kill_at``), the rest of the subtree is killed at once, as OTP's links do.
+        """
         if not any(c.run is not None for c in children):
             return
         chain = _StopChain(self, children)
         chain.advance()
+        if final:
+            with trio.CancelScope(deadline=self._kill_at) as self._kill_scope:
+                await chain.done.wait()
+            self._kill_scope = None
+            if not chain.done.is_set():
+                chain.make_brutal()
         await chain.done.wait()
 
     # --- API operations (run in the supervisor's task, in queue order) -----------

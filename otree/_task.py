@@ -99,8 +99,8 @@ class RunningChild:
         self.stop_mode = ""
         # Called once this run, asked to stop, has exited (a supervisor's stop chain).
         self.stopper: Callable[[RunningChild], None] | None = None
-        # Set for a nested supervisor: how to ask it to stop its subtree.
-        self.on_stop: Callable[[], None] | None = None
+        # Set for a nested supervisor: how to ask it to stop its subtree by a deadline.
+        self.on_stop: Callable[[float], None] | None = None
         self.exit: ExitInfo | None = None
         self.error: BaseException | None = None
         self.cost = 0.0
@@ -146,26 +146,31 @@ class RunningChild:
         return self.ready
 
     def request_stop(self, shutdown: float | str, stopper: Callable[[RunningChild], None]) -> None:
-        """Begin to stop this run; ``stopper(run)`` is called once it has exited."""
+        """Begin to stop this run; ``stopper(run)`` is called once it has exited.
+
+        May be called again to make a stop brutal (``shutdown="brutal_kill"``).
+        """
         self.stopper = stopper
+        if shutdown == "brutal_kill":
+            kill_at = -math.inf
+        elif shutdown == "infinity":
+            kill_at = math.inf
+        else:
+            kill_at = trio.current_time() + float(shutdown)
         if self.on_stop is not None:
+            # A nested supervisor stops its subtree in order and goes brutal itself at
+            # kill_at; its scope deadline then reports the run as killed.
             self.stop_mode = "grace"
-            self.on_stop()
-        elif shutdown == "brutal_kill":
+            self.on_stop(kill_at)
+        elif kill_at == -math.inf:
             self.stop_mode = "brutal"
-            self.scope.cancel()
-            return
         elif not self._trapping:
             self.stop_mode = "cancel"
-            self.scope.cancel()
-            return
+            kill_at = -math.inf
         else:
             self.stop_mode = "grace"
             self.stopping.set()
-        if shutdown == "brutal_kill":
-            self.scope.cancel()
-        elif shutdown != "infinity":
-            self.scope.deadline = min(self.scope.deadline, trio.current_time() + float(shutdown))
+        self.scope.deadline = min(self.scope.deadline, kill_at)
 
     async def main(
         self, fn: Callable[..., Awaitable[Any]], args: tuple[Any, ...], takes_status: bool
@@ -195,7 +200,11 @@ class RunningChild:
         exc = self.error
         if exc is None:
             if returned:
-                return ExitInfo("shutdown" if self.stop_mode else "normal")
+                if not self.stop_mode:
+                    return ExitInfo("normal")
+                # A nested supervisor returns even when its grace ran out (it killed its subtree).
+                killed = self.stop_mode != "cancel" and self.scope.cancel_called
+                return ExitInfo("shutdown", "killed" if killed else "")
             if self.stop_mode == "cancel":
                 return ExitInfo("shutdown")
             if self.stop_mode:

@@ -67,6 +67,19 @@ async def fails_to_start(
     await trio.sleep_forever()
 
 
+async def crash_then_fail_to_start(
+    switch: Switch, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """Starts once, crashes after 1 s and flips ``switch``, so every later start fails."""
+    switch.attempts += 1
+    if switch.failing:
+        raise ConnectionError("cannot connect")
+    task_status.started()
+    await trio.sleep(1)
+    switch.failing = True
+    raise RuntimeError("crash")
+
+
 async def exits_with(kind: str, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
     """Ready, then ends with ``kind``: "return", "shutdown" (otree.Shutdown) or "error"."""
     task_status.started()

@@ -10,7 +10,16 @@ import trio
 import trio.testing
 
 import otree
-from tests.helpers import Log, Switch, crash_after, exits_with, fails_to_start, states, worker
+from tests.helpers import (
+    Log,
+    Switch,
+    crash_after,
+    crash_then_fail_to_start,
+    exits_with,
+    fails_to_start,
+    states,
+    worker,
+)
 
 
 def three(log: Log, strategy: str = "one_for_one", **kw: object) -> otree.SupervisorSpec:
@@ -406,17 +415,9 @@ async def test_failed_restart_is_retried_and_every_retry_counts(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     switch = Switch()
-
-    async def flaky(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        switch.attempts += 1
-        if switch.failing:
-            raise ConnectionError("cannot connect")
-        task_status.started()
-        await trio.sleep(1)
-        switch.failing = True
-        raise RuntimeError("crash")
-
-    tree = otree.supervisor("root", max_restarts=3, children=[otree.task("c", flaky)])
+    tree = otree.supervisor(
+        "root", max_restarts=3, children=[otree.task("c", crash_then_fail_to_start, switch)]
+    )
     seen: list[str] = []
     with pytest.raises(otree.RestartIntensityExceeded) as info:
         async with otree.open_supervisor(tree) as sup:
@@ -483,17 +484,13 @@ async def test_transient_supervisor_that_gave_up_is_not_restarted(
 async def test_restarting_child_answers_the_api_as_otp(autojump_clock: trio.testing.MockClock) -> None:
     switch = Switch()
 
-    async def flaky(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        switch.attempts += 1
-        if switch.failing:
-            raise ConnectionError("down")
-        task_status.started()
-        await trio.sleep(1)
-        switch.failing = True
-        raise RuntimeError("crash")
-
     backoff = otree.Backoff(initial=10, maximum=10, jitter=0)
-    tree = otree.supervisor("root", max_restarts=100, backoff=backoff, children=[otree.task("c", flaky)])
+    tree = otree.supervisor(
+        "root",
+        max_restarts=100,
+        backoff=backoff,
+        children=[otree.task("c", crash_then_fail_to_start, switch)],
+    )
     async with otree.open_supervisor(tree) as sup:
         await _first(sup.events(), "child.restarting")
         assert states(sup) == {"c": "restarting"}
@@ -503,7 +500,7 @@ async def test_restarting_child_answers_the_api_as_otp(autojump_clock: trio.test
         with pytest.raises(otree.Restarting):
             await sup.delete_child("c")
         with pytest.raises(otree.AlreadyPresent) as present:
-            await sup.start_child(otree.task("c", flaky))
+            await sup.start_child(otree.task("c", crash_then_fail_to_start, switch))
         assert present.value.running is False
         attempts = switch.attempts
         await sup.terminate_child("c")
@@ -1066,3 +1063,37 @@ async def test_cancelling_during_a_start_stops_the_starting_child_too(
         await otree.run(tree)
     assert scope.cancelled_caught
     assert log.of("stop") == ["hang", "a"]
+
+
+async def test_supervisor_child_killed_after_its_grace_takes_its_subtree_down_at_once(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async def stubborn() -> None:
+        otree.current_child().stopping  # noqa: B018 - trapping
+        await trio.sleep_forever()
+
+    inner = otree.supervisor("inner", shutdown=2, children=[otree.task("s", stubborn, shutdown=100)])
+    async with otree.open_supervisor(otree.supervisor("root", children=[inner])) as sup:
+        before = trio.current_time()
+        await sup.terminate_child("inner")
+        assert trio.current_time() - before == pytest.approx(2)
+        assert sup.which_children()[0].exit == otree.ExitInfo("shutdown", "killed")
+
+
+async def test_supervisor_child_with_infinity_waits_for_its_subtree_in_order(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async def slow(name: str, log: Log) -> None:
+        await otree.current_child().stopping.wait()
+        await trio.sleep(3)
+        log.add("stop", name)
+
+    log = Log()
+    inner = otree.supervisor(
+        "inner", children=[otree.task(n, slow, n, log, shutdown=100) for n in ("x", "y")]
+    )
+    async with otree.open_supervisor(otree.supervisor("root", children=[inner])) as sup:
+        before = trio.current_time()
+        await sup.terminate_child("inner")
+        assert trio.current_time() - before == pytest.approx(6)
+        assert log.of("stop") == ["y", "x"]
