@@ -67,10 +67,12 @@ class _EventHandler(logging.Handler):
         self.stream.flush()
 
 
-async def _watch_signals(scope: trio.CancelScope) -> None:
+async def _watch_signals(path: str, scope: trio.CancelScope) -> None:
+    """On SIGINT/SIGTERM: say so (as an event, so --log-format json stays JSON) and stop the tree."""
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async for signum in signals:
-            _log.info("otree: %s received: stopping the tree", signal.Signals(signum).name)
+            event = Event(time.time(), path, "tree.signal", signal.Signals(signum).name, {"action": "stop"})
+            _log.info("%s %s %s", path, event.kind, event.reason, extra={"otree_event": event})
             scope.cancel()
             return
 
@@ -79,7 +81,7 @@ async def _serve(tree: SupervisorSpec) -> OtreeError | None:
     """Run ``tree`` until it ends or SIGINT/SIGTERM arrives (even mid-start); its error, if any."""
     outcome: OtreeError | None = None
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(_watch_signals, nursery.cancel_scope)
+        nursery.start_soon(_watch_signals, tree.id, nursery.cancel_scope)
         try:
             await run(tree)
         except OtreeError as error:

@@ -55,10 +55,6 @@ class SpecError(OtreeError):
         self.got = got
         super().__init__(f"{path}: {field} {expected}; got {got!r}")
 
-    def at(self, parent: str) -> SpecError:
-        """The same error with its path prefixed by ``parent`` (used when a tree nests)."""
-        return SpecError(f"{parent}/{self.path}", self.field, self.expected, self.got)
-
 
 class StartError(OtreeError):
     """A child failed to start; the cause is chained."""

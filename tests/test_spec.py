@@ -97,9 +97,9 @@ def test_shutdown_bad_value_supervisor() -> None:
 
 
 @pytest.mark.parametrize("shutdown", [0, 0.0, 2.5, "brutal_kill", "infinity"])
-def test_shutdown_valid(shutdown: float | str) -> None:
-    assert otree.task("a", idle, shutdown=shutdown).shutdown == shutdown  # type: ignore[arg-type]
-    assert otree.supervisor("s", shutdown=shutdown).shutdown == shutdown  # type: ignore[arg-type]
+def test_shutdown_valid(shutdown: Any) -> None:
+    assert otree.task("a", idle, shutdown=shutdown).shutdown == shutdown
+    assert otree.supervisor("s", shutdown=shutdown).shutdown == shutdown
 
 
 def test_significant_with_permanent() -> None:
@@ -266,7 +266,7 @@ def test_nested_supervisor_bad_field() -> None:
 
 def test_nested_supervisor_bad_task() -> None:
     with pytest.raises(otree.SpecError) as info:
-        otree.supervisor("outer", children=[otree.supervisor("inner", children=[otree.task("a", 42)])])
+        otree.supervisor("outer", children=[otree.supervisor("inner", children=[otree.task("a", 42)])])  # type: ignore[arg-type]
     assert str(info.value) == "a: fn must be an async function; got 42"
 
 
@@ -275,17 +275,6 @@ def test_nested_supervisor_significant_child_names_parent() -> None:
     error = spec_error(otree.supervisor, "outer", children=[inner])
     assert error.path == "outer/inner"
     assert error.field == "significant=True"
-
-
-def test_spec_error_at_prefixes_path() -> None:
-    error = otree.SpecError("inner/a", "id", "must be unique among siblings", "a").at("outer")
-    assert str(error) == "outer/inner/a: id must be unique among siblings; got 'a'"
-    assert (error.path, error.field, error.expected, error.got) == (
-        "outer/inner/a",
-        "id",
-        "must be unique among siblings",
-        "a",
-    )
 
 
 # --- task fn and args -----------------------------------------------------------------
@@ -331,11 +320,6 @@ def test_task_fn_sync_staticmethod() -> None:
     assert error.field == "fn"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="_check_task_fn only rejects sync plain functions/builtins: a sync bound method passes "
-    "validation and fails only when the supervisor awaits its None result",
-)
 def test_task_fn_sync_bound_method() -> None:
     class Agent:
         def loop(self) -> None:
@@ -344,6 +328,26 @@ def test_task_fn_sync_bound_method() -> None:
     agent = Agent()
     error = spec_error(otree.task, "a", agent.loop)
     assert str(error) == f"a: fn must be an async function; got {agent.loop!r}"
+
+
+def test_task_fn_sync_classmethod() -> None:
+    class Holder:
+        @classmethod
+        def tick(cls) -> None:
+            pass
+
+    error = spec_error(otree.task, "a", Holder.tick)
+    assert error.field == "fn"
+
+
+def test_task_fn_sync_callable_instance() -> None:
+    class Ticker:
+        def __call__(self) -> None:
+            pass
+
+    ticker = Ticker()
+    error = spec_error(otree.task, "a", ticker)
+    assert str(error) == f"a: fn must be an async function; got {ticker!r}"
 
 
 def test_task_fn_async_variants_valid() -> None:
@@ -390,11 +394,6 @@ def test_task_args_not_a_tuple_by_hand() -> None:
     assert str(error) == "a: args must be a tuple; got ['x']"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="args are bound without task_status, so an extra positional arg that lands on task_status "
-    "passes validation; the start then fails with 'got multiple values for argument task_status'",
-)
 def test_task_args_filling_task_status_rejected() -> None:
     async def positional_status(
         name: str, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -403,6 +402,8 @@ def test_task_args_filling_task_status_rejected() -> None:
 
     error = spec_error(otree.task, "a", positional_status, "x", "y")
     assert error.field == "args"
+    assert error.got == ("x", "y")
+    assert str(error).endswith("(multiple values for argument 'task_status'); got ('x', 'y')")
 
 
 # --- task_status detection -------------------------------------------------------------
@@ -421,11 +422,6 @@ def test_task_without_task_status() -> None:
     assert takes_task_status(greet) is False
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the args check binds args without task_status, so a task_status parameter with no default "
-    "(valid for trio's nursery.start) is reported as a missing argument",
-)
 def test_task_status_without_default_accepted() -> None:
     async def strict_status(*, task_status: trio.TaskStatus[None]) -> None:
         task_status.started()
@@ -433,11 +429,6 @@ def test_task_status_without_default_accepted() -> None:
     assert otree.task("a", strict_status).fn is strict_status
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="takes_task_status is functools.lru_cache'd, so an unhashable callable (an eq dataclass) "
-    "raises TypeError; at runtime this leaves the child 'starting' and the supervisor hangs on stop",
-)
 def test_task_status_unhashable_callable() -> None:
     @dataclasses.dataclass
     class Job:

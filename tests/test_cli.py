@@ -1,0 +1,675 @@
+"""The ``otree`` command: ``check`` and ``run``, in-process through ``main`` and as a real subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from otree._cli import main
+
+REPO = Path(__file__).resolve().parent.parent
+DEADLINE = 10.0
+
+# Tree files for subprocesses import only trio and otree.
+STEADY_TREE = """\
+import trio
+
+import otree
+
+
+async def steady(name, *, task_status=trio.TASK_STATUS_IGNORED):
+    task_status.started()
+    await trio.sleep_forever()
+
+
+tree = otree.supervisor(
+    "root",
+    children=[
+        otree.task("a", steady, "a"),
+        otree.supervisor(
+            "sub",
+            strategy="rest_for_one",
+            children=[otree.task("b", steady, "b"), otree.task("c", steady, "c", shutdown=1.0)],
+        ),
+        otree.task("d", steady, "d", restart="transient"),
+    ],
+)
+"""
+STEADY_START_ORDER = ["root/a", "root/sub", "root/sub/b", "root/sub/c", "root/d"]
+
+GIVES_UP_TREE = """\
+import otree
+
+
+async def crash():
+    raise RuntimeError("boom")
+
+
+tree = otree.supervisor("root", max_restarts=1, children=[otree.task("bad", crash)])
+"""
+
+RICH_TREE = """\
+import trio
+
+import otree
+
+
+async def agent(name):
+    await trio.sleep_forever()
+
+
+tree = otree.supervisor(
+    "fleet",
+    strategy="rest_for_one",
+    max_restarts=5,
+    max_seconds=10.0,
+    children=[
+        otree.task("alice", agent, "alice"),
+        otree.task("bob", agent, "bob", restart="transient", shutdown="brutal_kill"),
+        otree.supervisor(
+            "db",
+            strategy="one_for_all",
+            max_children=4,
+            auto_shutdown="any_significant",
+            backoff=otree.Backoff(initial=0.5, maximum=8.0),
+            shutdown=30.0,
+            children=[otree.task("conn", agent, "conn", restart="temporary", significant=True)],
+        ),
+    ],
+)
+
+other = otree.supervisor("other", children=[otree.task("solo", agent, "solo")])
+not_a_tree = otree.task("lonely", agent, "lonely")
+"""
+
+SPEC_ERROR_TREE = """\
+import otree
+
+
+async def steady():
+    pass
+
+
+tree = otree.supervisor(
+    "root",
+    children=[
+        otree.task("ok", steady),
+        otree.task("a", steady, shutdown=-1),  # BAD
+    ],
+)
+"""
+
+DUPLICATE_TREE = """\
+import otree
+
+
+async def steady():
+    pass
+
+
+tree = otree.supervisor(  # BAD
+    "root",
+    children=[otree.task("a", steady), otree.task("a", steady)],
+)
+"""
+
+SYNTAX_ERROR_TREE = """\
+import otree
+
+def broken(:  # BAD
+    pass
+"""
+
+IMPORT_ERROR_TREE = """\
+import trio
+import otree_no_such_module_for_tests  # BAD
+"""
+
+RAISING_TREE = """\
+import otree
+
+
+def build():
+    raise ValueError("no tree today")  # BAD
+
+
+tree = build()
+"""
+
+
+# --- helpers --------------------------------------------------------------------------
+
+
+def write_tree(directory: Path, text: str, name: str = "tree.py") -> Path:
+    path = directory / name
+    path.write_text(text)
+    return path
+
+
+def line_of(text: str, marker: str = "# BAD") -> int:
+    """The 1-based number of the first line of ``text`` holding ``marker``."""
+    for number, line in enumerate(text.splitlines(), start=1):
+        if marker in line:
+            return number
+    raise AssertionError(f"{marker!r} not in text")
+
+
+def event_of(line: str) -> tuple[str, str, str] | None:
+    """``(path, kind, reason)`` of a text event line, or None for an ``otree:`` message line."""
+    if line.startswith("otree:"):
+        return None
+    parts = line.split()
+    reason = parts[3] if len(parts) > 3 else ""
+    return parts[1], parts[2], reason
+
+
+def subprocess_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    return env
+
+
+def run_otree(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    """``python -m otree ARGS`` to completion (it must finish within the deadline)."""
+    return subprocess.run(
+        [sys.executable, "-m", "otree", *args],
+        cwd=cwd,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=DEADLINE,
+        check=False,
+    )
+
+
+class OtreeProcess:
+    """A running ``python -m otree ...`` whose stderr lines are read by a thread."""
+
+    def __init__(self, args: list[str], cwd: Path) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "otree", *args],
+            cwd=cwd,
+            env=subprocess_env(),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.lines: list[str] = []
+        self._queue: queue.Queue[str | None] = queue.Queue()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self._queue.put(line.rstrip("\n"))
+        self._queue.put(None)
+
+    def wait_for(self, predicate: Callable[[str], bool], timeout: float = DEADLINE) -> str:
+        """The first new stderr line that satisfies ``predicate``; fails at EOF or the deadline."""
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError(f"no matching line within {timeout}s; stderr so far: {self.lines}")
+            try:
+                line = self._queue.get(timeout=remaining)
+            except queue.Empty:
+                continue
+            if line is None:
+                raise AssertionError(f"stderr ended without a matching line: {self.lines}")
+            self.lines.append(line)
+            if predicate(line):
+                return line
+
+    def finish(self, timeout: float = DEADLINE) -> int:
+        """Wait for the exit, then collect every remaining stderr line."""
+        code = self.proc.wait(timeout=timeout)
+        self._reader.join(timeout=timeout)
+        while True:
+            try:
+                line = self._queue.get_nowait()
+            except queue.Empty:
+                return code
+            if line is None:
+                return code
+            self.lines.append(line)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(timeout=DEADLINE)
+        self._reader.join(timeout=DEADLINE)
+        if self.proc.stderr is not None:
+            self.proc.stderr.close()
+
+
+@contextmanager
+def otree_process(args: list[str], cwd: Path) -> Iterator[OtreeProcess]:
+    process = OtreeProcess(args, cwd)
+    try:
+        yield process
+    finally:
+        process.stop()
+
+
+def is_text_event(path: str, kind: str) -> Callable[[str], bool]:
+    def matches(line: str) -> bool:
+        event = event_of(line)
+        return event is not None and event[:2] == (path, kind)
+
+    return matches
+
+
+def is_json_event(path: str, kind: str) -> Callable[[str], bool]:
+    def matches(line: str) -> bool:
+        try:
+            event = json.loads(line)
+        except ValueError:
+            return False
+        return isinstance(event, dict) and (event.get("path"), event.get("kind")) == (path, kind)
+
+    return matches
+
+
+@pytest.fixture(autouse=True)
+def restore_import_state(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
+    """``main`` imports tree files in-process: put sys.path and sys.modules back afterwards."""
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    before = set(sys.modules)
+    yield
+    for name in set(sys.modules) - before:
+        module_file = getattr(sys.modules[name], "__file__", None) or ""
+        if name.startswith("otree_tree_") or module_file.startswith(str(tmp_path)):
+            del sys.modules[name]
+
+
+def check_error(capsys: pytest.CaptureFixture[str], args: list[str]) -> str:
+    """Run ``otree ARGS`` in-process, expect exit 2 and one stderr line; return that line."""
+    assert main(args) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert "Traceback" not in captured.err
+    lines = captured.err.splitlines()
+    assert len(lines) == 1, captured.err
+    return lines[0]
+
+
+# --- check -----------------------------------------------------------------------------
+
+
+def tokens(line: str) -> tuple[int, list[str]]:
+    """Indent depth (two spaces a level) and whitespace-split fields of a ``check`` line."""
+    depth = (len(line) - len(line.lstrip(" "))) // 2
+    return depth, line.split()
+
+
+def field(fields: list[str], name: str) -> str:
+    values = [f.split("=", 1)[1] for f in fields if f.startswith(name + "=")]
+    assert len(values) == 1, (name, fields)
+    return values[0]
+
+
+def test_check_prints_tree(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write_tree(tmp_path, RICH_TREE)
+    assert main(["check", str(path)]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == ""
+    lines = captured.out.splitlines()
+    assert len(lines) == 5
+    rows = [tokens(line) for line in lines]
+    assert [(depth, fields[0], fields[1]) for depth, fields in rows] == [
+        (0, "fleet", "supervisor"),
+        (1, "alice", "task"),
+        (1, "bob", "task"),
+        (1, "db", "supervisor"),
+        (2, "conn", "task"),
+    ]
+    fleet, alice, bob, db, conn = (fields for _, fields in rows)
+    assert field(fleet, "restart") == "permanent"
+    assert field(fleet, "shutdown") == "infinity"
+    assert field(fleet, "strategy") == "rest_for_one"
+    assert field(fleet, "max_restarts") == "5"
+    assert float(field(fleet, "max_seconds")) == 10.0
+    assert field(alice, "restart") == "permanent"
+    assert float(field(alice, "shutdown")) == 5.0
+    assert field(bob, "restart") == "transient"
+    assert field(bob, "shutdown") == "brutal_kill"
+    assert field(db, "strategy") == "one_for_all"
+    assert float(field(db, "shutdown")) == 30.0
+    assert field(db, "max_restarts") == "3"
+    assert float(field(db, "max_seconds")) == 5.0
+    assert field(db, "max_children") == "4"
+    assert field(db, "auto_shutdown") == "any_significant"
+    assert "backoff=" in " ".join(db)
+    assert field(conn, "restart") == "temporary"
+    assert "significant" in conn
+    assert "significant" not in alice
+
+
+def test_check_attr_picks_another_name(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write_tree(tmp_path, RICH_TREE)
+    assert main(["check", str(path), "--attr", "other"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [tokens(line)[1][:2] for line in lines] == [["other", "supervisor"], ["solo", "task"]]
+
+
+def test_check_spec_error_names_file_and_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write_tree(tmp_path, SPEC_ERROR_TREE)
+    line = check_error(capsys, ["check", str(path)])
+    assert line == (
+        f"otree: {path}:{line_of(SPEC_ERROR_TREE)}: SpecError: "
+        'a: shutdown must be >= 0, "brutal_kill" or "infinity"; got -1'
+    )
+
+
+def test_check_spec_error_of_children_as_set(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write_tree(tmp_path, DUPLICATE_TREE)
+    line = check_error(capsys, ["check", str(path)])
+    assert line == (
+        f"otree: {path}:{line_of(DUPLICATE_TREE)}: SpecError: "
+        "root/a: id must be unique among siblings; got 'a'"
+    )
+
+
+def test_check_relative_path_shown_as_given(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write_tree(tmp_path, SPEC_ERROR_TREE)
+    monkeypatch.chdir(tmp_path)
+    line = check_error(capsys, ["check", "tree.py"])
+    assert line.startswith(f"otree: tree.py:{line_of(SPEC_ERROR_TREE)}: SpecError: a: shutdown ")
+
+
+def test_check_syntax_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write_tree(tmp_path, SYNTAX_ERROR_TREE)
+    line = check_error(capsys, ["check", str(path)])
+    assert line.startswith(f"otree: {path}:{line_of(SYNTAX_ERROR_TREE)}: SyntaxError: ")
+    assert len(line) > len(f"otree: {path}:3: SyntaxError: ")
+
+
+def test_check_import_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write_tree(tmp_path, IMPORT_ERROR_TREE)
+    line = check_error(capsys, ["check", str(path)])
+    assert line == (
+        f"otree: {path}:{line_of(IMPORT_ERROR_TREE)}: ModuleNotFoundError: "
+        "No module named 'otree_no_such_module_for_tests'"
+    )
+
+
+def test_check_error_raised_at_import(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write_tree(tmp_path, RAISING_TREE)
+    line = check_error(capsys, ["check", str(path)])
+    assert line == f"otree: {path}:{line_of(RAISING_TREE)}: ValueError: no tree today"
+
+
+def test_check_missing_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "nowhere.py"
+    line = check_error(capsys, ["check", str(path)])
+    assert line == f"otree: {path}: no such file"
+
+
+def test_check_directory_is_not_a_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    line = check_error(capsys, ["check", str(tmp_path)])
+    assert line == f"otree: {tmp_path}: no such file"
+
+
+def test_check_missing_attribute(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write_tree(tmp_path, "import otree\n\nforest = None\n")
+    line = check_error(capsys, ["check", str(path)])
+    assert line == f"otree: {path}: no tree: the module has no attribute 'tree' (pick one with --attr)"
+
+
+def test_check_missing_named_attribute(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write_tree(tmp_path, RICH_TREE)
+    line = check_error(capsys, ["check", str(path), "--attr", "nope"])
+    assert "'nope'" in line
+    assert "--attr" in line
+
+
+def test_check_attribute_not_a_supervisor(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write_tree(tmp_path, RICH_TREE)
+    line = check_error(capsys, ["check", str(path), "--attr", "not_a_tree"])
+    assert line == f"otree: {path}: not_a_tree is a TaskSpec, not a supervisor spec (use otree.supervisor)"
+
+
+def test_check_attribute_plain_value(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write_tree(tmp_path, "tree = {'id': 'root'}\n")
+    line = check_error(capsys, ["check", str(path)])
+    assert line.startswith(f"otree: {path}: tree is a dict, not a supervisor spec")
+
+
+def test_check_imports_module_beside_tree(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    write_tree(
+        tmp_path, "import trio\n\n\nasync def agent():\n    await trio.sleep_forever()\n", "agents_beside.py"
+    )
+    path = write_tree(
+        tmp_path,
+        "import otree\nfrom agents_beside import agent\n\n"
+        "tree = otree.supervisor('r', children=[otree.task('x', agent)])\n",
+    )
+    assert main(["check", str(path)]) == 0
+    assert [line.split()[0] for line in capsys.readouterr().out.splitlines()] == ["r", "x"]
+
+
+@pytest.mark.parametrize(
+    ("text", "first_words"),
+    [
+        (SPEC_ERROR_TREE, "SpecError: a: shutdown must be"),
+        (SYNTAX_ERROR_TREE, "SyntaxError: "),
+        (IMPORT_ERROR_TREE, "ModuleNotFoundError: No module named"),
+        (RAISING_TREE, "ValueError: no tree today"),
+    ],
+    ids=["spec", "syntax", "import", "raise"],
+)
+@pytest.mark.parametrize("command", ["check", "run"])
+def test_bad_tree_file_subprocess(tmp_path: Path, text: str, first_words: str, command: str) -> None:
+    path = write_tree(tmp_path, text)
+    result = run_otree([command, "tree.py"], tmp_path)
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert "Traceback" not in result.stderr
+    assert result.stderr.splitlines() == [result.stderr.rstrip("\n")]
+    assert result.stderr.startswith(f"otree: tree.py:{line_of(text)}: {first_words}")
+    assert path.exists()
+
+
+def test_check_subprocess_prints_tree(tmp_path: Path) -> None:
+    write_tree(tmp_path, STEADY_TREE)
+    result = run_otree(["check", "tree.py"], tmp_path)
+    assert result.returncode == 0
+    assert result.stderr == ""
+    assert [line.split()[0] for line in result.stdout.splitlines()] == ["root", "a", "sub", "b", "c", "d"]
+
+
+def test_check_subprocess_missing_file_and_attribute(tmp_path: Path) -> None:
+    missing = run_otree(["check", "absent.py"], tmp_path)
+    assert missing.returncode == 2
+    assert missing.stderr == "otree: absent.py: no such file\n"
+    write_tree(tmp_path, STEADY_TREE)
+    no_attr = run_otree(["run", "tree.py", "--attr", "forest"], tmp_path)
+    assert no_attr.returncode == 2
+    assert "--attr" in no_attr.stderr
+    assert "Traceback" not in no_attr.stderr
+    assert len(no_attr.stderr.splitlines()) == 1
+
+
+# --- usage ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        [],
+        ["frobnicate"],
+        ["run"],
+        ["check"],
+        ["run", "tree.py", "--log-format", "xml"],
+        ["run", "tree.py", "--no-such-flag"],
+        ["run", "a.py", "b.py"],
+    ],
+    ids=[
+        "no-command",
+        "unknown-command",
+        "run-no-file",
+        "check-no-file",
+        "bad-format",
+        "bad-flag",
+        "two-files",
+    ],
+)
+def test_usage_error_exit_2(capsys: pytest.CaptureFixture[str], args: list[str]) -> None:
+    assert main(args) == 2
+    captured = capsys.readouterr()
+    assert "usage: otree" in captured.err
+    assert "Traceback" not in captured.err
+
+
+def test_help_exit_0(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "run" in out
+    assert "check" in out
+
+
+def test_run_help_exit_0(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["run", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "--attr" in out
+    assert "--log-format" in out
+
+
+def test_help_subprocess() -> None:
+    result = run_otree(["--help"], REPO)
+    assert result.returncode == 0
+    assert "usage: otree" in result.stdout
+    assert result.stderr == ""
+
+
+def test_usage_error_subprocess(tmp_path: Path) -> None:
+    result = run_otree(["run"], tmp_path)
+    assert result.returncode == 2
+    assert "usage: otree run" in result.stderr
+
+
+def test_run_missing_file_in_process(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    line = check_error(capsys, ["run", str(tmp_path / "gone.py")])
+    assert line == f"otree: {tmp_path / 'gone.py'}: no such file"
+
+
+def test_run_spec_error_in_process(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write_tree(tmp_path, SPEC_ERROR_TREE)
+    line = check_error(capsys, ["run", str(path)])
+    assert line.startswith(f"otree: {path}:{line_of(SPEC_ERROR_TREE)}: SpecError: a: shutdown must be")
+
+
+def test_run_attribute_not_a_supervisor_in_process(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write_tree(tmp_path, RICH_TREE)
+    line = check_error(capsys, ["run", str(path), "--attr", "not_a_tree"])
+    assert "not a supervisor spec" in line
+
+
+# --- run as a subprocess --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_run_signal_stops_tree_in_reverse_order(tmp_path: Path, signum: signal.Signals) -> None:
+    write_tree(tmp_path, STEADY_TREE)
+    with otree_process(["run", "tree.py"], tmp_path) as process:
+        process.wait_for(is_text_event("root", "supervisor.started"))
+        process.proc.send_signal(signum)
+        assert process.finish() == 0
+        lines = process.lines
+    assert "Traceback" not in "\n".join(lines)
+    events = [event for event in map(event_of, lines) if event is not None]
+    started = [path for path, kind, _ in events if kind == "child.started"]
+    stopped = [path for path, kind, _ in events if kind == "child.stopped"]
+    assert started == STEADY_START_ORDER
+    assert stopped == list(reversed(STEADY_START_ORDER))
+    assert {reason for _, kind, reason in events if kind == "child.stopped"} == {"shutdown"}
+    assert events[-1][:2] == ("root", "supervisor.stopped")
+    assert not [event for event in events if event[1] in ("child.exited", "child.restarting")]
+
+
+def test_run_root_gives_up_exit_1(tmp_path: Path) -> None:
+    write_tree(tmp_path, GIVES_UP_TREE)
+    result = run_otree(["run", "tree.py"], tmp_path)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.splitlines()
+    failures = [line for line in lines if line.startswith("otree: RestartIntensityExceeded:")]
+    assert failures == [
+        "otree: RestartIntensityExceeded: root: reached max restart intensity (1 restarts in 5s); "
+        "last failing child: root/bad"
+    ]
+    assert lines[-1] == failures[0]
+    events = [event for event in map(event_of, lines) if event is not None]
+    assert ("root", "supervisor.intensity_exceeded") in [event[:2] for event in events]
+    assert [event for event in events if event[1] == "child.exited"] == [
+        ("root/bad", "child.exited", "error"),
+        ("root/bad", "child.exited", "error"),
+    ]
+
+
+def json_events(lines: list[str]) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in lines if not line.startswith("otree:")]
+
+
+def test_run_log_format_json(tmp_path: Path) -> None:
+    write_tree(tmp_path, STEADY_TREE)
+    with otree_process(["run", "tree.py", "--log-format", "json"], tmp_path) as process:
+        process.wait_for(is_json_event("root", "supervisor.started"))
+        process.proc.send_signal(signal.SIGTERM)
+        assert process.finish() == 0
+        lines = process.lines
+    events = json_events(lines)
+    assert len(events) >= 2 * len(STEADY_START_ORDER)
+    for event in events:
+        assert set(event) == {"time", "path", "kind", "reason", "details"}
+        assert isinstance(event["time"], float)
+        assert isinstance(event["details"], dict)
+    assert [e["path"] for e in events if e["kind"] == "child.started"] == STEADY_START_ORDER
+    assert [e["path"] for e in events if e["kind"] == "child.stopped"] == list(reversed(STEADY_START_ORDER))
+    assert (events[-1]["path"], events[-1]["kind"], events[-1]["reason"]) == (
+        "root",
+        "supervisor.stopped",
+        "shutdown",
+    )
+
+
+def test_run_log_format_json_gives_up(tmp_path: Path) -> None:
+    write_tree(tmp_path, GIVES_UP_TREE)
+    result = run_otree(["run", "tree.py", "--log-format", "json"], tmp_path)
+    assert result.returncode == 1
+    lines = result.stderr.splitlines()
+    assert lines[-1].startswith("otree: RestartIntensityExceeded: root: ")
+    exits = [e for e in json_events(lines[:-1]) if e["kind"] == "child.exited"]
+    assert len(exits) == 2
+    assert {(e["path"], e["reason"]) for e in exits} == {("root/bad", "error")}
+    assert all("RuntimeError" in json.dumps(e["details"]) for e in exits)
+
+
+def test_run_log_format_json_every_line_is_json(tmp_path: Path) -> None:
+    write_tree(tmp_path, STEADY_TREE)
+    with otree_process(["run", "tree.py", "--log-format", "json"], tmp_path) as process:
+        process.wait_for(is_json_event("root", "supervisor.started"))
+        process.proc.send_signal(signal.SIGTERM)
+        assert process.finish() == 0
+        lines = process.lines
+    for line in lines:
+        assert isinstance(json.loads(line), dict), line
