@@ -42,7 +42,10 @@ from ._info import ChildInfo as ChildInfo
 from ._info import Counts as Counts
 from ._info import ExitInfo as ExitInfo
 from ._spec import Backoff as Backoff
+from ._reaper import adopt_orphans as adopt_orphans
+from ._spec import ProcessSpec as ProcessSpec
 from ._spec import SupervisorSpec as SupervisorSpec
+from ._spec import process as process
 from ._spec import TaskSpec as TaskSpec
 from ._spec import supervisor as supervisor
 from ._spec import task as task
@@ -64,6 +67,7 @@ __all__ = [
     "NotFound",
     "NotRunning",
     "OtreeError",
+    "ProcessSpec",
     "RestartIntensityExceeded",
     "Restarting",
     "Running",
@@ -75,8 +79,10 @@ __all__ = [
     "SupervisorHandle",
     "SupervisorSpec",
     "TaskSpec",
+    "adopt_orphans",
     "current_child",
     "open_supervisor",
+    "process",
     "run",
     "supervisor",
     "task",

@@ -11,7 +11,9 @@ from __future__ import annotations
 import functools
 import inspect
 import math
+import os
 import re
+import signal
 from collections.abc import Awaitable, Callable, Container, Sequence
 from typing import Any, ClassVar, Literal
 
@@ -25,6 +27,7 @@ __all__ = [
     "AutoShutdown",
     "Backoff",
     "ChildSpec",
+    "ProcessSpec",
     "ShutdownValue",
     "SupervisorSpec",
     "TaskSpec",
@@ -181,8 +184,8 @@ class SupervisorSpec(_Spec, frozen=True, kw_only=True):
         ``where`` is this supervisor's path in a running tree (default: its id).
         """
         where = where or self.id
-        if not isinstance(child, (TaskSpec, SupervisorSpec)):
-            raise SpecError(where, "children", "must hold child specs (otree.task, otree.supervisor)", child)
+        if not isinstance(child, _Spec):
+            raise SpecError(where, "children", "must hold child specs (otree.task, otree.process, ...)", child)
         path = f"{where}/{child.id}"
         if child.id in sibling_ids:
             raise SpecError(path, "id", "must be unique among siblings", child.id)
@@ -195,7 +198,127 @@ class SupervisorSpec(_Spec, frozen=True, kw_only=True):
             )
 
 
-ChildSpec = TaskSpec | SupervisorSpec
+
+
+Stream = Literal["log", "inherit", "null"]
+
+
+class ProcessSpec(_Spec, frozen=True, kw_only=True):
+    """An OS process child (see ``otree.process``)."""
+
+    kind: ClassVar[str] = "process"
+    argv: tuple[str, ...]
+    env: dict[str, str] | None = None
+    inherit_env: bool = True
+    cwd: str | None = None
+    shutdown: ShutdownValue = 5.0
+    stop_signal: int = signal.SIGTERM
+    ready: float | Literal["spawn", "notify"] = "spawn"
+    start_timeout: float | None = None
+    stall_timeout: float | None = None
+    stdout: Stream = "log"
+    stderr: Stream = "log"
+    log_max_bytes: int = 10 * 1024 * 1024
+    log_backups: int = 3
+
+    def __post_init__(self) -> None:
+        path = _check_id(self.id)
+        _check_restart_and_significant(path, self.restart, self.significant)
+        _check_shutdown(path, self.shutdown)
+        if (
+            not isinstance(self.argv, tuple)
+            or not self.argv
+            or not all(isinstance(a, str) and "\0" not in a for a in self.argv)
+        ):
+            raise SpecError(path, "argv", "must be a non-empty list of strings (no shell)", self.argv)
+        if self.env is not None and not (
+            isinstance(self.env, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in self.env.items())
+        ):
+            raise SpecError(path, "env", "must be None or a dict of str to str", self.env)
+        if self.cwd is not None and not isinstance(self.cwd, str):
+            raise SpecError(path, "cwd", "must be None or a path string", self.cwd)
+        valid_signals = {s.value for s in signal.Signals}
+        if not isinstance(self.stop_signal, int) or self.stop_signal not in valid_signals:
+            raise SpecError(path, "stop_signal", "must be a signal number", self.stop_signal)
+        if self.ready not in ("spawn", "notify") and not (_is_number(self.ready) and 0 <= self.ready < math.inf):  # type: ignore[operator]
+            raise SpecError(path, "ready", 'must be "spawn", "notify" or seconds >= 0', self.ready)
+        for field in ("start_timeout", "stall_timeout"):
+            value = getattr(self, field)
+            if value is not None and (not _is_number(value) or not value > 0):
+                raise SpecError(path, field, "must be None or seconds > 0", value)
+        for field in ("stdout", "stderr"):
+            if getattr(self, field) not in ("log", "inherit", "null"):
+                raise SpecError(path, field, "must be one of 'log', 'inherit', 'null'", getattr(self, field))
+        if not isinstance(self.log_max_bytes, int) or self.log_max_bytes < 1024:
+            raise SpecError(path, "log_max_bytes", "must be an integer >= 1024", self.log_max_bytes)
+        if not isinstance(self.log_backups, int) or self.log_backups < 0:
+            raise SpecError(path, "log_backups", "must be an integer >= 0", self.log_backups)
+
+    def effective_start_timeout(self) -> float:
+        """``start_timeout``, or its default: none for "spawn", 30 s for "notify", N + 30 s for N."""
+        if self.start_timeout is not None:
+            return self.start_timeout
+        if self.ready == "spawn":
+            return math.inf
+        if self.ready == "notify":
+            return 30.0
+        return float(self.ready) + 30.0
+
+
+def process(
+    id: str,  # noqa: A002 - OTP's name for it
+    argv: list[str] | tuple[str, ...],
+    *,
+    env: dict[str, str] | None = None,
+    inherit_env: bool = True,
+    cwd: str | os.PathLike[str] | None = None,
+    restart: Literal["permanent", "transient", "temporary"] = "permanent",
+    shutdown: ShutdownValue = 5.0,
+    significant: bool = False,
+    stop_signal: int = signal.SIGTERM,
+    ready: float | Literal["spawn", "notify"] = "spawn",
+    start_timeout: float | None = None,
+    stall_timeout: float | None = None,
+    stdout: Stream = "log",
+    stderr: Stream = "log",
+    log_max_bytes: int = 10 * 1024 * 1024,
+    log_backups: int = 3,
+) -> ProcessSpec:
+    """An OS process child: ``argv`` run directly (never through a shell) in its own process group.
+
+    Args:
+      env: variables merged over otree's environment (``inherit_env=False``: replace it).
+      stop_signal: sent to the whole group to stop it (then SIGKILL after ``shutdown`` s).
+      ready: ``"spawn"`` (ready once started), seconds it must stay up, or ``"notify"``
+        (it sends ``READY=1`` to ``$NOTIFY_SOCKET``, the systemd protocol).
+      start_timeout: how long readiness may take (default: none for "spawn", 30 s for
+        "notify", N + 30 s for N); a child not ready in time has failed to start.
+      stall_timeout: stop it (an ``error`` exit, detail ``stalled``) after this long
+        without output on a captured stream or ``WATCHDOG=1``.
+      stdout, stderr: ``"log"`` (a size-rotated file under the state dir), ``"inherit"``, ``"null"``.
+      log_max_bytes, log_backups: rotation size and how many old files to keep.
+
+    Raises:
+      SpecError: a field is invalid.
+    """
+    return ProcessSpec(
+        id=id,
+        argv=tuple(argv) if isinstance(argv, (list, tuple)) else argv,
+        env=env,
+        inherit_env=inherit_env,
+        cwd=os.fspath(cwd) if cwd is not None else None,
+        restart=restart,
+        shutdown=shutdown,
+        significant=significant,
+        stop_signal=stop_signal,
+        ready=ready,
+        start_timeout=start_timeout,
+        stall_timeout=stall_timeout,
+        stdout=stdout,
+        stderr=stderr,
+        log_max_bytes=log_max_bytes,
+        log_backups=log_backups,
+    )
 
 
 def _takes_task_status(fn: Callable[..., Any]) -> bool:
@@ -316,3 +439,6 @@ def supervisor(
         shutdown=shutdown,
         significant=significant,
     )
+
+
+ChildSpec = TaskSpec | SupervisorSpec | ProcessSpec

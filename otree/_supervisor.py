@@ -15,11 +15,13 @@ start order without a round trip through the supervisor for each.
 from __future__ import annotations
 
 import math
+import os
 import random
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
+from pathlib import Path
 from typing import Any
 
 import trio
@@ -40,7 +42,10 @@ from ._errors import (
 from ._events import Event, EventBus, EventStream, level_of
 from ._info import ChildInfo, ChildState, Counts, ExitInfo
 from ._intensity import RestartWindow, backoff_delay
-from ._spec import ChildSpec, SupervisorSpec, TaskSpec, takes_task_status
+from ._paths import state_dir as default_state_dir
+from ._process import ProcessContext, ProcessRun, run_process
+from ._reaper import Reaper
+from ._spec import ChildSpec, ProcessSpec, SupervisorSpec, TaskSpec, takes_task_status
 from ._strategy import affected_children, should_restart
 from ._task import RunningChild
 
@@ -178,16 +183,32 @@ def _flatten() -> Iterator[None]:
 
 
 class _Tree:
-    """What the supervisors of one tree share: the event bus and the root's fate."""
+    """What the supervisors of one tree share: the event bus, process services, the root's fate."""
 
-    def __init__(self, spec: SupervisorSpec) -> None:
+    def __init__(self, spec: SupervisorSpec, state_dir: Path) -> None:
         self.bus = EventBus()
         self.random = random.Random()
+        self.state_dir = state_dir
         self.root = _Supervisor(spec, spec.id, self, None)
         self.ready = False
         self.settled = trio.Event()  # the root is ready, or has ended
         self.body_scope = trio.CancelScope()
+        self.services_scope = trio.CancelScope()
+        self.services: trio.Nursery | None = None
         self.outcome: BaseException | None = None
+        self._processes: ProcessContext | None = None
+
+    def processes(self) -> ProcessContext:
+        """The process services, set up when the first process child starts."""
+        if self._processes is None:
+            self._processes = ProcessContext(self.state_dir)
+            if Reaper.adopting and self.services is not None:
+                self.services.start_soon(self._serve_reaper, self._processes.reaper)
+        return self._processes
+
+    async def _serve_reaper(self, reaper: Reaper) -> None:
+        with self.services_scope:
+            await reaper.serve()
 
     async def serve(self) -> None:
         try:
@@ -196,6 +217,9 @@ class _Tree:
             if not isinstance(exc, Shutdown):
                 self.outcome = exc
         finally:
+            self.services_scope.cancel()
+            if self._processes is not None:
+                self._processes.close()
             self.body_scope.cancel()
             self.bus.close()
             self.settled.set()
@@ -251,6 +275,13 @@ class _Supervisor:
             details["message"] = str(error)
         if run.cost:
             details["cost"] = run.cost
+        if run.proc is not None:
+            if exit_info.exit_code is not None:
+                details["exit_code"] = exit_info.exit_code
+            if exit_info.signal is not None:
+                details["signal"] = exit_info.signal
+            if exit_info.reason == "error" and run.proc.tail:
+                details["stderr_tail"] = run.proc.tail.decode("utf-8", "replace")
         bus.publish(Event(time.time(), child.path, kind, exit_info.reason, details), level, error)
 
     # --- serving --------------------------------------------------------------
@@ -386,11 +417,15 @@ class _Supervisor:
         assert self._nursery is not None
         spec = child.spec
         run = RunningChild(self, child, child.path)
+        nested = None
         if isinstance(spec, TaskSpec):
             fn: Callable[..., Awaitable[Any]] = spec.fn
             args = spec.args
             takes_status = takes_task_status(fn)
-            nested = None
+        elif isinstance(spec, ProcessSpec):
+            run.proc = ProcessRun()
+            fn, takes_status = run_process, True
+            args = (spec, run, run.proc, self.tree.processes(), self._emit)
         else:
             nested = _Supervisor(spec, child.path, self.tree, run)
             run.on_stop = nested.request_stop
@@ -626,16 +661,17 @@ class _Supervisor:
     # --- reading state ------------------------------------------------------------
 
     def info(self, child: _Child) -> ChildInfo:
+        proc = child.run.proc if child.run is not None else None
         return ChildInfo(
             id=child.spec.id,
             path=child.path,
             kind=child.spec.kind,
             state=child.state,
-            pid=None,
+            pid=proc.pid if proc is not None else None,
             restarts=child.restarts,
             started_at=child.started_at,
             exit=child.exit,
-            status=None,
+            status=proc.status if proc is not None else None,
         )
 
 
@@ -774,7 +810,9 @@ def _check_root(spec: object) -> SupervisorSpec:
 
 
 @asynccontextmanager
-async def open_supervisor(spec: SupervisorSpec) -> AsyncIterator[SupervisorHandle]:
+async def open_supervisor(
+    spec: SupervisorSpec, *, state_dir: str | os.PathLike[str] | None = None
+) -> AsyncIterator[SupervisorHandle]:
     """Run a supervision tree for the duration of the block.
 
     Returns once every child is ready; leaving the block stops the whole tree
@@ -782,14 +820,18 @@ async def open_supervisor(spec: SupervisorSpec) -> AsyncIterator[SupervisorHandl
     is cancelled and the context manager exits quietly; if the root gives up,
     the block is cancelled and ``RestartIntensityExceeded`` is raised.
 
+    ``state_dir`` (default ``$OTREE_STATE_DIR`` or the platform's user state dir)
+    holds the process children's logs.
+
     Raises:
       StartError: a child failed to start (the started ones were stopped).
       RestartIntensityExceeded: the root gave up (the child's exception chained).
     """
-    tree = _Tree(_check_root(spec))
+    tree = _Tree(_check_root(spec), default_state_dir(state_dir))
     body_error: BaseException | None = None
     with _flatten():
         async with trio.open_nursery() as nursery:
+            tree.services = nursery
             nursery.start_soon(tree.serve, name=f"otree supervisor {spec.id}")
             await tree.settled.wait()
             if tree.ready:
@@ -806,7 +848,10 @@ async def open_supervisor(spec: SupervisorSpec) -> AsyncIterator[SupervisorHandl
 
 
 async def run(
-    spec: SupervisorSpec, *, task_status: trio.TaskStatus[SupervisorHandle] = trio.TASK_STATUS_IGNORED
+    spec: SupervisorSpec,
+    *,
+    state_dir: str | os.PathLike[str] | None = None,
+    task_status: trio.TaskStatus[SupervisorHandle] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run a tree until it shuts itself down, gives up, or the caller is cancelled.
 
@@ -816,6 +861,6 @@ async def run(
     Raises:
       StartError, RestartIntensityExceeded: as ``open_supervisor``.
     """
-    async with open_supervisor(spec) as sup:
+    async with open_supervisor(spec, state_dir=state_dir) as sup:
         task_status.started(sup)
         await trio.sleep_forever()

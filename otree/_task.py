@@ -22,6 +22,7 @@ import trio
 
 from ._errors import RestartIntensityExceeded, Shutdown
 from ._info import ExitInfo
+from ._strategy import ExitReason
 
 __all__ = ["RunningChild", "current_child", "describe"]
 
@@ -79,6 +80,7 @@ class RunningChild:
         "on_stop",
         "owner",
         "path",
+        "proc",
         "ready",
         "scope",
         "started_mono",
@@ -104,6 +106,7 @@ class RunningChild:
         self.exit: ExitInfo | None = None
         self.error: BaseException | None = None
         self.cost = 0.0
+        self.proc: Any = None  # a process child's ProcessRun (pid, status, stderr tail)
         self.started_mono = 0.0  # trio time of the start, set where backoff needs it
 
     # --- what a child sees -------------------------------------------------
@@ -197,26 +200,34 @@ class RunningChild:
             self.owner.run_exited(self)
 
     def _classify(self, returned: bool) -> ExitInfo:
+        reason, detail = self._reason(returned)
+        proc = self.proc
+        if proc is None:
+            return ExitInfo(reason, detail)
+        return ExitInfo(reason, detail, proc.exit_code, proc.signal)
+
+    def _reason(self, returned: bool) -> tuple[ExitReason, str]:
         exc = self.error
         if exc is None:
             if returned:
                 if not self.stop_mode:
-                    return ExitInfo("normal")
+                    return "normal", ""
                 # A nested supervisor returns even when its grace ran out (it killed its subtree).
                 killed = self.stop_mode != "cancel" and self.scope.cancel_called
-                return ExitInfo("shutdown", "killed" if killed else "")
+                return "shutdown", "killed" if killed else ""
             if self.stop_mode == "cancel":
-                return ExitInfo("shutdown")
+                return "shutdown", ""
             if self.stop_mode:
-                return ExitInfo("shutdown", "killed")
-            return ExitInfo("error", "cancelled")
+                return "shutdown", "killed"
+            return "error", "cancelled"
         if isinstance(exc, Shutdown):
-            return ExitInfo("shutdown", exc.reason)
+            return "shutdown", exc.reason
         if isinstance(exc, RestartIntensityExceeded) and self.on_stop is not None:
-            return ExitInfo("shutdown", "reached max restart intensity")
+            return "shutdown", "reached max restart intensity"
+        detail = getattr(exc, "exit_detail", None) or describe(exc)
         if self.stop_mode:
-            return ExitInfo("shutdown", f"error while stopping: {describe(exc)}")
-        return ExitInfo("error", describe(exc))
+            return "shutdown", f"error while stopping: {detail}"
+        return "error", detail
 
 
 _MAIN_CODE = RunningChild.main.__code__

@@ -1,0 +1,356 @@
+"""Running an OS process as a child: its own process group, signals, logs, readiness, watchdog.
+
+The process runs in a new session, so its process group is its own, and every
+stop and kill goes to the whole group: a CLI agent's shells and tools go with
+it. The runner is a trapping task child: a stop request sends ``stop_signal``
+to the group, and when the ``shutdown`` grace runs out (the run's cancel scope
+fires) the group gets SIGKILL. Whatever is left in the group when the leader
+exits, by itself or not, is killed too.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+import trio
+from trio_util import wait_any
+
+from ._paths import child_log_dir, ensure_private_dir
+from ._reaper import Guard, Reaper, kill_group, spawn
+from ._spec import ProcessSpec
+
+__all__ = ["ProcessContext", "ProcessFailed", "ProcessRun", "run_process"]
+
+TAIL_BYTES = 4096
+DRAIN_SECONDS = 0.5  # how long output may keep flowing after the group is gone (escaped holders)
+
+
+class ProcessFailed(Exception):
+    """A process child ended as an ``error``: its ``exit_detail`` is the exit's detail."""
+
+    def __init__(self, exit_detail: str, message: str = "") -> None:
+        self.exit_detail = exit_detail
+        super().__init__(message or exit_detail)
+
+
+# --- what the runner shares with the tree ---------------------------------------------------
+
+
+class ProcessContext:
+    """What every process child of one tree shares: paths, the reaper, the guard."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.state_dir = state_dir
+        self.reaper = Reaper()
+        self.guard = Guard()
+        self._notify_dir: Path | None = None
+        self._sockets = 0
+
+    def notify_path(self) -> Path:
+        """A fresh socket path in a private (0700) temporary directory (short: sun_path is 108 bytes)."""
+        if self._notify_dir is None:
+            self._notify_dir = Path(tempfile.mkdtemp(prefix="otree-notify-"))
+        self._sockets += 1
+        return self._notify_dir / f"{self._sockets}.sock"
+
+    def close(self) -> None:
+        self.guard.close()
+        self.reaper.kill_orphans()
+        if self._notify_dir is not None:
+            for leftover in self._notify_dir.iterdir():
+                leftover.unlink(missing_ok=True)
+            self._notify_dir.rmdir()
+            self._notify_dir = None
+
+
+class _Run(Protocol):
+    path: str
+
+    @property
+    def stopping(self) -> trio.Event: ...
+
+    def report_cost(self, usd: float) -> None: ...
+
+
+class ProcessRun:
+    """What one run of a process child shows: pid, STATUS= text, the stderr tail, how it ended."""
+
+    __slots__ = ("exit_code", "last_activity", "pid", "signal", "status", "tail")
+
+    def __init__(self) -> None:
+        self.pid: int | None = None
+        self.status: str | None = None
+        self.tail = bytearray()
+        self.last_activity = trio.current_time()
+        self.exit_code: int | None = None
+        self.signal: int | None = None
+
+
+class _RotatingLog:
+    """An append-only 0600 log file, rotated to ``.1`` ... ``.N`` at ``max_bytes``."""
+
+    def __init__(self, path: Path, max_bytes: int, backups: int) -> None:
+        self.path = path
+        self.max_bytes = max_bytes
+        self.backups = backups
+        ensure_private_dir(path.parent)
+        self._file = self._open()
+
+    def _open(self) -> Any:
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        return os.fdopen(fd, "ab", buffering=0)
+
+    def write(self, data: bytes) -> None:
+        if self._file.tell() + len(data) > self.max_bytes and self._file.tell() > 0:
+            self._rotate()
+        self._file.write(data)
+
+    def _rotate(self) -> None:
+        self._file.close()
+        if self.backups == 0:
+            self.path.unlink(missing_ok=True)
+        else:
+            for n in range(self.backups - 1, 0, -1):
+                older = self.path.with_name(f"{self.path.name}.{n}")
+                if older.exists():
+                    older.replace(self.path.with_name(f"{self.path.name}.{n + 1}"))
+            self.path.replace(self.path.with_name(f"{self.path.name}.1"))
+        self._file = self._open()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+# --- the runner --------------------------------------------------------------------------------
+
+
+def _environment(spec: ProcessSpec, notify: Path) -> dict[str, str]:
+    env = dict(os.environ) if spec.inherit_env else {}
+    env.update(spec.env or {})
+    env["NOTIFY_SOCKET"] = os.fspath(notify)
+    return env
+
+
+async def _pump(stream: trio.lowlevel.FdStream, log: _RotatingLog, proc: ProcessRun, keep_tail: bool) -> None:
+    while chunk := await stream.receive_some(65536):
+        log.write(chunk)
+        proc.last_activity = trio.current_time()
+        if keep_tail:
+            proc.tail += chunk
+            del proc.tail[:-TAIL_BYTES]
+
+
+_Reader = tuple[trio.lowlevel.FdStream, _RotatingLog, bool]
+
+
+async def _listen(
+    sock: trio.socket.SocketType,
+    run: _Run,
+    proc: ProcessRun,
+    ready: trio.Event,
+    emit: Callable[..., None],
+) -> None:
+    """The sd_notify protocol: READY=1, STATUS=..., WATCHDOG=1, and otree's OTREE_COST=<usd>."""
+    while True:
+        data = await sock.recv(4096)
+        for line in data.decode("utf-8", "replace").splitlines():
+            key, sep, value = line.partition("=")
+            if not sep:
+                emit(run.path, "notify.ignored", "malformed", message=line[:200])
+            elif key == "READY" and value == "1":
+                ready.set()
+            elif key == "STATUS":
+                proc.status = value
+                emit(run.path, "child.status", "", status=value)
+            elif key == "WATCHDOG" and value == "1":
+                proc.last_activity = trio.current_time()
+            elif key == "OTREE_COST":
+                try:
+                    run.report_cost(float(value))
+                except ValueError:
+                    emit(run.path, "notify.ignored", "bad cost", message=line[:200])
+            else:
+                emit(run.path, "notify.ignored", "unknown", message=line[:200])
+
+
+async def _watch_stall(proc: ProcessRun, timeout: float, stalled: trio.Event) -> None:
+    while (left := proc.last_activity + timeout - trio.current_time()) > 0:
+        await trio.sleep(left)
+    stalled.set()
+
+
+def _describe_exit(returncode: int) -> str:
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = f"signal {-returncode}"
+        return f"killed by {name}"
+    return f"exit code {returncode}"
+
+
+async def run_process(
+    spec: ProcessSpec,
+    run: _Run,
+    proc: ProcessRun,
+    ctx: ProcessContext,
+    emit: Callable[..., None],
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run ``spec`` as a child until it exits or is stopped; raise ProcessFailed on an error exit."""
+    stopping = run.stopping  # trapping: a stop request is ours to carry out (signal the group)
+    readers: list[_Reader] = []
+    targets: dict[str, int | None] = {}
+    write_ends: list[int] = []
+    notify_path = ctx.notify_path()
+    sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_DGRAM)
+    try:
+        for name in ("stdout", "stderr"):
+            mode = getattr(spec, name)
+            if mode == "log":
+                log = _RotatingLog(
+                    child_log_dir(ctx.state_dir, run.path) / f"{name}.log", spec.log_max_bytes, spec.log_backups
+                )
+                read_end, write_end = os.pipe()
+                write_ends.append(write_end)
+                readers.append((trio.lowlevel.FdStream(read_end), log, name == "stderr"))
+                targets[name] = write_end
+            else:
+                targets[name] = None if mode == "inherit" else subprocess.DEVNULL
+        await sock.bind(os.fspath(notify_path))
+        os.chmod(notify_path, 0o600)
+        try:
+            popen = await spawn(
+                list(spec.argv),
+                env=_environment(spec, notify_path),
+                cwd=spec.cwd,
+                stdin=subprocess.DEVNULL,
+                stdout=targets["stdout"],
+                stderr=targets["stderr"],
+                close_fds=True,
+            )
+        finally:
+            for write_end in write_ends:
+                os.close(write_end)
+        await _supervise(spec, popen, run, proc, ctx, emit, stopping, readers, sock, task_status)
+    finally:
+        sock.close()
+        notify_path.unlink(missing_ok=True)
+        for stream, log, _ in readers:
+            stream.close()
+            log.close()
+
+
+async def _supervise(
+    spec: ProcessSpec,
+    popen: subprocess.Popen[bytes],
+    run: _Run,
+    proc: ProcessRun,
+    ctx: ProcessContext,
+    emit: Callable[..., None],
+    stopping: trio.Event,
+    readers: list[_Reader],
+    sock: trio.socket.SocketType,
+    task_status: trio.TaskStatus[None],
+) -> None:
+    pid = popen.pid
+    proc.pid = pid
+    ctx.reaper.waited.add(pid)
+    ctx.reaper.groups.add(pid)
+    ctx.guard.watch(pid)
+    pidfd = os.pidfd_open(pid)
+    exited = trio.Event()
+    signalled_by_us = False
+    try:
+        async with trio.open_nursery() as nursery:
+            drained = trio.Event()
+
+            async def pump_all() -> None:
+                async with trio.open_nursery() as inner:
+                    for stream, log, keep_tail in readers:
+                        inner.start_soon(_pump, stream, log, proc, keep_tail)
+                drained.set()
+
+            async def wait_exit() -> None:
+                await trio.lowlevel.wait_readable(pidfd)
+                exited.set()
+
+            ready = trio.Event()
+            stalled = trio.Event()
+            nursery.start_soon(pump_all)
+            nursery.start_soon(wait_exit)
+            nursery.start_soon(_listen, sock, run, proc, ready, emit)
+            # readiness
+            with trio.move_on_after(spec.effective_start_timeout()) as start_window:
+                if spec.ready == "spawn":
+                    pass
+                elif spec.ready == "notify":
+                    await wait_any(ready.wait, exited.wait, stopping.wait)
+                else:
+                    with trio.move_on_after(float(spec.ready)):
+                        await wait_any(exited.wait, stopping.wait)
+            if start_window.cancelled_caught:
+                signalled_by_us = True
+                await _stop_group(spec, pid, exited)
+                failure: ProcessFailed | None = ProcessFailed(
+                    "start_timeout", f"not ready within {spec.effective_start_timeout():g}s"
+                )
+            else:
+                failure = None
+            if failure is None and not exited.is_set() and not stopping.is_set():
+                task_status.started()
+                if spec.stall_timeout is not None:
+                    nursery.start_soon(_watch_stall, proc, spec.stall_timeout, stalled)
+                await wait_any(exited.wait, stopping.wait, stalled.wait)
+            if not exited.is_set():
+                signalled_by_us = True
+                await _stop_group(spec, pid, exited)
+            # the leader is gone: take its group with it, then let the output drain
+            kill_group(pid, signal.SIGKILL)
+            with trio.move_on_after(DRAIN_SECONDS):
+                await drained.wait()
+            nursery.cancel_scope.cancel()
+    finally:
+        with trio.CancelScope(shield=True):
+            if not exited.is_set():  # cancelled: the grace ran out, or brutal_kill
+                signalled_by_us = True
+                kill_group(pid, signal.SIGKILL)
+                await trio.lowlevel.wait_readable(pidfd)
+            kill_group(pid, signal.SIGKILL)
+            returncode = popen.wait()
+            trio.lowlevel.notify_closing(pidfd)
+            os.close(pidfd)
+            ctx.reaper.waited.discard(pid)
+            ctx.reaper.groups.discard(pid)
+            ctx.guard.forget(pid)
+            proc.pid = None
+            proc.exit_code = returncode if returncode >= 0 else None
+            proc.signal = -returncode if returncode < 0 else None
+    if failure is not None:
+        raise failure
+    if stalled.is_set() and not stopping.is_set():
+        raise ProcessFailed("stalled", f"no output or WATCHDOG=1 for {spec.stall_timeout:g}s")
+    if signalled_by_us or stopping.is_set():
+        return
+    if returncode != 0:
+        raise ProcessFailed(_describe_exit(returncode))
+
+
+async def _stop_group(spec: ProcessSpec, pgid: int, exited: trio.Event) -> None:
+    """The stop signal to the group, then SIGKILL once ``shutdown`` seconds have passed."""
+    if spec.shutdown == "brutal_kill":
+        kill_group(pgid, signal.SIGKILL)
+    else:
+        kill_group(pgid, spec.stop_signal)
+        if spec.shutdown != "infinity":
+            with trio.move_on_after(float(spec.shutdown)):
+                await exited.wait()
+            kill_group(pgid, signal.SIGKILL)
+    await exited.wait()
