@@ -41,12 +41,12 @@ from ._events import EventStream as EventStream
 from ._info import ChildInfo as ChildInfo
 from ._info import Counts as Counts
 from ._info import ExitInfo as ExitInfo
-from ._spec import Backoff as Backoff
 from ._reaper import adopt_orphans as adopt_orphans
+from ._spec import Backoff as Backoff
 from ._spec import ProcessSpec as ProcessSpec
 from ._spec import SupervisorSpec as SupervisorSpec
-from ._spec import process as process
 from ._spec import TaskSpec as TaskSpec
+from ._spec import process as process
 from ._spec import supervisor as supervisor
 from ._spec import task as task
 from ._supervisor import SupervisorHandle as SupervisorHandle

@@ -22,8 +22,10 @@ def state_dir(override: str | os.PathLike[str] | None = None) -> Path:
 
 
 def ensure_private_dir(path: Path) -> Path:
-    """Create ``path`` (and parents) with mode 0700 if missing; return it."""
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    """Create ``path`` and any missing parents with mode 0700; return it."""
+    if not path.is_dir():
+        ensure_private_dir(path.parent)
+        path.mkdir(mode=0o700, exist_ok=True)
     return path
 
 

@@ -205,7 +205,7 @@ async def run_process(
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run ``spec`` as a child until it exits or is stopped; raise ProcessFailed on an error exit."""
-    stopping = run.stopping  # trapping: a stop request is ours to carry out (signal the group)
+    run.stopping  # noqa: B018 - trapping: a stop request is ours to carry out (signal the group)
     readers: list[_Reader] = []
     targets: dict[str, int | None] = {}
     write_ends: list[int] = []
@@ -215,9 +215,8 @@ async def run_process(
         for name in ("stdout", "stderr"):
             mode = getattr(spec, name)
             if mode == "log":
-                log = _RotatingLog(
-                    child_log_dir(ctx.state_dir, run.path) / f"{name}.log", spec.log_max_bytes, spec.log_backups
-                )
+                where = child_log_dir(ctx.state_dir, run.path) / f"{name}.log"
+                log = _RotatingLog(where, spec.log_max_bytes, spec.log_backups)
                 read_end, write_end = os.pipe()
                 write_ends.append(write_end)
                 readers.append((trio.lowlevel.FdStream(read_end), log, name == "stderr"))
@@ -239,7 +238,7 @@ async def run_process(
         finally:
             for write_end in write_ends:
                 os.close(write_end)
-        await _supervise(spec, popen, run, proc, ctx, emit, stopping, readers, sock, task_status)
+        await _Watch(spec, popen, proc, ctx).watch(run, readers, sock, emit, task_status)
     finally:
         sock.close()
         notify_path.unlink(missing_ok=True)
@@ -248,99 +247,113 @@ async def run_process(
             log.close()
 
 
-async def _supervise(
-    spec: ProcessSpec,
-    popen: subprocess.Popen[bytes],
-    run: _Run,
-    proc: ProcessRun,
-    ctx: ProcessContext,
-    emit: Callable[..., None],
-    stopping: trio.Event,
-    readers: list[_Reader],
-    sock: trio.socket.SocketType,
-    task_status: trio.TaskStatus[None],
-) -> None:
-    pid = popen.pid
-    proc.pid = pid
-    ctx.reaper.waited.add(pid)
-    ctx.reaper.groups.add(pid)
-    ctx.guard.watch(pid)
-    pidfd = os.pidfd_open(pid)
-    exited = trio.Event()
-    signalled_by_us = False
-    try:
-        async with trio.open_nursery() as nursery:
-            drained = trio.Event()
+class _Watch:
+    """One spawned process, watched until it is gone with its whole group."""
 
-            async def pump_all() -> None:
-                async with trio.open_nursery() as inner:
-                    for stream, log, keep_tail in readers:
-                        inner.start_soon(_pump, stream, log, proc, keep_tail)
-                drained.set()
+    def __init__(
+        self, spec: ProcessSpec, popen: subprocess.Popen[bytes], proc: ProcessRun, ctx: ProcessContext
+    ) -> None:
+        self.spec = spec
+        self.popen = popen
+        self.proc = proc
+        self.ctx = ctx
+        self.pid = popen.pid
+        self.exited = trio.Event()
+        self.stalled = trio.Event()
+        self.signalled = False  # otree sent the signal that ended it
+        self.failure: ProcessFailed | None = None
 
-            async def wait_exit() -> None:
-                await trio.lowlevel.wait_readable(pidfd)
-                exited.set()
-
-            ready = trio.Event()
-            stalled = trio.Event()
-            nursery.start_soon(pump_all)
-            nursery.start_soon(wait_exit)
-            nursery.start_soon(_listen, sock, run, proc, ready, emit)
-            # readiness
-            with trio.move_on_after(spec.effective_start_timeout()) as start_window:
-                if spec.ready == "spawn":
-                    pass
-                elif spec.ready == "notify":
-                    await wait_any(ready.wait, exited.wait, stopping.wait)
-                else:
-                    with trio.move_on_after(float(spec.ready)):
-                        await wait_any(exited.wait, stopping.wait)
-            if start_window.cancelled_caught:
-                signalled_by_us = True
-                await _stop_group(spec, pid, exited)
-                failure: ProcessFailed | None = ProcessFailed(
-                    "start_timeout", f"not ready within {spec.effective_start_timeout():g}s"
-                )
-            else:
-                failure = None
-            if failure is None and not exited.is_set() and not stopping.is_set():
-                task_status.started()
-                if spec.stall_timeout is not None:
-                    nursery.start_soon(_watch_stall, proc, spec.stall_timeout, stalled)
-                await wait_any(exited.wait, stopping.wait, stalled.wait)
-            if not exited.is_set():
-                signalled_by_us = True
-                await _stop_group(spec, pid, exited)
-            # the leader is gone: take its group with it, then let the output drain
-            kill_group(pid, signal.SIGKILL)
-            with trio.move_on_after(DRAIN_SECONDS):
-                await drained.wait()
-            nursery.cancel_scope.cancel()
-    finally:
-        with trio.CancelScope(shield=True):
-            if not exited.is_set():  # cancelled: the grace ran out, or brutal_kill
-                signalled_by_us = True
+    async def watch(
+        self,
+        run: _Run,
+        readers: list[_Reader],
+        sock: trio.socket.SocketType,
+        emit: Callable[..., None],
+        task_status: trio.TaskStatus[None],
+    ) -> None:
+        """Readiness, then wait for exit, a stop request or a stall; raise on an error exit."""
+        pid, ctx = self.pid, self.ctx
+        self.proc.pid = pid
+        ctx.reaper.waited.add(pid)
+        ctx.reaper.groups.add(pid)
+        ctx.guard.watch(pid)
+        pidfd = os.pidfd_open(pid)
+        try:
+            async with trio.open_nursery() as nursery:
+                drained = trio.Event()
+                ready = trio.Event()
+                nursery.start_soon(self._pump_all, readers, drained)
+                nursery.start_soon(self._wait_exit, pidfd)
+                nursery.start_soon(_listen, sock, run, self.proc, ready, emit)
+                if await self._wait_ready(ready, run.stopping):
+                    task_status.started()
+                    if self.spec.stall_timeout is not None:
+                        nursery.start_soon(_watch_stall, self.proc, self.spec.stall_timeout, self.stalled)
+                    await wait_any(self.exited.wait, run.stopping.wait, self.stalled.wait)
+                if not self.exited.is_set():
+                    self.signalled = True
+                    await _stop_group(self.spec, pid, self.exited)
+                # the leader is gone: take its group with it, then let the output drain
                 kill_group(pid, signal.SIGKILL)
-                await trio.lowlevel.wait_readable(pidfd)
+                with trio.move_on_after(DRAIN_SECONDS):
+                    await drained.wait()
+                nursery.cancel_scope.cancel()
+        finally:
+            with trio.CancelScope(shield=True):
+                await self._reap(pidfd)
+        self._raise_error_exit(run.stopping.is_set())
+
+    async def _pump_all(self, readers: list[_Reader], drained: trio.Event) -> None:
+        async with trio.open_nursery() as nursery:
+            for stream, log, keep_tail in readers:
+                nursery.start_soon(_pump, stream, log, self.proc, keep_tail)
+        drained.set()
+
+    async def _wait_exit(self, pidfd: int) -> None:
+        await trio.lowlevel.wait_readable(pidfd)
+        self.exited.set()
+
+    async def _wait_ready(self, ready: trio.Event, stopping: trio.Event) -> bool:
+        """Whether the child became ready (it did not exit, was not stopped, did not time out)."""
+        spec = self.spec
+        with trio.move_on_after(spec.effective_start_timeout()) as window:
+            if spec.ready == "notify":
+                await wait_any(ready.wait, self.exited.wait, stopping.wait)
+            elif spec.ready != "spawn":
+                with trio.move_on_after(float(spec.ready)):
+                    await wait_any(self.exited.wait, stopping.wait)
+        if window.cancelled_caught:
+            timeout = spec.effective_start_timeout()
+            self.failure = ProcessFailed("start_timeout", f"not ready within {timeout:g}s")
+            return False
+        return not self.exited.is_set() and not stopping.is_set()
+
+    async def _reap(self, pidfd: int) -> None:
+        """Kill what is left of the group, reap the leader, forget the group."""
+        pid, ctx = self.pid, self.ctx
+        if not self.exited.is_set():  # cancelled: the grace ran out, or brutal_kill
+            self.signalled = True
             kill_group(pid, signal.SIGKILL)
-            returncode = popen.wait()
-            trio.lowlevel.notify_closing(pidfd)
-            os.close(pidfd)
-            ctx.reaper.waited.discard(pid)
-            ctx.reaper.groups.discard(pid)
-            ctx.guard.forget(pid)
-            proc.pid = None
-            proc.exit_code = returncode if returncode >= 0 else None
-            proc.signal = -returncode if returncode < 0 else None
-    if failure is not None:
-        raise failure
-    if stalled.is_set() and not stopping.is_set():
-        raise ProcessFailed("stalled", f"no output or WATCHDOG=1 for {spec.stall_timeout:g}s")
-    if signalled_by_us or stopping.is_set():
-        return
-    if returncode != 0:
-        raise ProcessFailed(_describe_exit(returncode))
+            await trio.lowlevel.wait_readable(pidfd)
+        kill_group(pid, signal.SIGKILL)
+        returncode = self.popen.wait()
+        trio.lowlevel.notify_closing(pidfd)
+        os.close(pidfd)
+        ctx.reaper.waited.discard(pid)
+        ctx.reaper.groups.discard(pid)
+        ctx.guard.forget(pid)
+        self.proc.pid = None
+        self.proc.exit_code = returncode if returncode >= 0 else None
+        self.proc.signal = -returncode if returncode < 0 else None
+
+    def _raise_error_exit(self, stop_requested: bool) -> None:
+        if self.failure is not None:
+            raise self.failure
+        if self.stalled.is_set() and not stop_requested:
+            raise ProcessFailed("stalled", f"no output or WATCHDOG=1 for {self.spec.stall_timeout:g}s")
+        returncode = self.popen.returncode
+        if not self.signalled and not stop_requested and returncode != 0:
+            raise ProcessFailed(_describe_exit(returncode))
 
 
 async def _stop_group(spec: ProcessSpec, pgid: int, exited: trio.Event) -> None:

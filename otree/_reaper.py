@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import functools
@@ -253,15 +254,11 @@ class Reaper:
         """Kill the adopted descendants still alive (those that left their group with setsid)."""
         self.sweep()
         for pid in self.orphans:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        for pid in list(self.orphans):
-            try:
+        for pid in self.orphans:
+            with contextlib.suppress(ChildProcessError):
                 os.waitpid(pid, 0)
-            except ChildProcessError:
-                pass
         self.orphans.clear()
 
 

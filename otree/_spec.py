@@ -185,7 +185,7 @@ class SupervisorSpec(_Spec, frozen=True, kw_only=True):
         """
         where = where or self.id
         if not isinstance(child, _Spec):
-            raise SpecError(where, "children", "must hold child specs (otree.task, otree.process, ...)", child)
+            raise SpecError(where, "children", "must hold child specs (otree.task, otree.process...)", child)
         path = f"{where}/{child.id}"
         if child.id in sibling_ids:
             raise SpecError(path, "id", "must be unique among siblings", child.id)
@@ -196,8 +196,6 @@ class SupervisorSpec(_Spec, frozen=True, kw_only=True):
                 "requires the supervisor's auto_shutdown 'any_significant' or 'all_significant'",
                 self.auto_shutdown,
             )
-
-
 
 
 Stream = Literal["log", "inherit", "null"]
@@ -231,8 +229,9 @@ class ProcessSpec(_Spec, frozen=True, kw_only=True):
             or not all(isinstance(a, str) and "\0" not in a for a in self.argv)
         ):
             raise SpecError(path, "argv", "must be a non-empty list of strings (no shell)", self.argv)
-        if self.env is not None and not (
-            isinstance(self.env, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in self.env.items())
+        env = self.env
+        if env is not None and not (
+            isinstance(env, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in env.items())
         ):
             raise SpecError(path, "env", "must be None or a dict of str to str", self.env)
         if self.cwd is not None and not isinstance(self.cwd, str):
@@ -240,7 +239,8 @@ class ProcessSpec(_Spec, frozen=True, kw_only=True):
         valid_signals = {s.value for s in signal.Signals}
         if not isinstance(self.stop_signal, int) or self.stop_signal not in valid_signals:
             raise SpecError(path, "stop_signal", "must be a signal number", self.stop_signal)
-        if self.ready not in ("spawn", "notify") and not (_is_number(self.ready) and 0 <= self.ready < math.inf):  # type: ignore[operator]
+        ready = self.ready
+        if ready not in ("spawn", "notify") and not (_is_number(ready) and 0 <= ready < math.inf):  # type: ignore[operator]
             raise SpecError(path, "ready", 'must be "spawn", "notify" or seconds >= 0', self.ready)
         for field in ("start_timeout", "stall_timeout"):
             value = getattr(self, field)

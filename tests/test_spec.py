@@ -222,7 +222,7 @@ def test_same_id_in_different_branches_valid() -> None:
 
 def test_child_not_a_spec() -> None:
     error = spec_error(otree.supervisor, "s", children=[otree.task("a", idle), "b"])
-    assert str(error) == "s: children must hold child specs (otree.task, otree.supervisor); got 'b'"
+    assert str(error) == "s: children must hold child specs (otree.task, otree.process...); got 'b'"
 
 
 def test_children_not_a_list() -> None:
