@@ -20,6 +20,7 @@ import trio
 from ._errors import OtreeError
 from ._events import Event
 from ._loader import LoadError, load_tree
+from ._reaper import Reaper, adopt_orphans
 from ._spec import ChildSpec, SupervisorSpec
 from ._supervisor import run
 
@@ -77,13 +78,13 @@ async def _watch_signals(path: str, scope: trio.CancelScope) -> None:
             return
 
 
-async def _serve(tree: SupervisorSpec) -> OtreeError | None:
+async def _serve(tree: SupervisorSpec, state_dir: str | None) -> OtreeError | None:
     """Run ``tree`` until it ends or SIGINT/SIGTERM arrives (even mid-start); its error, if any."""
     outcome: OtreeError | None = None
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_watch_signals, tree.id, nursery.cancel_scope)
         try:
-            await run(tree)
+            await run(tree, state_dir=state_dir)
         except OtreeError as error:
             outcome = error
         nursery.cancel_scope.cancel()
@@ -95,8 +96,11 @@ def _run(args: argparse.Namespace) -> int:
     handler = _EventHandler(sys.stderr, args.log_format)
     _log.addHandler(handler)
     _log.setLevel(logging.INFO)
+    # `otree run` owns its process: orphans of its children come to it and are reaped.
+    adopt_orphans()
+    Reaper.reap_all = True
     try:
-        failure = trio.run(_serve, tree)
+        failure = trio.run(_serve, tree, args.state_dir)
     finally:
         _log.removeHandler(handler)
     if failure is not None:
@@ -143,6 +147,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("file", metavar="FILE", help="a Python file holding a supervisor spec")
     run.add_argument("--attr", default="tree", help="the spec's name in the file (default: tree)")
     run.add_argument("--log-format", choices=("text", "json"), default="text", help="event lines on stderr")
+    run.add_argument("--state-dir", default=None, help="logs and state (default: $OTREE_STATE_DIR)")
     run.set_defaults(handler=_run)
     check = commands.add_parser("check", help="validate a tree file and print the tree")
     check.add_argument("file", metavar="FILE")

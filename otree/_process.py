@@ -107,9 +107,15 @@ class _RotatingLog:
         return os.fdopen(fd, "ab", buffering=0)
 
     def write(self, data: bytes) -> None:
-        if self._file.tell() + len(data) > self.max_bytes and self._file.tell() > 0:
-            self._rotate()
-        self._file.write(data)
+        """Append ``data``, rotating whenever the file would pass ``max_bytes``."""
+        view = memoryview(data)
+        while view:
+            room = self.max_bytes - self._file.tell()
+            if room <= 0:
+                self._rotate()
+                continue
+            self._file.write(view[:room])
+            view = view[room:]
 
     def _rotate(self) -> None:
         self._file.close()

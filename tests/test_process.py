@@ -1,0 +1,414 @@
+"""Process children with real processes: groups, signals, logs, readiness, watchdog, orphans.
+
+Every process a test starts carries a marker in its environment; the ``marker``
+fixture fails the test if any process with it is still alive afterwards (and
+kills it, so nothing leaks into the next test).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import trio
+
+import otree
+
+PY = sys.executable
+
+
+def marked_pids(marker: str) -> list[int]:
+    """Live (non-zombie) processes whose environment holds ``OTREE_TEST_MARKER=marker``."""
+    needle = f"OTREE_TEST_MARKER={marker}".encode()
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            if needle in Path(f"/proc/{entry}/environ").read_bytes():
+                found.append(int(entry))
+        except OSError:
+            continue
+    return found
+
+
+def zombies_of(parent: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()
+        if fields[0] == "Z" and int(fields[1]) == parent:
+            found.append(int(entry))
+    return found
+
+
+def wait_until(condition: object, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():  # type: ignore[operator]
+            return True
+        time.sleep(0.02)
+    return bool(condition())  # type: ignore[operator]
+
+
+@pytest.fixture
+def marker() -> Iterator[str]:
+    value = uuid.uuid4().hex
+    yield value
+    left = marked_pids(value)
+    for pid in left:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    assert left == [], f"processes left running: {left}"
+
+
+@pytest.fixture
+def state(tmp_path: Path) -> Path:
+    return tmp_path / "state"
+
+
+def proc(child_id: str, code: str, marker: str, **kw: object) -> otree.ProcessSpec:
+    env = {"OTREE_TEST_MARKER": marker, **kw.pop("env", {})}  # type: ignore[dict-item]
+    return otree.process(child_id, [PY, "-c", code], env=env, **kw)  # type: ignore[arg-type]
+
+
+async def first(stream: otree.EventStream, kind: str, path: str | None = None) -> otree.Event:
+    async for event in stream:
+        if event.kind == kind and (path is None or event.path == path):
+            return event
+    raise AssertionError(f"no {kind} event")
+
+
+SLEEP = "import time; time.sleep(1000)"
+
+
+# --- exits ----------------------------------------------------------------------------------
+
+
+async def test_process_exit_zero_is_normal(marker: str, state: Path) -> None:
+    tree = otree.supervisor("t", children=[proc("p", "pass", marker, restart="transient")])
+    async with otree.open_supervisor(tree, state_dir=state) as sup:
+        event = await first(sup.events(), "child.exited")
+        assert event.reason == "normal"
+        await trio.testing.wait_all_tasks_blocked()
+        assert sup.which_children()[0].exit == otree.ExitInfo("normal", "", 0, None)
+
+
+async def test_process_nonzero_exit_is_error_with_code_and_stderr_tail(marker: str, state: Path) -> None:
+    code = "import sys; sys.stderr.write('x' * 5000 + 'last words\\n'); sys.exit(3)"
+    tree = otree.supervisor("t", children=[proc("p", code, marker, restart="transient")])
+    async with otree.open_supervisor(tree, state_dir=state) as sup:
+        event = await first(sup.events(), "child.exited")
+        assert (event.reason, event.details["detail"], event.details["exit_code"]) == (
+            "error",
+            "exit code 3",
+            3,
+        )
+        tail = event.details["stderr_tail"]
+        assert tail.endswith("last words\n") and len(tail) == 4096
+
+
+async def test_process_killed_by_a_foreign_signal_is_error(marker: str, state: Path) -> None:
+    tree = otree.supervisor("t", children=[proc("p", SLEEP, marker, restart="transient")])
+    async with otree.open_supervisor(tree, state_dir=state) as sup:
+        stream = sup.events()
+        pid = sup.which_children()[0].pid
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+        event = await first(stream, "child.exited")
+        assert (event.reason, event.details["detail"], event.details["signal"]) == (
+            "error",
+            "killed by SIGKILL",
+            9,
+        )
+
+
+async def test_missing_executable_is_a_start_error_naming_errno_and_path(marker: str, state: Path) -> None:
+    tree = otree.supervisor(
+        "t", children=[otree.process("p", ["/nonexistent/agent"], env={"OTREE_TEST_MARKER": marker})]
+    )
+    with pytest.raises(otree.StartError) as info:
+        async with otree.open_supervisor(tree, state_dir=state):
+            pass
+    assert str(info.value) == (
+        "t/p: failed to start: FileNotFoundError: [Errno 2] No such file or directory: '/nonexistent/agent'"
+    )
+
+
+async def test_bad_cwd_is_a_start_error(marker: str, state: Path) -> None:
+    tree = otree.supervisor("t", children=[proc("p", SLEEP, marker, cwd="/nonexistent-dir")])
+    with pytest.raises(otree.StartError, match="No such file or directory: '/nonexistent-dir'"):
+        async with otree.open_supervisor(tree, state_dir=state):
+            pass
+
+
+# --- stopping -------------------------------------------------------------------------------------
+
+GRANDCHILDREN = (
+    "import subprocess, time; [subprocess.Popen(['sleep', '1000']) for _ in range(3)]; time.sleep(1000)"
+)
+
+
+async def test_stop_kills_the_whole_process_group(marker: str, state: Path) -> None:
+    tree = otree.supervisor("t", children=[proc("p", GRANDCHILDREN, marker, ready=0.3)])
+    async with otree.open_supervisor(tree, state_dir=state) as sup:
+        assert len(marked_pids(marker)) == 4  # the child and its three sleeps
+        await sup.terminate_child("p")
+        assert marked_pids(marker) == []
+        assert sup.which_children()[0].exit == otree.ExitInfo("shutdown", "", None, signal.SIGTERM)
+
+
+async def test_crash_of_the_leader_kills_its_grandchildren(marker: str, state: Path) -> None:
+    code = (
+        "import subprocess, time; subprocess.Popen(['sleep', '1000']); time.sleep(0.3); raise SystemExit(1)"
+    )
+    tree = otree.supervisor("t", children=[proc("p", code, marker, restart="transient")])
+    async with otree.open_supervisor(tree, state_dir=state) as sup:
+        await first(sup.events(), "child.exited")
+        assert marked_pids(marker) == []
+
+
+async def test_sigterm_ignored_means_sigkill_after_shutdown(marker: str, state: Path) -> None:
+    code = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(1000)"
+    tree = otree.supervisor("t", children=[proc("p", code, marker, shutdown=0.5, ready=0.2)])
+    async with otree.open_supervisor(tree, state_dir=state) as sup:
+        before = time.monotonic()
+        await sup.terminate_child("p")
+        took = time.monotonic() - before
+        assert 0.5 <= took < 2.0
+        assert sup.which_children()[0].exit == otree.ExitInfo("shutdown", "killed", None, signal.SIGKILL)
+        assert marked_pids(marker) == []
+
+
+async def test_brutal_kill_sends_sigkill_at_once(marker: str, state: Path) -> None:
+    code = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(1000)"
+    tree = otree.supervisor("t", children=[proc("p", code, marker, shutdown="brutal_kill", ready=0.2)])
+    async with otree.open_supervisor(tree, state_dir=state) as sup:
+        before = time.monotonic()
+        await sup.terminate_child("p")
+        assert time.monotonic() - before < 0.5
+        assert sup.which_children()[0].exit == otree.ExitInfo("shutdown", "killed", None, signal.SIGKILL)
+
+
+async def test_custom_stop_signal(marker: str, state: Path) -> None:
+    tree = otree.supervisor("t", children=[proc("p", SLEEP, marker, stop_signal=signal.SIGINT, ready=0.2)])
+    async with otree.open_supervisor(tree, state_dir=state) as sup:
+        await sup.terminate_child("p")
+        exit_info = sup.which_children()[0].exit
+        assert exit_info is not None and exit_info.reason == "shutdown"
+        assert (exit_info.exit_code, exit_info.signal) == (None, signal.SIGINT)
+
+
+async def test_one_for_all_across_task_and_process_children(marker: str, state: Path) -> None:
+    trigger = trio.Event()
+    starts: list[str] = []
+
+    async def crasher() -> None:
+        starts.append("task")
+        await trigger.wait()
+        raise RuntimeError("task crashed")
+
+    tree = otree.supervisor(
+        "t",
+        strategy="one_for_all",
+        children=[proc("p", SLEEP, marker), otree.task("c", crasher)],
+    )
+    async with otree.open_supervisor(tree, state_dir=state) as sup:
+        old = sup.which_children()[1].pid
+        stream = sup.events()
+        trigger.set()
+        await first(stream, "child.ready", "t/c")
+        new = sup.which_children()[1].pid
+        assert old is not None and new is not None and new != old
+        assert marked_pids(marker) == [new]
+
+
+# --- logs -------------------------------------------------------------------------------------------
+
+
+async def test_output_goes_to_rotated_log_files(marker: str, state: Path) -> None:
+    code = (
+        "import sys\n"
+        "for i in range(40): print(f'{i:05d}' + 'x' * 200, flush=True)\n"
+        "sys.stderr.write('err\\n')"
+    )
+    tree = otree.supervisor(
+        "t", children=[proc("p", code, marker, restart="transient", log_max_bytes=2048, log_backups=2)]
+    )
+    async with otree.open_supervisor(tree, state_dir=state) as sup:
+        await first(sup.events(), "child.exited")
+    logs = state / "logs" / "t" / "p"
+    assert sorted(f.name for f in logs.iterdir()) == [
+        "stderr.log",
+        "stdout.log",
+        "stdout.log.1",
+        "stdout.log.2",
+    ]
+    assert (logs / "stderr.log").read_bytes() == b"err\n"
+    written = "".join(f"{i:05d}" + "x" * 200 + "\n" for i in range(40)).encode()  # 8240 bytes
+    kept = b"".join((logs / name).read_bytes() for name in ("stdout.log.2", "stdout.log.1", "stdout.log"))
+    assert kept == written[-(2048 * 2 + 8240 % 2048) :]  # two full backups and the current file
+    assert all(f.stat().st_size <= 2048 for f in logs.iterdir())
+    assert oct(logs.stat().st_mode & 0o777) == "0o700"
+    assert oct((logs / "stdout.log").stat().st_mode & 0o777) == "0o600"
+
+
+async def test_non_utf8_output_is_kept_as_bytes_and_replaced_in_events(marker: str, state: Path) -> None:
+    code = "import sys; sys.stderr.buffer.write(b'bad \\xff byte\\n'); sys.exit(2)"
+    tree = otree.supervisor("t", children=[proc("p", code, marker, restart="transient")])
+    async with otree.open_supervisor(tree, state_dir=state) as sup:
+        event = await first(sup.events(), "child.exited")
+    assert event.details["stderr_tail"] == "bad \ufffd byte\n"
+    assert (state / "logs" / "t" / "p" / "stderr.log").read_bytes() == b"bad \xff byte\n"
+
+
+# --- readiness and notify ---------------------------------------------------------------------------
+
+NOTIFY = """
+import os, socket, time
+def notify(msg):
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    s.sendto(msg.encode(), os.environ["NOTIFY_SOCKET"])
+"""
+
+
+async def test_notify_ready_gates_the_start_and_status_and_cost_are_kept(marker: str, state: Path) -> None:
+    code = NOTIFY + (
+        "import signal; signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})\n"
+        "time.sleep(0.3); notify('STATUS=warming up\\nREADY=1')\n"
+        "signal.sigwait({signal.SIGUSR1})  # the test has subscribed to events\n"
+        "notify('OTREE_COST=0.25'); notify('garbage'); time.sleep(1000)\n"
+    )
+    tree = otree.supervisor("t", children=[proc("p", code, marker, ready="notify")])
+    before = time.monotonic()
+    async with otree.open_supervisor(tree, state_dir=state) as sup:
+        assert time.monotonic() - before >= 0.3
+        (info,) = sup.which_children()
+        assert info.status == "warming up"
+        stream = sup.events()
+        assert info.pid is not None
+        os.kill(info.pid, signal.SIGUSR1)
+        ignored = await first(stream, "notify.ignored")
+        assert ignored.reason == "malformed"
+        await sup.terminate_child("p")
+        stopped = await first(stream, "child.stopped")
+        assert stopped.details["cost"] == 0.25
+
+
+async def test_notify_start_timeout_fails_the_start(marker: str, state: Path) -> None:
+    tree = otree.supervisor("t", children=[proc("p", SLEEP, marker, ready="notify", start_timeout=0.3)])
+    with pytest.raises(otree.StartError, match="t/p: failed to start: start_timeout"):
+        async with otree.open_supervisor(tree, state_dir=state):
+            pass
+
+
+async def test_ready_after_seconds_fails_if_it_exits_first(marker: str, state: Path) -> None:
+    code = "import time, sys; time.sleep(0.1); sys.exit(4)"
+    tree = otree.supervisor("t", children=[proc("p", code, marker, ready=1.0)])
+    with pytest.raises(otree.StartError, match="exit code 4"):
+        async with otree.open_supervisor(tree, state_dir=state):
+            pass
+
+
+# --- stall watchdog --------------------------------------------------------------------------------
+
+
+async def test_stall_watchdog_stops_a_silent_child_as_error_stalled(marker: str, state: Path) -> None:
+    code = "print('one line', flush=True); import time; time.sleep(1000)"
+    tree = otree.supervisor("t", children=[proc("p", code, marker, stall_timeout=0.4, shutdown=0.2)])
+    async with otree.open_supervisor(tree, state_dir=state) as sup:
+        event = await first(sup.events(), "child.exited")
+        assert (event.reason, event.details["detail"]) == ("error", "stalled")
+        await first(sup.events(), "child.ready")
+
+
+async def test_watchdog_pings_keep_a_quiet_child_alive(marker: str, state: Path) -> None:
+    code = NOTIFY + "for _ in range(10):\n    notify('WATCHDOG=1'); time.sleep(0.1)\n"
+    tree = otree.supervisor(
+        "t", children=[proc("p", code, marker, stall_timeout=0.5, restart="transient", stdout="null")]
+    )
+    async with otree.open_supervisor(tree, state_dir=state) as sup:
+        event = await first(sup.events(), "child.exited")
+        assert event.reason == "normal"
+
+
+# --- orphans and otree's own death ----------------------------------------------------------------------
+
+TREE_FILE = """
+import sys, otree
+marker = {marker!r}
+env = {{"OTREE_TEST_MARKER": marker}}
+code = {code!r}
+tree = otree.supervisor("t", children=[
+    otree.process("p", [sys.executable, "-c", code], env=env, ready=0.3),
+    otree.process("q", [sys.executable, "-c", code], env=env, ready=0.3),
+])
+"""
+
+
+def start_otree_run(tmp_path: Path, marker: str, code: str) -> subprocess.Popen[str]:
+    tree = tmp_path / "tree.py"
+    tree.write_text(TREE_FILE.format(marker=marker, code=code))
+    proc = subprocess.Popen(
+        [PY, "-m", "otree", "run", str(tree), "--state-dir", str(tmp_path / "state")],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stderr is not None
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        if " t supervisor.started" in line:
+            return proc
+        if not line:
+            break
+    proc.kill()
+    proc.wait()
+    raise AssertionError("otree run did not start")
+
+
+def test_kill_9_of_otree_run_leaves_nothing_within_a_second(tmp_path: Path, marker: str) -> None:
+    proc = start_otree_run(tmp_path, marker, GRANDCHILDREN)
+    try:
+        assert len(marked_pids(marker)) == 8
+        proc.kill()
+        proc.wait()
+        assert wait_until(lambda: marked_pids(marker) == [], 1.0)
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_otree_run_reaps_orphans_of_its_children(tmp_path: Path, marker: str) -> None:
+    # each child double-forks a short-lived orphan: it is re-parented to otree (the subreaper)
+    code = (
+        "import os, time\n"
+        "if os.fork() == 0:\n"
+        "    if os.fork() == 0:\n"
+        "        time.sleep(0.2); os._exit(0)\n"
+        "    os._exit(0)\n"
+        "os.wait(); time.sleep(1000)\n"
+    )
+    proc = start_otree_run(tmp_path, marker, code)
+    try:
+        # the orphans live 0.2 s; once they have exited, none may stay a zombie of otree
+        assert wait_until(lambda: len(marked_pids(marker)) == 2 and zombies_of(proc.pid) == [], 3.0)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0
+        assert marked_pids(marker) == []
+    finally:
+        proc.kill()
+        proc.wait()
