@@ -29,6 +29,7 @@ _LEVELS = {
     "supervisor.intensity_exceeded": logging.ERROR,
     "child.shutdown_error": logging.WARNING,
     "child.start_failed": logging.WARNING,
+    "notify.ignored": logging.DEBUG,
 }
 
 

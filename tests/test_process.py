@@ -412,3 +412,23 @@ def test_otree_run_reaps_orphans_of_its_children(tmp_path: Path, marker: str) ->
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_parent_death_signal_kills_direct_children_even_without_the_guard(
+    tmp_path: Path, marker: str
+) -> None:
+    # A host that spawns through otree's spawner thread and then dies without any cleanup:
+    # the kernel's PR_SET_PDEATHSIG (set between fork and exec) kills the child.
+    script = tmp_path / "host.py"
+    script.write_text(
+        "import os, sys, trio\n"
+        "from otree._reaper import spawn\n"
+        "async def main():\n"
+        f"    child = await spawn(['sleep', '1000'], env={{'OTREE_TEST_MARKER': {marker!r}}})\n"
+        "    print(child.pid, flush=True)\n"
+        "    os._exit(0)\n"
+        "trio.run(main)\n"
+    )
+    host = subprocess.run([PY, str(script)], capture_output=True, text=True, timeout=30, check=True)
+    assert host.stdout.strip().isdigit()
+    assert wait_until(lambda: marked_pids(marker) == [], 1.0)

@@ -1,0 +1,47 @@
+"""A simulated CLI agent: the kind of process ``supervisors/cli_agents.py`` supervises.
+
+It starts a helper grandchild (a "tool server"), reports readiness and status
+over ``$NOTIFY_SOCKET`` (the systemd protocol), prints progress for each turn,
+and now and then crashes (exit 1) or hangs without a word, which the stall
+watchdog catches. Standard library only.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import socket
+import subprocess
+import sys
+import time
+
+
+def notify(message: str) -> None:
+    path = os.environ.get("NOTIFY_SOCKET")
+    if path:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.sendto(message.encode(), path)
+
+
+def main() -> None:
+    name = sys.argv[1]
+    crash_rate, hang_rate = float(sys.argv[2]), float(sys.argv[3])
+    # The helper would outlive a careless supervisor; otree kills it with the agent's group.
+    subprocess.Popen(["sleep", "100000"])
+    time.sleep(random.uniform(0.1, 0.3))
+    notify("READY=1\nSTATUS=idle")
+    for turn in range(1, 1_000_000):
+        notify(f"STATUS=turn {turn}")
+        roll = random.random()
+        if roll < hang_rate:
+            time.sleep(100000)  # hung on the model: no output, no WATCHDOG=1
+        time.sleep(random.uniform(0.3, 1.2))
+        if roll > 1 - crash_rate:
+            print(f"{name}: turn {turn}: tool call failed", file=sys.stderr, flush=True)
+            sys.exit(1)
+        print(f"{name}: turn {turn} done", flush=True)
+        notify("OTREE_COST=0.003")
+
+
+if __name__ == "__main__":
+    main()
