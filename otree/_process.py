@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import tempfile
 from collections.abc import Callable
@@ -216,7 +217,8 @@ async def run_process(
     targets: dict[str, int | None] = {}
     write_ends: list[int] = []
     notify_path = ctx.notify_path()
-    sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_DGRAM)
+    plain = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock = trio.socket.from_stdlib_socket(plain)
     try:
         for name in ("stdout", "stderr"):
             mode = getattr(spec, name)
@@ -229,7 +231,7 @@ async def run_process(
                 targets[name] = write_end
             else:
                 targets[name] = None if mode == "inherit" else subprocess.DEVNULL
-        await sock.bind(os.fspath(notify_path))
+        plain.bind(os.fspath(notify_path))  # directly: trio's bind would take a worker thread
         os.chmod(notify_path, 0o600)
         try:
             popen = await spawn(

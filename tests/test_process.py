@@ -432,3 +432,26 @@ def test_parent_death_signal_kills_direct_children_even_without_the_guard(
     host = subprocess.run([PY, str(script)], capture_output=True, text=True, timeout=30, check=True)
     assert host.stdout.strip().isdigit()
     assert wait_until(lambda: marked_pids(marker) == [], 1.0)
+
+
+def test_otree_run_kills_escaped_orphans_when_the_tree_stops(tmp_path: Path, marker: str) -> None:
+    # the child's grandchild leaves the child's process group (setsid), so a group kill misses it;
+    # re-parented to otree (the subreaper), it is killed when the tree stops
+    code = (
+        "import os, time\n"
+        "if os.fork() == 0:\n"
+        "    os.setsid()\n"
+        "    if os.fork() == 0:\n"
+        "        time.sleep(1000)\n"
+        "    os._exit(0)\n"
+        "os.wait(); time.sleep(1000)\n"
+    )
+    proc = start_otree_run(tmp_path, marker, code)
+    try:
+        assert wait_until(lambda: len(marked_pids(marker)) == 4, 3.0)  # two children, two escapers
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0
+        assert marked_pids(marker) == []
+    finally:
+        proc.kill()
+        proc.wait()

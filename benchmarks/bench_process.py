@@ -1,0 +1,236 @@
+"""Process supervision: otree against supervisord and circus, each run as a daemon.
+
+``python -m benchmarks.bench_process [TOOL ...]`` installs the peers (``supervisor``,
+``circus``) from PyPI into a venv under the system temp dir (reused across runs),
+then measures, in one run:
+
+* restarts per second of a child that exits 1 at once (``sh -c``, and a Python
+  one), each start counted by the child itself appending to a file, against the
+  no-supervisor floor (a loop of ``subprocess.run``);
+* the daemon's own CPU time while it supervises 50 idle ``sleep`` children for 20 s;
+  (circus polls: the restart test uses ``check_delay=0.001``, its fastest stable
+  setting; the other tests use its default of 5 s; supervisord's loop wakes once a
+  second whatever its settings, and ``startsecs=0`` is its fastest restart);
+* time from launching the daemon until 200 ``sleep`` children run;
+* processes left after a SIGTERM stop of the daemon, and after a SIGKILL of it,
+  with children that each leave a background grandchild (each tool's defaults).
+
+Every child carries a marker in its environment; leftovers are found by it in
+/proc and killed after each measurement.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+PEERS = Path(tempfile.gettempdir()) / "otree-bench-peers"
+PY = sys.executable
+RESTART_SECONDS = 5.0
+IDLE_SECONDS = 20.0
+
+
+def peer_bin(name: str) -> str:
+    return str(PEERS / "bin" / name)
+
+
+def install_peers() -> None:
+    if not (PEERS / "bin" / "circusd").exists() or not (PEERS / "bin" / "supervisord").exists():
+        subprocess.run([PY, "-m", "venv", str(PEERS)], check=True)
+        subprocess.run([peer_bin("pip"), "install", "-q", "supervisor", "circus"], check=True)
+
+
+def marked(marker: str) -> list[int]:
+    needle = f"BENCH_MARKER={marker}".encode()
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if needle in Path(f"/proc/{entry}/environ").read_bytes():
+                    pids.append(int(entry))
+            except OSError:
+                pass
+    return pids
+
+
+def kill_marked(marker: str) -> None:
+    for pid in marked(marker):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def wait_for(condition: Callable[[], bool], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.005)
+    return False
+
+
+# --- one daemon per tool -------------------------------------------------------------------------
+
+
+class Daemon:
+    """A supervising daemon running ``count`` copies of ``command`` with ``marker`` in their env."""
+
+    def __init__(
+        self, tool: str, work: Path, command: list[str], count: int, marker: str, *, fast: bool = False
+    ) -> None:
+        self.tool, self.work, self.command, self.count, self.marker = tool, work, command, count, marker
+        self.fast = fast  # circus: poll every 1 ms (its fastest stable setting) instead of its default 5 s
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        env = {**os.environ, "BENCH_MARKER": self.marker}
+        argv = getattr(self, f"_{self.tool}")()
+        self.proc = subprocess.Popen(
+            argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        )
+
+    def _otree(self) -> list[str]:
+        tree = self.work / "tree.py"
+        tree.write_text(
+            "import otree\n"
+            f"tree = otree.supervisor('bench', max_restarts=10**9, max_seconds=1.0, children=[\n"
+            f"    otree.process(f'c{{i}}', {self.command!r}, stdout='null', stderr='null', shutdown=5.0)\n"
+            f"    for i in range({self.count})])\n"
+        )
+        return [PY, "-m", "otree", "run", str(tree), "--state-dir", str(self.work / "state")]
+
+    def _supervisord(self) -> list[str]:
+        conf = self.work / "supervisord.conf"
+        conf.write_text(
+            f"[supervisord]\nnodaemon=true\nlogfile={self.work}/supervisord.log\n"
+            f"pidfile={self.work}/supervisord.pid\nloglevel=warn\n"
+            f"[program:c]\ncommand={shlex.join(self.command)}\nnumprocs={self.count}\n"
+            "process_name=%(program_name)s_%(process_num)s\nautorestart=true\nstartsecs=0\n"
+            "startretries=1000000000\nstdout_logfile=NONE\nstderr_logfile=NONE\n"
+        )
+        return [peer_bin("supervisord"), "-c", str(conf)]
+
+    def _circus(self) -> list[str]:
+        ini = self.work / "circus.ini"
+        ini.write_text(
+            f"[circus]\ncheck_delay={0.001 if self.fast else 5}\nendpoint=ipc://{self.work}/c.sock\n"
+            f"pubsub_endpoint=ipc://{self.work}/p.sock\nstats_endpoint=ipc://{self.work}/s.sock\n"
+            f"[watcher:c]\ncmd={shlex.join(self.command)}\nnumprocesses={self.count}\n"
+            "respawn=true\nmax_retry=-1\nwarmup_delay=0\n"
+        )
+        return [peer_bin("circusd"), str(ini)]
+
+    def stop(self, signum: int = signal.SIGTERM) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signum)
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+TOOLS = ("otree", "supervisord", "circus")
+
+
+def restarts_per_second(tool: str, child: str) -> float:
+    marker = uuid.uuid4().hex
+    with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as work_dir:
+        work = Path(work_dir)
+        counter = work / "starts"
+        if child == "sh":
+            command = ["sh", "-c", f"echo >> {counter}; exit 1"]
+        else:
+            command = [PY, "-c", f"open({str(counter)!r}, 'a').write('\\n'); raise SystemExit(1)"]
+        if tool == "floor":
+            deadline = time.monotonic() + RESTART_SECONDS
+            while time.monotonic() < deadline:
+                subprocess.run(command, check=False)
+            return counter.read_text().count("\n") / RESTART_SECONDS
+        daemon = Daemon(tool, work, command, 1, marker, fast=True)
+        daemon.start()
+        wait_for(counter.exists, 30)
+        first = counter.read_text().count("\n")
+        time.sleep(RESTART_SECONDS)  # a measured interval, not a synchronisation
+        rate = (counter.read_text().count("\n") - first) / RESTART_SECONDS
+        daemon.stop()
+        kill_marked(marker)
+        return rate
+
+
+def idle_cpu_and_start(tool: str) -> tuple[float, float]:
+    """(CPU seconds the daemon used over IDLE_SECONDS with 50 sleeps, seconds until 200 sleeps run)."""
+    marker = uuid.uuid4().hex
+    with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as work_dir:
+        work = Path(work_dir)
+        t0 = time.monotonic()
+        daemon = Daemon(tool, work, ["sleep", "100000"], 200, marker)
+        daemon.start()
+        wait_for(lambda: len(marked(marker)) >= 200, 60)
+        started = time.monotonic() - t0
+        daemon.stop()
+        kill_marked(marker)
+    marker = uuid.uuid4().hex
+    with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as work_dir:
+        daemon = Daemon(tool, Path(work_dir), ["sleep", "100000"], 50, marker)
+        daemon.start()
+        wait_for(lambda: len(marked(marker)) >= 50, 60)
+        time.sleep(2.0)  # let start-up work finish before the idle interval
+        assert daemon.proc is not None
+        before = cpu_seconds(daemon.proc.pid)
+        time.sleep(IDLE_SECONDS)
+        idle = cpu_seconds(daemon.proc.pid) - before
+        daemon.stop()
+        kill_marked(marker)
+    return idle, started
+
+
+def leftovers(tool: str, signum: int) -> int:
+    """Processes left 1 s after the daemon ended by ``signum``; children each leave a grandchild."""
+    marker = uuid.uuid4().hex
+    with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as work_dir:
+        daemon = Daemon(tool, Path(work_dir), ["sh", "-c", "sleep 100000 & exec sleep 100000"], 5, marker)
+        daemon.start()
+        wait_for(lambda: len(marked(marker)) >= 10, 60)
+        daemon.stop(signum)
+        time.sleep(1.0)  # the budget the issue gives for cleanup after a SIGKILL
+        left = len(marked(marker))
+        kill_marked(marker)
+        return left
+
+
+def main() -> None:
+    install_peers()
+    print(
+        f"{'':<12}{'sh/s':>8}{'py/s':>8}{'idle CPU s':>12}{'200 up s':>10}{'left stop':>11}{'left kill':>11}"
+    )
+    floor_sh = restarts_per_second("floor", "sh")
+    floor_py = restarts_per_second("floor", "py")
+    print(f"{'floor':<12}{floor_sh:>8.0f}{floor_py:>8.0f}")
+    for tool in sys.argv[1:] or TOOLS:
+        sh_rate = restarts_per_second(tool, "sh")
+        py_rate = restarts_per_second(tool, "py")
+        idle, started = idle_cpu_and_start(tool)
+        after_stop = leftovers(tool, signal.SIGTERM)
+        after_kill = leftovers(tool, signal.SIGKILL)
+        print(
+            f"{tool:<12}{sh_rate:>8.0f}{py_rate:>8.0f}{idle:>12.3f}{started:>10.3f}{after_stop:>11}{after_kill:>11}",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()
