@@ -129,7 +129,7 @@ class Daemon:
             f"[circus]\ncheck_delay={0.001 if self.fast else 5}\nendpoint=ipc://{self.work}/c.sock\n"
             f"pubsub_endpoint=ipc://{self.work}/p.sock\nstats_endpoint=ipc://{self.work}/s.sock\n"
             f"[watcher:c]\ncmd={shlex.join(self.command)}\nnumprocesses={self.count}\n"
-            "respawn=true\nmax_retry=-1\nwarmup_delay=0\n"
+            "respawn=true\nmax_retry=-1\nwarmup_delay=0\ncopy_env=true\n"
         )
         return [peer_bin("circusd"), str(ini)]
 
@@ -179,7 +179,8 @@ def idle_cpu_and_start(tool: str) -> tuple[float, float]:
         t0 = time.monotonic()
         daemon = Daemon(tool, work, ["sleep", "100000"], 200, marker)
         daemon.start()
-        wait_for(lambda: len(marked(marker)) >= 200, 60)
+        if not wait_for(lambda: len(marked(marker)) >= 200, 60):
+            print(f"  {tool}: only {len(marked(marker))} of 200 running after 60 s", flush=True)
         started = time.monotonic() - t0
         daemon.stop()
         kill_marked(marker)
