@@ -57,25 +57,23 @@ class Switch:
 
 
 async def fails_to_start(
-    switch: Switch, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    switch: Switch,
+    crash_after: float | None = None,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Fails before reporting ready while ``switch.failing``; otherwise runs until stopped."""
+    """Fails before reporting ready while ``switch.failing``; otherwise runs until stopped.
+
+    With ``crash_after``, a run that started crashes after that many seconds and
+    flips ``switch``, so every later start fails.
+    """
     switch.attempts += 1
     if switch.failing:
         raise ConnectionError("cannot connect")
     task_status.started()
-    await trio.sleep_forever()
-
-
-async def crash_then_fail_to_start(
-    switch: Switch, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
-) -> None:
-    """Starts once, crashes after 1 s and flips ``switch``, so every later start fails."""
-    switch.attempts += 1
-    if switch.failing:
-        raise ConnectionError("cannot connect")
-    task_status.started()
-    await trio.sleep(1)
+    if crash_after is None:
+        await trio.sleep_forever()
+    await trio.sleep(crash_after)
     switch.failing = True
     raise RuntimeError("crash")
 

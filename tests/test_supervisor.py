@@ -14,7 +14,6 @@ from tests.helpers import (
     Log,
     Switch,
     crash_after,
-    crash_then_fail_to_start,
     exits_with,
     fails_to_start,
     states,
@@ -415,9 +414,7 @@ async def test_failed_restart_is_retried_and_every_retry_counts(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     switch = Switch()
-    tree = otree.supervisor(
-        "root", max_restarts=3, children=[otree.task("c", crash_then_fail_to_start, switch)]
-    )
+    tree = otree.supervisor("root", max_restarts=3, children=[otree.task("c", fails_to_start, switch, 1.0)])
     seen: list[str] = []
     with pytest.raises(otree.RestartIntensityExceeded) as info:
         async with otree.open_supervisor(tree) as sup:
@@ -489,7 +486,7 @@ async def test_restarting_child_answers_the_api_as_otp(autojump_clock: trio.test
         "root",
         max_restarts=100,
         backoff=backoff,
-        children=[otree.task("c", crash_then_fail_to_start, switch)],
+        children=[otree.task("c", fails_to_start, switch, 1.0)],
     )
     async with otree.open_supervisor(tree) as sup:
         await _first(sup.events(), "child.restarting")
@@ -500,7 +497,7 @@ async def test_restarting_child_answers_the_api_as_otp(autojump_clock: trio.test
         with pytest.raises(otree.Restarting):
             await sup.delete_child("c")
         with pytest.raises(otree.AlreadyPresent) as present:
-            await sup.start_child(otree.task("c", crash_then_fail_to_start, switch))
+            await sup.start_child(otree.task("c", fails_to_start, switch, 1.0))
         assert present.value.running is False
         attempts = switch.attempts
         await sup.terminate_child("c")
