@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shlex
 import signal
 import sys
 import time
@@ -21,7 +22,7 @@ from ._errors import OtreeError
 from ._events import Event
 from ._loader import LoadError, load_tree
 from ._reaper import Reaper, adopt_orphans
-from ._spec import ChildSpec, SupervisorSpec
+from ._spec import ChildSpec, ProcessSpec, SupervisorSpec
 from ._supervisor import run
 
 __all__ = ["main"]
@@ -123,6 +124,10 @@ def _describe(spec: ChildSpec) -> str:
             fields.append(f"auto_shutdown={spec.auto_shutdown}")
         if spec.backoff is not None:
             fields.append(f"backoff={spec.backoff.initial:g}..{spec.backoff.maximum:g}s")
+    elif isinstance(spec, ProcessSpec):
+        fields += [f"ready={spec.ready}", f"argv={shlex.join(spec.argv)}"]
+        if spec.stall_timeout is not None:
+            fields.append(f"stall_timeout={spec.stall_timeout:g}")
     if spec.significant:
         fields.append("significant")
     return "  ".join(fields)

@@ -455,3 +455,20 @@ def test_otree_run_kills_escaped_orphans_when_the_tree_stops(tmp_path: Path, mar
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_check_prints_process_children_with_argv(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from otree._cli import main
+
+    tree = tmp_path / "tree.py"
+    tree.write_text(
+        "import otree\n"
+        "tree = otree.supervisor('t', children=[\n"
+        "    otree.process('p', ['agent', '--model', 'a b'], ready='notify', stall_timeout=30)])\n"
+    )
+    assert main(["check", str(tree)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1] == (
+        "  p  process  restart=permanent  shutdown=5.0  ready=notify  "
+        "argv=agent --model 'a b'  stall_timeout=30"
+    )
