@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections import deque
 
-__all__ = ["RestartWindow", "backoff_delay"]
+__all__ = ["CircuitState", "RestartWindow", "backoff_delay"]
 
 
 class RestartWindow:
@@ -57,3 +57,55 @@ def backoff_delay(
     except OverflowError:
         base = maximum if initial > 0 else 0.0
     return max(0.0, base * (1.0 + jitter * (2.0 * unit - 1.0)))
+
+
+class CircuitState:
+    """A circuit breaker's arithmetic: closed, open for ``cooldown`` s after ``failures`` in a row,
+    then half-open, letting one trial through. Pure: the clock is passed in.
+    """
+
+    __slots__ = ("_failures_in_row", "_opened_at", "_trial", "cooldown", "failures", "state")
+
+    def __init__(self, failures: int, cooldown: float) -> None:
+        self.failures = failures
+        self.cooldown = cooldown
+        self.state: str = "closed"
+        self._failures_in_row = 0
+        self._opened_at = 0.0
+        self._trial = False
+
+    def allow(self, now: float) -> tuple[bool, str | None]:
+        """Whether a job may start at ``now``, and the state entered on the way (or None)."""
+        if self.state == "closed":
+            return True, None
+        if self.state == "open":
+            if now - self._opened_at < self.cooldown:
+                return False, None
+            self.state = "half_open"
+            self._trial = True
+            return True, "half_open"
+        if self._trial:  # half-open: one trial at a time
+            return False, None
+        self._trial = True
+        return True, None
+
+    def reopen_in(self, now: float) -> float:
+        """Seconds until an open circuit lets a trial through (0 unless open)."""
+        return max(0.0, self._opened_at + self.cooldown - now) if self.state == "open" else 0.0
+
+    def record(self, ok: bool, now: float) -> str | None:
+        """A started job ended; the state entered because of it (or None)."""
+        if ok:
+            self._failures_in_row = 0
+            self._trial = False
+            if self.state != "closed":
+                self.state = "closed"
+                return "closed"
+            return None
+        self._failures_in_row += 1
+        if self.state == "half_open" or (self.state == "closed" and self._failures_in_row >= self.failures):
+            self.state = "open"
+            self._opened_at = now
+            self._trial = False
+            return "opened"
+        return None

@@ -1,0 +1,105 @@
+"""The pool's daily budget gate: exact arithmetic, pure, the wall clock passed in.
+
+Money is kept in integer micro-dollars, so sums never drift and the gate's
+comparisons are exact. The rule (DESIGN §10): a job may start when
+``spent < budget`` and ``spent + reserved + estimate <= budget``; a running
+job's estimate is reserved until it ends, then replaced by what it spent.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Hashable
+from typing import Literal
+
+__all__ = ["Budget", "budget_day", "seconds_until_midnight", "to_micros"]
+
+MICROS = 1_000_000
+
+Transition = Literal["warning", "exhausted"]
+
+
+def to_micros(usd: float) -> int:
+    """USD as integer micro-dollars (rounded to the nearest)."""
+    return round(usd * MICROS)
+
+
+def budget_day(now: dt.datetime, tz: dt.tzinfo) -> dt.date:
+    """The budget day ``now`` falls in: its date in ``tz``."""
+    return now.astimezone(tz).date()
+
+
+def seconds_until_midnight(now: dt.datetime, tz: dt.tzinfo) -> float:
+    """Seconds from ``now`` until the next midnight in ``tz`` (DST-aware: midnight is local)."""
+    local = now.astimezone(tz)
+    midnight = dt.datetime.combine(local.date() + dt.timedelta(days=1), dt.time(0), tzinfo=tz)
+    return (midnight - now).total_seconds()
+
+
+class Budget:
+    """Spend of one budget day and the estimates reserved by running jobs."""
+
+    __slots__ = ("_reserved", "_reserved_total", "day", "exhausted", "limit", "spent", "warn_at", "warned")
+
+    def __init__(self, daily_budget: float | None, warn_at: float = 0.9) -> None:
+        self.limit = None if daily_budget is None else to_micros(daily_budget)
+        self.warn_at = warn_at
+        self.day: dt.date | None = None
+        self.spent = 0
+        self.warned = False
+        self.exhausted = False
+        self._reserved: dict[Hashable, int] = {}
+        self._reserved_total = 0
+
+    @property
+    def reserved(self) -> int:
+        """Micro-dollars reserved by running jobs."""
+        return self._reserved_total
+
+    def roll(self, today: dt.date) -> bool:
+        """Enter ``today``; True when that started a new day after an earlier one (a reset)."""
+        if today == self.day:
+            return False
+        reset = self.day is not None
+        self.day = today
+        self.spent = 0
+        self.warned = False
+        self.exhausted = False
+        return reset
+
+    def can_start(self, estimate: int) -> bool:
+        """Whether a job with this estimate (micro-dollars) may start now."""
+        if self.limit is None:
+            return True
+        return self.spent < self.limit and self.spent + self._reserved_total + estimate <= self.limit
+
+    def admits(self, estimate: int) -> bool:
+        """Whether a submission with this estimate fits what is left (the ``reject`` check)."""
+        if self.limit is None:
+            return True
+        return self.spent < self.limit and estimate <= self.limit - self.spent - self._reserved_total
+
+    def reserve(self, job: Hashable, estimate: int) -> None:
+        """A job starts: hold its estimate."""
+        if job in self._reserved:
+            raise KeyError(f"{job!r} holds a reservation already")
+        self._reserved[job] = estimate
+        self._reserved_total += estimate
+
+    def settle(self, job: Hashable, actual: int) -> list[Transition]:
+        """A job ended having spent ``actual``: release its reservation, count the spend.
+
+        Returns the thresholds crossed by this spend, each at most once a day.
+        """
+        self._reserved_total -= self._reserved.pop(job, 0)
+        self.spent += actual
+        crossed: list[Transition] = []
+        if self.limit is None:
+            return crossed
+        if not self.warned and self.spent >= self.warn_at * self.limit:
+            self.warned = True
+            crossed.append("warning")
+        if not self.exhausted and self.spent >= self.limit:
+            self.exhausted = True
+            crossed.append("exhausted")
+        return crossed
