@@ -25,10 +25,13 @@ from __future__ import annotations
 from contextlib import suppress as _suppress
 
 from ._errors import AlreadyPresent as AlreadyPresent
+from ._errors import BudgetExceeded as BudgetExceeded
+from ._errors import JobFailed as JobFailed
 from ._errors import MaxChildren as MaxChildren
 from ._errors import NotFound as NotFound
 from ._errors import NotRunning as NotRunning
 from ._errors import OtreeError as OtreeError
+from ._errors import QueueFull as QueueFull
 from ._errors import Restarting as Restarting
 from ._errors import RestartIntensityExceeded as RestartIntensityExceeded
 from ._errors import Running as Running
@@ -41,14 +44,20 @@ from ._events import EventStream as EventStream
 from ._info import ChildInfo as ChildInfo
 from ._info import Counts as Counts
 from ._info import ExitInfo as ExitInfo
+from ._pool import DeadLetter as DeadLetter
+from ._pool import Job as Job
 from ._reaper import adopt_orphans as adopt_orphans
 from ._spec import Backoff as Backoff
+from ._spec import CircuitBreaker as CircuitBreaker
+from ._spec import PoolSpec as PoolSpec
 from ._spec import ProcessSpec as ProcessSpec
 from ._spec import SupervisorSpec as SupervisorSpec
 from ._spec import TaskSpec as TaskSpec
+from ._spec import pool as pool
 from ._spec import process as process
 from ._spec import supervisor as supervisor
 from ._spec import task as task
+from ._supervisor import PoolHandle as PoolHandle
 from ._supervisor import SupervisorHandle as SupervisorHandle
 from ._supervisor import open_supervisor as open_supervisor
 from ._supervisor import run as run
@@ -58,16 +67,24 @@ from ._task import current_child as current_child
 __all__ = [
     "AlreadyPresent",
     "Backoff",
+    "BudgetExceeded",
     "ChildInfo",
+    "CircuitBreaker",
     "Counts",
+    "DeadLetter",
     "Event",
     "EventStream",
     "ExitInfo",
+    "Job",
+    "JobFailed",
     "MaxChildren",
     "NotFound",
     "NotRunning",
     "OtreeError",
+    "PoolHandle",
+    "PoolSpec",
     "ProcessSpec",
+    "QueueFull",
     "RestartIntensityExceeded",
     "Restarting",
     "Running",
@@ -82,6 +99,7 @@ __all__ = [
     "adopt_orphans",
     "current_child",
     "open_supervisor",
+    "pool",
     "process",
     "run",
     "supervisor",

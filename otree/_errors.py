@@ -15,6 +15,9 @@ there is one, is chained as ``__cause__``.
   + NotRunning                 the supervisor the handle names is not running
   + SupervisorFailed           a supervisor stopped because of a failure
     + RestartIntensityExceeded more than max_restarts restarts within max_seconds
+  + QueueFull                  a pool's queue holds max_queue jobs
+  + BudgetExceeded             a pool's daily budget does not admit the job
+  + JobFailed                  a pool job was dead-lettered (or cancelled)
 
 ``Shutdown`` is not an error: a child raises it to exit with reason ``shutdown``.
 """
@@ -23,10 +26,13 @@ from __future__ import annotations
 
 __all__ = [
     "AlreadyPresent",
+    "BudgetExceeded",
+    "JobFailed",
     "MaxChildren",
     "NotFound",
     "NotRunning",
     "OtreeError",
+    "QueueFull",
     "RestartIntensityExceeded",
     "Restarting",
     "Running",
@@ -143,6 +149,31 @@ class RestartIntensityExceeded(SupervisorFailed):
             f"reached max restart intensity ({max_restarts} restarts in {max_seconds:g}s); "
             f"last failing child: {child}",
         )
+
+
+class QueueFull(OtreeError):
+    """The pool's queue holds ``max_queue`` waiting jobs; the submission was refused."""
+
+    def __init__(self, path: str, max_queue: int) -> None:
+        self.path = path
+        self.max_queue = max_queue
+        super().__init__(f"{path}: queue full (max_queue={max_queue})")
+
+
+class BudgetExceeded(OtreeError):
+    """The pool's daily budget does not admit the job (``on_budget_exhausted="reject"``)."""
+
+    def __init__(self, path: str, message: str) -> None:
+        self.path = path
+        super().__init__(f"{path}: {message}")
+
+
+class JobFailed(OtreeError):
+    """A pool job was dead-lettered (its last error chained) or cancelled."""
+
+    def __init__(self, job_id: str, message: str) -> None:
+        self.job_id = job_id
+        super().__init__(f"job {job_id}: {message}")
 
 
 class Shutdown(Exception):

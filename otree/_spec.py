@@ -14,6 +14,7 @@ import math
 import os
 import re
 import signal
+import zoneinfo
 from collections.abc import Awaitable, Callable, Container, Sequence
 from typing import Any, ClassVar, Literal
 
@@ -27,6 +28,8 @@ __all__ = [
     "AutoShutdown",
     "Backoff",
     "ChildSpec",
+    "CircuitBreaker",
+    "PoolSpec",
     "ProcessSpec",
     "ShutdownValue",
     "SupervisorSpec",
@@ -441,4 +444,141 @@ def supervisor(
     )
 
 
-ChildSpec = TaskSpec | SupervisorSpec | ProcessSpec
+class CircuitBreaker(msgspec.Struct, frozen=True):
+    """A pool stops starting jobs for ``cooldown`` s after ``failures`` failures in a row,
+    then lets one through (half-open); held jobs keep their place and attempts."""
+
+    failures: int = 5
+    cooldown: float = 120.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.failures, int) or isinstance(self.failures, bool) or self.failures < 1:
+            raise SpecError("circuit_breaker", "failures", "must be an integer >= 1", self.failures)
+        if not _is_number(self.cooldown) or not self.cooldown >= 0:
+            raise SpecError("circuit_breaker", "cooldown", "must be a number >= 0", self.cooldown)
+
+
+class PoolSpec(_Spec, frozen=True, kw_only=True):
+    """A pool child: a bounded priority job queue run by ``handlers`` (see ``otree.pool``)."""
+
+    kind: ClassVar[str] = "pool"
+    handlers: dict[str, Callable[..., Awaitable[Any]]]
+    max_concurrency: int = 1
+    max_queue: int = 1000
+    daily_budget: float | None = None
+    budget_tz: str = "local"
+    on_budget_exhausted: Literal["reject", "hold"] = "reject"
+    budget_warn_at: float = 0.9
+    max_attempts: int = 1
+    backoff: Backoff | None = None
+    circuit_breaker: CircuitBreaker | None = None
+    durable: bool | None = None
+    now: Callable[[], Any] | None = None
+    job_shutdown: ShutdownValue = 5.0
+    shutdown: ShutdownValue = "infinity"
+
+    def __post_init__(self) -> None:
+        path = _check_id(self.id)
+        _check_restart_and_significant(path, self.restart, self.significant)
+        _check_shutdown(path, self.shutdown)
+        _check_shutdown(path, self.job_shutdown)
+        if not isinstance(self.handlers, dict) or not self.handlers:
+            raise SpecError(
+                path, "handlers", "must be a non-empty dict of kind to async function", self.handlers
+            )
+        for kind, handler in self.handlers.items():
+            if not isinstance(kind, str) or not kind:
+                raise SpecError(path, "handlers", "must have non-empty str kinds", kind)
+            if not callable(handler) or _is_sync(handler):
+                raise SpecError(path, f"handlers[{kind!r}]", "must be an async function", handler)
+        for field in ("max_concurrency", "max_queue", "max_attempts"):
+            value = getattr(self, field)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise SpecError(path, field, "must be an integer >= 1", value)
+        budget = self.daily_budget
+        if budget is not None and (not _is_number(budget) or not 0 <= budget < math.inf):
+            raise SpecError(path, "daily_budget", "must be None or a number of USD >= 0", budget)
+        if not _is_number(self.budget_warn_at) or not 0 < self.budget_warn_at <= 1:
+            raise SpecError(path, "budget_warn_at", "must be a number in (0, 1]", self.budget_warn_at)
+        _check_choice(path, "on_budget_exhausted", self.on_budget_exhausted, ("reject", "hold"))
+        if self.budget_tz != "local":
+            try:
+                zoneinfo.ZoneInfo(self.budget_tz)
+            except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+                raise SpecError(
+                    path, "budget_tz", 'must be "local" or an IANA zone name', self.budget_tz
+                ) from None
+        if self.backoff is not None and not isinstance(self.backoff, Backoff):
+            raise SpecError(path, "backoff", "must be None or an otree.Backoff", self.backoff)
+        if self.circuit_breaker is not None and not isinstance(self.circuit_breaker, CircuitBreaker):
+            raise SpecError(
+                path, "circuit_breaker", "must be None or an otree.CircuitBreaker", self.circuit_breaker
+            )
+        if self.durable:
+            raise SpecError(
+                path, "durable", "True is not supported yet (the SQLite store is not built)", True
+            )
+        if self.now is not None and not callable(self.now):
+            raise SpecError(path, "now", "must be None or a callable returning an aware datetime", self.now)
+
+
+def pool(
+    id: str,  # noqa: A002 - OTP's name for it
+    handlers: dict[str, Callable[..., Awaitable[Any]]],
+    *,
+    max_concurrency: int = 1,
+    max_queue: int = 1000,
+    daily_budget: float | None = None,
+    budget_tz: str = "local",
+    on_budget_exhausted: Literal["reject", "hold"] = "reject",
+    budget_warn_at: float = 0.9,
+    max_attempts: int = 1,
+    backoff: Backoff | None = None,
+    circuit_breaker: CircuitBreaker | None = None,
+    durable: bool | None = None,
+    now: Callable[[], Any] | None = None,
+    job_shutdown: ShutdownValue = 5.0,
+    restart: Restart = "permanent",
+    shutdown: ShutdownValue = "infinity",
+    significant: bool = False,
+) -> PoolSpec:
+    """A pool child: jobs by priority (FIFO within one), at most ``max_concurrency`` at once.
+
+    Each running job is a temporary child of the pool running ``await handlers[kind](payload)``.
+
+    Args:
+      max_queue: most waiting jobs; a submission beyond it raises ``QueueFull``.
+      daily_budget, budget_tz, budget_warn_at, on_budget_exhausted: the daily USD gate
+        (a job's estimate is reserved while it runs; "reject" refuses submissions once
+        it is spent, "hold" keeps them until midnight in ``budget_tz``).
+      max_attempts, backoff: tries per job (1 = no retry) and the delay between them.
+      circuit_breaker: an ``otree.CircuitBreaker``; an open circuit holds jobs.
+      durable: the SQLite store is not built yet: None/False keep jobs in memory.
+      now: the wall clock for budget days (a callable returning an aware datetime).
+      job_shutdown: grace for running jobs when the pool stops (all at once).
+
+    Raises:
+      SpecError: a field is invalid.
+    """
+    return PoolSpec(
+        id=id,
+        handlers=dict(handlers) if isinstance(handlers, dict) else handlers,
+        max_concurrency=max_concurrency,
+        max_queue=max_queue,
+        daily_budget=daily_budget,
+        budget_tz=budget_tz,
+        on_budget_exhausted=on_budget_exhausted,
+        budget_warn_at=budget_warn_at,
+        max_attempts=max_attempts,
+        backoff=backoff,
+        circuit_breaker=circuit_breaker,
+        durable=durable,
+        now=now,
+        job_shutdown=job_shutdown,
+        restart=restart,
+        shutdown=shutdown,
+        significant=significant,
+    )
+
+
+ChildSpec = TaskSpec | SupervisorSpec | ProcessSpec | PoolSpec

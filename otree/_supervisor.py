@@ -43,13 +43,14 @@ from ._events import Event, EventBus, EventStream, level_of
 from ._info import ChildInfo, ChildState, Counts, ExitInfo
 from ._intensity import RestartWindow, backoff_delay
 from ._paths import state_dir as default_state_dir
+from ._pool import DeadLetter, Job, Pool
 from ._process import ProcessContext, ProcessRun, run_process
 from ._reaper import Reaper
-from ._spec import ChildSpec, ProcessSpec, SupervisorSpec, TaskSpec, takes_task_status
+from ._spec import ChildSpec, PoolSpec, ProcessSpec, SupervisorSpec, TaskSpec, takes_task_status
 from ._strategy import affected_children, should_restart
 from ._task import RunningChild
 
-__all__ = ["SupervisorHandle", "open_supervisor", "run"]
+__all__ = ["PoolHandle", "SupervisorHandle", "open_supervisor", "run"]
 
 
 ################################################################
@@ -67,6 +68,7 @@ class _Child:
         "nested",
         "path",
         "pending",
+        "pool",
         "restarts",
         "run",
         "spec",
@@ -80,6 +82,7 @@ class _Child:
         self.state: ChildState = "stopped"
         self.run: RunningChild | None = None
         self.nested: _Supervisor | None = None
+        self.pool: Pool | None = None
         self.restarts = 0
         self.started_at: float | None = None
         self.exit: ExitInfo | None = None  # the last run's exit
@@ -418,6 +421,7 @@ class _Supervisor:
         spec = child.spec
         run = RunningChild(self, child, child.path)
         nested = None
+        pool = None
         if isinstance(spec, TaskSpec):
             fn: Callable[..., Awaitable[Any]] = spec.fn
             args = spec.args
@@ -426,6 +430,9 @@ class _Supervisor:
             run.proc = ProcessRun()
             fn, takes_status = run_process, True
             args = (spec, run, run.proc, self.tree.processes(), self._emit)
+        elif isinstance(spec, PoolSpec):
+            pool = Pool(spec, child.path, self._emit)
+            fn, args, takes_status = pool.serve, (), True
         else:
             nested = _Supervisor(spec, child.path, self.tree, run)
             run.on_stop = nested.request_stop
@@ -434,6 +441,7 @@ class _Supervisor:
             run.started_mono = trio.current_time()
         child.run = run
         child.nested = nested
+        child.pool = pool
         child.state = "starting"
         child.started_at = time.time()
         self._nursery.start_soon(run.main, fn, args, takes_status, name=child.path)
@@ -757,7 +765,8 @@ class SupervisorHandle:
     def count_children(self) -> Counts:
         """Specs held, children running, and specs that are supervisors / workers."""
         children = self._sup().children.values()
-        supervisors = sum(1 for c in children if c.spec.kind == "supervisor")
+        # a pool supervises its jobs (OTP's simple_one_for_one): it counts as a supervisor
+        supervisors = sum(1 for c in children if c.spec.kind in ("supervisor", "pool"))
         return Counts(
             specs=len(children),
             active=sum(1 for c in children if c.run is not None),
@@ -769,24 +778,27 @@ class SupervisorHandle:
         """The spec of a child."""
         return self._sup()._get(child_id).spec
 
-    def child(self, child_id: str) -> SupervisorHandle:
-        """The handle of the nested supervisor ``child_id``.
+    def child(self, child_id: str) -> SupervisorHandle | PoolHandle:
+        """The handle of the nested supervisor or pool ``child_id``.
 
         Raises:
           NotFound: no such child.
-          TypeError: the child is a worker, not a supervisor.
+          TypeError: the child is a worker (task or process).
         """
         return self.find(child_id)
 
-    def find(self, path: str) -> SupervisorHandle:
-        """The handle of a nested supervisor by a path relative to this one (``"db/cache"``)."""
+    def find(self, path: str) -> SupervisorHandle | PoolHandle:
+        """The handle of a nested supervisor or pool by a path relative to this one (``"db/jobs"``)."""
         ids = tuple(part for part in path.split("/") if part)
         sup = self._sup()
         for depth, child_id in enumerate(ids):
             child = sup._get(child_id)
+            last = depth == len(ids) - 1
+            if child.spec.kind == "pool" and last:
+                return PoolHandle(self._tree, self._ids + ids)
             if child.spec.kind != "supervisor":
-                raise TypeError(f"{child.path} is a {child.spec.kind}, not a supervisor")
-            if depth == len(ids) - 1:
+                raise TypeError(f"{child.path} is a {child.spec.kind}, not a supervisor or pool")
+            if last:
                 break
             if child.nested is None or child.run is None:
                 raise NotRunning(child.path, child.state)
@@ -795,6 +807,80 @@ class SupervisorHandle:
 
     def events(self, *, buffer: int = 10_000) -> EventStream:
         """Live events of this supervisor and all its descendants, from now on."""
+        return self._tree.bus.subscribe(self.path, buffer)
+
+
+class PoolHandle:
+    """A running pool child, named by its path; resolved on every call, like SupervisorHandle."""
+
+    __slots__ = ("_ids", "_tree", "path")
+
+    def __init__(self, tree: _Tree, ids: tuple[str, ...]) -> None:
+        self._tree = tree
+        self._ids = ids
+        self.path = "/".join((tree.root.path, *ids))
+
+    def __repr__(self) -> str:
+        return f"<otree.PoolHandle {self.path}>"
+
+    def _pool(self) -> Pool:
+        parent = SupervisorHandle(self._tree, self._ids[:-1])._sup()
+        child = parent._get(self._ids[-1])
+        if child.pool is None or child.run is None:
+            raise NotRunning(child.path, child.state)
+        return child.pool
+
+    def submit_nowait(
+        self,
+        kind: str,
+        payload: Any = None,
+        *,
+        priority: int = 0,
+        estimated_cost: float = 0.0,
+        key: Any = None,
+    ) -> Job:
+        """Queue a job at once (never waits); see ``Pool.submit_nowait`` for the errors."""
+        return self._pool().submit_nowait(
+            kind, payload, priority=priority, estimated_cost=estimated_cost, key=key
+        )
+
+    async def submit(
+        self,
+        kind: str,
+        payload: Any = None,
+        *,
+        priority: int = 0,
+        estimated_cost: float = 0.0,
+        key: Any = None,
+    ) -> Job:
+        """Queue a job. Raises ``QueueFull`` at once when the queue is full (never waits)."""
+        job = self.submit_nowait(kind, payload, priority=priority, estimated_cost=estimated_cost, key=key)
+        await trio.lowlevel.checkpoint()
+        return job
+
+    def dead_letters(self) -> list[DeadLetter]:
+        """Jobs that used all their attempts, oldest first."""
+        return list(self._pool().dead.values())
+
+    async def requeue(self, dead_letter_id: str) -> Job:
+        """Queue a dead letter again."""
+        try:
+            job = self._pool().requeue(dead_letter_id)
+        except KeyError:
+            raise NotFound(self.path, dead_letter_id, list(self._pool().dead)) from None
+        await trio.lowlevel.checkpoint()
+        return job
+
+    def queued(self) -> list[Job]:
+        """Waiting jobs in the order they would start."""
+        return [job for _, job in self._pool().queue]
+
+    def which_children(self) -> list[ChildInfo]:
+        """Running jobs, newest first."""
+        return self._pool().which_children()
+
+    def events(self, *, buffer: int = 10_000) -> EventStream:
+        """Live events of this pool and its jobs, from now on."""
         return self._tree.bus.subscribe(self.path, buffer)
 
 

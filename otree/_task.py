@@ -82,6 +82,7 @@ class RunningChild:
         "path",
         "proc",
         "ready",
+        "result",
         "scope",
         "started_mono",
         "stop_mode",
@@ -107,6 +108,7 @@ class RunningChild:
         self.error: BaseException | None = None
         self.cost = 0.0
         self.proc: Any = None  # a process child's ProcessRun (pid, status, stderr tail)
+        self.result: Any = None  # what the function returned (a pool job's result)
         self.started_mono = 0.0  # trio time of the start, set where backoff needs it
 
     # --- what a child sees -------------------------------------------------
@@ -183,9 +185,9 @@ class RunningChild:
         try:
             with self.scope:
                 if takes_status:
-                    await fn(*args, task_status=self)
+                    self.result = await fn(*args, task_status=self)
                 else:
-                    await fn(*args)
+                    self.result = await fn(*args)
                 returned = True
         except Exception as exc:  # noqa: BLE001 - a child's exception is its exit reason
             self.error = exc

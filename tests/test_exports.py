@@ -26,6 +26,9 @@ ERRORS = [
     otree.NotRunning,
     otree.SupervisorFailed,
     otree.RestartIntensityExceeded,
+    otree.QueueFull,
+    otree.BudgetExceeded,
+    otree.JobFailed,
 ]
 
 

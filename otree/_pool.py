@@ -1,0 +1,382 @@
+"""The pool child: a bounded priority job queue, a concurrency cap, a daily budget gate,
+retries with backoff, dead letters and a circuit breaker (in memory; no store yet).
+
+Each running job is a temporary child of the pool (a ``RunningChild`` running
+``await handler(payload)``), so ``current_child().report_cost()`` works in a
+handler and the job shows in the pool's ``which_children``. One task, the
+dispatcher, decides what starts; the decisions are the pure ``JobQueue``,
+``Budget`` and ``CircuitState``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import itertools
+import math
+import time
+import zoneinfo
+from collections.abc import Callable, Hashable
+from typing import Any, Literal
+
+import msgspec
+import trio
+from trio_util import wait_any
+
+from ._budget import Budget, budget_day, seconds_until_midnight, to_micros
+from ._errors import BudgetExceeded, JobFailed, QueueFull
+from ._info import ChildInfo
+from ._intensity import CircuitState, backoff_delay
+from ._jobqueue import JobQueue
+from ._spec import PoolSpec
+from ._task import RunningChild, current_child
+
+__all__ = ["DeadLetter", "Job", "Pool"]
+
+JobState = Literal["queued", "waiting", "running", "done", "dead", "cancelled"]
+PRIORITY_RANGE = range(-1000, 1001)
+
+
+class DeadLetter(msgspec.Struct, frozen=True):
+    """A job that used all its attempts: its last error, attempts and times."""
+
+    id: str
+    kind: str
+    payload: Any
+    priority: int
+    attempts: int
+    error: str
+    submitted_at: float
+    failed_at: float
+
+
+class Job:
+    """A submitted job: ``await job.result()`` or ``job.cancel()``."""
+
+    __slots__ = (
+        "_done",
+        "_pool",
+        "attempts",
+        "cost",
+        "error",
+        "estimate",
+        "id",
+        "key",
+        "kind",
+        "payload",
+        "priority",
+        "run",
+        "state",
+        "submitted_at",
+        "value",
+    )
+
+    def __init__(
+        self, pool: Pool, job_id: str, kind: str, payload: Any, *, priority: int, estimate: int, key: Hashable
+    ) -> None:
+        self._pool = pool
+        self.id = job_id
+        self.kind = kind
+        self.payload = payload
+        self.priority = priority
+        self.estimate = estimate  # micro-dollars
+        self.key = key
+        self.attempts = 0
+        self.cost = 0.0
+        self.state: JobState = "queued"
+        self.submitted_at = time.time()
+        self.run: RunningChild | None = None
+        self.value: Any = None
+        self.error: BaseException | None = None
+        self._done = trio.Event()
+
+    def __repr__(self) -> str:
+        return f"<otree.Job {self.id} {self.kind} {self.state}>"
+
+    async def result(self) -> Any:
+        """The handler's return value once the job has succeeded.
+
+        Raises:
+          JobFailed: the job was dead-lettered (its last error chained) or cancelled.
+        """
+        await self._done.wait()
+        if self.state == "done":
+            return self.value
+        if self.state == "cancelled":
+            raise JobFailed(self.id, "cancelled")
+        raise JobFailed(self.id, f"dead-lettered after {self.attempts} attempts") from self.error
+
+    def cancel(self) -> None:
+        """Remove a waiting job from the queue, or stop a running one; nothing for a finished job."""
+        self._pool.cancel(self)
+
+
+class Pool:
+    """One running pool (one run of a pool spec)."""
+
+    def __init__(self, spec: PoolSpec, path: str, emit: Callable[..., None]) -> None:
+        self.spec = spec
+        self.path = path
+        self._emit = emit
+        self.queue: JobQueue[str, Job] = JobQueue()
+        self.running: dict[str, Job] = {}
+        self.waiting: list[tuple[float, int, Job]] = []  # retries waiting out their backoff
+        self.dead: dict[str, DeadLetter] = {}
+        self._by_key: dict[Hashable, Job] = {}
+        self._ids = itertools.count(1)
+        self._tz: dt.tzinfo = (
+            dt.datetime.now().astimezone().tzinfo
+            if spec.budget_tz == "local"
+            else zoneinfo.ZoneInfo(spec.budget_tz)
+        ) or dt.UTC
+        self.budget = Budget(spec.daily_budget, spec.budget_warn_at)
+        self.budget.roll(budget_day(self._now(), self._tz))
+        breaker = spec.circuit_breaker
+        self.circuit = CircuitState(breaker.failures, breaker.cooldown) if breaker is not None else None
+        self._wake = trio.Event()
+        self._nursery: trio.Nursery | None = None
+        self._stopping = False
+
+    # --- submission -----------------------------------------------------------------
+
+    def _now(self) -> dt.datetime:
+        clock = self.spec.now
+        return clock() if clock is not None else dt.datetime.now(self._tz)
+
+    def submit_nowait(
+        self,
+        kind: str,
+        payload: Any = None,
+        *,
+        priority: int = 0,
+        estimated_cost: float = 0.0,
+        key: Hashable = None,
+    ) -> Job:
+        """Queue a job at once; never waits.
+
+        Raises:
+          ValueError: unknown kind, priority out of range, negative cost, unencodable payload.
+          QueueFull: ``max_queue`` jobs wait already.
+          BudgetExceeded: under ``"reject"``, the estimate does not fit today's budget.
+        """
+        if kind not in self.spec.handlers:
+            kinds = ", ".join(sorted(self.spec.handlers))
+            raise ValueError(f"{self.path}: unknown job kind {kind!r} (kinds: {kinds})")
+        if isinstance(priority, bool) or not isinstance(priority, int) or priority not in PRIORITY_RANGE:
+            raise ValueError(f"{self.path}: priority must be an integer in [-1000, 1000]; got {priority!r}")
+        if (
+            isinstance(estimated_cost, bool)
+            or not isinstance(estimated_cost, (int, float))
+            or not (0 <= estimated_cost < math.inf)
+        ):
+            raise ValueError(
+                f"{self.path}: estimated_cost must be a number of USD >= 0; got {estimated_cost!r}"
+            )
+        try:
+            msgspec.json.encode(payload)
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise ValueError(f"{self.path}: payload of a {kind!r} job cannot be encoded: {exc}") from None
+        if key is not None and key in self._by_key:
+            return self._by_key[key]
+        if len(self.queue) + len(self.waiting) >= self.spec.max_queue:
+            self._emit(self.path, "job.rejected", "queue_full", job_kind=kind)
+            raise QueueFull(self.path, self.spec.max_queue)
+        estimate = to_micros(estimated_cost)
+        self._roll()
+        if self.spec.on_budget_exhausted == "reject" and not self.budget.admits(estimate):
+            self._emit(self.path, "job.rejected", "budget", job_kind=kind, estimated_cost=estimated_cost)
+            raise BudgetExceeded(
+                self.path, f"the daily budget does not admit an estimate of ${estimated_cost:g}"
+            )
+        job = Job(self, f"{next(self._ids)}", kind, payload, priority=priority, estimate=estimate, key=key)
+        if key is not None:
+            self._by_key[key] = job
+        self.queue.push(job.id, priority, job)
+        self._emit(f"{self.path}/{job.id}", "job.queued", "", job_kind=kind, priority=priority)
+        self._wake.set()
+        return job
+
+    def cancel(self, job: Job) -> None:
+        if job.state == "queued" and self.queue.remove(job.id) is not None:
+            self._finish(job, "cancelled")
+        elif job.state == "waiting":
+            self.waiting = [w for w in self.waiting if w[2] is not job]
+            self._finish(job, "cancelled")
+        elif job.state == "running" and job.run is not None:
+            job.state = "cancelled"
+            job.run.request_stop(self.spec.job_shutdown, self._job_stopped)
+
+    def requeue(self, dead_letter_id: str) -> Job:
+        """Queue a dead letter again (a fresh count of attempts)."""
+        letter = self.dead.pop(dead_letter_id)
+        return self.submit_nowait(letter.kind, letter.payload, priority=letter.priority)
+
+    # --- dispatch ---------------------------------------------------------------------
+
+    def _roll(self) -> None:
+        if self.budget.roll(budget_day(self._now(), self._tz)):
+            self._emit(self.path, "budget.reset", "")
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run the dispatcher until the pool is asked to stop; then stop running jobs at once."""
+        me = current_child()
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            try:
+                while not me.stopping.is_set():
+                    deadline = self._dispatch()
+                    self._wake = trio.Event()
+                    with trio.move_on_at(deadline):
+                        await wait_any(self._wake.wait, me.stopping.wait)
+            finally:
+                self._stopping = True
+                with trio.CancelScope(shield=True):
+                    await self._stop_running()
+
+    def _dispatch(self) -> float:
+        """Start what may start now; the trio time at which to look again (inf: on the next event)."""
+        now = trio.current_time()
+        while self.waiting and self.waiting[0][0] <= now:
+            _, _, job = self.waiting.pop(0)
+            job.state = "queued"
+            self.queue.push(job.id, job.priority, job)
+        look_again = self.waiting[0][0] if self.waiting else math.inf
+        self._roll()
+        while len(self.running) < self.spec.max_concurrency:
+            head = self.queue.peek()
+            if head is None:
+                break
+            job = head[1]
+            if not self.budget.can_start(job.estimate):
+                # strict priority order: the head that does not fit holds the jobs behind it
+                if self.budget.exhausted or self.budget.spent >= (self.budget.limit or 0):
+                    look_again = min(look_again, now + seconds_until_midnight(self._now(), self._tz))
+                break
+            if self.circuit is not None:
+                allowed, entered = self.circuit.allow(now)
+                if entered:
+                    self._emit(self.path, f"circuit.{entered}", "")
+                if not allowed:
+                    look_again = min(look_again, now + self.circuit.reopen_in(now))
+                    break
+            self.queue.pop()
+            self._start(job)
+        return look_again
+
+    def _start(self, job: Job) -> None:
+        assert self._nursery is not None
+        job.attempts += 1
+        job.state = "running"
+        self.budget.reserve(job.id, job.estimate)
+        run = RunningChild(self, job, f"{self.path}/{job.id}")
+        run.ready = True
+        run.started_mono = trio.current_time()
+        job.run = run
+        self.running[job.id] = job
+        self._emit(run.path, "job.started", "", job_kind=job.kind, attempt=job.attempts)
+        self._nursery.start_soon(run.main, self.spec.handlers[job.kind], (job.payload,), False, name=run.path)
+
+    # --- a job ended --------------------------------------------------------------------
+
+    def run_exited(self, run: RunningChild) -> None:
+        """A job's handler returned or raised (the owner protocol of ``RunningChild``)."""
+        job: Job = run.child
+        del self.running[job.id]
+        job.run = None
+        job.cost += run.cost
+        transitions = self.budget.settle(job.id, to_micros(run.cost))
+        ok = run.exit is not None and run.exit.reason == "normal"
+        duration = trio.current_time() - run.started_mono
+        for crossed in transitions:
+            self._emit(self.path, f"budget.{crossed}", "", spent=self.budget.spent / 1e6)
+        if self.circuit is not None:
+            entered = self.circuit.record(ok, trio.current_time())
+            if entered:
+                self._emit(self.path, f"circuit.{entered}", "")
+        if ok:
+            job.value = run.result
+            self._emit(run.path, "job.finished", "normal", duration=duration, cost=run.cost)
+            self._finish(job, "done")
+        else:
+            job.error = run.error
+            self._failed(job, run)
+        self._wake.set()
+
+    def _failed(self, job: Job, run: RunningChild) -> None:
+        detail = run.exit.detail if run.exit is not None else "error"
+        if job.attempts < self.spec.max_attempts and not self._stopping:
+            backoff = self.spec.backoff
+            delay = (
+                backoff_delay(
+                    job.attempts,
+                    initial=backoff.initial,
+                    maximum=backoff.maximum,
+                    factor=backoff.factor,
+                    jitter=backoff.jitter,
+                    unit=0.5,
+                )
+                if backoff is not None
+                else 0.0
+            )
+            job.state = "waiting"
+            self.waiting.append((trio.current_time() + delay, job.attempts, job))
+            self.waiting.sort(key=lambda w: (w[0], w[1]))
+            self._emit(run.path, "job.retried", "error", delay=delay, attempt=job.attempts, detail=detail)
+            return
+        self.dead[job.id] = DeadLetter(
+            id=job.id,
+            kind=job.kind,
+            payload=job.payload,
+            priority=job.priority,
+            attempts=job.attempts,
+            error=detail,
+            submitted_at=job.submitted_at,
+            failed_at=time.time(),
+        )
+        self._emit(run.path, "job.dead_lettered", "error", attempts=job.attempts, detail=detail)
+        self._finish(job, "dead")
+
+    def _job_stopped(self, run: RunningChild) -> None:
+        """A job the pool stopped (a cancel, or the pool's own stop) has exited."""
+        job: Job = run.child
+        self.running.pop(job.id, None)
+        job.run = None
+        job.cost += run.cost
+        self.budget.settle(job.id, to_micros(run.cost))
+        self._finish(job, "cancelled")
+        self._wake.set()
+
+    def _finish(self, job: Job, state: JobState) -> None:
+        job.state = state
+        if job.key is not None and self._by_key.get(job.key) is job:
+            del self._by_key[job.key]
+        job._done.set()
+
+    async def _stop_running(self) -> None:
+        """Stop every running job at once under one ``job_shutdown`` timer (OTP's simple_one_for_one)."""
+        jobs = list(self.running.values())
+        for job in jobs:
+            if job.run is not None:
+                job.run.request_stop(self.spec.job_shutdown, self._job_stopped)
+        while self.running:
+            self._wake = trio.Event()
+            await self._wake.wait()
+
+    # --- reading ---------------------------------------------------------------------------
+
+    def which_children(self) -> list[ChildInfo]:
+        """Running jobs, newest first."""
+        return [
+            ChildInfo(
+                id=job.id,
+                path=f"{self.path}/{job.id}",
+                kind="job",
+                state="running",
+                pid=None,
+                restarts=job.attempts - 1,
+                started_at=None,
+                exit=None,
+                status=job.kind,
+            )
+            for job in reversed(self.running.values())
+        ]

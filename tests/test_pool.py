@@ -1,0 +1,271 @@
+"""The pool child (in memory): order, cap, budget gate, retries, dead letters, circuit breaker."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import otree
+
+T0 = dt.datetime(2026, 11, 22, 23, 0, tzinfo=dt.UTC)
+
+
+def clock() -> dt.datetime:
+    """A wall clock that follows trio's (Mock)clock, starting at 23:00 UTC."""
+    return T0 + dt.timedelta(seconds=trio.current_time())
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.started: list[Any] = []
+        self.running = 0
+        self.most = 0
+
+    async def work(self, payload: dict[str, Any]) -> Any:
+        self.started.append(payload["n"])
+        self.running += 1
+        self.most = max(self.most, self.running)
+        try:
+            me = otree.current_child()
+            me.report_cost(payload.get("cost", 0.0))
+            await trio.sleep(payload.get("sleep", 1.0))
+            if payload.get("fail"):
+                raise RuntimeError(f"job {payload['n']} failed")
+            return payload["n"] * 10
+        finally:
+            self.running -= 1
+
+
+def tree_of(recorder: Recorder, **kw: Any) -> otree.SupervisorSpec:
+    return otree.supervisor("root", children=[otree.pool("jobs", {"work": recorder.work}, now=clock, **kw)])
+
+
+def pool_of(sup: otree.SupervisorHandle) -> otree.PoolHandle:
+    handle = sup.child("jobs")
+    assert isinstance(handle, otree.PoolHandle)
+    return handle
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    jobs=st.lists(st.tuples(st.integers(-2, 2), st.integers(1, 5)), min_size=1, max_size=25),
+    cap=st.integers(1, 4),
+)
+def test_pool_starts_by_priority_fifo_within_a_class_never_above_the_cap(
+    jobs: list[tuple[int, int]], cap: int
+) -> None:
+    recorder = Recorder()
+    started: list[int] = []
+
+    async def scenario() -> None:
+        async with otree.open_supervisor(tree_of(recorder, max_concurrency=cap)) as sup:
+            pool = pool_of(sup)
+            stream = pool.events()
+            handles = [
+                pool.submit_nowait("work", {"n": n, "sleep": d}, priority=p) for n, (p, d) in enumerate(jobs)
+            ]
+            assert [await h.result() for h in handles] == [n * 10 for n in range(len(jobs))]
+            async for event in stream:  # the order the pool started them in
+                if event.kind == "job.started":
+                    started.append(int(event.path.rsplit("/", 1)[1]) - 1)
+                    if len(started) == len(jobs):
+                        break
+
+    trio.run(scenario, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert started == sorted(range(len(jobs)), key=lambda n: (-jobs[n][0], n))
+    assert sorted(recorder.started) == list(range(len(jobs)))
+    assert recorder.most == min(cap, len(jobs))
+
+
+async def test_pool_queue_full_rejects_and_a_cancelled_job_leaves_the_queue(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    recorder = Recorder()
+    async with otree.open_supervisor(tree_of(recorder, max_queue=2)) as sup:
+        pool = pool_of(sup)
+        first = pool.submit_nowait("work", {"n": 0})
+        await trio.testing.wait_all_tasks_blocked()  # the first one runs: it does not count
+        a = pool.submit_nowait("work", {"n": 1})
+        pool.submit_nowait("work", {"n": 2})
+        with pytest.raises(otree.QueueFull, match="root/jobs: queue full \\(max_queue=2\\)"):
+            await pool.submit("work", {"n": 3})
+        a.cancel()
+        assert [j.id for j in pool.queued()] == ["3"]
+        with pytest.raises(otree.JobFailed, match="cancelled"):
+            await a.result()
+        assert await first.result() == 0
+        assert [info.id for info in pool.which_children()] in (["3"], [])
+
+
+async def test_pool_submit_refuses_bad_input_and_queues_nothing(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    recorder = Recorder()
+    async with otree.open_supervisor(tree_of(recorder)) as sup:
+        pool = pool_of(sup)
+        with pytest.raises(ValueError, match="unknown job kind 'nope' \\(kinds: work\\)"):
+            pool.submit_nowait("nope", {})
+        with pytest.raises(ValueError, match="priority must be an integer in \\[-1000, 1000\\]"):
+            pool.submit_nowait("work", {}, priority=5000)
+        with pytest.raises(ValueError, match="estimated_cost must be a number of USD >= 0"):
+            pool.submit_nowait("work", {}, estimated_cost=-1)
+        with pytest.raises(ValueError, match="payload of a 'work' job cannot be encoded"):
+            pool.submit_nowait("work", {"x": object()})
+        assert pool.queued() == []
+
+
+async def test_pool_key_makes_submission_idempotent(autojump_clock: trio.testing.MockClock) -> None:
+    recorder = Recorder()
+    async with otree.open_supervisor(tree_of(recorder)) as sup:
+        pool = pool_of(sup)
+        first = pool.submit_nowait("work", {"n": 1}, key="once")
+        assert pool.submit_nowait("work", {"n": 1}, key="once") is first
+        assert await first.result() == 10
+    assert recorder.started == [1]
+
+
+async def test_pool_reservations_prevent_overshoot_with_concurrent_jobs(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    recorder = Recorder()
+    tree = tree_of(recorder, max_concurrency=10, daily_budget=1.0, on_budget_exhausted="hold")
+    async with otree.open_supervisor(tree) as sup:
+        pool = pool_of(sup)
+        for n in range(6):
+            pool.submit_nowait("work", {"n": n, "cost": 0.3}, estimated_cost=0.3)
+        await trio.testing.wait_all_tasks_blocked()
+        assert recorder.most == 3  # 3 x 0.3 reserved; a 4th would pass 1.0
+        await trio.sleep(1.5)
+        assert sorted(recorder.started) == [0, 1, 2]  # 0.9 spent: 0.9 + 0.3 > 1.0, held until midnight
+
+
+async def test_pool_warns_once_then_holds_until_midnight_in_the_budget_tz(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    recorder = Recorder()
+    tree = tree_of(recorder, daily_budget=1.0, budget_warn_at=0.5, on_budget_exhausted="hold")
+    kinds: list[str] = []
+    async with otree.open_supervisor(tree) as sup:
+        pool = pool_of(sup)
+        stream = pool.events()
+        jobs = [pool.submit_nowait("work", {"n": n, "cost": 0.4}, estimated_cost=0.2) for n in range(4)]
+        assert await jobs[2].result() == 20  # 1.2 spent after three: the 4th is held
+        before = trio.current_time()
+        assert await jobs[3].result() == 30
+        assert trio.current_time() - before == pytest.approx(3600 - 3, abs=1)  # midnight UTC at t=3600
+        async for event in stream:
+            if event.path == "root/jobs":
+                kinds.append(event.kind)
+            if event.kind == "budget.reset":
+                break
+    assert kinds == ["budget.warning", "budget.exhausted", "budget.reset"]
+
+
+async def test_pool_reject_mode_refuses_submissions_once_spent(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    recorder = Recorder()
+    tree = tree_of(recorder, daily_budget=0.5)
+    async with otree.open_supervisor(tree) as sup:
+        pool = pool_of(sup)
+        with pytest.raises(otree.BudgetExceeded, match=r"does not admit an estimate of \$0\.6"):
+            pool.submit_nowait("work", {"n": 0}, estimated_cost=0.6)
+        assert await pool.submit_nowait("work", {"n": 1, "cost": 0.5}, estimated_cost=0.1).result() == 10
+        with pytest.raises(otree.BudgetExceeded):
+            pool.submit_nowait("work", {"n": 2})
+
+
+async def test_pool_retries_with_backoff_then_dead_letters_and_requeues(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    recorder = Recorder()
+    backoff = otree.Backoff(initial=2.0, maximum=10.0, factor=2.0, jitter=0.0)
+    tree = tree_of(recorder, max_attempts=3, backoff=backoff)
+    async with otree.open_supervisor(tree) as sup:
+        pool = pool_of(sup)
+        stream = pool.events()
+        job = pool.submit_nowait("work", {"n": 7, "fail": True, "sleep": 0})
+        with pytest.raises(otree.JobFailed, match="dead-lettered after 3 attempts") as info:
+            await job.result()
+        assert isinstance(info.value.__cause__, RuntimeError)
+        assert trio.current_time() == pytest.approx(2.0 + 4.0)
+        delays = [
+            e.details["delay"] async for e in _until(stream, "job.dead_lettered") if e.kind == "job.retried"
+        ]
+        assert delays == [2.0, 4.0]
+        (letter,) = pool.dead_letters()
+        assert (letter.id, letter.attempts, letter.error) == ("1", 3, "RuntimeError: job 7 failed")
+        again = await pool.requeue(letter.id)
+        assert pool.dead_letters() == []
+        with pytest.raises(otree.JobFailed):
+            await again.result()
+
+
+async def _until(stream: otree.EventStream, kind: str):  # type: ignore[no-untyped-def]
+    async for event in stream:
+        yield event
+        if event.kind == kind:
+            return
+
+
+async def test_pool_circuit_breaker_holds_jobs_without_burning_attempts(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    recorder = Recorder()
+    tree = tree_of(recorder, circuit_breaker=otree.CircuitBreaker(failures=2, cooldown=60.0))
+    async with otree.open_supervisor(tree) as sup:
+        pool = pool_of(sup)
+        stream = pool.events()
+        failing = [pool.submit_nowait("work", {"n": n, "fail": True, "sleep": 0}) for n in range(2)]
+        held = pool.submit_nowait("work", {"n": 9, "sleep": 0})
+        for job in failing:
+            with pytest.raises(otree.JobFailed):
+                await job.result()
+        assert held.state == "queued" and held.attempts == 0
+        assert await held.result() == 90
+        assert trio.current_time() == pytest.approx(60.0)
+        kinds = [e.kind async for e in _until(stream, "circuit.closed") if e.kind.startswith("circuit.")]
+        assert kinds == ["circuit.opened", "circuit.half_open", "circuit.closed"]
+
+
+async def test_pool_stop_stops_running_jobs_at_once_under_one_job_shutdown(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async def stubborn(payload: Any) -> None:
+        otree.current_child().stopping  # noqa: B018 - trapping: gets the job_shutdown grace
+        await trio.sleep_forever()
+
+    tree = otree.supervisor(
+        "root", children=[otree.pool("jobs", {"s": stubborn}, max_concurrency=3, job_shutdown=4.0)]
+    )
+    async with otree.open_supervisor(tree) as sup:
+        pool = pool_of(sup)
+        jobs = [pool.submit_nowait("s", n) for n in range(3)]
+        await trio.testing.wait_all_tasks_blocked()
+        assert len(pool.which_children()) == 3
+        before = trio.current_time()
+        await sup.terminate_child("jobs")
+        assert trio.current_time() - before == pytest.approx(4.0)  # not 3 x 4
+    for job in jobs:
+        with pytest.raises(otree.JobFailed, match="cancelled"):
+            await job.result()
+
+
+def test_pool_spec_errors_name_the_field() -> None:
+    async def work(payload: Any) -> None:
+        pass
+
+    with pytest.raises(otree.SpecError, match="jobs: max_concurrency must be an integer >= 1; got 0"):
+        otree.pool("jobs", {"w": work}, max_concurrency=0)
+    with pytest.raises(otree.SpecError, match='jobs: budget_tz must be "local" or an IANA zone name'):
+        otree.pool("jobs", {"w": work}, budget_tz="Mars/Olympus")
+    with pytest.raises(otree.SpecError, match="jobs: durable True is not supported yet"):
+        otree.pool("jobs", {"w": work}, durable=True)
+    with pytest.raises(otree.SpecError, match="handlers\\['w'\\] must be an async function"):
+        otree.pool("jobs", {"w": print})
