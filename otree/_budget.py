@@ -67,6 +67,13 @@ class Budget:
         self.exhausted = False
         return reset
 
+    def restore(self, spent: int) -> None:
+        """Today's spend as a store kept it; thresholds already passed do not warn again."""
+        self.spent = spent
+        if self.limit is not None:
+            self.warned = spent >= self.warn_at * self.limit
+            self.exhausted = spent >= self.limit
+
     def can_start(self, estimate: int) -> bool:
         """Whether a job with this estimate (micro-dollars) may start now."""
         if self.limit is None:

@@ -21,6 +21,7 @@ import trio
 from ._errors import OtreeError
 from ._events import Event
 from ._loader import LoadError, load_tree
+from ._paths import state_dir
 from ._reaper import Reaper, adopt_orphans
 from ._spec import ChildSpec, ProcessSpec, SupervisorSpec
 from ._supervisor import run
@@ -79,13 +80,13 @@ async def _watch_signals(path: str, scope: trio.CancelScope) -> None:
             return
 
 
-async def _serve(tree: SupervisorSpec, state_dir: str | None) -> OtreeError | None:
+async def _serve(tree: SupervisorSpec, state: str) -> OtreeError | None:
     """Run ``tree`` until it ends or SIGINT/SIGTERM arrives (even mid-start); its error, if any."""
     outcome: OtreeError | None = None
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_watch_signals, tree.id, nursery.cancel_scope)
         try:
-            await run(tree, state_dir=state_dir)
+            await run(tree, state_dir=state)
         except OtreeError as error:
             outcome = error
         nursery.cancel_scope.cancel()
@@ -101,7 +102,8 @@ def _run(args: argparse.Namespace) -> int:
     adopt_orphans()
     Reaper.reap_all = True
     try:
-        failure = trio.run(_serve, tree, args.state_dir)
+        # the state dir is always set under `otree run`, so pools are durable by default
+        failure = trio.run(_serve, tree, str(state_dir(args.state_dir)))
     finally:
         _log.removeHandler(handler)
     if failure is not None:

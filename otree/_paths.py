@@ -12,7 +12,7 @@ from pathlib import Path
 
 import platformdirs
 
-__all__ = ["child_log_dir", "ensure_private_dir", "state_dir"]
+__all__ = ["child_log_dir", "ensure_private_dir", "pool_database", "state_dir"]
 
 
 def state_dir(override: str | os.PathLike[str] | None = None) -> Path:
@@ -32,3 +32,9 @@ def ensure_private_dir(path: Path) -> Path:
 def child_log_dir(state: Path, child_path: str) -> Path:
     """``<state dir>/logs/<child path as nested folders>``."""
     return state.joinpath("logs", *child_path.split("/"))
+
+
+def pool_database(state: Path, pool_path: str) -> Path:
+    """``<state dir>/pools/<pool path>.sqlite3``."""
+    *parents, name = pool_path.split("/")
+    return state.joinpath("pools", *parents, f"{name}.sqlite3")

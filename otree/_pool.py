@@ -16,6 +16,7 @@ import math
 import time
 import zoneinfo
 from collections.abc import Callable, Hashable
+from pathlib import Path
 from typing import Any, Literal
 
 import msgspec
@@ -23,16 +24,17 @@ import trio
 from trio_util import wait_any
 
 from ._budget import Budget, budget_day, seconds_until_midnight, to_micros
-from ._errors import BudgetExceeded, JobFailed, QueueFull
+from ._errors import BudgetExceeded, JobFailed, NotRunning, QueueFull
 from ._info import ChildInfo
 from ._intensity import CircuitState, backoff_delay
 from ._jobqueue import JobQueue
 from ._spec import PoolSpec
+from ._store import INTERRUPTIONS_TO_DEAD, Store
 from ._task import RunningChild, current_child
 
 __all__ = ["DeadLetter", "Job", "Pool"]
 
-JobState = Literal["queued", "waiting", "running", "done", "dead", "cancelled"]
+JobState = Literal["queued", "waiting", "running", "done", "dead", "cancelled", "interrupted"]
 PRIORITY_RANGE = range(-1000, 1001)
 
 
@@ -103,6 +105,8 @@ class Job:
             return self.value
         if self.state == "cancelled":
             raise JobFailed(self.id, "cancelled")
+        if self.state == "interrupted":
+            raise JobFailed(self.id, "interrupted: the pool stopped (a durable pool runs it again)")
         raise JobFailed(self.id, f"dead-lettered after {self.attempts} attempts") from self.error
 
     def cancel(self) -> None:
@@ -113,10 +117,13 @@ class Job:
 class Pool:
     """One running pool (one run of a pool spec)."""
 
-    def __init__(self, spec: PoolSpec, path: str, emit: Callable[..., None]) -> None:
+    def __init__(self, spec: PoolSpec, path: str, emit: Callable[..., None], store_path: Path | None) -> None:
         self.spec = spec
         self.path = path
         self._emit = emit
+        self._store_path = store_path
+        self.store: Store | None = None
+        self.serving = False
         self.queue: JobQueue[str, Job] = JobQueue()
         self.running: dict[str, Job] = {}
         self.waiting: list[tuple[float, int, Job]] = []  # retries waiting out their backoff
@@ -172,11 +179,15 @@ class Pool:
                 f"{self.path}: estimated_cost must be a number of USD >= 0; got {estimated_cost!r}"
             )
         try:
-            msgspec.json.encode(payload)
+            encoded = msgspec.json.encode(payload)
         except (TypeError, ValueError, OverflowError) as exc:
             raise ValueError(f"{self.path}: payload of a {kind!r} job cannot be encoded: {exc}") from None
+        if not self.serving:
+            raise NotRunning(self.path, "starting" if not self._stopping else "stopping")
         if key is not None and key in self._by_key:
             return self._by_key[key]
+        if key is not None and self._store_path is not None and not isinstance(key, str):
+            raise ValueError(f"{self.path}: a durable pool's job keys must be str; got {key!r}")
         if len(self.queue) + len(self.waiting) >= self.spec.max_queue:
             self._emit(self.path, "job.rejected", "queue_full", job_kind=kind)
             raise QueueFull(self.path, self.spec.max_queue)
@@ -187,7 +198,15 @@ class Pool:
             raise BudgetExceeded(
                 self.path, f"the daily budget does not admit an estimate of ${estimated_cost:g}"
             )
-        job = Job(self, f"{next(self._ids)}", kind, payload, priority=priority, estimate=estimate, key=key)
+        store = self.store
+        if store is not None:
+            stored_key = key if isinstance(key, str) or key is None else str(key)
+            job_id = store.add(
+                kind, encoded, priority=priority, estimate=estimate, key=stored_key, at=time.time()
+            )
+        else:
+            job_id = next(self._ids)
+        job = Job(self, str(job_id), kind, payload, priority=priority, estimate=estimate, key=key)
         if key is not None:
             self._by_key[key] = job
         self.queue.push(job.id, priority, job)
@@ -197,9 +216,11 @@ class Pool:
 
     def cancel(self, job: Job) -> None:
         if job.state == "queued" and self.queue.remove(job.id) is not None:
+            self._forget(job)
             self._finish(job, "cancelled")
         elif job.state == "waiting":
             self.waiting = [w for w in self.waiting if w[2] is not job]
+            self._forget(job)
             self._finish(job, "cancelled")
         elif job.state == "running" and job.run is not None:
             job.state = "cancelled"
@@ -208,19 +229,61 @@ class Pool:
     def requeue(self, dead_letter_id: str) -> Job:
         """Queue a dead letter again (a fresh count of attempts)."""
         letter = self.dead.pop(dead_letter_id)
+        if self.store is not None:
+            self.store.unbury(int(letter.id))
         return self.submit_nowait(letter.kind, letter.payload, priority=letter.priority)
+
+    def _forget(self, job: Job) -> None:
+        if self.store is not None:
+            self.store.remove(int(job.id))
+
+    def _open_store(self) -> None:
+        """Open the database and take back what it holds: queued and interrupted jobs, dead
+        letters, today's spend. Raises StoreError (naming the file) if it cannot be used."""
+        if self._store_path is None:
+            return
+        store = self.store = Store(self._store_path)
+        queued, doomed = store.recover()
+        for stored in queued:
+            job = Job(
+                self,
+                str(stored.id),
+                stored.kind,
+                stored.payload,
+                priority=stored.priority,
+                estimate=stored.estimate,
+                key=stored.key,
+            )
+            job.attempts = stored.attempts
+            job.submitted_at = stored.submitted_at
+            if stored.key is not None:
+                self._by_key[stored.key] = job
+            self.queue.push(job.id, job.priority, job)
+        now = time.time()
+        for stored in doomed:
+            store.bury(
+                stored.id, f"interrupted {INTERRUPTIONS_TO_DEAD} times (it may be what kills otree)", now
+            )
+        for row in store.dead_letters():
+            letter = DeadLetter(*row)
+            self.dead[letter.id] = letter
+        self.budget.restore(store.spent(str(self.budget.day)))
 
     # --- dispatch ---------------------------------------------------------------------
 
     def _roll(self) -> None:
         if self.budget.roll(budget_day(self._now(), self._tz)):
             self._emit(self.path, "budget.reset", "")
+            if self.store is not None:
+                self.budget.restore(self.store.spent(str(self.budget.day)))
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run the dispatcher until the pool is asked to stop; then stop running jobs at once."""
         me = current_child()
+        self._open_store()
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            self.serving = True
             task_status.started()
             try:
                 while not me.stopping.is_set():
@@ -230,8 +293,11 @@ class Pool:
                         await wait_any(self._wake.wait, me.stopping.wait)
             finally:
                 self._stopping = True
+                self.serving = False
                 with trio.CancelScope(shield=True):
                     await self._stop_running()
+                if self.store is not None:
+                    self.store.close()
 
     def _dispatch(self) -> float:
         """Start what may start now; the trio time at which to look again (inf: on the next event)."""
@@ -267,6 +333,8 @@ class Pool:
         assert self._nursery is not None
         job.attempts += 1
         job.state = "running"
+        if self.store is not None:
+            self.store.started(int(job.id))
         self.budget.reserve(job.id, job.estimate)
         run = RunningChild(self, job, f"{self.path}/{job.id}")
         run.ready = True
@@ -284,7 +352,10 @@ class Pool:
         del self.running[job.id]
         job.run = None
         job.cost += run.cost
-        transitions = self.budget.settle(job.id, to_micros(run.cost))
+        spent = to_micros(run.cost)
+        transitions = self.budget.settle(job.id, spent)
+        if self.store is not None:
+            self.store.spend(str(self.budget.day), int(job.id), spent)
         ok = run.exit is not None and run.exit.reason == "normal"
         duration = trio.current_time() - run.started_mono
         for crossed in transitions:
@@ -296,6 +367,7 @@ class Pool:
         if ok:
             job.value = run.result
             self._emit(run.path, "job.finished", "normal", duration=duration, cost=run.cost)
+            self._forget(job)
             self._finish(job, "done")
         else:
             job.error = run.error
@@ -319,6 +391,8 @@ class Pool:
                 else 0.0
             )
             job.state = "waiting"
+            if self.store is not None:
+                self.store.waiting(int(job.id))
             self.waiting.append((trio.current_time() + delay, job.attempts, job))
             self.waiting.sort(key=lambda w: (w[0], w[1]))
             self._emit(run.path, "job.retried", "error", delay=delay, attempt=job.attempts, detail=detail)
@@ -333,6 +407,8 @@ class Pool:
             submitted_at=job.submitted_at,
             failed_at=time.time(),
         )
+        if self.store is not None:
+            self.store.bury(int(job.id), detail, time.time())
         self._emit(run.path, "job.dead_lettered", "error", attempts=job.attempts, detail=detail)
         self._finish(job, "dead")
 
@@ -342,8 +418,17 @@ class Pool:
         self.running.pop(job.id, None)
         job.run = None
         job.cost += run.cost
-        self.budget.settle(job.id, to_micros(run.cost))
-        self._finish(job, "cancelled")
+        spent = to_micros(run.cost)
+        self.budget.settle(job.id, spent)
+        if self.store is not None:
+            self.store.spend(str(self.budget.day), int(job.id), spent)
+        if job.state == "cancelled":  # job.cancel(): it is gone
+            self._forget(job)
+            self._finish(job, "cancelled")
+        else:  # the pool stopped under it: a durable pool runs it again next time
+            if self.store is not None:
+                self.store.put_back(int(job.id))
+            self._finish(job, "interrupted")
         self._wake.set()
 
     def _finish(self, job: Job, state: JobState) -> None:

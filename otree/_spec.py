@@ -514,10 +514,8 @@ class PoolSpec(_Spec, frozen=True, kw_only=True):
             raise SpecError(
                 path, "circuit_breaker", "must be None or an otree.CircuitBreaker", self.circuit_breaker
             )
-        if self.durable:
-            raise SpecError(
-                path, "durable", "True is not supported yet (the SQLite store is not built)", True
-            )
+        if self.durable not in (None, True, False):
+            raise SpecError(path, "durable", "must be None, True or False", self.durable)
         if self.now is not None and not callable(self.now):
             raise SpecError(path, "now", "must be None or a callable returning an aware datetime", self.now)
 
@@ -553,7 +551,8 @@ def pool(
         it is spent, "hold" keeps them until midnight in ``budget_tz``).
       max_attempts, backoff: tries per job (1 = no retry) and the delay between them.
       circuit_breaker: an ``otree.CircuitBreaker``; an open circuit holds jobs.
-      durable: the SQLite store is not built yet: None/False keep jobs in memory.
+      durable: keep queued jobs, the spend ledger and dead letters in SQLite under the
+        state dir (None: when a state dir is configured, as under ``otree run``).
       now: the wall clock for budget days (a callable returning an aware datetime).
       job_shutdown: grace for running jobs when the pool stops (all at once).
 

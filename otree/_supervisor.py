@@ -42,6 +42,7 @@ from ._errors import (
 from ._events import Event, EventBus, EventStream, level_of
 from ._info import ChildInfo, ChildState, Counts, ExitInfo
 from ._intensity import RestartWindow, backoff_delay
+from ._paths import pool_database
 from ._paths import state_dir as default_state_dir
 from ._pool import DeadLetter, Job, Pool
 from ._process import ProcessContext, ProcessRun, run_process
@@ -188,10 +189,11 @@ def _flatten() -> Iterator[None]:
 class _Tree:
     """What the supervisors of one tree share: the event bus, process services, the root's fate."""
 
-    def __init__(self, spec: SupervisorSpec, state_dir: Path) -> None:
+    def __init__(self, spec: SupervisorSpec, state_dir: Path, *, durable: bool) -> None:
         self.bus = EventBus()
         self.random = random.Random()
         self.state_dir = state_dir
+        self.durable = durable  # pools with durable=None keep their jobs in SQLite
         self.root = _Supervisor(spec, spec.id, self, None)
         self.ready = False
         self.settled = trio.Event()  # the root is ready, or has ended
@@ -431,7 +433,9 @@ class _Supervisor:
             fn, takes_status = run_process, True
             args = (spec, run, run.proc, self.tree.processes(), self._emit)
         elif isinstance(spec, PoolSpec):
-            pool = Pool(spec, child.path, self._emit)
+            durable = self.tree.durable if spec.durable is None else spec.durable
+            store_path = pool_database(self.tree.state_dir, child.path) if durable else None
+            pool = Pool(spec, child.path, self._emit, store_path)
             fn, args, takes_status = pool.serve, (), True
         else:
             nested = _Supervisor(spec, child.path, self.tree, run)
@@ -907,13 +911,15 @@ async def open_supervisor(
     the block is cancelled and ``RestartIntensityExceeded`` is raised.
 
     ``state_dir`` (default ``$OTREE_STATE_DIR`` or the platform's user state dir)
-    holds the process children's logs.
+    holds the process children's logs and the pools' databases; pools are durable
+    by default when a state dir is given (the argument or the environment variable).
 
     Raises:
       StartError: a child failed to start (the started ones were stopped).
       RestartIntensityExceeded: the root gave up (the child's exception chained).
     """
-    tree = _Tree(_check_root(spec), default_state_dir(state_dir))
+    explicit = state_dir is not None or bool(os.environ.get("OTREE_STATE_DIR"))
+    tree = _Tree(_check_root(spec), default_state_dir(state_dir), durable=explicit)
     body_error: BaseException | None = None
     with _flatten():
         async with trio.open_nursery() as nursery:
