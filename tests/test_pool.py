@@ -269,3 +269,129 @@ def test_pool_spec_errors_name_the_field() -> None:
         otree.pool("jobs", {"w": work}, durable="yes")  # type: ignore[arg-type]
     with pytest.raises(otree.SpecError, match="handlers\\['w'\\] must be an async function"):
         otree.pool("jobs", {"w": print})
+
+
+# --- durability ----------------------------------------------------------------------------------
+
+
+async def test_durable_pool_keeps_jobs_spend_and_dead_letters_across_restarts(tmp_path: Any) -> None:
+    seen: list[int] = []
+    gate = trio.Event()
+
+    async def work(payload: dict[str, Any]) -> int:
+        otree.current_child().report_cost(0.25)
+        if payload.get("fail"):
+            raise RuntimeError("no")
+        if payload.get("block"):
+            await gate.wait()
+        seen.append(payload["n"])
+        return int(payload["n"])
+
+    def tree() -> otree.SupervisorSpec:
+        pool = otree.pool("jobs", {"w": work}, max_concurrency=1, daily_budget=10.0, durable=True)
+        return otree.supervisor("root", children=[pool])
+
+    async with otree.open_supervisor(tree(), state_dir=tmp_path) as sup:
+        pool = pool_of(sup)
+        assert await pool.submit_nowait("w", {"n": 0}).result() == 0
+        with pytest.raises(otree.JobFailed):
+            await pool.submit_nowait("w", {"n": 9, "fail": True}).result()
+        pool.submit_nowait("w", {"n": 1, "block": True})  # running when the tree stops
+        pool.submit_nowait("w", {"n": 2}, priority=5, key="k")
+        pool.submit_nowait("w", {"n": 3})
+        await trio.testing.wait_all_tasks_blocked()
+    database = tmp_path / "pools" / "root" / "jobs.sqlite3"
+    assert oct(database.stat().st_mode & 0o777) == "0o600"
+    gate.set()
+    async with otree.open_supervisor(tree(), state_dir=tmp_path) as sup:
+        pool = pool_of(sup)
+        assert [letter.id for letter in pool.dead_letters()] == ["2"]
+        await trio.testing.wait_all_tasks_blocked()  # everything recovered has run
+        assert pool.submit_nowait("w", {"n": 2}, key="k").id == "6"  # the key is free again once done
+        budget = sup.find("jobs")._pool().budget  # type: ignore[union-attr]
+        assert budget.spent >= to_micros(0.75)  # the earlier run's spend is still today's
+    assert seen[:4] == [0, 2, 1, 3]  # the interrupted job runs again, after the higher priority
+
+
+def to_micros(usd: float) -> int:
+    return round(usd * 1_000_000)
+
+
+async def test_corrupt_pool_database_is_a_start_error_naming_the_file(tmp_path: Any) -> None:
+    async def work(payload: Any) -> None:
+        pass
+
+    database = tmp_path / "pools" / "root" / "jobs.sqlite3"
+    database.parent.mkdir(parents=True)
+    database.write_bytes(b"this is not a database" * 100)
+    tree = otree.supervisor("root", children=[otree.pool("jobs", {"w": work}, durable=True)])
+    with pytest.raises(otree.StartError, match=f"pool database {database}"):
+        async with otree.open_supervisor(tree, state_dir=tmp_path):
+            pass
+
+
+KILL_TREE = """
+import json, pathlib, trio, otree
+log = pathlib.Path({log!r})
+
+async def work(payload):
+    with log.open("a") as out:
+        out.write(json.dumps(payload) + "\\n")
+    otree.current_child().report_cost(0.5)
+    if payload.get("block"):
+        await trio.sleep_forever()
+
+tree = otree.supervisor("t", children=[otree.pool("jobs", {{"w": work}}, max_concurrency=1)])
+"""
+
+
+def test_kill_9_of_otree_run_loses_no_job_and_counts_no_spend_twice(tmp_path: Any) -> None:
+    import subprocess
+    import sys
+    import time as systime
+
+    log = tmp_path / "log.jsonl"
+    state = tmp_path / "state"
+    tree_file = tmp_path / "tree.py"
+    tree_file.write_text(KILL_TREE.format(log=str(log)))
+
+    async def submit_three() -> None:  # through the library, on the same state dir, before otree run
+        async def idle(payload: Any) -> None:
+            await trio.sleep_forever()
+
+        tree = otree.supervisor("t", children=[otree.pool("jobs", {"w": idle}, max_concurrency=1)])
+        async with otree.open_supervisor(tree, state_dir=state) as sup:
+            pool = pool_of(sup)
+            pool.submit_nowait("w", {"n": 1})  # starts (and is interrupted by this stop: put back)
+            pool.submit_nowait("w", {"n": 2, "block": True})
+            pool.submit_nowait("w", {"n": 3})
+
+    trio.run(submit_three)
+    proc = subprocess.Popen([sys.executable, "-m", "otree", "run", str(tree_file), "--state-dir", str(state)])
+    try:
+        deadline = systime.monotonic() + 20
+        while systime.monotonic() < deadline and (not log.exists() or '"block"' not in log.read_text()):
+            systime.sleep(0.02)
+        assert '"block"' in log.read_text()
+        proc.kill()
+        proc.wait()
+    finally:
+        proc.kill()
+        proc.wait()
+    assert log.read_text().splitlines() == ['{"n": 1}', '{"n": 2, "block": true}']
+
+    async def finish() -> tuple[list[Any], int]:
+        done: list[Any] = []
+
+        async def record(payload: Any) -> None:
+            done.append(payload["n"])
+
+        tree = otree.supervisor("t", children=[otree.pool("jobs", {"w": record}, max_concurrency=1)])
+        async with otree.open_supervisor(tree, state_dir=state) as sup:
+            await trio.testing.wait_all_tasks_blocked()
+            handle = sup.find("jobs")
+            return done, handle._pool().budget.spent  # type: ignore[union-attr]
+
+    done, spent = trio.run(finish)
+    assert done == [2, 3]  # the interrupted job again, then the queued one; job 1 not twice
+    assert spent == to_micros(0.5)  # job 1's spend, recorded once; job 2's was never settled
