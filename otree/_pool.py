@@ -117,8 +117,16 @@ class Job:
 class Pool:
     """One running pool (one run of a pool spec)."""
 
-    def __init__(self, spec: PoolSpec, path: str, emit: Callable[..., None], store_path: Path | None) -> None:
+    def __init__(
+        self,
+        spec: PoolSpec,
+        path: str,
+        emit: Callable[..., None],
+        store_path: Path | None,
+        handle: Callable[[], Any],
+    ) -> None:
         self.spec = spec
+        self.handle = handle  # the PoolHandle its jobs reach through current_child().supervisor
         self.path = path
         self._emit = emit
         self._store_path = store_path

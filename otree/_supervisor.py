@@ -435,7 +435,8 @@ class _Supervisor:
         elif isinstance(spec, PoolSpec):
             durable = self.tree.durable if spec.durable is None else spec.durable
             store_path = pool_database(self.tree.state_dir, child.path) if durable else None
-            pool = Pool(spec, child.path, self._emit, store_path)
+            ids = tuple(child.path.split("/")[1:])
+            pool = Pool(spec, child.path, self._emit, store_path, lambda: PoolHandle(self.tree, ids))
             fn, args, takes_status = pool.serve, (), True
         else:
             nested = _Supervisor(spec, child.path, self.tree, run)
@@ -470,6 +471,10 @@ class _Supervisor:
         return error
 
     # --- exits and restarts -----------------------------------------------------
+
+    def handle(self) -> SupervisorHandle:
+        """A handle naming this supervisor (what ``current_child().supervisor`` returns)."""
+        return SupervisorHandle(self.tree, tuple(self.path.split("/")[1:]))
 
     def run_exited(self, run: RunningChild) -> None:
         """A child's run ended by itself: queue its exit (OTP's ``'EXIT'`` message)."""

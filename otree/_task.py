@@ -28,6 +28,8 @@ __all__ = ["RunningChild", "current_child", "describe"]
 
 
 class _Owner(Protocol):
+    def handle(self) -> Any: ...
+
     def run_exited(self, run: RunningChild) -> None: ...
 
 
@@ -126,6 +128,12 @@ class RunningChild:
             if self.stop_mode:
                 self._stopping.set()
         return self._stopping
+
+    @property
+    def supervisor(self) -> Any:
+        """The handle of what this child belongs to: its supervisor (a ``SupervisorHandle``), or,
+        for a pool job, its pool (a ``PoolHandle``). A child reaches its siblings through it."""
+        return self.owner.handle()
 
     def report_cost(self, usd: float) -> None:
         """Add ``usd`` to this run's spend (reported in its exit event)."""

@@ -395,3 +395,25 @@ def test_kill_9_of_otree_run_loses_no_job_and_counts_no_spend_twice(tmp_path: An
     done, spent = trio.run(finish)
     assert done == [2, 3]  # the interrupted job again, then the queued one; job 1 not twice
     assert spent == to_micros(0.5)  # job 1's spend, recorded once; job 2's was never settled
+
+
+async def test_children_reach_their_supervisor_and_jobs_their_pool(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    results: list[Any] = []
+
+    async def work(payload: int) -> int:
+        if payload < 3:  # a job can queue a follow-up on its own pool
+            otree.current_child().supervisor.submit_nowait("w", payload + 1)
+        return payload
+
+    async def feeder() -> None:
+        pool = otree.current_child().supervisor.child("jobs")
+        results.append(await pool.submit_nowait("w", 0).result())
+        await trio.sleep_forever()
+
+    tree = otree.supervisor("root", children=[otree.pool("jobs", {"w": work}), otree.task("feeder", feeder)])
+    async with otree.open_supervisor(tree) as sup:
+        await trio.testing.wait_all_tasks_blocked()
+        assert results == [0]
+        assert pool_of(sup).queued() == []
