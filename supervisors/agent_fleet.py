@@ -15,6 +15,7 @@ Run it:  otree run supervisors/agent_fleet.py --state-dir /tmp/otree-fleet
 
 from __future__ import annotations
 
+import contextlib
 import random
 
 import trio
@@ -39,10 +40,8 @@ async def feeder() -> None:
     for n in range(1, 10_000):
         kind, priority, cost, fail_rate = random.choice(kinds)
         payload = {"agent": f"{kind}-{n}", "cost": cost, "fail_rate": fail_rate}
-        try:
+        with contextlib.suppress(otree.BudgetExceeded, otree.QueueFull):  # job.rejected says why
             await pool.submit(kind, payload, priority=priority, estimated_cost=cost, key=f"turn-{n}")
-        except (otree.BudgetExceeded, otree.QueueFull):
-            pass  # the pool's job.rejected event says why
         await trio.sleep(0.3)
 
 
