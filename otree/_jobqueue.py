@@ -10,7 +10,7 @@ from __future__ import annotations
 import heapq
 import itertools
 from collections.abc import Hashable, Iterator
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 __all__ = ["JobQueue"]
 
@@ -21,23 +21,24 @@ _COMPACT_AT = 1024  # dead entries tolerated before a rebuild is considered
 
 
 class _Entry(Generic[K, V]):
-    __slots__ = ("alive", "key", "order", "value")
+    __slots__ = ("alive", "key", "value")
 
-    def __init__(self, order: tuple[int, int], key: K, value: V) -> None:
-        self.order = order
+    def __init__(self, key: K, value: V) -> None:
         self.key = key
         self.value = value
         self.alive = True
 
-    def __lt__(self, other: _Entry[K, V]) -> bool:
-        return self.order < other.order
+
+# Heap items are (-priority, sequence, entry): tuples compare in C, and the unique
+# sequence decides before the entry is ever compared.
+_Item = tuple[int, int, _Entry[Any, Any]]
 
 
 class JobQueue(Generic[K, V]):
     """Waiting jobs by key; ``pop`` gives the highest priority, oldest first."""
 
     def __init__(self) -> None:
-        self._heap: list[_Entry[K, V]] = []
+        self._heap: list[_Item] = []
         self._live: dict[K, _Entry[K, V]] = {}
         self._sequence = itertools.count()
 
@@ -51,24 +52,25 @@ class JobQueue(Generic[K, V]):
         """Queue ``value`` at the back of its priority class. ``key`` must not be queued already."""
         if key in self._live:
             raise KeyError(f"{key!r} is queued already")
-        entry = _Entry((-priority, next(self._sequence)), key, value)
+        entry = _Entry(key, value)
         self._live[key] = entry
-        heapq.heappush(self._heap, entry)
+        heapq.heappush(self._heap, (-priority, next(self._sequence), entry))
 
     def peek(self) -> tuple[K, V] | None:
         """The next job without taking it (None if the queue is empty)."""
         heap = self._heap
-        while heap and not heap[0].alive:
+        while heap and not heap[0][2].alive:
             heapq.heappop(heap)
         if not heap:
             return None
-        return heap[0].key, heap[0].value
+        entry = heap[0][2]
+        return entry.key, entry.value
 
     def pop(self) -> tuple[K, V]:
         """Take the next job. Raises IndexError when empty."""
         if self.peek() is None:
             raise IndexError("pop from an empty JobQueue")
-        entry = heapq.heappop(self._heap)
+        entry = heapq.heappop(self._heap)[2]
         del self._live[entry.key]
         return entry.key, entry.value
 
@@ -80,11 +82,11 @@ class JobQueue(Generic[K, V]):
         entry.alive = False
         dead = len(self._heap) - len(self._live)
         if dead > _COMPACT_AT and dead > len(self._live):
-            self._heap = [e for e in self._heap if e.alive]
+            self._heap = [item for item in self._heap if item[2].alive]
             heapq.heapify(self._heap)
         return entry.value
 
     def __iter__(self) -> Iterator[tuple[K, V]]:
         """Waiting jobs in the order they would be popped (O(n log n); for listings)."""
-        for entry in sorted(self._live.values()):
+        for _, _, entry in sorted(item for item in self._heap if item[2].alive):
             yield entry.key, entry.value
