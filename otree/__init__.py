@@ -46,6 +46,8 @@ from ._info import Counts as Counts
 from ._info import ExitInfo as ExitInfo
 from ._pool import DeadLetter as DeadLetter
 from ._pool import Job as Job
+from ._pool import ProcessJob as ProcessJob
+from ._pool import process_job as process_job
 from ._reaper import adopt_orphans as adopt_orphans
 from ._spec import Backoff as Backoff
 from ._spec import CircuitBreaker as CircuitBreaker
@@ -83,6 +85,7 @@ __all__ = [
     "OtreeError",
     "PoolHandle",
     "PoolSpec",
+    "ProcessJob",
     "ProcessSpec",
     "QueueFull",
     "RestartIntensityExceeded",
@@ -101,6 +104,7 @@ __all__ = [
     "open_supervisor",
     "pool",
     "process",
+    "process_job",
     "run",
     "supervisor",
     "task",

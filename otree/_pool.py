@@ -28,11 +28,12 @@ from ._errors import BudgetExceeded, JobFailed, NotRunning, QueueFull
 from ._info import ChildInfo
 from ._intensity import CircuitState, backoff_delay
 from ._jobqueue import JobQueue
-from ._spec import PoolSpec
+from ._process import ProcessContext, run_job_process
+from ._spec import PoolSpec, ProcessSpec, ShutdownValue, process
 from ._store import INTERRUPTIONS_TO_DEAD, Store
 from ._task import RunningChild, current_child
 
-__all__ = ["DeadLetter", "Job", "Pool"]
+__all__ = ["DeadLetter", "Job", "Pool", "ProcessJob", "process_job"]
 
 JobState = Literal["queued", "waiting", "running", "done", "dead", "cancelled", "interrupted"]
 PRIORITY_RANGE = range(-1000, 1001)
@@ -122,10 +123,13 @@ class Pool:
         spec: PoolSpec,
         path: str,
         emit: Callable[..., None],
+        *,
         store_path: Path | None,
         handle: Callable[[], Any],
+        processes: Callable[[], ProcessContext],
     ) -> None:
         self.spec = spec
+        self.processes = processes  # the tree's process services, for process_job handlers
         self.handle = handle  # the PoolHandle its jobs reach through current_child().supervisor
         self.path = path
         self._emit = emit
@@ -473,3 +477,53 @@ class Pool:
             )
             for job in reversed(self.running.values())
         ]
+
+
+class ProcessJob(msgspec.Struct, frozen=True):
+    """A pool handler that runs each job as a process child (see ``otree.process_job``)."""
+
+    template: ProcessSpec
+
+    async def __call__(self, payload: Any) -> Any:
+        run = current_child()
+        pool = run.owner
+        if not isinstance(pool, Pool):
+            raise TypeError("a process_job handler runs only as a pool's job")
+        encoded = msgspec.json.encode(payload)
+        out = await run_job_process(self.template, encoded, run, pool.processes(), pool._emit)
+        try:
+            return msgspec.json.decode(out)
+        except msgspec.DecodeError:
+            return out.decode("utf-8", "replace")
+
+
+def process_job(
+    argv: list[str] | tuple[str, ...],
+    *,
+    env: dict[str, str] | None = None,
+    inherit_env: bool = True,
+    cwd: str | None = None,
+    shutdown: ShutdownValue = 5.0,
+    stop_signal: int = 15,
+    stall_timeout: float | None = None,
+) -> ProcessJob:
+    """A pool handler that runs each job as a process, with every process-child guarantee.
+
+    The payload arrives as JSON on stdin; exit 0 succeeds with stdout as the result
+    (JSON if it parses, else text; at most 1 MiB); any other exit fails with the
+    stderr tail; ``OTREE_COST=<usd>`` on ``$NOTIFY_SOCKET`` reports spend.
+
+    Raises:
+      SpecError: a field is invalid.
+    """
+    template = process(
+        "job",
+        argv,
+        env=env,
+        inherit_env=inherit_env,
+        cwd=cwd,
+        shutdown=shutdown,
+        stop_signal=stop_signal,
+        stall_timeout=stall_timeout,
+    )
+    return ProcessJob(template=template)

@@ -10,6 +10,7 @@ exits, by itself or not, is killed too.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -26,9 +27,10 @@ from ._paths import child_log_dir, ensure_private_dir
 from ._reaper import Guard, Reaper, kill_group, spawn
 from ._spec import ProcessSpec
 
-__all__ = ["ProcessContext", "ProcessFailed", "ProcessRun", "run_process"]
+__all__ = ["ProcessContext", "ProcessFailed", "ProcessRun", "run_job_process", "run_process"]
 
 TAIL_BYTES = 4096
+RESULT_LIMIT = 1024 * 1024  # a process job's stdout kept as its result
 DRAIN_SECONDS = 0.5  # how long output may keep flowing after the group is gone (escaped holders)
 
 
@@ -144,7 +146,7 @@ def _environment(spec: ProcessSpec, notify: Path) -> dict[str, str]:
     return env
 
 
-async def _pump(stream: trio.lowlevel.FdStream, log: _RotatingLog, proc: ProcessRun, keep_tail: bool) -> None:
+async def _pump(stream: trio.lowlevel.FdStream, log: _Sink, proc: ProcessRun, keep_tail: bool) -> None:
     while chunk := await stream.receive_some(65536):
         log.write(chunk)
         proc.last_activity = trio.current_time()
@@ -153,7 +155,7 @@ async def _pump(stream: trio.lowlevel.FdStream, log: _RotatingLog, proc: Process
             del proc.tail[:-TAIL_BYTES]
 
 
-_Reader = tuple[trio.lowlevel.FdStream, _RotatingLog, bool]
+_Reader = tuple[trio.lowlevel.FdStream, "_Sink", bool]
 
 
 async def _listen(
@@ -202,6 +204,28 @@ def _describe_exit(returncode: int) -> str:
     return f"exit code {returncode}"
 
 
+class _Sink(Protocol):
+    def write(self, data: bytes) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class _Capture:
+    """Keeps the first ``limit`` bytes of a stream in memory (a job's stdout result)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.data = bytearray()
+
+    def write(self, data: bytes) -> None:
+        room = self.limit - len(self.data)
+        if room > 0:
+            self.data += data[:room]
+
+    def close(self) -> None:
+        pass
+
+
 async def run_process(
     spec: ProcessSpec,
     run: _Run,
@@ -212,25 +236,80 @@ async def run_process(
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run ``spec`` as a child until it exits or is stopped; raise ProcessFailed on an error exit."""
+    sinks: dict[str, _Sink | int | None] = {}
+    for name in ("stdout", "stderr"):
+        mode = getattr(spec, name)
+        if mode == "log":
+            where = child_log_dir(ctx.state_dir, run.path) / f"{name}.log"
+            sinks[name] = _RotatingLog(where, spec.log_max_bytes, spec.log_backups)
+        else:
+            sinks[name] = None if mode == "inherit" else subprocess.DEVNULL
+    await _run(spec, run, proc, ctx, emit, sinks=sinks, stdin_data=None, task_status=task_status)
+
+
+async def run_job_process(
+    spec: ProcessSpec, payload: bytes, run: _Run, ctx: ProcessContext, emit: Callable[..., None]
+) -> bytes:
+    """Run a pool job as a process: ``payload`` on stdin, its stdout (at most 1 MiB) returned.
+
+    Raises ProcessFailed (with the stderr tail in its message) on an error exit.
+    """
+    proc = ProcessRun()
+    stdout = _Capture(RESULT_LIMIT)
+    sinks: dict[str, _Sink | int | None] = {"stdout": stdout, "stderr": _Capture(0)}
+    try:
+        await _run(
+            spec, run, proc, ctx, emit, sinks=sinks, stdin_data=payload, task_status=trio.TASK_STATUS_IGNORED
+        )
+    except ProcessFailed as failure:
+        tail = proc.tail.decode("utf-8", "replace").strip()
+        raise ProcessFailed(failure.exit_detail, f"{failure.exit_detail}: {tail}" if tail else "") from None
+    return bytes(stdout.data)
+
+
+async def _feed(stream: trio.lowlevel.FdStream, data: bytes) -> None:
+    async with stream:
+        with contextlib.suppress(trio.BrokenResourceError):  # it exited without reading it all
+            await stream.send_all(data)
+
+
+async def _run(
+    spec: ProcessSpec,
+    run: _Run,
+    proc: ProcessRun,
+    ctx: ProcessContext,
+    emit: Callable[..., None],
+    *,
+    sinks: dict[str, _Sink | int | None],
+    stdin_data: bytes | None,
+    task_status: trio.TaskStatus[None],
+) -> None:
+    """Spawn ``spec`` with each stream going to a sink (piped), a file descriptor or inherited."""
     run.stopping  # noqa: B018 - trapping: a stop request is ours to carry out (signal the group)
     readers: list[_Reader] = []
     targets: dict[str, int | None] = {}
-    write_ends: list[int] = []
+    child_ends: list[int] = []
     notify_path = ctx.notify_path()
     plain = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     sock = trio.socket.from_stdlib_socket(plain)
+    feeder: trio.lowlevel.FdStream | None = None
     try:
         for name in ("stdout", "stderr"):
-            mode = getattr(spec, name)
-            if mode == "log":
-                where = child_log_dir(ctx.state_dir, run.path) / f"{name}.log"
-                log = _RotatingLog(where, spec.log_max_bytes, spec.log_backups)
-                read_end, write_end = os.pipe()
-                write_ends.append(write_end)
-                readers.append((trio.lowlevel.FdStream(read_end), log, name == "stderr"))
-                targets[name] = write_end
-            else:
-                targets[name] = None if mode == "inherit" else subprocess.DEVNULL
+            sink = sinks[name]
+            if sink is None or isinstance(sink, int):
+                targets[name] = sink
+                continue
+            read_end, write_end = os.pipe()
+            child_ends.append(write_end)
+            readers.append((trio.lowlevel.FdStream(read_end), sink, name == "stderr"))
+            targets[name] = write_end
+        if stdin_data is None:
+            targets["stdin"] = subprocess.DEVNULL
+        else:
+            read_end, write_end = os.pipe()
+            child_ends.append(read_end)
+            feeder = trio.lowlevel.FdStream(write_end)
+            targets["stdin"] = read_end
         plain.bind(os.fspath(notify_path))  # directly: trio's bind would take a worker thread
         os.chmod(notify_path, 0o600)
         try:
@@ -238,21 +317,25 @@ async def run_process(
                 list(spec.argv),
                 env=_environment(spec, notify_path),
                 cwd=spec.cwd,
-                stdin=subprocess.DEVNULL,
+                stdin=targets["stdin"],
                 stdout=targets["stdout"],
                 stderr=targets["stderr"],
                 close_fds=True,
             )
         finally:
-            for write_end in write_ends:
-                os.close(write_end)
-        await _Watch(spec, popen, proc, ctx).watch(run, readers, sock, emit, task_status)
+            for end in child_ends:
+                os.close(end)
+        feed = (feeder, stdin_data) if feeder is not None and stdin_data is not None else None
+        watch = _Watch(spec, popen, proc, ctx)
+        await watch.watch(run, readers, sock, emit=emit, task_status=task_status, feed=feed)
     finally:
+        if feeder is not None:
+            feeder.close()
         sock.close()
         notify_path.unlink(missing_ok=True)
-        for stream, log, _ in readers:
+        for stream, sink, _ in readers:
             stream.close()
-            log.close()
+            sink.close()
 
 
 class _Watch:
@@ -276,10 +359,15 @@ class _Watch:
         run: _Run,
         readers: list[_Reader],
         sock: trio.socket.SocketType,
+        *,
         emit: Callable[..., None],
         task_status: trio.TaskStatus[None],
+        feed: tuple[trio.lowlevel.FdStream, bytes] | None,
     ) -> None:
-        """Readiness, then wait for exit, a stop request or a stall; raise on an error exit."""
+        """Readiness, then wait for exit, a stop request or a stall; raise on an error exit.
+
+        ``feed``: a stream to the child's stdin and the bytes to write to it.
+        """
         pid, ctx = self.pid, self.ctx
         self.proc.pid = pid
         ctx.reaper.waited.add(pid)
@@ -293,6 +381,8 @@ class _Watch:
                 nursery.start_soon(self._pump_all, readers, drained)
                 nursery.start_soon(self._wait_exit, pidfd)
                 nursery.start_soon(_listen, sock, run, self.proc, ready, emit)
+                if feed is not None:
+                    nursery.start_soon(_feed, *feed)
                 if await self._wait_ready(ready, run.stopping):
                     task_status.started()
                     if self.spec.stall_timeout is not None:

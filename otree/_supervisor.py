@@ -436,7 +436,14 @@ class _Supervisor:
             durable = self.tree.durable if spec.durable is None else spec.durable
             store_path = pool_database(self.tree.state_dir, child.path) if durable else None
             ids = tuple(child.path.split("/")[1:])
-            pool = Pool(spec, child.path, self._emit, store_path, lambda: PoolHandle(self.tree, ids))
+            pool = Pool(
+                spec,
+                child.path,
+                self._emit,
+                store_path=store_path,
+                handle=lambda: PoolHandle(self.tree, ids),
+                processes=self.tree.processes,
+            )
             fn, args, takes_status = pool.serve, (), True
         else:
             nested = _Supervisor(spec, child.path, self.tree, run)

@@ -417,3 +417,29 @@ async def test_children_reach_their_supervisor_and_jobs_their_pool(
         await trio.testing.wait_all_tasks_blocked()
         assert results == [0]
         assert pool_of(sup).queued() == []
+
+
+async def test_process_job_gets_the_payload_on_stdin_and_returns_stdout(tmp_path: Any) -> None:
+    import sys
+
+    code = (
+        "import json, os, socket, sys\n"
+        "payload = json.load(sys.stdin)\n"
+        "s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)\n"
+        "s.sendto(b'OTREE_COST=0.5', os.environ['NOTIFY_SOCKET'])\n"
+        "if payload.get('fail'):\n"
+        "    sys.stderr.write('tool crashed\\n'); sys.exit(3)\n"
+        "print(json.dumps({'echo': payload['n'] * 2}))\n"
+    )
+    handler = otree.process_job([sys.executable, "-c", code])
+    tree = otree.supervisor("root", children=[otree.pool("jobs", {"p": handler}, daily_budget=5.0)])
+    async with otree.open_supervisor(tree, state_dir=tmp_path) as sup:
+        pool = pool_of(sup)
+        assert await pool.submit_nowait("p", {"n": 21}).result() == {"echo": 42}
+        with pytest.raises(otree.JobFailed) as info:
+            await pool.submit_nowait("p", {"n": 1, "fail": True}).result()
+        assert str(info.value.__cause__) == "exit code 3: tool crashed"
+        (letter,) = pool.dead_letters()
+        assert letter.error == "exit code 3"
+        budget = sup.find("jobs")._pool().budget  # type: ignore[union-attr]
+        assert budget.spent == to_micros(1.0)  # 0.5 from each run, reported over the notify socket
