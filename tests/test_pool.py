@@ -149,7 +149,9 @@ async def test_pool_warns_once_then_holds_until_midnight_in_the_budget_tz(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     recorder = Recorder()
-    tree = tree_of(recorder, daily_budget=1.0, budget_warn_at=0.5, on_budget_exhausted="hold")
+    tree = tree_of(
+        recorder, daily_budget=1.0, budget_warn_at=0.5, on_budget_exhausted="hold", budget_tz="UTC"
+    )
     kinds: list[str] = []
     async with otree.open_supervisor(tree) as sup:
         pool = pool_of(sup)
@@ -159,6 +161,8 @@ async def test_pool_warns_once_then_holds_until_midnight_in_the_budget_tz(
         before = trio.current_time()
         assert await jobs[3].result() == 30
         assert trio.current_time() - before == pytest.approx(3600 - 3, abs=1)  # midnight UTC at t=3600
+
+        # the same clock in New York: 23:00 UTC is 18:00 there, so midnight is six hours later
         async for event in stream:
             if event.path == "root/jobs":
                 kinds.append(event.kind)
@@ -443,3 +447,16 @@ async def test_process_job_gets_the_payload_on_stdin_and_returns_stdout(tmp_path
         assert letter.error == "exit code 3"
         budget = sup.find("jobs")._pool().budget  # type: ignore[union-attr]
         assert budget.spent == to_micros(1.0)  # 0.5 from each run, reported over the notify socket
+
+
+async def test_pool_budget_day_follows_budget_tz(autojump_clock: trio.testing.MockClock) -> None:
+    recorder = Recorder()
+    tree = tree_of(recorder, daily_budget=0.5, on_budget_exhausted="hold", budget_tz="America/New_York")
+    async with otree.open_supervisor(tree) as sup:
+        pool = pool_of(sup)
+        spend = pool.submit_nowait("work", {"n": 0, "cost": 0.5, "sleep": 0})
+        held = pool.submit_nowait("work", {"n": 1, "sleep": 0})
+        await spend.result()
+        assert await held.result() == 10
+        # 23:00 UTC is 18:00 in New York (EST): the budget day ends six hours later
+        assert trio.current_time() == pytest.approx(6 * 3600)
