@@ -704,13 +704,8 @@ class _Supervisor:
 ################################################################
 
 
-class SupervisorHandle:
-    """A running supervisor, named by its path in the tree.
-
-    The handle resolves its path on every call, so a handle of a nested
-    supervisor stays valid across that supervisor's restarts. Calls that
-    change the tree go through the supervisor's queue, in order, as OTP's do.
-    """
+class _Handle:
+    """What the handles share: a tree and a path of ids from its root, resolved on each call."""
 
     __slots__ = ("_ids", "_tree", "path")
 
@@ -720,7 +715,22 @@ class SupervisorHandle:
         self.path = "/".join((tree.root.path, *ids))
 
     def __repr__(self) -> str:
-        return f"<otree.SupervisorHandle {self.path}>"
+        return f"<otree.{type(self).__name__} {self.path}>"
+
+    def events(self, *, buffer: int = 10_000) -> EventStream:
+        """Live events of this supervisor or pool and all below it, from now on."""
+        return self._tree.bus.subscribe(self.path, buffer)
+
+
+class SupervisorHandle(_Handle):
+    """A running supervisor, named by its path in the tree.
+
+    The handle resolves its path on every call, so a handle of a nested
+    supervisor stays valid across that supervisor's restarts. Calls that
+    change the tree go through the supervisor's queue, in order, as OTP's do.
+    """
+
+    __slots__ = ()
 
     def _sup(self) -> _Supervisor:
         sup = self._tree.root
@@ -821,23 +831,11 @@ class SupervisorHandle:
             sup = child.nested
         return SupervisorHandle(self._tree, self._ids + ids)
 
-    def events(self, *, buffer: int = 10_000) -> EventStream:
-        """Live events of this supervisor and all its descendants, from now on."""
-        return self._tree.bus.subscribe(self.path, buffer)
 
-
-class PoolHandle:
+class PoolHandle(_Handle):
     """A running pool child, named by its path; resolved on every call, like SupervisorHandle."""
 
-    __slots__ = ("_ids", "_tree", "path")
-
-    def __init__(self, tree: _Tree, ids: tuple[str, ...]) -> None:
-        self._tree = tree
-        self._ids = ids
-        self.path = "/".join((tree.root.path, *ids))
-
-    def __repr__(self) -> str:
-        return f"<otree.PoolHandle {self.path}>"
+    __slots__ = ()
 
     def _pool(self) -> Pool:
         parent = SupervisorHandle(self._tree, self._ids[:-1])._sup()
@@ -894,10 +892,6 @@ class PoolHandle:
     def which_children(self) -> list[ChildInfo]:
         """Running jobs, newest first."""
         return self._pool().which_children()
-
-    def events(self, *, buffer: int = 10_000) -> EventStream:
-        """Live events of this pool and its jobs, from now on."""
-        return self._tree.bus.subscribe(self.path, buffer)
 
 
 ################################################################
