@@ -12,7 +12,7 @@ import datetime as dt
 from collections.abc import Hashable
 from typing import Literal
 
-__all__ = ["Budget", "budget_day", "seconds_until_midnight", "to_micros"]
+__all__ = ["Budget", "Transition", "budget_day", "seconds_until_midnight", "to_micros"]
 
 MICROS = 1_000_000
 

@@ -23,7 +23,7 @@ import msgspec
 import trio
 from trio_util import wait_any
 
-from ._budget import Budget, budget_day, seconds_until_midnight, to_micros
+from ._budget import Budget, Transition, budget_day, seconds_until_midnight, to_micros
 from ._errors import BudgetExceeded, JobFailed, NotRunning, QueueFull
 from ._info import ChildInfo
 from ._intensity import CircuitState, backoff_delay
@@ -65,6 +65,7 @@ class Job:
         "id",
         "key",
         "kind",
+        "logged",
         "payload",
         "priority",
         "run",
@@ -84,6 +85,7 @@ class Job:
         self.estimate = estimate  # micro-dollars
         self.key = key
         self.attempts = 0
+        self.logged = 0  # micro-dollars of this run's spend already in the store's ledger
         self.cost = 0.0
         self.state: JobState = "queued"
         self.submitted_at = time.time()
@@ -356,18 +358,32 @@ class Pool:
         self._emit(run.path, "job.started", "", job_kind=job.kind, attempt=job.attempts)
         self._nursery.start_soon(run.main, self.spec.handlers[job.kind], (job.payload,), False, name=run.path)
 
-    # --- a job ended --------------------------------------------------------------------
+    # --- spend and the end of a job -------------------------------------------------------
+
+    def cost_reported(self, run: RunningChild) -> None:
+        """A job reported spend: write it through to the ledger, so a crash cannot lose it."""
+        job: Job = run.child
+        if self.store is not None:
+            delta = to_micros(run.cost) - job.logged
+            if delta:
+                self.store.spend(str(self.budget.day), int(job.id), delta)
+                job.logged += delta
+
+    def _settle(self, job: Job, run: RunningChild) -> list[Transition]:
+        """The run ended: its estimate is replaced by what it spent (in memory and in the ledger)."""
+        job.cost += run.cost
+        spent = to_micros(run.cost)
+        if self.store is not None:
+            self.store.spend(str(self.budget.day), int(job.id), spent - job.logged)
+        job.logged = 0
+        return self.budget.settle(job.id, spent)
 
     def run_exited(self, run: RunningChild) -> None:
         """A job's handler returned or raised (the owner protocol of ``RunningChild``)."""
         job: Job = run.child
         del self.running[job.id]
         job.run = None
-        job.cost += run.cost
-        spent = to_micros(run.cost)
-        transitions = self.budget.settle(job.id, spent)
-        if self.store is not None:
-            self.store.spend(str(self.budget.day), int(job.id), spent)
+        transitions = self._settle(job, run)
         ok = run.exit is not None and run.exit.reason == "normal"
         duration = trio.current_time() - run.started_mono
         for crossed in transitions:
@@ -429,11 +445,7 @@ class Pool:
         job: Job = run.child
         self.running.pop(job.id, None)
         job.run = None
-        job.cost += run.cost
-        spent = to_micros(run.cost)
-        self.budget.settle(job.id, spent)
-        if self.store is not None:
-            self.store.spend(str(self.budget.day), int(job.id), spent)
+        self._settle(job, run)
         if job.state == "cancelled":  # job.cancel(): it is gone
             self._forget(job)
             self._finish(job, "cancelled")

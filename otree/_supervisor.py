@@ -483,6 +483,9 @@ class _Supervisor:
         """A handle naming this supervisor (what ``current_child().supervisor`` returns)."""
         return SupervisorHandle(self.tree, tuple(self.path.split("/")[1:]))
 
+    def cost_reported(self, run: RunningChild) -> None:
+        """A child reported spend: a supervisor only keeps it on the run (for its exit event)."""
+
     def run_exited(self, run: RunningChild) -> None:
         """A child's run ended by itself: queue its exit (OTP's ``'EXIT'`` message)."""
         self._post(self._child_exited, run)

@@ -30,6 +30,8 @@ __all__ = ["RunningChild", "current_child", "describe"]
 class _Owner(Protocol):
     def handle(self) -> Any: ...
 
+    def cost_reported(self, run: RunningChild) -> None: ...
+
     def run_exited(self, run: RunningChild) -> None: ...
 
 
@@ -140,6 +142,7 @@ class RunningChild:
         if isinstance(usd, bool) or not isinstance(usd, (int, float)) or not 0 <= usd < math.inf:
             raise ValueError(f"report_cost needs a finite number of USD >= 0; got {usd!r}")
         self.cost += usd
+        self.owner.cost_reported(self)
 
     def started(self, value: object = None) -> None:
         """``task_status.started()``: the child is ready; the supervisor starts the next one."""
