@@ -310,6 +310,7 @@ class Pool:
                 self.serving = False
                 with trio.CancelScope(shield=True):
                     await self._stop_running()
+                self._release_waiters()
                 if self.store is not None:
                     self.store.close()
 
@@ -460,6 +461,16 @@ class Pool:
         if job.key is not None and self._by_key.get(job.key) is job:
             del self._by_key[job.key]
         job._done.set()
+
+    def _release_waiters(self) -> None:
+        """The pool stopped: whoever awaits a queued or waiting job hears so (a durable pool
+        still holds those jobs and runs them next time; an in-memory one has lost them)."""
+        for _, job in list(self.queue):
+            self.queue.remove(job.id)
+            self._finish(job, "interrupted")
+        for _, _, job in self.waiting:
+            self._finish(job, "interrupted")
+        self.waiting.clear()
 
     async def _stop_running(self) -> None:
         """Stop every running job at once under one ``job_shutdown`` timer (OTP's simple_one_for_one)."""

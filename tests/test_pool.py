@@ -461,3 +461,19 @@ async def test_pool_budget_day_follows_budget_tz(autojump_clock: trio.testing.Mo
         assert await held.result() == 10
         # 23:00 UTC is 18:00 in New York (EST): the budget day ends six hours later
         assert trio.current_time() == pytest.approx(6 * 3600)
+
+
+async def test_pool_stop_releases_whoever_awaits_queued_and_waiting_jobs(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    recorder = Recorder()
+    tree = tree_of(recorder, max_attempts=3, backoff=otree.Backoff(initial=50.0, jitter=0.0))
+    async with otree.open_supervisor(tree) as sup:
+        pool = pool_of(sup)
+        failing = pool.submit_nowait("work", {"n": 0, "fail": True, "sleep": 0}, priority=1)
+        queued = [pool.submit_nowait("work", {"n": n, "sleep": 100}) for n in (1, 2)]
+        await trio.sleep(1)  # 0 failed and waits out its backoff; 1 runs; 2 waits in the queue
+        await sup.terminate_child("jobs")
+    for job in (failing, *queued):
+        with pytest.raises(otree.JobFailed, match="interrupted"):
+            await job.result()
