@@ -93,13 +93,18 @@ class Budget:
         self._reserved[job] = estimate
         self._reserved_total += estimate
 
-    def settle(self, job: Hashable, actual: int) -> list[Transition]:
-        """A job ended having spent ``actual``: release its reservation, count the spend.
+    def charge(self, job: Hashable, amount: int) -> list[Transition]:
+        """A running job spent ``amount`` more: count it today, and shrink its reservation by as
+        much (never below zero), so spend plus reservation stays its estimate until it overspends.
 
         Returns the thresholds crossed by this spend, each at most once a day.
         """
-        self._reserved_total -= self._reserved.pop(job, 0)
-        self.spent += actual
+        held = self._reserved.get(job)
+        if held is not None:
+            taken = min(held, amount)
+            self._reserved[job] = held - taken
+            self._reserved_total -= taken
+        self.spent += amount
         crossed: list[Transition] = []
         if self.limit is None:
             return crossed
@@ -109,4 +114,14 @@ class Budget:
         if not self.exhausted and self.spent >= self.limit:
             self.exhausted = True
             crossed.append("exhausted")
+        return crossed
+
+    def release(self, job: Hashable) -> None:
+        """A job ended: what is left of its reservation is free again."""
+        self._reserved_total -= self._reserved.pop(job, 0)
+
+    def settle(self, job: Hashable, actual: int) -> list[Transition]:
+        """A job ended having spent ``actual`` (none of it charged before): count it, release it."""
+        crossed = self.charge(job, actual)
+        self.release(job)
         return crossed

@@ -89,6 +89,12 @@ class CircuitState:
         self._trial = True
         return True, None
 
+    def abandon(self) -> None:
+        """A started job was stopped before it could succeed or fail: a half-open circuit
+        may let another trial through."""
+        if self.state == "half_open":
+            self._trial = False
+
     def reopen_in(self, now: float) -> float:
         """Seconds until an open circuit lets a trial through (0 unless open)."""
         return max(0.0, self._opened_at + self.cooldown - now) if self.state == "open" else 0.0

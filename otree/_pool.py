@@ -23,7 +23,7 @@ import msgspec
 import trio
 from trio_util import wait_any
 
-from ._budget import Budget, Transition, budget_day, seconds_until_midnight, to_micros
+from ._budget import Budget, budget_day, seconds_until_midnight, to_micros
 from ._errors import BudgetExceeded, JobFailed, NotRunning, QueueFull
 from ._info import ChildInfo
 from ._intensity import CircuitState, backoff_delay
@@ -242,10 +242,12 @@ class Pool:
 
     def requeue(self, dead_letter_id: str) -> Job:
         """Queue a dead letter again (a fresh count of attempts)."""
-        letter = self.dead.pop(dead_letter_id)
+        letter = self.dead[dead_letter_id]
+        job = self.submit_nowait(letter.kind, letter.payload, priority=letter.priority)  # may refuse
+        del self.dead[dead_letter_id]
         if self.store is not None:
             self.store.unbury(int(letter.id))
-        return self.submit_nowait(letter.kind, letter.payload, priority=letter.priority)
+        return job
 
     def _forget(self, job: Job) -> None:
         if self.store is not None:
@@ -329,16 +331,17 @@ class Pool:
                 break
             job = head[1]
             if not self.budget.can_start(job.estimate):
-                # strict priority order: the head that does not fit holds the jobs behind it
-                if self.budget.exhausted or self.budget.spent >= (self.budget.limit or 0):
-                    look_again = min(look_again, now + seconds_until_midnight(self._now(), self._tz))
+                # strict priority order: the head that does not fit holds the jobs behind it until
+                # a running job ends (a wake) or the budget day does (a timer)
+                look_again = min(look_again, now + seconds_until_midnight(self._now(), self._tz))
                 break
             if self.circuit is not None:
                 allowed, entered = self.circuit.allow(now)
                 if entered:
                     self._emit(self.path, f"circuit.{entered}", "")
                 if not allowed:
-                    look_again = min(look_again, now + self.circuit.reopen_in(now))
+                    if self.circuit.state == "open":  # half-open: the trial's end wakes us
+                        look_again = min(look_again, now + self.circuit.reopen_in(now))
                     break
             self.queue.pop()
             self._start(job)
@@ -362,33 +365,36 @@ class Pool:
     # --- spend and the end of a job -------------------------------------------------------
 
     def cost_reported(self, run: RunningChild) -> None:
-        """A job reported spend: write it through to the ledger, so a crash cannot lose it."""
-        job: Job = run.child
-        if self.store is not None:
-            delta = to_micros(run.cost) - job.logged
-            if delta:
-                self.store.spend(str(self.budget.day), int(job.id), delta)
-                job.logged += delta
+        """A job reported spend: charge it today, in memory and in the ledger, as it comes in,
+        so a crash cannot lose it and a job spanning midnight splits its spend the same way."""
+        self._charge(run.child, run)
 
-    def _settle(self, job: Job, run: RunningChild) -> list[Transition]:
-        """The run ended: its estimate is replaced by what it spent (in memory and in the ledger)."""
-        job.cost += run.cost
-        spent = to_micros(run.cost)
+    def _charge(self, job: Job, run: RunningChild) -> None:
+        delta = to_micros(run.cost) - job.logged
+        if not delta:
+            return
+        job.logged += delta
         if self.store is not None:
-            self.store.spend(str(self.budget.day), int(job.id), spent - job.logged)
+            self.store.spend(str(self.budget.day), int(job.id), delta)
+        for crossed in self.budget.charge(job.id, delta):
+            self._emit(self.path, f"budget.{crossed}", "", spent=self.budget.spent / 1e6)
+
+    def _settle(self, job: Job, run: RunningChild) -> None:
+        """The run ended: whatever is left of its estimate is released."""
+        self._roll()
+        self._charge(job, run)
+        job.cost += run.cost
         job.logged = 0
-        return self.budget.settle(job.id, spent)
+        self.budget.release(job.id)
 
     def run_exited(self, run: RunningChild) -> None:
         """A job's handler returned or raised (the owner protocol of ``RunningChild``)."""
         job: Job = run.child
         del self.running[job.id]
         job.run = None
-        transitions = self._settle(job, run)
+        self._settle(job, run)
         ok = run.exit is not None and run.exit.reason == "normal"
         duration = trio.current_time() - run.started_mono
-        for crossed in transitions:
-            self._emit(self.path, f"budget.{crossed}", "", spent=self.budget.spent / 1e6)
         if self.circuit is not None:
             entered = self.circuit.record(ok, trio.current_time())
             if entered:
@@ -447,6 +453,8 @@ class Pool:
         self.running.pop(job.id, None)
         job.run = None
         self._settle(job, run)
+        if self.circuit is not None:
+            self.circuit.abandon()  # a stopped job says nothing about the service
         if job.state == "cancelled":  # job.cancel(): it is gone
             self._forget(job)
             self._finish(job, "cancelled")
