@@ -51,9 +51,14 @@ class ProcessContext:
     def __init__(self, state_dir: Path) -> None:
         self.state_dir = state_dir
         self.reaper = Reaper()
-        self.guard = Guard()
+        self.guard = Guard(self.reaper.waited)
         self._notify_dir: Path | None = None
         self._sockets = 0
+
+    def register(self, pid: int) -> None:
+        """A child was just forked (in the spawner thread, under REAP_LOCK): its runner waits for it."""
+        self.reaper.waited.add(pid)
+        self.reaper.groups.add(pid)
 
     def notify_path(self) -> Path:
         """A fresh socket path in a private (0700) temporary directory (short: sun_path is 108 bytes)."""
@@ -63,8 +68,10 @@ class ProcessContext:
         return self._notify_dir / f"{self._sockets}.sock"
 
     def close(self) -> None:
-        self.guard.close()
-        self.reaper.kill_orphans()
+        try:
+            self.guard.close()
+        finally:
+            self.reaper.kill_orphans()
         if self._notify_dir is not None:
             for leftover in self._notify_dir.iterdir():
                 leftover.unlink(missing_ok=True)
@@ -315,6 +322,7 @@ async def _run(
         try:
             popen = await spawn(
                 list(spec.argv),
+                ctx.register,
                 env=_environment(spec, notify_path),
                 cwd=spec.cwd,
                 stdin=targets["stdin"],
@@ -370,10 +378,8 @@ class _Watch:
         """
         pid, ctx = self.pid, self.ctx
         self.proc.pid = pid
-        ctx.reaper.waited.add(pid)
-        ctx.reaper.groups.add(pid)
         ctx.guard.watch(pid)
-        pidfd = os.pidfd_open(pid)
+        pidfd = os.pidfd_open(pid)  # cannot fail: the child is registered, so nobody reaps it but us
         try:
             async with trio.open_nursery() as nursery:
                 drained = trio.Event()

@@ -63,7 +63,11 @@ def _die_with_parent(parent: int) -> None:
         os._exit(127)
 
 
-_Job = tuple[dict[str, Any], Callable[[BaseException | subprocess.Popen[bytes]], None]]
+_Job = tuple[dict[str, Any], Callable[[int], None], Callable[[BaseException | subprocess.Popen[bytes]], None]]
+
+# Held while a child is forked and registered, and while orphans are swept: a child that
+# exits at once must not be reaped as an orphan before its runner knows its pid.
+REAP_LOCK = threading.Lock()
 
 
 class _Spawner:
@@ -76,14 +80,16 @@ class _Spawner:
 
     def _serve(self) -> None:
         while True:
-            kwargs, deliver = self._jobs.get()
+            kwargs, register, deliver = self._jobs.get()
             try:
-                result: BaseException | subprocess.Popen[bytes] = subprocess.Popen(**kwargs)  # type: ignore[assignment]
+                with REAP_LOCK:
+                    result: BaseException | subprocess.Popen[bytes] = subprocess.Popen(**kwargs)  # type: ignore[assignment]
+                    register(result.pid)  # type: ignore[union-attr]
             except BaseException as exc:  # noqa: BLE001 - handed to the waiting task
                 result = exc
             deliver(result)
 
-    async def spawn(self, **kwargs: Any) -> subprocess.Popen[bytes]:
+    async def spawn(self, register: Callable[[int], None], **kwargs: Any) -> subprocess.Popen[bytes]:
         with self._lock:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._serve, name="otree-spawner", daemon=True)
@@ -97,7 +103,7 @@ class _Spawner:
             token.run_sync_soon(done.set)
 
         kwargs["preexec_fn"] = functools.partial(_die_with_parent, os.getpid())
-        self._jobs.put((kwargs, deliver))
+        self._jobs.put((kwargs, register, deliver))
         with trio.CancelScope(shield=True):  # a fork in flight finishes; the caller then owns it
             await done.wait()
         result = box[0]
@@ -109,9 +115,15 @@ class _Spawner:
 _spawner = _Spawner()
 
 
-async def spawn(argv: list[str], **kwargs: Any) -> subprocess.Popen[bytes]:
-    """``subprocess.Popen(argv, start_new_session=True, ...)`` from the spawner thread, never a shell."""
-    return await _spawner.spawn(args=argv, shell=False, start_new_session=True, **kwargs)
+async def spawn(
+    argv: list[str], register: Callable[[int], None] = lambda pid: None, **kwargs: Any
+) -> subprocess.Popen[bytes]:
+    """``subprocess.Popen(argv, start_new_session=True, ...)`` from the spawner thread, never a shell.
+
+    ``register(pid)`` runs in that thread, under ``REAP_LOCK``, before the orphan reaper
+    can see the new child.
+    """
+    return await _spawner.spawn(register, args=argv, shell=False, start_new_session=True, **kwargs)
 
 
 # --- process groups -----------------------------------------------------------------
@@ -152,8 +164,9 @@ for pgid in groups:
 class Guard:
     """The process that kills every child's group if otree dies without stopping them."""
 
-    def __init__(self) -> None:
+    def __init__(self, waited: set[int]) -> None:
         self._proc: subprocess.Popen[bytes] | None = None
+        self._waited = waited  # the reaper's: the guard is a child otree waits for itself
 
     def _ensure(self) -> subprocess.Popen[bytes]:
         if self._proc is None:
@@ -166,6 +179,7 @@ class Guard:
                 start_new_session=True,
                 close_fds=True,
             )
+            self._waited.add(self._proc.pid)
         return self._proc
 
     def _send(self, line: str) -> None:
@@ -189,8 +203,10 @@ class Guard:
         proc, self._proc = self._proc, None
         if proc is not None:
             assert proc.stdin is not None
-            proc.stdin.close()
+            with contextlib.suppress(BrokenPipeError):  # a guard that died cannot be told
+                proc.stdin.close()
             proc.wait()
+            self._waited.discard(proc.pid)
 
 
 # --- orphans ---------------------------------------------------------------------------
@@ -226,6 +242,10 @@ class Reaper:
 
     def sweep(self) -> None:
         """Reap every exited orphan; remember the live ones (to kill when the tree stops)."""
+        with REAP_LOCK:
+            self._sweep()
+
+    def _sweep(self) -> None:
         for pid in _direct_children() - self.waited:
             if not self.reap_all and _pgid(pid) not in self.groups:
                 continue  # the host's own child, in library mode: not ours to touch
@@ -253,6 +273,7 @@ class Reaper:
     def kill_orphans(self) -> None:
         """Kill the adopted descendants still alive (those that left their group with setsid)."""
         self.sweep()
+        self.orphans &= _direct_children()  # never signal a pid that is no longer ours
         for pid in self.orphans:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
