@@ -258,8 +258,14 @@ class Pool:
         letters, today's spend. Raises StoreError (naming the file) if it cannot be used."""
         if self._store_path is None:
             return
-        store = self.store = Store(self._store_path)
-        queued, doomed = store.recover()
+        store = Store(self._store_path)
+        try:
+            queued, doomed = store.recover()
+            letters = store.dead_letters()
+        except BaseException:
+            store.close()
+            raise
+        self.store = store
         for stored in queued:
             job = Job(
                 self,
@@ -280,7 +286,7 @@ class Pool:
             store.bury(
                 stored.id, f"interrupted {INTERRUPTIONS_TO_DEAD} times (it may be what kills otree)", now
             )
-        for row in store.dead_letters():
+        for row in letters:
             letter = DeadLetter(*row)
             self.dead[letter.id] = letter
         self.budget.restore(store.spent(str(self.budget.day)))
@@ -349,6 +355,11 @@ class Pool:
 
     def _start(self, job: Job) -> None:
         assert self._nursery is not None
+        handler = self.spec.handlers.get(job.kind)
+        if handler is None:  # a stored job whose kind the tree file no longer has
+            self._bury(job, f"unknown job kind {job.kind!r}")
+            self._emit(f"{self.path}/{job.id}", "job.dead_lettered", "error", detail="unknown job kind")
+            return
         job.attempts += 1
         job.state = "running"
         if self.store is not None:
@@ -360,7 +371,7 @@ class Pool:
         job.run = run
         self.running[job.id] = job
         self._emit(run.path, "job.started", "", job_kind=job.kind, attempt=job.attempts)
-        self._nursery.start_soon(run.main, self.spec.handlers[job.kind], (job.payload,), False, name=run.path)
+        self._nursery.start_soon(run.main, handler, (job.payload,), False, name=run.path)
 
     # --- spend and the end of a job -------------------------------------------------------
 
@@ -432,19 +443,23 @@ class Pool:
             self.waiting.sort(key=lambda w: (w[0], w[1]))
             self._emit(run.path, "job.retried", "error", delay=delay, attempt=job.attempts, detail=detail)
             return
+        self._bury(job, detail)
+        self._emit(run.path, "job.dead_lettered", "error", attempts=job.attempts, detail=detail)
+
+    def _bury(self, job: Job, error: str) -> None:
+        """Move a job to the dead letters (memory and store) and tell whoever awaits it."""
         self.dead[job.id] = DeadLetter(
             id=job.id,
             kind=job.kind,
             payload=job.payload,
             priority=job.priority,
             attempts=job.attempts,
-            error=detail,
+            error=error,
             submitted_at=job.submitted_at,
             failed_at=time.time(),
         )
         if self.store is not None:
-            self.store.bury(int(job.id), detail, time.time())
-        self._emit(run.path, "job.dead_lettered", "error", attempts=job.attempts, detail=detail)
+            self.store.bury(int(job.id), error, time.time())
         self._finish(job, "dead")
 
     def _job_stopped(self, run: RunningChild) -> None:
@@ -486,7 +501,7 @@ class Pool:
         for job in jobs:
             if job.run is not None:
                 job.run.request_stop(self.spec.job_shutdown, self._job_stopped)
-        while self.running:
+        while any(job.run is not None for job in self.running.values()):
             self._wake = trio.Event()
             await self._wake.wait()
 

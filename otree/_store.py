@@ -86,17 +86,17 @@ class Store:
             "WHERE running = 1",
             (),
         )
-        rows = self._db.execute(
+        rows = self._read(
             "SELECT id, kind, payload, priority, estimate, key, attempts, submitted_at, interruptions "
             "FROM jobs ORDER BY id"
-        ).fetchall()
+        )
         queued: list[StoredJob] = []
         doomed: list[StoredJob] = []
         for job_id, kind, payload, priority, estimate, key, attempts, submitted_at, interruptions in rows:
             job = StoredJob(
                 id=job_id,
                 kind=kind,
-                payload=msgspec.json.decode(payload),
+                payload=self._decode(payload),
                 priority=priority,
                 estimate=estimate,
                 key=key,
@@ -107,15 +107,26 @@ class Store:
         return queued, doomed
 
     def spent(self, day: str) -> int:
-        row = self._db.execute("SELECT coalesce(sum(micros), 0) FROM ledger WHERE day = ?", (day,)).fetchone()
-        return int(row[0])
+        return int(self._read("SELECT coalesce(sum(micros), 0) FROM ledger WHERE day = ?", (day,))[0][0])
+
+    def _read(self, sql: str, args: tuple[Any, ...] = ()) -> list[Any]:
+        try:
+            return self._db.execute(sql, args).fetchall()
+        except sqlite3.Error as exc:
+            raise StoreError(f"pool database {self.path}: {exc}") from exc
+
+    def _decode(self, payload: bytes) -> Any:
+        try:
+            return msgspec.json.decode(payload)
+        except msgspec.DecodeError as exc:
+            raise StoreError(f"pool database {self.path}: a stored payload is corrupt: {exc}") from exc
 
     def dead_letters(self) -> list[tuple[Any, ...]]:
-        rows = self._db.execute(
+        rows = self._read(
             "SELECT id, kind, payload, priority, attempts, error, submitted_at, failed_at "
             "FROM dead ORDER BY id"
-        ).fetchall()
-        return [(str(r[0]), r[1], msgspec.json.decode(r[2]), *r[3:]) for r in rows]
+        )
+        return [(str(r[0]), r[1], self._decode(r[2]), *r[3:]) for r in rows]
 
     def add(
         self, kind: str, payload: bytes, *, priority: int, estimate: int, key: str | None, at: float

@@ -477,3 +477,23 @@ async def test_pool_stop_releases_whoever_awaits_queued_and_waiting_jobs(
     for job in (failing, *queued):
         with pytest.raises(otree.JobFailed, match="interrupted"):
             await job.result()
+
+
+async def test_stored_job_of_a_kind_the_tree_dropped_is_dead_lettered(tmp_path: Any) -> None:
+    async def block(payload: Any) -> None:
+        await trio.sleep_forever()
+
+    async def other(payload: Any) -> None:
+        pass
+
+    first = otree.supervisor("root", children=[otree.pool("jobs", {"a": block, "b": other}, durable=True)])
+    async with otree.open_supervisor(first, state_dir=tmp_path) as sup:
+        pool_of(sup).submit_nowait("b", 0)
+        pool_of(sup).submit_nowait("a", 1)
+        await trio.testing.wait_all_tasks_blocked()
+    second = otree.supervisor("root", children=[otree.pool("jobs", {"b": other}, durable=True)])
+    with trio.fail_after(5):
+        async with otree.open_supervisor(second, state_dir=tmp_path) as sup:
+            await trio.testing.wait_all_tasks_blocked()
+            (letter,) = pool_of(sup).dead_letters()
+            assert (letter.kind, letter.error) == ("a", "unknown job kind 'a'")
