@@ -333,10 +333,13 @@ async def _run(
         finally:
             for end in child_ends:
                 os.close(end)
+            child_ends.clear()
         feed = (feeder, stdin_data) if feeder is not None and stdin_data is not None else None
         watch = _Watch(spec, popen, proc, ctx)
         await watch.watch(run, readers, sock, emit=emit, task_status=task_status, feed=feed)
     finally:
+        for end in child_ends:  # setup failed before the spawn
+            os.close(end)
         if feeder is not None:
             feeder.close()
         sock.close()
