@@ -46,6 +46,7 @@ class DeadLetter(msgspec.Struct, frozen=True):
     kind: str
     payload: Any
     priority: int
+    estimated_cost: float
     attempts: int
     error: str
     submitted_at: float
@@ -243,7 +244,9 @@ class Pool:
     def requeue(self, dead_letter_id: str) -> Job:
         """Queue a dead letter again (a fresh count of attempts)."""
         letter = self.dead[dead_letter_id]
-        job = self.submit_nowait(letter.kind, letter.payload, priority=letter.priority)  # may refuse
+        job = self.submit_nowait(  # may refuse: the letter stays until it is queued
+            letter.kind, letter.payload, priority=letter.priority, estimated_cost=letter.estimated_cost
+        )
         del self.dead[dead_letter_id]
         if self.store is not None:
             self.store.unbury(int(letter.id))
@@ -453,6 +456,7 @@ class Pool:
             kind=job.kind,
             payload=job.payload,
             priority=job.priority,
+            estimated_cost=job.estimate / 1e6,
             attempts=job.attempts,
             error=error,
             submitted_at=job.submitted_at,

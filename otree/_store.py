@@ -29,7 +29,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     interruptions INTEGER NOT NULL, running INTEGER NOT NULL, submitted_at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS dead (
     id INTEGER PRIMARY KEY, kind TEXT NOT NULL, payload BLOB NOT NULL, priority INTEGER NOT NULL,
-    attempts INTEGER NOT NULL, error TEXT NOT NULL, submitted_at REAL NOT NULL, failed_at REAL NOT NULL);
+    estimate INTEGER NOT NULL, attempts INTEGER NOT NULL, error TEXT NOT NULL,
+    submitted_at REAL NOT NULL, failed_at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS ledger (day TEXT NOT NULL, job INTEGER NOT NULL, micros INTEGER NOT NULL);
 CREATE INDEX IF NOT EXISTS ledger_day ON ledger (day);
 """
@@ -123,10 +124,10 @@ class Store:
 
     def dead_letters(self) -> list[tuple[Any, ...]]:
         rows = self._read(
-            "SELECT id, kind, payload, priority, attempts, error, submitted_at, failed_at "
+            "SELECT id, kind, payload, priority, estimate, attempts, error, submitted_at, failed_at "
             "FROM dead ORDER BY id"
         )
-        return [(str(r[0]), r[1], self._decode(r[2]), *r[3:]) for r in rows]
+        return [(str(r[0]), r[1], self._decode(r[2]), r[3], r[4] / 1e6, *r[5:]) for r in rows]
 
     def add(
         self, kind: str, payload: bytes, *, priority: int, estimate: int, key: str | None, at: float
@@ -160,8 +161,8 @@ class Store:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 self._db.execute(
-                    "INSERT INTO dead SELECT id, kind, payload, priority, attempts, ?, submitted_at, ? "
-                    "FROM jobs WHERE id = ?",
+                    "INSERT INTO dead SELECT id, kind, payload, priority, estimate, attempts, ?, "
+                    "submitted_at, ? FROM jobs WHERE id = ?",
                     (error, at, job),
                 )
                 self._db.execute("DELETE FROM jobs WHERE id = ?", (job,))

@@ -497,3 +497,30 @@ async def test_stored_job_of_a_kind_the_tree_dropped_is_dead_lettered(tmp_path: 
             await trio.testing.wait_all_tasks_blocked()
             (letter,) = pool_of(sup).dead_letters()
             assert (letter.kind, letter.error) == ("a", "unknown job kind 'a'")
+
+
+async def test_an_interruption_gives_its_attempt_back(tmp_path: Any) -> None:
+    gate = trio.Event()
+    tries: list[int] = []
+
+    async def flaky(payload: Any) -> None:
+        if not gate.is_set():
+            await trio.sleep_forever()  # the first run is interrupted by the stop
+        tries.append(1)
+        raise RuntimeError("down")
+
+    def tree() -> otree.SupervisorSpec:
+        pool = otree.pool("jobs", {"f": flaky}, max_attempts=2, durable=True)
+        return otree.supervisor("root", children=[pool])
+
+    async with otree.open_supervisor(tree(), state_dir=tmp_path) as sup:
+        pool_of(sup).submit_nowait("f", None, estimated_cost=0.25)
+        await trio.testing.wait_all_tasks_blocked()
+    gate.set()
+    async with otree.open_supervisor(tree(), state_dir=tmp_path) as sup:
+        await trio.testing.wait_all_tasks_blocked()
+        assert len(tries) == 2  # both tries after the restart: the interrupted one did not count
+        (letter,) = pool_of(sup).dead_letters()
+        assert (letter.attempts, letter.estimated_cost) == (2, 0.25)
+        again = await pool_of(sup).requeue(letter.id)
+        assert again.estimate == 250_000  # the estimate comes back with it
