@@ -162,51 +162,68 @@ for pgid in groups:
 
 
 class Guard:
-    """The process that kills every child's group if otree dies without stopping them."""
+    """The process that kills every child's group if otree dies without stopping them.
+
+    A guard that died (killed by someone) is replaced at the next change and told
+    every group still watched.
+    """
 
     def __init__(self, waited: set[int]) -> None:
         self._proc: subprocess.Popen[bytes] | None = None
         self._waited = waited  # the reaper's: the guard is a child otree waits for itself
+        self._groups: set[int] = set()
 
-    def _ensure(self) -> subprocess.Popen[bytes]:
-        if self._proc is None:
-            # Its own session: a Ctrl-C to otree's terminal must not reach it first.
-            self._proc = subprocess.Popen(
-                [sys.executable, "-I", "-c", _GUARD],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-                start_new_session=True,
-                close_fds=True,
-            )
-            self._waited.add(self._proc.pid)
-        return self._proc
+    def _start(self) -> subprocess.Popen[bytes]:
+        # Its own session: a Ctrl-C to otree's terminal must not reach it first.
+        proc = subprocess.Popen(
+            [sys.executable, "-I", "-c", _GUARD],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+            close_fds=True,
+        )
+        self._waited.add(proc.pid)
+        return proc
 
-    def _send(self, line: str) -> None:
-        proc = self._ensure()
+    def _tell(self, proc: subprocess.Popen[bytes], lines: list[str]) -> bool:
         assert proc.stdin is not None
         try:
-            proc.stdin.write(line.encode() + b"\n")
+            proc.stdin.write("".join(f"{line}\n" for line in lines).encode())
             proc.stdin.flush()
-        except BrokenPipeError:  # the guard died: nothing to tell it
-            pass
+        except BrokenPipeError:
+            return False
+        return True
+
+    def _send(self, line: str) -> None:
+        if self._proc is not None and self._tell(self._proc, [line]):
+            return
+        if self._proc is not None:  # it died: reap it, start another and tell it everything
+            self._discard(self._proc)
+        self._proc = self._start()
+        self._tell(self._proc, [f"+{pgid}" for pgid in sorted(self._groups)])
 
     def watch(self, pgid: int) -> None:
+        self._groups.add(pgid)
         self._send(f"+{pgid}")
 
     def forget(self, pgid: int) -> None:
+        self._groups.discard(pgid)
         if self._proc is not None:
             self._send(f"-{pgid}")
+
+    def _discard(self, proc: subprocess.Popen[bytes]) -> None:
+        assert proc.stdin is not None
+        with contextlib.suppress(BrokenPipeError):  # a guard that died cannot be told
+            proc.stdin.close()
+        proc.wait()
+        self._waited.discard(proc.pid)
 
     def close(self) -> None:
         """The tree has stopped: let the guard go (it kills whatever is still listed)."""
         proc, self._proc = self._proc, None
         if proc is not None:
-            assert proc.stdin is not None
-            with contextlib.suppress(BrokenPipeError):  # a guard that died cannot be told
-                proc.stdin.close()
-            proc.wait()
-            self._waited.discard(proc.pid)
+            self._discard(proc)
 
 
 # --- orphans ---------------------------------------------------------------------------

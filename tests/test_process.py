@@ -472,3 +472,48 @@ def test_check_prints_process_children_with_argv(tmp_path: Path, capsys: pytest.
         "  p  process  restart=permanent  shutdown=5.0  ready=notify  "
         "argv=agent --model 'a b'  stall_timeout=30"
     )
+
+
+def _guards_of(parent: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
+        if ppid == parent and b"-I" in cmdline and b"-c" in cmdline:
+            found.append(int(entry))
+    return found
+
+
+def test_a_killed_guard_is_replaced_and_told_every_group(tmp_path: Path, marker: str) -> None:
+    tree = tmp_path / "tree.py"
+    tree.write_text(
+        "import sys, otree\n"
+        f"env = {{'OTREE_TEST_MARKER': {marker!r}}}\n"
+        f"keeper = {GRANDCHILDREN!r}\n"
+        "tree = otree.supervisor('t', max_restarts=1000, children=[\n"
+        "    otree.process('p', [sys.executable, '-c', keeper], env=env, ready=0.3),\n"
+        "    otree.process('q', [sys.executable, '-c', 'import time; time.sleep(0.3)'], env=env),\n"
+        "])\n"
+    )
+    proc = subprocess.Popen(
+        [PY, "-m", "otree", "run", str(tree), "--state-dir", str(tmp_path / "state")],
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        assert wait_until(lambda: len(_guards_of(proc.pid)) == 1 and len(marked_pids(marker)) >= 4, 15)
+        (old,) = _guards_of(proc.pid)
+        os.kill(old, signal.SIGKILL)
+        # q keeps exiting and restarting; its next start finds the guard dead and starts another
+        assert wait_until(lambda: _guards_of(proc.pid) not in ([], [old]), 5)
+        proc.kill()
+        proc.wait()
+        assert wait_until(lambda: marked_pids(marker) == [], 1.0)  # p's grandchildren too
+    finally:
+        proc.kill()
+        proc.wait()
