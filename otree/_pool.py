@@ -21,7 +21,6 @@ from typing import Any, Literal
 
 import msgspec
 import trio
-from trio_util import wait_any
 
 from ._budget import Budget, budget_day, seconds_until_midnight, to_micros
 from ._errors import BudgetExceeded, JobFailed, NotRunning, QueueFull
@@ -157,6 +156,7 @@ class Pool:
         self._wake = trio.Event()
         self._nursery: trio.Nursery | None = None
         self._stopping = False
+        self._stop_requested = False
 
     # --- submission -----------------------------------------------------------------
 
@@ -296,7 +296,15 @@ class Pool:
 
     # --- dispatch ---------------------------------------------------------------------
 
+    def request_stop(self, kill_at: float) -> None:
+        """The pool's supervisor stops it (its run's ``on_stop``): the dispatcher ends, then the
+        running jobs are stopped at once. ``kill_at`` is enforced by the run's own deadline."""
+        self._stop_requested = True
+        self._wake.set()
+
     def _roll(self) -> None:
+        if self.budget.limit is None and self.store is None:
+            return  # nothing depends on the day: no gate, no ledger
         if self.budget.roll(budget_day(self._now(), self._tz)):
             self._emit(self.path, "budget.reset", "")
             if self.store is not None:
@@ -304,18 +312,17 @@ class Pool:
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run the dispatcher until the pool is asked to stop; then stop running jobs at once."""
-        me = current_child()
         self._open_store()
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             self.serving = True
             task_status.started()
             try:
-                while not me.stopping.is_set():
+                while not self._stop_requested:
                     deadline = self._dispatch()
                     self._wake = trio.Event()
                     with trio.move_on_at(deadline):
-                        await wait_any(self._wake.wait, me.stopping.wait)
+                        await self._wake.wait()
             finally:
                 self._stopping = True
                 self.serving = False

@@ -444,6 +444,7 @@ class _Supervisor:
                 handle=lambda: PoolHandle(self.tree, ids),
                 processes=self.tree.processes,
             )
+            run.on_stop = pool.request_stop
             fn, args, takes_status = pool.serve, (), True
         else:
             nested = _Supervisor(spec, child.path, self.tree, run)
