@@ -92,7 +92,7 @@ class Job:
         self.run: RunningChild | None = None
         self.value: Any = None
         self.error: BaseException | None = None
-        self._done = trio.Event()
+        self._done: trio.Event | None = None  # created only if someone awaits the result
 
     def __repr__(self) -> str:
         return f"<otree.Job {self.id} {self.kind} {self.state}>"
@@ -103,7 +103,12 @@ class Job:
         Raises:
           JobFailed: the job was dead-lettered (its last error chained) or cancelled.
         """
-        await self._done.wait()
+        if self.state in ("queued", "waiting", "running"):
+            if self._done is None:
+                self._done = trio.Event()
+            await self._done.wait()
+        else:
+            await trio.lowlevel.checkpoint()  # an async call always checkpoints (trio's rule)
         if self.state == "done":
             return self.value
         if self.state == "cancelled":
@@ -494,7 +499,8 @@ class Pool:
         job.state = state
         if job.key is not None and self._by_key.get(job.key) is job:
             del self._by_key[job.key]
-        job._done.set()
+        if job._done is not None:
+            job._done.set()
 
     def _release_waiters(self) -> None:
         """The pool stopped: whoever awaits a queued or waiting job hears so (a durable pool
