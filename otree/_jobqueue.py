@@ -1,16 +1,19 @@
-"""The pool's waiting line: highest priority first, FIFO within a priority, O(log n).
+"""The pool's waiting line: highest priority first, FIFO within a priority, flat cost.
 
-A binary heap of ``(-priority, sequence)`` entries; cancelling a waiting job
-marks its entry dead (O(1)) and the heap drops dead entries as they surface,
-compacting itself when they outnumber the live ones. Pure: no trio, no I/O.
+Priorities are small integers, so the line is a FIFO deque per priority plus a
+heap of the priorities in use: a push appends to its deque (O(1); O(log p) when
+its priority is new), a pop takes from the front of the highest deque (O(1)),
+whatever the number of jobs waiting. Cancelling a waiting job marks it dead
+(O(1)); dead entries are dropped as they reach the front, and the line is
+compacted when they outnumber the live ones. Pure: no trio, no I/O.
 """
 
 from __future__ import annotations
 
 import heapq
-import itertools
+from collections import deque
 from collections.abc import Hashable, Iterator
-from typing import Any, Generic, TypeVar
+from typing import Generic, TypeVar
 
 __all__ = ["JobQueue"]
 
@@ -29,18 +32,14 @@ class _Entry(Generic[K, V]):
         self.alive = True
 
 
-# Heap items are (-priority, sequence, entry): tuples compare in C, and the unique
-# sequence decides before the entry is ever compared.
-_Item = tuple[int, int, _Entry[Any, Any]]
-
-
 class JobQueue(Generic[K, V]):
     """Waiting jobs by key; ``pop`` gives the highest priority, oldest first."""
 
     def __init__(self) -> None:
-        self._heap: list[_Item] = []
+        self._buckets: dict[int, deque[_Entry[K, V]]] = {}
+        self._priorities: list[int] = []  # a heap of -priority, one per bucket
         self._live: dict[K, _Entry[K, V]] = {}
-        self._sequence = itertools.count()
+        self._dead = 0
 
     def __len__(self) -> int:
         return len(self._live)
@@ -54,23 +53,39 @@ class JobQueue(Generic[K, V]):
             raise KeyError(f"{key!r} is queued already")
         entry = _Entry(key, value)
         self._live[key] = entry
-        heapq.heappush(self._heap, (-priority, next(self._sequence), entry))
+        bucket = self._buckets.get(priority)
+        if bucket is None:
+            bucket = self._buckets[priority] = deque()
+            heapq.heappush(self._priorities, -priority)
+        bucket.append(entry)
+
+    def _front(self) -> deque[_Entry[K, V]] | None:
+        """The highest non-empty bucket, its dead front entries dropped (None when empty)."""
+        while self._priorities:
+            priority = -self._priorities[0]
+            bucket = self._buckets[priority]
+            while bucket and not bucket[0].alive:
+                bucket.popleft()
+                self._dead -= 1
+            if bucket:
+                return bucket
+            heapq.heappop(self._priorities)
+            del self._buckets[priority]
+        return None
 
     def peek(self) -> tuple[K, V] | None:
         """The next job without taking it (None if the queue is empty)."""
-        heap = self._heap
-        while heap and not heap[0][2].alive:
-            heapq.heappop(heap)
-        if not heap:
+        bucket = self._front()
+        if bucket is None:
             return None
-        entry = heap[0][2]
-        return entry.key, entry.value
+        return bucket[0].key, bucket[0].value
 
     def pop(self) -> tuple[K, V]:
         """Take the next job. Raises IndexError when empty."""
-        if self.peek() is None:
+        bucket = self._front()
+        if bucket is None:
             raise IndexError("pop from an empty JobQueue")
-        entry = heapq.heappop(self._heap)[2]
+        entry = bucket.popleft()
         del self._live[entry.key]
         return entry.key, entry.value
 
@@ -80,13 +95,16 @@ class JobQueue(Generic[K, V]):
         if entry is None:
             return None
         entry.alive = False
-        dead = len(self._heap) - len(self._live)
-        if dead > _COMPACT_AT and dead > len(self._live):
-            self._heap = [item for item in self._heap if item[2].alive]
-            heapq.heapify(self._heap)
+        self._dead += 1
+        if self._dead > _COMPACT_AT and self._dead > len(self._live):
+            for priority, bucket in self._buckets.items():
+                self._buckets[priority] = deque(e for e in bucket if e.alive)
+            self._dead = 0
         return entry.value
 
     def __iter__(self) -> Iterator[tuple[K, V]]:
-        """Waiting jobs in the order they would be popped (O(n log n); for listings)."""
-        for _, _, entry in sorted(item for item in self._heap if item[2].alive):
-            yield entry.key, entry.value
+        """Waiting jobs in the order they would be popped (for listings)."""
+        for priority in sorted(self._buckets, reverse=True):
+            for entry in self._buckets[priority]:
+                if entry.alive:
+                    yield entry.key, entry.value

@@ -62,5 +62,5 @@ def test_jobqueue_compacts_after_many_removals() -> None:
         queue.push(key, 0, key)
     for key in range(4000):
         queue.remove(key)
-    assert len(queue._heap) < 2 * len(queue) + 1100
+    assert sum(len(b) for b in queue._buckets.values()) < 2 * len(queue) + 1100
     assert queue.pop() == (4000, 4000)
