@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime as dt
 import itertools
 import math
+import random
 import time
 import zoneinfo
 from collections.abc import Callable, Hashable
@@ -25,7 +26,7 @@ import trio
 from ._budget import Budget, budget_day, seconds_until_midnight, to_micros
 from ._errors import BudgetExceeded, JobFailed, NotRunning, QueueFull
 from ._info import ChildInfo
-from ._intensity import CircuitState, backoff_delay
+from ._intensity import CircuitState
 from ._jobqueue import JobQueue
 from ._process import ProcessContext, run_job_process
 from ._spec import PoolSpec, ProcessSpec, ShutdownValue, process
@@ -439,18 +440,7 @@ class Pool:
         detail = run.exit.detail if run.exit is not None else "error"
         if job.attempts < self.spec.max_attempts and not self._stopping:
             backoff = self.spec.backoff
-            delay = (
-                backoff_delay(
-                    job.attempts,
-                    initial=backoff.initial,
-                    maximum=backoff.maximum,
-                    factor=backoff.factor,
-                    jitter=backoff.jitter,
-                    unit=0.5,
-                )
-                if backoff is not None
-                else 0.0
-            )
+            delay = backoff.delay(job.attempts, random.random()) if backoff is not None else 0.0
             job.state = "waiting"
             if self.store is not None:
                 self.store.waiting(int(job.id))

@@ -22,6 +22,7 @@ import msgspec
 import trio
 
 from ._errors import SpecError
+from ._intensity import backoff_delay
 from ._strategy import Restart, Strategy
 
 __all__ = [
@@ -108,6 +109,18 @@ class Backoff(msgspec.Struct, frozen=True):
             raise SpecError("backoff", "factor", "must be a number >= 1", self.factor)
         if not _is_number(self.jitter) or not 0 <= self.jitter <= 1:
             raise SpecError("backoff", "jitter", "must be a number in [0, 1]", self.jitter)
+
+    def delay(self, attempt: int, unit: float) -> float:
+        """Seconds before the ``attempt``-th consecutive restart or retry; ``unit`` is a
+        uniform draw in [0, 1) that places it within the jitter."""
+        return backoff_delay(
+            attempt,
+            initial=self.initial,
+            maximum=self.maximum,
+            factor=self.factor,
+            jitter=self.jitter,
+            unit=unit,
+        )
 
 
 class _Spec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

@@ -41,7 +41,7 @@ from ._errors import (
 )
 from ._events import Event, EventBus, EventStream, level_of
 from ._info import ChildInfo, ChildState, Counts, ExitInfo
-from ._intensity import RestartWindow, backoff_delay
+from ._intensity import RestartWindow
 from ._paths import pool_database
 from ._paths import state_dir as default_state_dir
 from ._pool import DeadLetter, Job, Pool
@@ -577,14 +577,7 @@ class _Supervisor:
         if backoff is None:
             return 0.0
         child.consecutive += 1
-        return backoff_delay(
-            child.consecutive,
-            initial=backoff.initial,
-            maximum=backoff.maximum,
-            factor=backoff.factor,
-            jitter=backoff.jitter,
-            unit=self.tree.random.random(),
-        )
+        return backoff.delay(child.consecutive, self.tree.random.random())
 
     async def _start_group(self, trigger: _Child) -> None:
         """Start the group in order; a failed start marks that child restarting and queues a retry."""
