@@ -11,6 +11,7 @@ dispatcher, decides what starts; the decisions are the pure ``JobQueue``,
 from __future__ import annotations
 
 import datetime as dt
+import heapq
 import itertools
 import math
 import random
@@ -146,10 +147,11 @@ class Pool:
         self.serving = False
         self.queue: JobQueue[str, Job] = JobQueue()
         self.running: dict[str, Job] = {}
-        self.waiting: list[tuple[float, int, Job]] = []  # retries waiting out their backoff
+        self.waiting: list[tuple[float, int, Job]] = []  # a heap of retries waiting out their backoff
         self.dead: dict[str, DeadLetter] = {}
         self._by_key: dict[Hashable, Job] = {}
         self._ids = itertools.count(1)
+        self._retries = itertools.count()  # orders retries due at the same time (and spares comparing Jobs)
         self._tz: dt.tzinfo = (
             dt.datetime.now().astimezone().tzinfo
             if spec.budget_tz == "local"
@@ -241,6 +243,7 @@ class Pool:
             self._finish(job, "cancelled")
         elif job.state == "waiting":
             self.waiting = [w for w in self.waiting if w[2] is not job]
+            heapq.heapify(self.waiting)
             self._forget(job)
             self._finish(job, "cancelled")
         elif job.state == "running" and job.run is not None:
@@ -342,7 +345,7 @@ class Pool:
         """Start what may start now; the trio time at which to look again (inf: on the next event)."""
         now = trio.current_time()
         while self.waiting and self.waiting[0][0] <= now:
-            _, _, job = self.waiting.pop(0)
+            _, _, job = heapq.heappop(self.waiting)
             job.state = "queued"
             self.queue.push(job.id, job.priority, job)
         look_again = self.waiting[0][0] if self.waiting else math.inf
@@ -444,8 +447,7 @@ class Pool:
             job.state = "waiting"
             if self.store is not None:
                 self.store.waiting(int(job.id))
-            self.waiting.append((trio.current_time() + delay, job.attempts, job))
-            self.waiting.sort(key=lambda w: (w[0], w[1]))
+            heapq.heappush(self.waiting, (trio.current_time() + delay, next(self._retries), job))
             self._emit(run.path, "job.retried", "error", delay=delay, attempt=job.attempts, detail=detail)
             return
         self._bury(job, detail)
