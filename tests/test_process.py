@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -25,34 +25,31 @@ import otree
 PY = sys.executable
 
 
+def pids_where(test: Callable[[int], bool]) -> list[int]:
+    """Pids in /proc for which ``test(pid)`` holds (processes that vanish meanwhile are skipped)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError):
+                if test(int(entry)):
+                    found.append(int(entry))
+    return found
+
+
+def state_and_parent(pid: int) -> tuple[str, int]:
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return fields[0], int(fields[1])
+
+
 def marked_pids(marker: str) -> list[int]:
     """Live (non-zombie) processes whose environment holds ``OTREE_TEST_MARKER=marker``."""
     needle = f"OTREE_TEST_MARKER={marker}".encode()
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            if needle in Path(f"/proc/{entry}/environ").read_bytes():
-                found.append(int(entry))
-        except OSError:
-            continue
-    return found
+    return pids_where(lambda pid: needle in Path(f"/proc/{pid}/environ").read_bytes())
 
 
 def zombies_of(parent: int) -> list[int]:
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2 :].split()
-        if fields[0] == "Z" and int(fields[1]) == parent:
-            found.append(int(entry))
-    return found
+    return pids_where(lambda pid: state_and_parent(pid) == ("Z", parent))
 
 
 def wait_until(condition: object, timeout: float) -> bool:
@@ -475,19 +472,11 @@ def test_check_prints_process_children_with_argv(tmp_path: Path, capsys: pytest.
 
 
 def _guards_of(parent: int) -> list[int]:
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
-        if ppid == parent and b"-I" in cmdline and b"-c" in cmdline:
-            found.append(int(entry))
-    return found
+    def is_guard(pid: int) -> bool:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        return state_and_parent(pid)[1] == parent and b"-I" in cmdline and b"-c" in cmdline
+
+    return pids_where(is_guard)
 
 
 def test_a_killed_guard_is_replaced_and_told_every_group(tmp_path: Path, marker: str) -> None:
