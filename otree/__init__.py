@@ -24,6 +24,8 @@ from __future__ import annotations
 
 from contextlib import suppress as _suppress
 
+import msgspec as _msgspec
+
 from ._errors import AlreadyPresent as AlreadyPresent
 from ._errors import BudgetExceeded as BudgetExceeded
 from ._errors import JobFailed as JobFailed
@@ -110,9 +112,13 @@ __all__ = [
     "task",
 ]
 
-# Tracebacks and reprs say otree.SpecError, not otree._errors.SpecError.
+# Tracebacks and reprs say otree.SpecError, not otree._errors.SpecError. A Struct's
+# annotations are resolved in its module, so msgspec learns its fields first.
 for _name in __all__:
     _obj = globals()[_name]
+    if isinstance(_obj, type) and issubclass(_obj, _msgspec.Struct):
+        with _suppress(TypeError):  # specs of a tree are never decoded (untagged unions)
+            _msgspec.msgpack.Decoder(_obj)
     if getattr(_obj, "__module__", "").startswith("otree."):
         with _suppress(AttributeError, TypeError):
             _obj.__module__ = "otree"

@@ -12,7 +12,7 @@ import datetime as dt
 from collections.abc import Hashable
 from typing import Literal
 
-__all__ = ["Budget", "Transition", "budget_day", "seconds_until_midnight", "to_micros"]
+__all__ = ["Budget", "Transition", "budget_day", "from_micros", "seconds_until_midnight", "to_micros"]
 
 MICROS = 1_000_000
 
@@ -22,6 +22,11 @@ Transition = Literal["warning", "exhausted"]
 def to_micros(usd: float) -> int:
     """USD as integer micro-dollars (rounded to the nearest)."""
     return round(usd * MICROS)
+
+
+def from_micros(micros: int) -> float:
+    """Integer micro-dollars as USD."""
+    return micros / MICROS
 
 
 def budget_day(now: dt.datetime, tz: dt.tzinfo) -> dt.date:

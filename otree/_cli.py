@@ -1,53 +1,43 @@
-"""The ``otree`` command: parses argv and calls the public API.
+"""The ``otree`` command: parses argv and calls the public API or a running tree's control socket.
 
-Exit codes: 0 clean stop; 1 the root gave up (or failed to start);
-2 usage error, bad tree file, missing tree attribute or spec error.
+Exit codes: 0 clean stop or request done; 1 the root gave up (or failed to
+start); 2 usage error, bad tree file, missing tree attribute or spec error;
+3 no running tree for a command that needs one; 4 the request was refused
+(one line says why); 130 a second Ctrl-C.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import logging
+import os
+import re
 import shlex
-import signal
 import sys
 import time
-from collections.abc import Sequence
-from typing import TextIO
+from collections.abc import Callable, Sequence
+from typing import Any, TextIO
 
 import msgspec
 import trio
 
-from ._errors import OtreeError
+from ._control import EXIT_NO_TREE, EXIT_REFUSED, EXIT_USAGE, ControlError, NoTree, call, subscribe
+from ._daemon import Daemon, StateLocked, lock_state
+from ._eventlog import EventFilter, LogMark, read_events
 from ._events import Event
+from ._info import ChildInfo
 from ._loader import LoadError, load_tree
-from ._paths import state_dir
+from ._paths import control_socket, state_dir
+from ._pool import DeadLetter
 from ._reaper import Reaper, adopt_orphans
+from ._render import format_event, render_dead_letters, render_jobs, render_status
 from ._spec import ChildSpec, ProcessSpec, SupervisorSpec
-from ._supervisor import run
+from ._status import Jobs, Status
 
 __all__ = ["main"]
 
 _log = logging.getLogger("otree")
-# Details that the one-line text form leaves out (``detail`` already says Type: message).
-_VERBOSE = frozenset({"detail", "exception", "message", "traceback"})
-
-
-def format_event(event: Event) -> str:
-    """One line: time, path, kind, reason, then the detail and other plain details."""
-    stamp = time.strftime("%H:%M:%S", time.localtime(event.time)) + f".{int(event.time % 1 * 1000):03d}"
-    parts = [stamp, event.path, event.kind]
-    if event.reason:
-        parts.append(event.reason)
-    detail = event.details.get("detail")
-    if detail:
-        parts.append(str(detail))
-    parts.extend(
-        f"{key}={value:g}" if isinstance(value, float) else f"{key}={value}"
-        for key, value in event.details.items()
-        if key not in _VERBOSE
-    )
-    return " ".join(parts).replace("\n", " ")
 
 
 class _EventHandler(logging.Handler):
@@ -70,42 +60,37 @@ class _EventHandler(logging.Handler):
         self.stream.flush()
 
 
-async def _watch_signals(path: str, scope: trio.CancelScope) -> None:
-    """On SIGINT/SIGTERM: say so (as an event, so --log-format json stays JSON) and stop the tree."""
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async for signum in signals:
-            event = Event(time.time(), path, "tree.signal", signal.Signals(signum).name, {"action": "stop"})
-            _log.info("%s %s %s", path, event.kind, event.reason, extra={"otree_event": event})
-            scope.cancel()
-            return
-
-
-async def _serve(tree: SupervisorSpec, state: str) -> OtreeError | None:
-    """Run ``tree`` until it ends or SIGINT/SIGTERM arrives (even mid-start); its error, if any."""
-    outcome: OtreeError | None = None
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(_watch_signals, tree.id, nursery.cancel_scope)
-        try:
-            await run(tree, state_dir=state)
-        except OtreeError as error:
-            outcome = error
-        nursery.cancel_scope.cancel()
-    return outcome
-
-
 def _run(args: argparse.Namespace) -> int:
     tree = load_tree(args.file, args.attr)
+    state = state_dir(args.state_dir)
+    try:
+        lock = lock_state(state)
+    except StateLocked as locked:
+        print(f"otree: {locked}", file=sys.stderr)
+        return EXIT_REFUSED
     handler = _EventHandler(sys.stderr, args.log_format)
     _log.addHandler(handler)
     _log.setLevel(logging.INFO)
+
+    def set_level(name: str) -> None:
+        level = logging.getLevelName(name.upper())
+        if not isinstance(level, int):
+            raise ValueError(f"unknown log level {name!r} (use DEBUG, INFO, WARNING, ERROR or CRITICAL)")
+        _log.setLevel(level)
+        handler.setLevel(level)
+
     # `otree run` owns its process: orphans of its children come to it and are reaped.
     adopt_orphans()
     Reaper.reap_all = True
+    daemon = Daemon(args.file, args.attr, tree, state, set_level)
     try:
         # the state dir is always set under `otree run`, so pools are durable by default
-        failure = trio.run(_serve, tree, str(state_dir(args.state_dir)))
+        failure = trio.run(daemon.serve)
     finally:
         _log.removeHandler(handler)
+        os.close(lock)
+    if daemon.exit_code:
+        return daemon.exit_code
     if failure is not None:
         print(f"otree: {type(failure).__name__}: {failure}", file=sys.stderr)
         return 1
@@ -147,6 +132,155 @@ def _check(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Usage(Exception):
+    """A command line that parses but does not make sense (bad JSON, a bad time)."""
+
+
+class _Tree:
+    """The running tree a control command talks to: its state dir and socket."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.state = state_dir(args.state_dir)
+        self.socket = control_socket(self.state)
+        self.json: bool = args.json
+
+    def call(self, op: str, **request: Any) -> Any:
+        return call(self.socket, self.state, op, **request)
+
+    def show(self, result: Any, text: Callable[[], str]) -> int:
+        print(msgspec.json.encode(result).decode() if self.json else text())
+        return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    tree = _Tree(args)
+    status = msgspec.convert(tree.call("status", path=args.path or ""), Status)
+    return tree.show(status, lambda: render_status(status))
+
+
+def _child_command(args: argparse.Namespace) -> int:
+    tree = _Tree(args)
+    result = tree.call(args.command, path=args.path)
+    if result is None:
+        return tree.show(result, lambda: f"{args.path}: {args.done}")
+    info = msgspec.convert(result, ChildInfo)
+    return tree.show(info, lambda: f"{info.path}: {args.done} ({info.state})")
+
+
+def _submit(args: argparse.Namespace) -> int:
+    try:
+        payload = msgspec.json.decode(args.payload) if args.payload is not None else None
+    except msgspec.DecodeError as error:
+        raise _Usage(f"PAYLOAD_JSON is not JSON: {error}") from None
+    tree = _Tree(args)
+    job = tree.call(
+        "submit",
+        pool=args.pool,
+        kind=args.kind,
+        payload=payload,
+        priority=args.priority,
+        cost=args.cost,
+        key=args.key,
+    )
+    return tree.show(job, lambda: f"{args.pool}: job {job['id']} {job['state']}")
+
+
+def _jobs(args: argparse.Namespace) -> int:
+    tree = _Tree(args)
+    jobs = msgspec.convert(tree.call("jobs", pool=args.pool), Jobs)
+    return tree.show(jobs, lambda: render_jobs(jobs))
+
+
+def _dead_letters(args: argparse.Namespace) -> int:
+    tree = _Tree(args)
+    if args.requeue is not None:
+        job = tree.call("requeue", pool=args.pool, id=args.requeue)
+        return tree.show(
+            job, lambda: f"{args.pool}: dead letter {args.requeue} queued again as job {job['id']}"
+        )
+    letters = msgspec.convert(tree.call("dead_letters", pool=args.pool), list[DeadLetter])
+    return tree.show(letters, lambda: render_dead_letters(letters))
+
+
+def _reload(args: argparse.Namespace) -> int:
+    tree = _Tree(args)
+    summary: dict[str, list[str]] = tree.call("reload")
+
+    def text() -> str:
+        lines = [f"{what} {path}" for what, paths in summary.items() for path in paths]
+        return "\n".join(lines) if lines else "reloaded: nothing changed"
+
+    tree.show(summary, text)
+    return EXIT_REFUSED if summary.get("failed") else 0
+
+
+def _log_level(args: argparse.Namespace) -> int:
+    tree = _Tree(args)
+    result = tree.call("log_level", level=args.level)
+    return tree.show(result, lambda: f"log level {result['level']}")
+
+
+def _stop_tree(args: argparse.Namespace) -> int:
+    tree = _Tree(args)
+    tree.call("stop_tree")
+    return tree.show(None, lambda: f"stopping the tree of {tree.state}")
+
+
+_RELATIVE = re.compile(r"(\d+(?:\.\d+)?)([smhd])")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_since(text: str, now: float) -> float:
+    """Epoch seconds, ISO 8601 (local when naive), or an age: ``90s``, ``5m``, ``2h``, ``1d``."""
+    match = _RELATIVE.fullmatch(text)
+    if match:
+        return now - float(match.group(1)) * _UNITS[match.group(2)]
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        return dt.datetime.fromisoformat(text).timestamp()
+    except ValueError:
+        raise _Usage(
+            f"--since {text!r}: not a time (use e.g. 10m, 2h, 1d, 2026-11-22T09:00 or epoch seconds)"
+        ) from None
+
+
+def _events(args: argparse.Namespace) -> int:
+    tree = _Tree(args)
+    since = parse_since(args.since, time.time()) if args.since else None
+    wanted = EventFilter(path=(args.path or "").strip("/"), kind=args.kind or "", since=since)
+    mark: LogMark | None = None
+    live = None
+    code = 0
+    if args.follow:
+        try:
+            mark, live = subscribe(
+                tree.socket, tree.state, path=args.path or "", kind=args.kind or "", since=since
+            )
+        except NoTree as error:
+            print(f"otree: {error}", file=sys.stderr)
+            code = EXIT_NO_TREE
+    for item in read_events(tree.state, until=mark):
+        if isinstance(item, str):
+            print(f"otree: {item}", file=sys.stderr)
+        elif wanted(item):
+            _print_event(item, tree.json)
+    if live is not None:
+        try:
+            for event in live:
+                _print_event(event, tree.json)
+        except KeyboardInterrupt:
+            return 0
+    return code
+
+
+def _print_event(event: Event, as_json: bool) -> None:
+    line = msgspec.json.encode(event).decode() if as_json else format_event(event, date=True)
+    print(line, flush=True)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="otree", description="Erlang/OTP-style supervision trees on trio.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -160,6 +294,49 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("file", metavar="FILE")
     check.add_argument("--attr", default="tree")
     check.set_defaults(handler=_check)
+
+    def control(
+        name: str, help_text: str, handler: Callable[[argparse.Namespace], int]
+    ) -> argparse.ArgumentParser:
+        command = commands.add_parser(name, help=help_text)
+        command.add_argument(
+            "--state-dir", default=None, help="the tree's state dir (default: $OTREE_STATE_DIR)"
+        )
+        command.add_argument("--json", action="store_true", help="machine-readable output")
+        command.set_defaults(handler=handler)
+        return command
+
+    control("status", "show the running tree", _status).add_argument("path", metavar="PATH", nargs="?")
+    for name, done, help_text in (
+        ("start", "started", "start a stopped child"),
+        ("stop", "stopped", "stop a child and keep its spec"),
+        ("restart", "restarted", "stop a child if it runs, then start it"),
+        ("delete", "deleted", "forget a stopped child's spec"),
+    ):
+        command = control(name, help_text, _child_command)
+        command.add_argument("path", metavar="PATH")
+        command.set_defaults(done=done)
+    submit = control("submit", "queue a job in a pool", _submit)
+    submit.add_argument("pool", metavar="POOL")
+    submit.add_argument("kind", metavar="KIND")
+    submit.add_argument("payload", metavar="PAYLOAD_JSON", nargs="?")
+    submit.add_argument("--priority", type=int, default=0)
+    submit.add_argument("--cost", type=float, default=0.0, help="estimated cost in USD")
+    submit.add_argument("--key", default=None, help="idempotency key: the same key is not queued twice")
+    control("jobs", "list a pool's running and waiting jobs", _jobs).add_argument("pool", metavar="POOL")
+    dead = control("dead-letters", "list a pool's dead letters", _dead_letters)
+    dead.add_argument("pool", metavar="POOL")
+    dead.add_argument("--requeue", metavar="ID", default=None, help="queue this dead letter again")
+    events = control("events", "print the event log (and live events with --follow)", _events)
+    events.add_argument("--follow", "-f", action="store_true", help="then print live events until Ctrl-C")
+    events.add_argument("--path", default=None, help="only this child and what is below it")
+    events.add_argument("--kind", default=None, help="only kinds matching this glob (e.g. 'child.*')")
+    events.add_argument("--since", default=None, help="only events since T (10m, 2h, 1d, ISO time, epoch)")
+    control("reload", "re-read the tree file and apply the changes", _reload)
+    control("log-level", "set the running tree's log level", _log_level).add_argument(
+        "level", metavar="LEVEL"
+    )
+    control("stop-tree", "stop the whole tree in order (as SIGTERM)", _stop_tree)
     return parser
 
 
@@ -172,7 +349,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(exit_.code or 0)
     try:
         code: int = args.handler(args)
-    except LoadError as error:
+    except (LoadError, _Usage) as error:
         print(f"otree: {error}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
+    except ControlError as error:
+        print(f"otree: {error}", file=sys.stderr)
+        return error.code
     return code

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import weakref
 from collections import deque
+from collections.abc import Callable
 from types import TracebackType
 from typing import Any
 
@@ -61,20 +62,23 @@ def level_of(kind: str, reason: str) -> int:
 class EventBus:
     """Fan-out of one tree's events to its subscribers and the ``otree`` logger."""
 
-    __slots__ = ("_streams", "_subscribed", "closed")
+    __slots__ = ("_streams", "_subscribed", "closed", "sink")
 
     def __init__(self) -> None:
         # Weak, so a stream its owner dropped without closing stops costing anything.
         self._streams: weakref.WeakSet[EventStream] = weakref.WeakSet()
         self._subscribed = False  # cheap "any streams?", refreshed as events are published
         self.closed = False
+        self.sink: Callable[[Event], None] | None = None  # the event log, which gets everything
 
     def wants(self, level: int) -> bool:
         """Whether an event at ``level`` would reach anyone (so it is worth building)."""
-        return self._subscribed or _log.isEnabledFor(level)
+        return self._subscribed or self.sink is not None or _log.isEnabledFor(level)
 
     def publish(self, event: Event, level: int, error: BaseException | None = None) -> None:
         """Deliver ``event``; ``error`` (a child's exception) goes to the log record only."""
+        if self.sink is not None:
+            self.sink(event)
         if self._subscribed:
             for stream in self._streams:
                 stream._offer(event)

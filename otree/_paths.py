@@ -1,18 +1,30 @@
 """Where otree keeps its files: the only importer of platformdirs.
 
-The state dir holds per-child logs (and later the event log and the pool's
-database); ``--state-dir`` or ``OTREE_STATE_DIR`` overrides it. Directories are
-created 0700: a tree's logs are its owner's business.
+The state dir holds per-child logs, the event log, the pools' databases and the
+lock of the tree running on it; ``--state-dir`` or ``OTREE_STATE_DIR`` overrides
+it. The runtime dir holds the control sockets; ``OTREE_RUNTIME_DIR`` overrides it.
+Directories are created 0700: a tree's files are its owner's business.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import tempfile
+import warnings
 from pathlib import Path
 
 import platformdirs
 
-__all__ = ["child_log_dir", "ensure_private_dir", "pool_database", "state_dir"]
+__all__ = [
+    "child_log_dir",
+    "control_socket",
+    "ensure_private_dir",
+    "lock_file",
+    "pool_database",
+    "runtime_dir",
+    "state_dir",
+]
 
 
 def state_dir(override: str | os.PathLike[str] | None = None) -> Path:
@@ -38,3 +50,31 @@ def pool_database(state: Path, pool_path: str) -> Path:
     """``<state dir>/pools/<pool path>.sqlite3``."""
     *parents, name = pool_path.split("/")
     return state.joinpath("pools", *parents, f"{name}.sqlite3")
+
+
+def runtime_dir() -> Path:
+    """``$OTREE_RUNTIME_DIR``, else the user runtime dir if it can exist, else a private temp dir."""
+    chosen = os.environ.get("OTREE_RUNTIME_DIR")
+    if chosen:
+        return Path(chosen).absolute()
+    with warnings.catch_warnings():  # no XDG_RUNTIME_DIR (no login session): its /tmp fallback is fine
+        warnings.simplefilter("ignore")
+        path = platformdirs.user_runtime_path("otree")
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if existing == path or os.access(existing, os.W_OK | os.X_OK):
+        return path
+    # one we could not create (e.g. no /run/user/<uid> for this user): a private dir in /tmp
+    return Path(tempfile.gettempdir()) / f"otree-{os.getuid()}"
+
+
+def control_socket(state: Path) -> Path:
+    """``<runtime dir>/otree-<first 12 hex of sha256(state dir)>.sock``: one socket per state dir."""
+    digest = hashlib.sha256(os.fsencode(state.absolute())).hexdigest()[:12]
+    return runtime_dir() / f"otree-{digest}.sock"
+
+
+def lock_file(state: Path) -> Path:
+    """The lock held by the tree running on ``state`` (it holds that tree's pid)."""
+    return state / "otree.lock"

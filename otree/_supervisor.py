@@ -39,19 +39,21 @@ from ._errors import (
     SpecError,
     StartError,
 )
+from ._eventlog import LOG_NAME, EventLog
 from ._events import Event, EventBus, EventStream, level_of
 from ._info import ChildInfo, ChildState, Counts, ExitInfo
 from ._intensity import RestartWindow
-from ._paths import pool_database
+from ._paths import ensure_private_dir, pool_database
 from ._paths import state_dir as default_state_dir
 from ._pool import DeadLetter, Job, Pool
 from ._process import ProcessContext, ProcessRun, run_process
 from ._reaper import Reaper
+from ._reload import plan_reload
 from ._spec import ChildSpec, PoolSpec, ProcessSpec, SupervisorSpec, TaskSpec, takes_task_status
 from ._strategy import affected_children, should_restart
 from ._task import RunningChild
 
-__all__ = ["PoolHandle", "SupervisorHandle", "open_supervisor", "run"]
+__all__ = ["PoolHandle", "SupervisorHandle", "open_supervisor", "reload_tree", "run"]
 
 
 ################################################################
@@ -189,8 +191,13 @@ def _flatten() -> Iterator[None]:
 class _Tree:
     """What the supervisors of one tree share: the event bus, process services, the root's fate."""
 
-    def __init__(self, spec: SupervisorSpec, state_dir: Path, *, durable: bool) -> None:
+    def __init__(self, spec: SupervisorSpec, state_dir: Path, *, durable: bool, event_log: bool) -> None:
         self.bus = EventBus()
+        self.log: EventLog | None = None
+        if event_log:
+            self.log = EventLog(ensure_private_dir(state_dir) / LOG_NAME)
+            self.bus.sink = self.log.append
+        self.started_at = time.time()
         self.random = random.Random()
         self.state_dir = state_dir
         self.durable = durable  # pools with durable=None keep their jobs in SQLite
@@ -216,6 +223,10 @@ class _Tree:
             await reaper.serve()
 
     async def serve(self) -> None:
+        if self.log is not None:
+            # not under services_scope: it writes the events of the whole stop, then is closed
+            assert self.services is not None
+            self.services.start_soon(self.log.serve)
         try:
             await self.root.serve(self._root_ready)
         except (Shutdown, OtreeError) as exc:
@@ -227,7 +238,33 @@ class _Tree:
                 self._processes.close()
             self.body_scope.cancel()
             self.bus.close()
+            if self.log is not None:
+                self.log.finish()
             self.settled.set()
+
+    def root_info(self) -> ChildInfo:
+        """The root's own line in a status (it has no parent to report it)."""
+        root = self.root
+        return ChildInfo(
+            id=root.spec.id,
+            path=root.path,
+            kind="supervisor",
+            state=root.state,
+            pid=os.getpid(),
+            restarts=0,
+            started_at=self.started_at,
+            exit=None,
+            status=None,
+        )
+
+    @contextmanager
+    def closing_log(self) -> Iterator[None]:
+        """Write the last events (the root's ``supervisor.stopped`` included) once the tree is gone."""
+        try:
+            yield
+        finally:
+            if self.log is not None:
+                self.log.close()
 
     def _root_ready(self) -> None:
         self.ready = True
@@ -679,6 +716,62 @@ class _Supervisor:
             raise Restarting(child.path, "delete")
         del self.children[child_id]
 
+    async def op_reload(self, spec: SupervisorSpec) -> dict[str, list[str]]:
+        """Apply a reloaded spec in place (DESIGN §10 "Reload"); the restart window is kept.
+
+        Removed children stop in reverse order; changed ones stop and start again
+        in place (one stopped by hand stays stopped, with the new spec); new ones
+        start in order; supervisors and pools keep running, their settings
+        applied in place and their children compared in turn.
+        """
+        plan = plan_reload([child.spec for child in self.children.values()], spec.children)
+        summary: dict[str, list[str]] = {"changed": [], "removed": [], "added": [], "failed": []}
+        self.spec = spec
+        self.window.max_restarts = spec.max_restarts
+        self.window.max_seconds = spec.max_seconds
+        removed = [self.children[child_id] for child_id in plan.removed]
+        changed = [self.children[child_id] for child_id in reversed(plan.changed)]
+        restart = {c.spec.id for c in changed if c.run is not None or c.state == "restarting"}
+        for child in removed + changed:
+            child.pending = None  # a restarting child stops retrying
+            if child.run is None:
+                child.state = "stopped"
+        await self._stop_children(removed + changed)
+        summary["removed"] = [child.path for child in removed]
+        summary["changed"] = [child.path for child in reversed(changed)]
+        previous = {child.spec.id: child for child in removed + changed} | self.children
+        self.children = {}
+        for child_spec in spec.children:
+            child = previous.get(child_spec.id) or _Child(child_spec, f"{self.path}/{child_spec.id}")
+            child.spec = child_spec
+            self.children[child_spec.id] = child
+        for child_id in plan.order:
+            child = self.children[child_id]
+            if child_id in plan.nested:
+                await self._reload_nested(child, summary)
+            elif child_id in restart or child_id in plan.added:
+                if child_id in plan.added:
+                    summary["added"].append(child.path)
+                try:
+                    await self._start(child)
+                except _StartFailed as failed:
+                    summary["failed"].append(f"{child.path}: {self._start_error(child, failed.run)}")
+        self._emit(self.path, "supervisor.reloaded", "reload", **{k: v for k, v in summary.items() if v})
+        return summary
+
+    async def _reload_nested(self, child: _Child, summary: dict[str, list[str]]) -> None:
+        spec = child.spec
+        try:
+            if isinstance(spec, SupervisorSpec) and child.nested is not None and child.run is not None:
+                nested: dict[str, list[str]] = await child.nested.call(child.nested.op_reload, spec)
+                for key, paths in nested.items():
+                    summary[key].extend(paths)
+            elif isinstance(spec, PoolSpec) and child.pool is not None and child.run is not None:
+                child.pool.reconfigure(spec)
+                summary["changed"].append(child.path)
+        except (OtreeError, ValueError) as error:
+            summary["failed"].append(f"{child.path}: {error}")
+
     # --- reading state ------------------------------------------------------------
 
     def info(self, child: _Child) -> ChildInfo:
@@ -904,7 +997,10 @@ def _check_root(spec: object) -> SupervisorSpec:
 
 @asynccontextmanager
 async def open_supervisor(
-    spec: SupervisorSpec, *, state_dir: str | os.PathLike[str] | None = None
+    spec: SupervisorSpec,
+    *,
+    state_dir: str | os.PathLike[str] | None = None,
+    event_log: bool | None = None,
 ) -> AsyncIterator[SupervisorHandle]:
     """Run a supervision tree for the duration of the block.
 
@@ -915,16 +1011,23 @@ async def open_supervisor(
 
     ``state_dir`` (default ``$OTREE_STATE_DIR`` or the platform's user state dir)
     holds the process children's logs and the pools' databases; pools are durable
-    by default when a state dir is given (the argument or the environment variable).
+    by default when a state dir is given (the argument or the environment variable),
+    and so is the event log (``<state dir>/events.jsonl``); ``event_log`` forces it
+    on or off.
 
     Raises:
       StartError: a child failed to start (the started ones were stopped).
       RestartIntensityExceeded: the root gave up (the child's exception chained).
     """
     explicit = state_dir is not None or bool(os.environ.get("OTREE_STATE_DIR"))
-    tree = _Tree(_check_root(spec), default_state_dir(state_dir), durable=explicit)
+    tree = _Tree(
+        _check_root(spec),
+        default_state_dir(state_dir),
+        durable=explicit,
+        event_log=explicit if event_log is None else event_log,
+    )
     body_error: BaseException | None = None
-    with _flatten():
+    with _flatten(), tree.closing_log():
         async with trio.open_nursery() as nursery:
             tree.services = nursery
             nursery.start_soon(tree.serve, name=f"otree supervisor {spec.id}")
@@ -942,10 +1045,18 @@ async def open_supervisor(
         raise tree.outcome
 
 
+async def reload_tree(handle: SupervisorHandle, spec: SupervisorSpec) -> dict[str, list[str]]:
+    """Apply a reloaded tree below ``handle``; the paths changed, removed, added, and failures."""
+    sup = handle._sup()
+    summary: dict[str, list[str]] = await sup.call(sup.op_reload, spec)
+    return summary
+
+
 async def run(
     spec: SupervisorSpec,
     *,
     state_dir: str | os.PathLike[str] | None = None,
+    event_log: bool | None = None,
     task_status: trio.TaskStatus[SupervisorHandle] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run a tree until it shuts itself down, gives up, or the caller is cancelled.
@@ -956,6 +1067,6 @@ async def run(
     Raises:
       StartError, RestartIntensityExceeded: as ``open_supervisor``.
     """
-    async with open_supervisor(spec, state_dir=state_dir) as sup:
+    async with open_supervisor(spec, state_dir=state_dir, event_log=event_log) as sup:
         task_status.started(sup)
         await trio.sleep_forever()

@@ -1,0 +1,485 @@
+"""The control socket: the server inside ``otree run`` and the client the CLI uses.
+
+One request per connection (``_protocol``). The socket is created 0600 in a 0700
+directory, so other users are refused by the kernel at ``connect()``; each
+connection's ``SO_PEERCRED`` uid is checked as well (otree's own uid or root),
+and a refusal is logged as a ``control.refused`` event. No request, however
+malformed, can stop the tree: a bad one gets an error reply and the connection
+is closed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import socket
+import stat
+import struct
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import trio
+
+from ._errors import NotFound, OtreeError, Restarting, Running
+from ._eventlog import EventFilter, EventLog, LogMark
+from ._events import Event
+from ._info import ChildInfo
+from ._paths import ensure_private_dir
+from ._protocol import (
+    MAX_REPLY,
+    MAX_REQUEST,
+    VERSION,
+    FrameError,
+    FrameReader,
+    Reply,
+    Request,
+    decode_reply,
+    decode_request,
+    encode,
+)
+from ._status import Status, StatusNode, jobs_of, status_of
+from ._supervisor import PoolHandle, SupervisorHandle
+
+__all__ = [
+    "EXIT_NO_TREE",
+    "EXIT_REFUSED",
+    "EXIT_USAGE",
+    "ControlError",
+    "ControlServer",
+    "NoTree",
+    "call",
+    "peer_allowed",
+    "subscribe",
+]
+
+EXIT_USAGE = 2
+EXIT_NO_TREE = 3
+EXIT_REFUSED = 4
+REQUEST_TIMEOUT = 10.0  # a client that connects and says nothing is dropped after this
+_PEERCRED = struct.Struct("3i")
+
+
+class _Refused(Exception):
+    """A request the tree refuses; the message is the one line for the user."""
+
+    def __init__(self, message: str, code: int = EXIT_REFUSED) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def peer_allowed(peer_uid: int, own_uid: int) -> bool:
+    """Whether a peer may control the tree: the same user, or root."""
+    return peer_uid in (own_uid, 0)
+
+
+def _peer_credentials(sock: trio.socket.SocketType) -> tuple[int, int]:
+    """(pid, uid) of the process at the other end of a Unix socket."""
+    pid, uid, _gid = _PEERCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
+    return pid, uid
+
+
+def _check_private(directory: Path) -> None:
+    """Refuse a runtime dir another user could reach (e.g. a pre-made ``/tmp/otree-<uid>``)."""
+    info = directory.lstat()
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077:
+        raise OSError(
+            errno.EPERM,
+            f"runtime dir {directory} is not private "
+            f"(owner uid {info.st_uid}, mode {info.st_mode & 0o777:o})",
+        )
+
+
+# --- arguments of each request (validated by msgspec: a wrong type is one clear line) ------------
+
+
+class _PathArgs(msgspec.Struct, forbid_unknown_fields=True):
+    path: str = ""
+
+
+class _SubmitArgs(msgspec.Struct, forbid_unknown_fields=True):
+    pool: str
+    kind: str
+    payload: Any = None
+    priority: int = 0
+    cost: float = 0.0
+    key: str | None = None
+
+
+class _PoolArgs(msgspec.Struct, forbid_unknown_fields=True):
+    pool: str
+
+
+class _RequeueArgs(msgspec.Struct, forbid_unknown_fields=True):
+    pool: str
+    id: str
+
+
+class _EventsArgs(msgspec.Struct, forbid_unknown_fields=True):
+    path: str = ""
+    kind: str = ""
+    since: float | None = None
+
+
+class _LevelArgs(msgspec.Struct, forbid_unknown_fields=True):
+    level: str
+
+
+class _NoArgs(msgspec.Struct, forbid_unknown_fields=True):
+    pass
+
+
+@dataclass(frozen=True)
+class ControlServer:
+    """Serves the control socket of one running tree.
+
+    ``reload`` re-reads the tree file and returns a summary (raising ``ValueError``
+    with the reason when the file does not load); ``set_level`` changes the log
+    level; ``stop_tree`` begins an orderly shutdown; ``root_info`` is the root's
+    own status line.
+    """
+
+    root: SupervisorHandle
+    root_info: Callable[[], ChildInfo]
+    log: EventLog | None
+    reload: Callable[[], Awaitable[dict[str, list[str]]]]
+    set_level: Callable[[str], None]
+    stop_tree: Callable[[], None]
+    emit: Callable[[Event], None]
+
+    async def serve(
+        self, path: Path, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Listen on ``path`` (0600, in a private dir) until cancelled; remove it afterwards."""
+        directory = ensure_private_dir(path.parent)
+        _check_private(directory)
+        listener = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        with listener:
+            path.unlink(missing_ok=True)  # a socket left by a killed run (the lock says none serves)
+            old_mask = os.umask(0o177)  # created 0600 from the start: no window with a wider mode
+            try:
+                await listener.bind(os.fspath(path))
+            finally:
+                os.umask(old_mask)
+            listener.listen(128)
+            try:
+                task_status.started()
+                async with trio.open_nursery() as nursery:
+                    while True:
+                        conn, _ = await listener.accept()
+                        nursery.start_soon(self._connection, conn)
+            finally:
+                path.unlink(missing_ok=True)
+
+    async def _connection(self, conn: trio.socket.SocketType) -> None:
+        stream = trio.SocketStream(conn)
+        async with stream:
+            # a client that went away needs no answer
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                await self._converse(stream, conn)
+
+    async def _converse(self, stream: trio.SocketStream, conn: trio.socket.SocketType) -> None:
+        pid, uid = _peer_credentials(conn)
+        if not peer_allowed(uid, os.getuid()):
+            self.emit(_event(self.root.path, "control.refused", "permission", uid=uid, pid=pid))
+            await _reply_error(stream, f"permission denied: uid {uid} may not control this tree")
+            return
+        reader = FrameReader(MAX_REQUEST)
+        bodies: list[bytes] = []
+        try:
+            with trio.fail_after(REQUEST_TIMEOUT):
+                while not bodies:
+                    data = await stream.receive_some(65536)
+                    if not data:
+                        if reader.pending:
+                            await _reply_error(stream, "truncated frame", EXIT_USAGE)
+                        return
+                    bodies = reader.feed(data)
+            request = decode_request(bodies[0])
+        except trio.TooSlowError:
+            await _reply_error(stream, f"no request within {REQUEST_TIMEOUT:g}s", EXIT_USAGE)
+            return
+        except FrameError as error:
+            await _reply_error(stream, str(error), EXIT_USAGE)
+            return
+        if request.op == "events":
+            await self._follow(stream, request)
+            return
+        try:
+            result = await self._answer(request)
+        except _Refused as refused:
+            await _reply_error(stream, str(refused), refused.code)
+        except Exception as error:  # noqa: BLE001 - a bug in one request must not stop the tree
+            detail = f"{type(error).__name__}: {error}"
+            self.emit(_event(self.root.path, "control.error", request.op, detail=detail))
+            await _reply_error(stream, f"internal error in {request.op}: {detail}", 1)
+        else:
+            await stream.send_all(encode(Reply(VERSION, True, result)))
+
+    async def _answer(self, request: Request) -> Any:
+        handler = _OPS.get(request.op)
+        if handler is None:
+            known = ", ".join(sorted([*_OPS, "events"]))
+            raise _Refused(f"unknown request {request.op!r} (known: {known})", EXIT_USAGE)
+        op, args_type = handler
+        try:
+            args = msgspec.convert(request.args, args_type)
+        except msgspec.ValidationError as error:
+            raise _Refused(f"bad arguments for {request.op}: {error}", EXIT_USAGE) from None
+        try:
+            return await op(self, args)
+        except (OtreeError, ValueError, TypeError) as error:
+            raise _Refused(str(error)) from None
+
+    # --- resolving paths --------------------------------------------------------------------
+
+    def _ids(self, path: str) -> list[str]:
+        """The ids below the root named by ``path`` (which may start with the root's id)."""
+        parts = [part for part in path.split("/") if part]
+        if parts and parts[0] == self.root.path:
+            parts = parts[1:]
+        return parts
+
+    def _parent_of(self, path: str) -> tuple[SupervisorHandle, str]:
+        ids = self._ids(path)
+        if not ids:
+            raise _Refused(f"{self.root.path} is the root: use otree stop-tree for the whole tree")
+        parent = self.root
+        for child_id in ids[:-1]:
+            found = parent.find(child_id)
+            if isinstance(found, PoolHandle):
+                raise _Refused(f"{found.path} is a pool: see its jobs with otree jobs {found.path}")
+            parent = found
+        return parent, ids[-1]
+
+    def _pool(self, path: str) -> PoolHandle:
+        ids = self._ids(path)
+        found = self.root.find("/".join(ids)) if ids else self.root
+        if not isinstance(found, PoolHandle):
+            raise _Refused(f"{found.path} is a supervisor, not a pool")
+        return found
+
+    # --- operations ------------------------------------------------------------------------
+
+    async def _status(self, args: _PathArgs) -> Any:
+        ids = self._ids(args.path)
+        if not ids:
+            return status_of(self.root, self.root_info())
+        parent, child_id = self._parent_of(args.path)
+        info = next((i for i in parent.which_children() if i.id == child_id), None)
+        if info is None:
+            raise NotFound(parent.path, child_id, [i.id for i in reversed(parent.which_children())])
+        if info.kind in ("supervisor", "pool") and info.state == "running":
+            return status_of(parent.find(child_id), info)
+        return Status(time.time(), StatusNode(info))  # a worker, or not running
+
+    async def _start(self, args: _PathArgs) -> Any:
+        parent, child_id = self._parent_of(args.path)
+        try:
+            return await parent.restart_child(child_id)
+        except Running:
+            raise _Refused(f"{parent.path}/{child_id}: already running") from None
+        except Restarting:
+            raise _Refused(f"{parent.path}/{child_id}: restarting already (stop it first)") from None
+
+    async def _stop(self, args: _PathArgs) -> Any:
+        parent, child_id = self._parent_of(args.path)
+        await parent.terminate_child(child_id)
+        return None
+
+    async def _restart(self, args: _PathArgs) -> Any:
+        """supervisorctl's restart: stop the child if it runs, then start it again."""
+        parent, child_id = self._parent_of(args.path)
+        spec = parent.get_childspec(child_id)
+        await parent.terminate_child(child_id)
+        if spec.restart == "temporary":  # terminating dropped its spec: add it again
+            return await parent.start_child(spec)
+        return await parent.restart_child(child_id)
+
+    async def _delete(self, args: _PathArgs) -> Any:
+        parent, child_id = self._parent_of(args.path)
+        await parent.delete_child(child_id)
+        return None
+
+    async def _submit(self, args: _SubmitArgs) -> Any:
+        job = await self._pool(args.pool).submit(
+            args.kind, args.payload, priority=args.priority, estimated_cost=args.cost, key=args.key
+        )
+        return {"id": job.id, "state": job.state}
+
+    async def _jobs(self, args: _PoolArgs) -> Any:
+        return jobs_of(self._pool(args.pool))
+
+    async def _dead_letters(self, args: _PoolArgs) -> Any:
+        return self._pool(args.pool).dead_letters()
+
+    async def _requeue(self, args: _RequeueArgs) -> Any:
+        job = await self._pool(args.pool).requeue(args.id)
+        return {"id": job.id, "state": job.state}
+
+    async def _reload(self, args: _NoArgs) -> Any:
+        try:
+            return await self.reload()
+        except ValueError as error:
+            raise _Refused(f"reload refused, the running tree is untouched: {error}") from None
+
+    async def _log_level(self, args: _LevelArgs) -> Any:
+        self.set_level(args.level)
+        return {"level": args.level.upper()}
+
+    async def _stop_tree(self, args: _NoArgs) -> Any:
+        self.stop_tree()
+        return None
+
+    # --- the event subscription ------------------------------------------------------------------
+
+    async def _follow(self, stream: trio.SocketStream, request: Request) -> None:
+        """Reply with where the log's history ends, then send every later event that matches."""
+        try:
+            args = msgspec.convert(request.args, _EventsArgs)
+        except msgspec.ValidationError as error:
+            await _reply_error(stream, f"bad arguments for events: {error}", EXIT_USAGE)
+            return
+        wanted = EventFilter(kind=args.kind, since=args.since)
+        ids = self._ids(args.path)
+        prefix = "/".join([self.root.path, *ids])
+        # subscribe and cut the log in one step: history and live events meet without gap or overlap
+        events = self.root._tree.bus.subscribe(prefix)
+        mark = self.log.mark() if self.log is not None else None
+        async with events:
+            if mark is not None:
+                await mark.done.wait()
+            await stream.send_all(encode(Reply(VERSION, True, mark.mark if mark is not None else None)))
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_cancel_on_eof, stream, nursery.cancel_scope)
+                async for event in events:
+                    if wanted(event):
+                        await stream.send_all(encode(Reply(VERSION, True, event)))
+                nursery.cancel_scope.cancel()
+
+
+_OPS: dict[str, tuple[Callable[[ControlServer, Any], Awaitable[Any]], type[msgspec.Struct]]] = {
+    "status": (ControlServer._status, _PathArgs),
+    "start": (ControlServer._start, _PathArgs),
+    "stop": (ControlServer._stop, _PathArgs),
+    "restart": (ControlServer._restart, _PathArgs),
+    "delete": (ControlServer._delete, _PathArgs),
+    "submit": (ControlServer._submit, _SubmitArgs),
+    "jobs": (ControlServer._jobs, _PoolArgs),
+    "dead_letters": (ControlServer._dead_letters, _PoolArgs),
+    "requeue": (ControlServer._requeue, _RequeueArgs),
+    "reload": (ControlServer._reload, _NoArgs),
+    "log_level": (ControlServer._log_level, _LevelArgs),
+    "stop_tree": (ControlServer._stop_tree, _NoArgs),
+}
+
+
+def _event(path: str, kind: str, reason: str, **details: Any) -> Event:
+    return Event(time.time(), path, kind, reason, details)
+
+
+async def _cancel_on_eof(stream: trio.SocketStream, scope: trio.CancelScope) -> None:
+    """End a subscription when the client closes its end."""
+    try:
+        while await stream.receive_some(4096):
+            pass
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass
+    scope.cancel()
+
+
+async def _reply_error(stream: trio.SocketStream, message: str, code: int = EXIT_REFUSED) -> None:
+    await stream.send_all(encode(Reply(VERSION, False, error=message, code=code)))
+
+
+# --- the client (plain blocking sockets: the CLI is a short-lived synchronous program) -------------
+
+
+class ControlError(Exception):
+    """The tree refused a request (or answered nonsense); ``code`` is the CLI's exit code."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class NoTree(ControlError):
+    """No tree serves the socket of that state dir."""
+
+    def __init__(self, state: Path) -> None:
+        super().__init__(
+            f"no otree running for state dir {state} (start one with: otree run FILE)", EXIT_NO_TREE
+        )
+
+
+def _connect(sock_path: Path, state: Path) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(os.fspath(sock_path))
+    except (FileNotFoundError, ConnectionRefusedError):
+        sock.close()
+        raise NoTree(state) from None
+    except PermissionError as error:
+        sock.close()
+        message = f"cannot reach the tree of {state}: {error.strerror}: {sock_path}"
+        raise ControlError(message, EXIT_REFUSED) from None
+    return sock
+
+
+def _replies(sock: socket.socket) -> Iterator[Reply]:
+    reader = FrameReader(MAX_REPLY)
+    while True:
+        data = sock.recv(1 << 20)
+        if not data:
+            if reader.pending:
+                raise ControlError("the tree closed the connection mid-reply", 1)
+            return
+        try:
+            for body in reader.feed(data):
+                yield decode_reply(body)
+        except FrameError as error:
+            raise ControlError(str(error), 1) from None
+
+
+def _request(sock: socket.socket, op: str, args: dict[str, Any]) -> Iterator[Reply]:
+    sock.sendall(encode(Request(VERSION, op, args)))
+    for reply in _replies(sock):
+        if not reply.ok:
+            raise ControlError(reply.error, reply.code or EXIT_REFUSED)
+        yield reply
+
+
+def call(sock_path: Path, state: Path, op: str, **args: Any) -> Any:
+    """Send one request to the tree of ``state`` and return its result.
+
+    Raises:
+      NoTree: no tree serves that state dir.
+      ControlError: the tree refused the request (the message says why).
+    """
+    with _connect(sock_path, state) as sock:
+        for reply in _request(sock, op, args):
+            return reply.result
+    raise ControlError("the tree closed the connection without a reply", 1)
+
+
+def subscribe(sock_path: Path, state: Path, **args: Any) -> tuple[LogMark | None, Iterator[Event]]:
+    """Subscribe to the tree's live events: where the log's history ends, and the live events."""
+    sock = _connect(sock_path, state)
+    replies = _request(sock, "events", args)
+    try:
+        first = next(replies)
+    except StopIteration:
+        sock.close()
+        raise ControlError("the tree closed the connection without a reply", 1) from None
+    mark = None if first.result is None else msgspec.convert(first.result, LogMark)
+
+    def live() -> Iterator[Event]:
+        with sock:
+            for reply in replies:
+                yield msgspec.convert(reply.result, Event)
+
+    return mark, live()

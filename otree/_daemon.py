@@ -1,0 +1,181 @@
+"""What ``otree run`` does around a tree: one run per state dir, the control socket, signals, reload, systemd.
+
+SIGTERM or SIGINT (or ``otree stop-tree``) stops the tree in order; a second
+SIGINT during that stop kills what is left at once and the run exits 130.
+SIGHUP (or ``otree reload``) re-reads the tree file; a file that does not load
+leaves the running tree untouched.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from ._control import ControlServer
+from ._errors import OtreeError
+from ._events import Event, level_of
+from ._loader import LoadError, load_tree
+from ._paths import control_socket, ensure_private_dir, lock_file
+from ._sdnotify import SystemdNotifier
+from ._spec import SupervisorSpec
+from ._supervisor import SupervisorHandle, open_supervisor, reload_tree
+
+__all__ = ["EXIT_INTERRUPTED", "Daemon", "StateLocked", "lock_state"]
+
+EXIT_INTERRUPTED = 130
+_log = logging.getLogger("otree")
+
+
+class StateLocked(Exception):
+    """Another ``otree run`` holds the state dir."""
+
+
+def lock_state(state: Path) -> int:
+    """Take the state dir's lock (held until the process ends) and write our pid in it.
+
+    Raises:
+      StateLocked: another run holds it (the message names its pid).
+    """
+    ensure_private_dir(state)
+    fd = os.open(lock_file(state), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise StateLocked(f"a tree already runs on state dir {state} (pid {holder})") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
+
+
+class Daemon:
+    """One ``otree run``: the tree from ``file``, served until it ends or is told to stop."""
+
+    def __init__(
+        self, file: str, attr: str, tree: SupervisorSpec, state: Path, set_level: Callable[[str], None]
+    ) -> None:
+        self.file = file
+        self.attr = attr
+        self.tree = tree
+        self.state = state
+        self.set_level = set_level
+        self.systemd = SystemdNotifier.from_environment()
+        self.exit_code = 0
+        self._sup: SupervisorHandle | None = None
+        self._body = trio.CancelScope()  # cancelled to begin the orderly stop
+        self._stopping = False
+        self._reload_lock = trio.Lock()
+
+    def _emit(self, event: Event) -> None:
+        if self._sup is not None:
+            self._sup._tree.bus.publish(event, level_of(event.kind, event.reason))
+        elif _log.isEnabledFor(logging.INFO):  # before the tree exists (a signal mid-start)
+            _log.info("%s %s %s", event.path, event.kind, event.reason, extra={"otree_event": event})
+
+    async def serve(self) -> OtreeError | None:
+        """Run the tree until it ends or is stopped; its error, if any."""
+        outcome: OtreeError | None = None
+        try:
+            async with trio.open_nursery() as services:
+                services.start_soon(self._watch_signals)
+                services.start_soon(self.systemd.keep_alive)
+                try:
+                    with self._body:
+                        async with open_supervisor(self.tree, state_dir=self.state, event_log=True) as sup:
+                            self._sup = sup
+                            await services.start(self._control(sup).serve, control_socket(self.state))
+                            self.systemd.send("READY=1", f"STATUS={self._summary()}")
+                            await trio.sleep_forever()
+                except OtreeError as error:
+                    outcome = error
+                services.cancel_scope.cancel()
+        finally:
+            self.systemd.send("STOPPING=1")
+            self.systemd.close()
+        return outcome
+
+    def _control(self, sup: SupervisorHandle) -> ControlServer:
+        return ControlServer(
+            root=sup,
+            root_info=sup._tree.root_info,
+            log=sup._tree.log,
+            reload=self.reload,
+            set_level=self.set_level,
+            stop_tree=self.stop,
+            emit=self._emit,
+        )
+
+    def _summary(self) -> str:
+        sup = self._sup
+        if sup is None:
+            return "starting"
+        counts = sup.count_children()
+        return f"{sup.path}: {counts.active} of {counts.specs} children running"
+
+    def stop(self) -> None:
+        """Begin the orderly stop (SIGTERM, SIGINT, ``otree stop-tree``)."""
+        if not self._stopping:
+            self._stopping = True
+            self.systemd.send("STOPPING=1", "STATUS=stopping")
+            self._body.cancel()
+
+    def _kill(self) -> None:
+        """A second Ctrl-C: whatever still runs is killed at once."""
+        self.exit_code = EXIT_INTERRUPTED
+        self._body.cancel()
+        if self._sup is not None:
+            self._sup._tree.root.request_stop(kill_at=-float("inf"))
+
+    async def _watch_signals(self) -> None:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
+            async for signum in signals:
+                name = signal.Signals(signum).name
+                if signum == signal.SIGHUP:
+                    self._emit(Event(time.time(), self.tree.id, "tree.signal", name, {"action": "reload"}))
+                    await self._reload_quietly()
+                elif self._stopping and signum == signal.SIGINT:
+                    self._emit(Event(time.time(), self.tree.id, "tree.signal", name, {"action": "kill"}))
+                    self._kill()
+                elif not self._stopping:
+                    self._emit(Event(time.time(), self.tree.id, "tree.signal", name, {"action": "stop"}))
+                    self.stop()
+
+    async def _reload_quietly(self) -> None:
+        """A SIGHUP reload: its outcome goes to the events, as nobody waits for an answer."""
+        try:
+            await self.reload()
+        except (ValueError, OtreeError) as error:
+            self._emit(
+                Event(time.time(), self.tree.id, "supervisor.reload_failed", "error", {"detail": str(error)})
+            )
+
+    async def reload(self) -> dict[str, list[str]]:
+        """Re-read the tree file and apply it to the running tree.
+
+        Raises:
+          ValueError: the file does not load or names another root (the tree is untouched).
+        """
+        async with self._reload_lock:
+            try:
+                tree = load_tree(self.file, self.attr)
+            except LoadError as error:
+                raise ValueError(str(error)) from None
+            if self._sup is None or self._stopping:
+                raise ValueError("the tree is starting or stopping")
+            if tree.id != self.tree.id:
+                raise ValueError(
+                    f"the root's id changed ({self.tree.id} -> {tree.id}); restart otree to rename it"
+                )
+            summary: dict[str, Any] = await reload_tree(self._sup, tree)
+            self.tree = tree
+            self.systemd.send(f"STATUS={self._summary()}")
+            return summary

@@ -1,0 +1,128 @@
+"""The control protocol: length-prefixed msgpack frames between ``otree`` commands and a tree.
+
+A frame is a 4-byte big-endian length and that many bytes of msgpack. A client
+sends one ``Request``; the server answers with one ``Reply``, or, for a
+subscription, with a first ``Reply`` and then one ``Reply`` per event until
+either side closes. Pure: no sockets here, so the decoder can be fuzzed.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+import msgspec
+
+__all__ = [
+    "MAX_REPLY",
+    "MAX_REQUEST",
+    "VERSION",
+    "FrameError",
+    "FrameReader",
+    "Reply",
+    "Request",
+    "decode_reply",
+    "decode_request",
+    "encode",
+]
+
+VERSION = 1
+MAX_REQUEST = 1 << 20  # a request is a few fields and a job payload
+MAX_REPLY = 1 << 30  # a status of a very large tree
+_HEADER = struct.Struct(">I")
+
+
+class FrameError(Exception):
+    """A frame that is too big, not msgpack, not a request, or of another protocol version."""
+
+
+class Request(msgspec.Struct, frozen=True):
+    """What a client asks: ``op`` with ``args``, in protocol version ``v``."""
+
+    v: int
+    op: str
+    args: dict[str, Any] = {}
+
+
+class Reply(msgspec.Struct, frozen=True):
+    """The answer: ``result`` when ``ok``, else ``error`` (one line) and the CLI's exit ``code``."""
+
+    v: int
+    ok: bool
+    result: Any = None
+    error: str = ""
+    code: int = 0
+
+
+_encoder = msgspec.msgpack.Encoder()
+_request_decoder = msgspec.msgpack.Decoder(Request)
+_reply_decoder = msgspec.msgpack.Decoder(Reply)
+
+
+def encode(message: Request | Reply) -> bytes:
+    """One frame holding ``message``."""
+    body = _encoder.encode(message)
+    return _HEADER.pack(len(body)) + body
+
+
+def decode_request(body: bytes) -> Request:
+    """The request in a frame's body.
+
+    Raises:
+      FrameError: not msgpack, not a request, or another protocol version.
+    """
+    try:
+        request = _request_decoder.decode(body)
+    except msgspec.DecodeError as error:
+        raise FrameError(f"malformed request: {error}") from None
+    if request.v != VERSION:
+        raise FrameError(f"unsupported protocol version {request.v} (this otree speaks {VERSION})")
+    return request
+
+
+def decode_reply(body: bytes) -> Reply:
+    """The reply in a frame's body (see ``decode_request``)."""
+    try:
+        reply = _reply_decoder.decode(body)
+    except msgspec.DecodeError as error:
+        raise FrameError(f"malformed reply: {error}") from None
+    if reply.v != VERSION:
+        raise FrameError(f"unsupported protocol version {reply.v} (this otree speaks {VERSION})")
+    return reply
+
+
+class FrameReader:
+    """Splits a byte stream into frame bodies; a frame over ``limit`` bytes is an error."""
+
+    __slots__ = ("_buffer", "limit")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._buffer = bytearray()
+
+    def feed(self, data: bytes) -> list[bytes]:
+        """Take ``data``; return the bodies of the frames it completed.
+
+        Raises:
+          FrameError: a frame announces more than ``limit`` bytes.
+        """
+        buffer = self._buffer
+        buffer += data
+        bodies: list[bytes] = []
+        start = 0
+        while len(buffer) - start >= _HEADER.size:
+            (size,) = _HEADER.unpack_from(buffer, start)
+            if size > self.limit:
+                raise FrameError(f"frame of {size} bytes is over the limit of {self.limit}")
+            end = start + _HEADER.size + size
+            if len(buffer) < end:
+                break
+            bodies.append(bytes(buffer[start + _HEADER.size : end]))
+            start = end
+        del buffer[:start]
+        return bodies
+
+    @property
+    def pending(self) -> int:
+        """Bytes received that do not yet make a whole frame (a truncated frame at EOF)."""
+        return len(self._buffer)

@@ -1,0 +1,139 @@
+"""What ``otree status`` and ``otree jobs`` show: a running tree as plain Structs.
+
+Built in the tree's thread from the supervisors' own records (one pass, no
+awaiting), so a status of a large tree is a consistent snapshot.
+"""
+
+from __future__ import annotations
+
+import time
+
+import msgspec
+import trio
+
+from ._budget import from_micros
+from ._info import ChildInfo
+from ._pool import Job, Pool
+from ._supervisor import PoolHandle, SupervisorHandle, _Supervisor
+
+__all__ = ["JobInfo", "Jobs", "PoolStatus", "Status", "StatusNode", "jobs_of", "status_of"]
+
+
+class PoolStatus(msgspec.Struct, frozen=True):
+    """A pool's queue, concurrency, budget and circuit."""
+
+    queued: int
+    retrying: int
+    running: int
+    max_concurrency: int
+    max_queue: int
+    dead_letters: int
+    daily_budget: float | None
+    spent_today: float
+    reserved: float
+    circuit: str | None
+
+
+class StatusNode(msgspec.Struct, frozen=True):
+    """One child and, for a supervisor or pool, what is below it (children in start order)."""
+
+    info: ChildInfo
+    restarts_in_window: int | None = None  # a supervisor's restart window, now
+    max_restarts: int | None = None
+    max_seconds: float | None = None
+    children: list[StatusNode] = []
+    pool: PoolStatus | None = None
+
+
+class Status(msgspec.Struct, frozen=True):
+    """A snapshot of a (sub)tree at wall-clock ``now``."""
+
+    now: float
+    root: StatusNode
+
+
+class JobInfo(msgspec.Struct, frozen=True):
+    id: str
+    kind: str
+    state: str
+    priority: int
+    attempts: int
+    estimated_cost: float
+    cost: float
+    submitted_at: float
+
+
+class Jobs(msgspec.Struct, frozen=True):
+    """A pool's running jobs (oldest first) and waiting ones (in the order they would start)."""
+
+    running: list[JobInfo]
+    queued: list[JobInfo]
+    retrying: list[JobInfo]
+
+
+def _supervisor_node(sup: _Supervisor, info: ChildInfo) -> StatusNode:
+    children = []
+    for child in sup.children.values():
+        child_info = sup.info(child)
+        if child.nested is not None and child.run is not None:
+            children.append(_supervisor_node(child.nested, child_info))
+        elif child.pool is not None and child.run is not None:
+            children.append(StatusNode(child_info, pool=_pool_status(child.pool)))
+        else:
+            children.append(StatusNode(child_info))
+    return StatusNode(
+        info,
+        restarts_in_window=sup.window.in_window(trio.current_time()),
+        max_restarts=sup.spec.max_restarts,
+        max_seconds=sup.spec.max_seconds,
+        children=children,
+    )
+
+
+def _pool_status(pool: Pool) -> PoolStatus:
+    spec = pool.spec
+    budget = pool.budget
+    return PoolStatus(
+        queued=len(pool.queue),
+        retrying=len(pool.waiting),
+        running=len(pool.running),
+        max_concurrency=spec.max_concurrency,
+        max_queue=spec.max_queue,
+        dead_letters=len(pool.dead),
+        daily_budget=spec.daily_budget,
+        spent_today=from_micros(budget.spent),
+        reserved=from_micros(budget.reserved),
+        circuit=pool.circuit.state if pool.circuit is not None else None,
+    )
+
+
+def status_of(handle: SupervisorHandle | PoolHandle, info: ChildInfo) -> Status:
+    """The snapshot below ``handle``, whose own line is ``info``."""
+    if isinstance(handle, PoolHandle):
+        root = StatusNode(info, pool=_pool_status(handle._pool()))
+    else:
+        root = _supervisor_node(handle._sup(), info)
+    return Status(time.time(), root)
+
+
+def _job_info(job: Job) -> JobInfo:
+    return JobInfo(
+        id=job.id,
+        kind=job.kind,
+        state=job.state,
+        priority=job.priority,
+        attempts=job.attempts,
+        estimated_cost=from_micros(job.estimate),
+        cost=job.cost,
+        submitted_at=job.submitted_at,
+    )
+
+
+def jobs_of(handle: PoolHandle) -> Jobs:
+    """A pool's jobs now."""
+    pool = handle._pool()
+    return Jobs(
+        running=[_job_info(job) for job in pool.running.values()],
+        queued=[_job_info(job) for _, job in pool.queue],
+        retrying=[_job_info(job) for _, _, job in sorted(pool.waiting, key=lambda w: (w[0], w[1]))],
+    )
