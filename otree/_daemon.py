@@ -38,6 +38,10 @@ class StateLocked(Exception):
     """Another ``otree run`` holds the state dir."""
 
 
+class SocketUnavailable(Exception):
+    """The control socket cannot be served (the tree is stopped again)."""
+
+
 def lock_state(state: Path) -> int:
     """Take the state dir's lock (held until the process ends) and write our pid in it.
 
@@ -81,9 +85,9 @@ class Daemon:
         elif _log.isEnabledFor(logging.INFO):  # before the tree exists (a signal mid-start)
             _log.info("%s %s %s", event.path, event.kind, event.reason, extra={"otree_event": event})
 
-    async def serve(self) -> OtreeError | None:
+    async def serve(self) -> Exception | None:
         """Run the tree until it ends or is stopped; its error, if any."""
-        outcome: OtreeError | None = None
+        outcome: Exception | None = None
         try:
             async with trio.open_nursery() as services:
                 services.start_soon(self._watch_signals)
@@ -92,10 +96,23 @@ class Daemon:
                     with self._body:
                         async with open_supervisor(self.tree, state_dir=self.state, event_log=True) as sup:
                             self._sup = sup
-                            await services.start(self._control(sup).serve, control_socket(self.state))
+                            socket_path = control_socket(self.state)
+                            try:
+                                await services.start(self._control(sup).serve, socket_path)
+                            except OSError as error:
+                                raise SocketUnavailable(f"{socket_path}: {error.strerror or error}") from None
+                            self._emit(
+                                Event(
+                                    time.time(),
+                                    sup.path,
+                                    "control.listening",
+                                    "",
+                                    {"socket": str(socket_path)},
+                                )
+                            )
                             self.systemd.send("READY=1", f"STATUS={self._summary()}")
                             await trio.sleep_forever()
-                except OtreeError as error:
+                except (OtreeError, SocketUnavailable) as error:
                     outcome = error
                 services.cancel_scope.cancel()
         finally:

@@ -124,6 +124,13 @@ class Job:
         self._pool.cancel(self)
 
 
+def _zone(name: str) -> dt.tzinfo:
+    """The budget day's time zone: ``"local"`` is the machine's zone."""
+    if name == "local":
+        return dt.datetime.now().astimezone().tzinfo or dt.UTC
+    return zoneinfo.ZoneInfo(name)
+
+
 class Pool:
     """One running pool (one run of a pool spec)."""
 
@@ -152,11 +159,7 @@ class Pool:
         self._by_key: dict[Hashable, Job] = {}
         self._ids = itertools.count(1)
         self._retries = itertools.count()  # orders retries due at the same time (and spares comparing Jobs)
-        self._tz: dt.tzinfo = (
-            dt.datetime.now().astimezone().tzinfo
-            if spec.budget_tz == "local"
-            else zoneinfo.ZoneInfo(spec.budget_tz)
-        ) or dt.UTC
+        self._tz = _zone(spec.budget_tz)
         self.budget = Budget(spec.daily_budget, spec.budget_warn_at)
         self.budget.roll(budget_day(self._now(), self._tz))
         breaker = spec.circuit_breaker
@@ -165,6 +168,30 @@ class Pool:
         self._nursery: trio.Nursery | None = None
         self._stopping = False
         self._stop_requested = False
+
+    def reconfigure(self, spec: PoolSpec) -> None:
+        """Apply a reloaded spec in place: queued jobs, today's spend and dead letters are kept.
+
+        New handlers, limits, budget, retry policy and breaker apply from the next
+        job on; running jobs finish under the settings they started with.
+
+        Raises:
+          ValueError: ``durable`` changed, which needs the pool restarted.
+        """
+        if spec.durable != self.spec.durable:
+            raise ValueError(f"durable={spec.durable} needs the pool restarted (otree restart {self.path})")
+        old = self.spec
+        self.spec = spec
+        self._tz = _zone(spec.budget_tz)
+        if (spec.daily_budget, spec.budget_warn_at) != (old.daily_budget, old.budget_warn_at):
+            budget = self.budget
+            budget.limit = None if spec.daily_budget is None else to_micros(spec.daily_budget)
+            budget.warn_at = spec.budget_warn_at
+            budget.restore(budget.spent)  # thresholds passed under the new limit do not warn again
+        if spec.circuit_breaker != old.circuit_breaker:
+            breaker = spec.circuit_breaker
+            self.circuit = CircuitState(breaker.failures, breaker.cooldown) if breaker is not None else None
+        self._wake.set()
 
     # --- submission -----------------------------------------------------------------
 
@@ -188,8 +215,9 @@ class Pool:
           QueueFull: ``max_queue`` jobs wait already.
           BudgetExceeded: under ``"reject"``, the estimate does not fit today's budget.
         """
-        if kind not in self.spec.handlers:
-            kinds = ", ".join(sorted(self.spec.handlers))
+        spec = self.spec
+        if kind not in spec.handlers:
+            kinds = ", ".join(sorted(spec.handlers))
             raise ValueError(f"{self.path}: unknown job kind {kind!r} (kinds: {kinds})")
         if isinstance(priority, bool) or not isinstance(priority, int) or priority not in PRIORITY_RANGE:
             raise ValueError(f"{self.path}: priority must be an integer in [-1000, 1000]; got {priority!r}")
@@ -207,16 +235,19 @@ class Pool:
             raise ValueError(f"{self.path}: payload of a {kind!r} job cannot be encoded: {exc}") from None
         if not self.serving:
             raise NotRunning(self.path, "starting" if not self._stopping else "stopping")
-        if key is not None and key in self._by_key:
-            return self._by_key[key]
-        if key is not None and self._store_path is not None and not isinstance(key, str):
-            raise ValueError(f"{self.path}: a durable pool's job keys must be str; got {key!r}")
-        if len(self.queue) + len(self.waiting) >= self.spec.max_queue:
+        if key is not None:
+            known = self._by_key.get(key)
+            if known is not None:
+                return known
+            if self._store_path is not None and not isinstance(key, str):
+                raise ValueError(f"{self.path}: a durable pool's job keys must be str; got {key!r}")
+        queue = self.queue
+        if len(queue) + len(self.waiting) >= spec.max_queue:
             self._emit(self.path, "job.rejected", "queue_full", job_kind=kind)
-            raise QueueFull(self.path, self.spec.max_queue)
+            raise QueueFull(self.path, spec.max_queue)
         estimate = to_micros(estimated_cost)
         self._roll()
-        if self.spec.on_budget_exhausted == "reject" and not self.budget.admits(estimate):
+        if spec.on_budget_exhausted == "reject" and not self.budget.admits(estimate):
             self._emit(self.path, "job.rejected", "budget", job_kind=kind, estimated_cost=estimated_cost)
             raise BudgetExceeded(
                 self.path, f"the daily budget does not admit an estimate of ${estimated_cost:g}"
@@ -232,7 +263,7 @@ class Pool:
         job = Job(self, str(job_id), kind, payload, priority=priority, estimate=estimate, key=key)
         if key is not None:
             self._by_key[key] = job
-        self.queue.push(job.id, priority, job)
+        queue.push(job.id, priority, job)
         self._emit(f"{self.path}/{job.id}", "job.queued", "", job_kind=kind, priority=priority)
         self._wake.set()
         return job
@@ -330,8 +361,11 @@ class Pool:
                 while not self._stop_requested:
                     deadline = self._dispatch()
                     self._wake = trio.Event()
-                    with trio.move_on_at(deadline):
+                    if deadline == math.inf:  # nothing timed: spare a cancel scope per wake
                         await self._wake.wait()
+                    else:
+                        with trio.move_on_at(deadline):
+                            await self._wake.wait()
             finally:
                 self._stopping = True
                 self.serving = False
@@ -350,12 +384,14 @@ class Pool:
             self.queue.push(job.id, job.priority, job)
         look_again = self.waiting[0][0] if self.waiting else math.inf
         self._roll()
-        while len(self.running) < self.spec.max_concurrency:
-            head = self.queue.peek()
+        queue, running, budget = self.queue, self.running, self.budget
+        limit = self.spec.max_concurrency
+        while len(running) < limit:
+            head = queue.peek()
             if head is None:
                 break
             job = head[1]
-            if not self.budget.can_start(job.estimate):
+            if not budget.can_start(job.estimate):
                 # strict priority order: the head that does not fit holds the jobs behind it until
                 # a running job ends (a wake) or the budget day does (a timer)
                 look_again = min(look_again, now + seconds_until_midnight(self._now(), self._tz))
@@ -368,11 +404,11 @@ class Pool:
                     if self.circuit.state == "open":  # half-open: the trial's end wakes us
                         look_again = min(look_again, now + self.circuit.reopen_in(now))
                     break
-            self.queue.pop()
-            self._start(job)
+            queue.pop()
+            self._start(job, now)
         return look_again
 
-    def _start(self, job: Job) -> None:
+    def _start(self, job: Job, now: float) -> None:
         assert self._nursery is not None
         handler = self.spec.handlers.get(job.kind)
         if handler is None:  # a stored job whose kind the tree file no longer has
@@ -386,7 +422,7 @@ class Pool:
         self.budget.reserve(job.id, job.estimate)
         run = RunningChild(self, job, f"{self.path}/{job.id}")
         run.ready = True
-        run.started_mono = trio.current_time()
+        run.started_mono = now
         job.run = run
         self.running[job.id] = job
         self._emit(run.path, "job.started", "", job_kind=job.kind, attempt=job.attempts)
@@ -412,8 +448,9 @@ class Pool:
     def _settle(self, job: Job, run: RunningChild) -> None:
         """The run ended: whatever is left of its estimate is released."""
         self._roll()
-        self._charge(job, run)
-        job.cost += run.cost
+        if run.cost:  # a run that reported no spend has nothing to charge (nor was charged)
+            self._charge(job, run)
+            job.cost += run.cost
         job.logged = 0
         self.budget.release(job.id)
 
@@ -424,15 +461,16 @@ class Pool:
         job.run = None
         self._settle(job, run)
         ok = run.exit is not None and run.exit.reason == "normal"
-        duration = trio.current_time() - run.started_mono
+        now = trio.current_time()
         if self.circuit is not None:
-            entered = self.circuit.record(ok, trio.current_time())
+            entered = self.circuit.record(ok, now)
             if entered:
                 self._emit(self.path, f"circuit.{entered}", "")
         if ok:
             job.value = run.result
-            self._emit(run.path, "job.finished", "normal", duration=duration, cost=run.cost)
-            self._forget(job)
+            self._emit(run.path, "job.finished", "normal", duration=now - run.started_mono, cost=run.cost)
+            if self.store is not None:
+                self.store.remove(int(job.id))
             self._finish(job, "done")
         else:
             job.error = run.error

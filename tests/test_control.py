@@ -1,0 +1,525 @@
+"""The control plane against a real ``otree run``: every CLI command, exit codes, reload, signals, systemd."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from otree._cli import main
+from otree._paths import control_socket
+
+from .otree_subprocess import DEADLINE, OtreeProcess, is_text_event, otree_process, subprocess_env, write_tree
+
+TREE = """\
+import trio
+
+import otree
+
+
+async def steady(*, task_status=trio.TASK_STATUS_IGNORED):
+    task_status.started()
+    await trio.sleep_forever()
+
+
+async def echo(payload):
+    return payload
+
+
+async def fail(payload):
+    raise RuntimeError("nope")
+
+
+async def hold(payload):
+    await trio.sleep_forever()
+
+
+tree = otree.supervisor(
+    "fleet",
+    children=[
+        otree.task("alice", steady),
+        otree.supervisor("db", children=[otree.task("cache", steady)]),
+        otree.pool(
+            "jobs",
+            handlers={"echo": echo, "fail": fail, "hold": hold},
+            max_concurrency=2,
+            max_queue=10,
+            daily_budget=1.0,
+        ),
+        otree.task("temp", steady, restart="temporary"),
+    ],
+)
+"""
+
+
+class Tree:
+    """A running ``otree run`` of a tree file, and the ``otree`` command pointed at it."""
+
+    def __init__(self, directory: Path, process: OtreeProcess, file: Path) -> None:
+        self.directory = directory
+        self.process = process
+        self.file = file
+        self.state = directory / "state"
+
+    def cli(self, capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+        """``otree ARGS`` in-process: (exit code, stdout, stderr)."""
+        capsys.readouterr()
+        code = main(list(args))
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    def status(self, capsys: pytest.CaptureFixture[str], path: str = "") -> dict[str, Any]:
+        code, out, err = self.cli(capsys, "status", "--json", *([path] if path else []))
+        assert code == 0, err
+        root: dict[str, Any] = json.loads(out)["root"]
+        return root
+
+    def wait_event(self, path: str, kind: str) -> str:
+        return self.process.wait_for(is_text_event(path, kind))
+
+
+def states(node: dict[str, Any]) -> dict[str, str]:
+    """``{child id: state}`` of a status node's children."""
+    return {child["info"]["id"]: child["info"]["state"] for child in node["children"]}
+
+
+@pytest.fixture
+def tree(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Tree]:
+    monkeypatch.setenv("OTREE_STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.setenv("OTREE_RUNTIME_DIR", str(tmp_path / "run"))
+    file = write_tree(tmp_path, TREE)
+    with otree_process(["run", str(file)], tmp_path) as process:
+        running = Tree(tmp_path, process, file)
+        running.wait_event("fleet", "control.listening")
+        yield running
+        if process.proc.poll() is None:
+            process.proc.send_signal(signal.SIGTERM)
+            assert process.finish() == 0
+
+
+# --- status ---------------------------------------------------------------------------------
+
+
+def test_status_shows_the_tree(tree: Tree, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = tree.cli(capsys, "status")
+    assert code == 0
+    lines = out.splitlines()
+    assert [line.split()[0] for line in lines] == ["fleet", "alice", "db", "cache", "jobs", "temp"]
+    assert lines[0].split()[1:3] == ["supervisor", "running"]
+    jobs_line = next(line for line in lines if line.split()[0] == "jobs")
+    for words in ("queued 0", "running 0/2", "budget left $1.00 of $1.00"):
+        assert words in jobs_line
+    root = tree.status(capsys)
+    assert root["info"]["pid"] == tree.process.proc.pid
+    assert root["restarts_in_window"] == 0
+    assert states(root) == {"alice": "running", "db": "running", "jobs": "running", "temp": "running"}
+    db = next(child for child in root["children"] if child["info"]["id"] == "db")
+    assert states(db) == {"cache": "running"}
+
+
+def test_status_of_a_path(tree: Tree, capsys: pytest.CaptureFixture[str]) -> None:
+    db = tree.status(capsys, "fleet/db")
+    assert db["info"]["path"] == "fleet/db" and states(db) == {"cache": "running"}
+    assert tree.status(capsys, "db/cache")["info"]["path"] == "fleet/db/cache"  # the root id may be left out
+    jobs = tree.status(capsys, "jobs")
+    assert jobs["pool"]["max_concurrency"] == 2
+
+
+def test_unknown_path_is_refused_with_the_children_listed(
+    tree: Tree, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, err = tree.cli(capsys, "stop", "fleet/bob")
+    assert code == 4 and out == ""
+    assert err == "otree: no child at fleet/bob (children of fleet: alice, db, jobs, temp)\n"
+    code, _, err = tree.cli(capsys, "status", "db/nope")
+    assert code == 4 and "no child at fleet/db/nope (children of fleet/db: cache)" in err
+    code, _, err = tree.cli(capsys, "stop", "alice/deeper")
+    assert code == 4 and err == "otree: fleet/alice is a task, not a supervisor or pool\n"
+
+
+# --- start, stop, restart, delete -----------------------------------------------------------
+
+
+def test_stop_start_restart_delete(tree: Tree, capsys: pytest.CaptureFixture[str]) -> None:
+    assert tree.cli(capsys, "stop", "alice") == (0, "alice: stopped\n", "")
+    assert states(tree.status(capsys))["alice"] == "stopped"
+    assert tree.cli(capsys, "stop", "alice")[0] == 0  # stopping a stopped child is a no-op
+    assert tree.cli(capsys, "start", "fleet/alice") == (0, "fleet/alice: started (running)\n", "")
+    code, _, err = tree.cli(capsys, "start", "alice")
+    assert (code, err) == (4, "otree: fleet/alice: already running\n")
+    before = tree.status(capsys, "alice")["info"]["started_at"]
+    assert tree.cli(capsys, "restart", "alice") == (0, "fleet/alice: restarted (running)\n", "")
+    after = tree.status(capsys, "alice")["info"]
+    assert after["started_at"] > before and after["restarts"] == 0  # a manual restart is not counted
+    code, _, err = tree.cli(capsys, "delete", "alice")
+    assert (code, err) == (4, "otree: fleet/alice: cannot delete a running child\n")
+    tree.cli(capsys, "stop", "alice")
+    assert tree.cli(capsys, "delete", "alice") == (0, "alice: deleted\n", "")
+    assert "alice" not in states(tree.status(capsys))
+
+
+def test_restart_of_a_temporary_child_keeps_it(tree: Tree, capsys: pytest.CaptureFixture[str]) -> None:
+    assert tree.cli(capsys, "restart", "temp")[0] == 0
+    assert states(tree.status(capsys))["temp"] == "running"
+
+
+def test_root_cannot_be_stopped_by_path(tree: Tree, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = tree.cli(capsys, "stop", "fleet")
+    assert code == 4 and "fleet is the root: use otree stop-tree" in err
+
+
+def test_json_output_of_a_command(tree: Tree, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = tree.cli(capsys, "restart", "--json", "db/cache")
+    assert code == 0
+    info = json.loads(out)
+    assert info["path"] == "fleet/db/cache" and info["state"] == "running"
+
+
+# --- the pool ---------------------------------------------------------------------------------
+
+
+def test_submit_and_jobs(tree: Tree, capsys: pytest.CaptureFixture[str]) -> None:
+    for _ in range(3):
+        code, out, _ = tree.cli(
+            capsys, "submit", "jobs", "hold", '{"n": 1}', "--priority", "2", "--cost", "0.1"
+        )
+        assert code == 0 and out.startswith("jobs: job ")
+    code, out, _ = tree.cli(capsys, "jobs", "--json", "fleet/jobs")
+    jobs = json.loads(out)
+    assert len(jobs["running"]) == 2 and len(jobs["queued"]) == 1
+    assert jobs["queued"][0]["priority"] == 2 and jobs["queued"][0]["estimated_cost"] == 0.1
+    code, out, _ = tree.cli(capsys, "jobs", "jobs")
+    assert out.splitlines()[0] == "running: 2" and "queued: 1" in out.splitlines()
+    jobs_status = tree.status(capsys, "jobs")["pool"]
+    assert (jobs_status["running"], jobs_status["queued"]) == (2, 1)
+    assert jobs_status["reserved"] == pytest.approx(0.2)
+
+
+def test_submit_bad_input(tree: Tree, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = tree.cli(capsys, "submit", "jobs", "echo", "{not json")
+    assert code == 2 and err.startswith("otree: PAYLOAD_JSON is not JSON")
+    code, _, err = tree.cli(capsys, "submit", "jobs", "nope")
+    assert code == 4 and err == "otree: fleet/jobs: unknown job kind 'nope' (kinds: echo, fail, hold)\n"
+    code, _, err = tree.cli(capsys, "submit", "db", "echo")
+    assert code == 4 and err == "otree: fleet/db is a supervisor, not a pool\n"
+    code, _, err = tree.cli(capsys, "submit", "jobs", "echo", "--cost", "-1")
+    assert code == 4 and "estimated_cost must be a number of USD >= 0" in err
+
+
+def test_dead_letters_and_requeue(tree: Tree, capsys: pytest.CaptureFixture[str]) -> None:
+    assert tree.cli(capsys, "dead-letters", "jobs") == (0, "no dead letters\n", "")
+    code, out, _ = tree.cli(capsys, "submit", "--json", "jobs", "fail", "[1, 2]")
+    job_id = json.loads(out)["id"]
+    tree.wait_event(f"fleet/jobs/{job_id}", "job.dead_lettered")
+    code, out, _ = tree.cli(capsys, "dead-letters", "--json", "jobs")
+    letters = json.loads(out)
+    assert [(letter["id"], letter["payload"]) for letter in letters] == [(job_id, [1, 2])]
+    assert "RuntimeError: nope" in letters[0]["error"]
+    code, out, _ = tree.cli(capsys, "dead-letters", "jobs", "--requeue", job_id)
+    assert code == 0 and out.startswith(f"jobs: dead letter {job_id} queued again as job ")
+    new_id = out.split()[-1]
+    tree.wait_event(f"fleet/jobs/{new_id}", "job.dead_lettered")
+    code, _, err = tree.cli(capsys, "dead-letters", "jobs", "--requeue", "999")
+    assert code == 4 and "no child at fleet/jobs/999" in err
+
+
+# --- events -------------------------------------------------------------------------------------
+
+
+def test_events_from_the_log(tree: Tree, capsys: pytest.CaptureFixture[str]) -> None:
+    tree.cli(capsys, "stop", "db/cache")
+    tree.cli(capsys, "stop-tree")
+    assert tree.process.finish() == 0
+    # no tree runs now: the log is still there to read
+    code, out, _ = tree.cli(capsys, "events")
+    assert code == 0
+    kinds = [(line.split()[2], line.split()[3]) for line in out.splitlines()]
+    assert ("fleet", "supervisor.started") in kinds and ("fleet", "supervisor.stopped") in kinds
+    code, out, _ = tree.cli(capsys, "events", "--json", "--path", "db", "--kind", "child.*")
+    events = [json.loads(line) for line in out.splitlines()]
+    assert all(
+        e["path"].startswith(("fleet/db/", "fleet/db")) and e["kind"].startswith("child.") for e in events
+    )
+    assert not any(e["path"].startswith(("fleet/alice", "fleet/jobs")) for e in events)
+    assert ("fleet/db/cache", "child.stopped") in [(e["path"], e["kind"]) for e in events]
+    code, out, _ = tree.cli(capsys, "events", "--since", "1d")
+    assert "supervisor.started" in out
+    code, out, _ = tree.cli(capsys, "events", "--since", str(time.time() + 3600))
+    assert (code, out) == (0, "")
+    code, _, err = tree.cli(capsys, "events", "--since", "yesterday")
+    assert code == 2 and "--since 'yesterday': not a time" in err
+
+
+def test_events_follow_has_no_gap_and_no_duplicate(tree: Tree, capsys: pytest.CaptureFixture[str]) -> None:
+    follower = subprocess.Popen(
+        [sys.executable, "-m", "otree", "events", "--follow", "--json"],
+        cwd=tree.directory,
+        env=subprocess_env(tree.directory),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert follower.stdout is not None
+        history = []
+        for line in follower.stdout:  # the history ends with control.listening; then it is live
+            history.append(json.loads(line))
+            if history[-1]["kind"] == "control.listening":
+                break
+        tree.cli(capsys, "stop", "alice")
+        live = []
+        for line in follower.stdout:
+            live.append(json.loads(line))
+            if live[-1]["kind"] == "child.stopped":
+                break
+        assert live[-1]["path"] == "fleet/alice"
+        seen = [(e["time"], e["path"], e["kind"]) for e in history + live]
+        assert len(seen) == len(set(seen))
+        assert [e["kind"] for e in history][:1] == ["child.started"]
+    finally:
+        follower.terminate()
+        follower.wait(timeout=DEADLINE)
+        for pipe in (follower.stdout, follower.stderr):
+            if pipe is not None:
+                pipe.close()
+
+
+# --- log level, stop-tree, lock, no tree --------------------------------------------------------
+
+
+def test_log_level(tree: Tree, capsys: pytest.CaptureFixture[str]) -> None:
+    assert tree.cli(capsys, "log-level", "warning") == (0, "log level WARNING\n", "")
+    tree.cli(capsys, "stop", "alice")  # an INFO event: not printed any more
+    tree.cli(capsys, "stop", "db/cache")
+    code, _, err = tree.cli(capsys, "log-level", "loud")
+    assert code == 4 and "unknown log level 'loud'" in err
+    tree.cli(capsys, "log-level", "info")
+    tree.cli(capsys, "stop", "temp")
+    tree.wait_event("fleet/temp", "child.stopped")
+    assert not any(is_text_event("fleet/alice", "child.stopped")(line) for line in tree.process.lines)
+
+
+def test_stop_tree_exits_0_and_removes_the_socket(tree: Tree, capsys: pytest.CaptureFixture[str]) -> None:
+    sock = control_socket(tree.state)
+    assert stat.S_IMODE(sock.stat().st_mode) == 0o600
+    assert stat.S_IMODE(sock.parent.stat().st_mode) == 0o700
+    assert stat.S_IMODE((tree.state / "events.jsonl").stat().st_mode) == 0o600
+    assert stat.S_IMODE((tree.state / "otree.lock").stat().st_mode) == 0o600
+    assert tree.cli(capsys, "stop-tree")[0] == 0
+    assert tree.process.finish() == 0
+    assert not sock.exists()
+    code, _, err = tree.cli(capsys, "status")
+    assert code == 3
+    assert err == f"otree: no otree running for state dir {tree.state} (start one with: otree run FILE)\n"
+
+
+def test_second_run_on_the_same_state_dir_is_refused(tree: Tree) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "otree", "run", str(tree.file)],
+        cwd=tree.directory,
+        env=subprocess_env(tree.directory),
+        capture_output=True,
+        text=True,
+        timeout=DEADLINE,
+        check=False,
+    )
+    assert result.returncode == 4
+    assert result.stderr == (
+        f"otree: a tree already runs on state dir {tree.state} (pid {tree.process.proc.pid})\n"
+    )
+
+
+def test_no_tree_exit_3_as_a_subprocess(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "otree", "status"],
+        cwd=tmp_path,
+        env=subprocess_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=DEADLINE,
+        check=False,
+    )
+    assert result.returncode == 3
+    assert result.stderr == (
+        f"otree: no otree running for state dir {tmp_path / 'state'} (start one with: otree run FILE)\n"
+    )
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root to become another user")
+def test_another_user_cannot_connect(tree: Tree) -> None:
+    sock_path = control_socket(tree.state)
+    pid = os.fork()
+    if pid == 0:  # the child becomes nobody and tries the socket
+        code = 1
+        try:
+            os.setgid(65534)
+            os.setuid(65534)
+            client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                client.connect(str(sock_path))
+            except PermissionError:
+                code = 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
+# --- reload -------------------------------------------------------------------------------------
+
+RELOADED = (
+    TREE.replace('otree.task("temp", steady, restart="temporary"),', 'otree.task("bob", steady),')
+    .replace("max_concurrency=2", "max_concurrency=3")
+    .replace(
+        'otree.supervisor("db", children=[otree.task("cache", steady)]),',
+        'otree.supervisor("db", children=[otree.task("cache", steady, shutdown=2.0)]),',
+    )
+)
+
+
+def test_reload_applies_changes_in_place(tree: Tree, capsys: pytest.CaptureFixture[str]) -> None:
+    alice_started = tree.status(capsys, "alice")["info"]["started_at"]
+    tree.file.write_text(RELOADED)
+    code, out, err = tree.cli(capsys, "reload", "--json")
+    assert code == 0, err
+    summary = json.loads(out)
+    assert summary == {
+        "changed": ["fleet/db/cache", "fleet/jobs"],
+        "removed": ["fleet/temp"],
+        "added": ["fleet/bob"],
+        "failed": [],
+    }
+    root = tree.status(capsys)
+    assert list(states(root)) == ["alice", "db", "jobs", "bob"]
+    assert set(states(root).values()) == {"running"}
+    assert tree.status(capsys, "alice")["info"]["started_at"] == alice_started  # unchanged: untouched
+    assert tree.status(capsys, "jobs")["pool"]["max_concurrency"] == 3
+    assert tree.cli(capsys, "reload") == (0, "reloaded: nothing changed\n", "")
+
+
+def test_reload_of_an_edited_function_body_restarts_its_children(
+    tree: Tree, capsys: pytest.CaptureFixture[str]
+) -> None:
+    tree.file.write_text(
+        TREE.replace("task_status.started()\n", "task_status.started()\n    await trio.sleep(0)\n")
+    )
+    code, out, _ = tree.cli(capsys, "reload", "--json")
+    assert code == 0
+    assert sorted(json.loads(out)["changed"]) == ["fleet/alice", "fleet/db/cache", "fleet/temp"]
+
+
+def test_broken_tree_file_leaves_the_tree_untouched(tree: Tree, capsys: pytest.CaptureFixture[str]) -> None:
+    before = tree.status(capsys)
+    tree.file.write_text(TREE + "\ndef broken(:\n")
+    code, _, err = tree.cli(capsys, "reload")
+    assert code == 4
+    assert err.startswith(f"otree: reload refused, the running tree is untouched: {tree.file}:")
+    assert "SyntaxError" in err
+    after = tree.status(capsys)
+    assert states(after) == states(before)
+    tree.file.write_text(TREE.replace('"fleet"', '"other"'))
+    code, _, err = tree.cli(capsys, "reload")
+    assert code == 4 and "the root's id changed (fleet -> other)" in err
+
+
+def test_sighup_reloads(tree: Tree, capsys: pytest.CaptureFixture[str]) -> None:
+    tree.file.write_text(RELOADED)
+    tree.process.proc.send_signal(signal.SIGHUP)
+    tree.wait_event("fleet", "supervisor.reloaded")
+    assert "bob" in states(tree.status(capsys))
+    tree.file.write_text("this is not python(")
+    tree.process.proc.send_signal(signal.SIGHUP)
+    line = tree.wait_event("fleet", "supervisor.reload_failed")
+    assert "SyntaxError" in line
+
+
+# --- signals and systemd --------------------------------------------------------------------------
+
+STUBBORN = """\
+import sys
+import otree
+
+DEAF = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)"
+
+tree = otree.supervisor(
+    "stubborn",
+    children=[
+        otree.process(
+            "deaf",
+            [sys.executable, "-c", DEAF],
+            shutdown=300.0,
+        ),
+    ],
+)
+"""
+
+
+def test_second_sigint_kills_at_once_and_exits_130(tmp_path: Path) -> None:
+    file = write_tree(tmp_path, STUBBORN)
+    with otree_process(["run", str(file)], tmp_path) as process:
+        line = process.wait_for(is_text_event("stubborn", "control.listening"))
+        pid = json.loads(
+            subprocess.run(
+                [sys.executable, "-m", "otree", "status", "--json", "deaf"],
+                cwd=tmp_path,
+                env=subprocess_env(tmp_path),
+                capture_output=True,
+                text=True,
+                timeout=DEADLINE,
+                check=True,
+            ).stdout
+        )["root"]["info"]["pid"]
+        assert line
+        process.proc.send_signal(signal.SIGINT)
+        process.wait_for(lambda text: "tree.signal SIGINT" in text and "action=stop" in text)
+        process.proc.send_signal(signal.SIGINT)
+        assert process.finish() == 130
+        assert any("action=kill" in text for text in process.lines)
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+
+
+def test_systemd_ready_watchdog_stopping(tmp_path: Path) -> None:
+    notify = tmp_path / "notify.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    listener.bind(str(notify))
+    listener.settimeout(DEADLINE)
+    env = {"NOTIFY_SOCKET": str(notify), "WATCHDOG_USEC": "100000"}
+    file = write_tree(tmp_path, TREE)
+    old = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
+    try:
+        process = OtreeProcess(["run", str(file)], tmp_path)
+    finally:
+        for key, value in old.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    try:
+        messages: list[str] = []
+        while not any(m.startswith("READY=1") for m in messages):
+            messages.append(listener.recv(4096).decode())
+        ready = next(m for m in messages if m.startswith("READY=1"))
+        assert "STATUS=fleet: 4 of 4 children running" in ready.split("\n")
+        pings = 0
+        while pings < 2:
+            pings += listener.recv(4096).decode() == "WATCHDOG=1"
+        process.proc.send_signal(signal.SIGTERM)
+        while not messages[-1].startswith("STOPPING=1"):
+            messages.append(listener.recv(4096).decode())
+        assert process.finish() == 0
+    finally:
+        process.stop()
+        listener.close()
