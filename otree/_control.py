@@ -183,14 +183,10 @@ class ControlServer:
                 await self._converse(stream, conn)
 
     async def _converse(self, stream: trio.SocketStream, conn: trio.socket.SocketType) -> None:
-        pid, uid = _peer_credentials(conn)
-        if not peer_allowed(uid, os.getuid()):
-            self.emit(_event(self.root.path, "control.refused", "permission", uid=uid, pid=pid))
-            await _reply_error(stream, f"permission denied: uid {uid} may not control this tree")
-            return
         reader = FrameReader(MAX_REQUEST)
         bodies: list[bytes] = []
         try:
+            # the request is read before any answer, so a refusal reaches the client (no reset)
             with trio.fail_after(REQUEST_TIMEOUT):
                 while not bodies:
                     data = await stream.receive_some(65536)
@@ -199,6 +195,11 @@ class ControlServer:
                             await _reply_error(stream, "truncated frame", EXIT_USAGE)
                         return
                     bodies = reader.feed(data)
+            pid, uid = _peer_credentials(conn)
+            if not peer_allowed(uid, os.getuid()):
+                self.emit(_event(self.root.path, "control.refused", "permission", uid=uid, pid=pid))
+                await _reply_error(stream, f"permission denied: uid {uid} may not control this tree")
+                return
             request = decode_request(bodies[0])
         except trio.TooSlowError:
             await _reply_error(stream, f"no request within {REQUEST_TIMEOUT:g}s", EXIT_USAGE)
