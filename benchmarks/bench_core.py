@@ -1,8 +1,9 @@
 """Core benchmarks: otree against bare trio, each scenario in a fresh interpreter.
 
 Run all with ``python -m benchmarks``; one scenario with
-``python -m benchmarks.bench_core SCENARIO N [nogc]`` (prints one JSON object;
-``nogc`` disables the cyclic garbage collector for the run).
+``python -m benchmarks.bench_core SCENARIO N [nogc] [log-on]`` (prints one JSON
+object; ``nogc`` disables the cyclic garbage collector for the run, ``log-on``
+writes the event log during the restart scenarios).
 
 Scenarios:
   restart-otree / restart-otree-quiet / restart-trio: a child that crashes
@@ -20,6 +21,7 @@ import gc
 import json
 import logging
 import sys
+import tempfile
 import time
 
 import trio
@@ -57,8 +59,10 @@ async def restart_otree(n: int) -> dict[str, float]:
     tree = otree.supervisor(
         "bench", max_restarts=10 * n, max_seconds=3600, children=[otree.task("c", crasher)]
     )
-    async with otree.open_supervisor(tree):
-        await finished.wait()
+    with tempfile.TemporaryDirectory() as directory:
+        # ``log-on``: the event log (events.jsonl) is written, as under ``otree run``
+        async with otree.open_supervisor(tree, state_dir=directory, event_log="log-on" in sys.argv[3:]):
+            await finished.wait()
     return {"us_per_restart": (state["t1"] - state["t0"]) / n * 1e6}
 
 

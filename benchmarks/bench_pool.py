@@ -3,7 +3,8 @@
 ``python -m benchmarks.bench_pool`` prints:
 
 * jobs/s of no-op async jobs through a pool, in memory and durable (SQLite, WAL),
-  at ``max_concurrency`` 1, 64 and 1024 (all submitted first, then drained);
+  at ``max_concurrency`` 1, 64 and 1024 (all submitted first, then drained),
+  the pool alone, then at 64 with the event log written as under ``otree run``;
 * µs per submit and per pop with 1k, 10k, 100k and 1M jobs already queued
   (``JobQueue``, the pool's queue, and ``submit_nowait`` on a pool whose one
   worker is busy), to show the cost stays flat (O(log n)).
@@ -26,7 +27,7 @@ async def noop(payload: Any) -> None:
     return None
 
 
-async def jobs_per_second(n: int, concurrency: int, durable: bool) -> float:
+async def jobs_per_second(n: int, concurrency: int, durable: bool, event_log: bool = False) -> float:
     tree = otree.supervisor(
         "bench",
         children=[
@@ -34,7 +35,7 @@ async def jobs_per_second(n: int, concurrency: int, durable: bool) -> float:
         ],
     )
     with tempfile.TemporaryDirectory() as state:
-        async with otree.open_supervisor(tree, state_dir=state) as sup:
+        async with otree.open_supervisor(tree, state_dir=state, event_log=event_log) as sup:
             pool = sup.child("jobs")
             assert isinstance(pool, otree.PoolHandle)
             t0 = time.perf_counter()
@@ -83,6 +84,9 @@ async def main() -> None:
             rate = await jobs_per_second(n, concurrency, durable)
             mode = "durable" if durable else "in memory"
             print(f"{mode:<10} concurrency {concurrency:>5}: {rate:>9,.0f} jobs/s")
+        # as under `otree run`: three events per job (queued, started, finished) in events.jsonl
+        rate = await jobs_per_second(n, 64, durable, event_log=True)
+        print(f"{mode:<10} concurrency    64: {rate:>9,.0f} jobs/s with the event log")
     for size in (1_000, 10_000, 100_000, 1_000_000):
         push, pop = queue_costs(size)
         submit = await submit_cost(size)

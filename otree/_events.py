@@ -9,6 +9,7 @@ event is only built when a subscriber or an enabled log level wants it.
 from __future__ import annotations
 
 import logging
+import time
 import weakref
 from collections import deque
 from collections.abc import Callable
@@ -34,7 +35,7 @@ _LEVELS = {
 }
 
 
-class Event(msgspec.Struct, frozen=True):
+class Event(msgspec.Struct, frozen=True, gc=False):
     """One decision of the tree.
 
     Attributes:
@@ -74,6 +75,12 @@ class EventBus:
     def wants(self, level: int) -> bool:
         """Whether an event at ``level`` would reach anyone (so it is worth building)."""
         return self._subscribed or self.sink is not None or _log.isEnabledFor(level)
+
+    def emit(self, path: str, kind: str, reason: str, details: dict[str, Any]) -> None:
+        """Build and publish an event if anyone wants it: the hot path of every decision."""
+        level = _LEVELS.get(kind, logging.INFO)
+        if self.sink is not None or self._subscribed or _log.isEnabledFor(level):
+            self.publish(Event(time.time(), path, kind, reason, details), level)
 
     def publish(self, event: Event, level: int, error: BaseException | None = None) -> None:
         """Deliver ``event``; ``error`` (a child's exception) goes to the log record only."""

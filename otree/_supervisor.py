@@ -298,10 +298,7 @@ class _Supervisor:
     # --- events -------------------------------------------------------------
 
     def _emit(self, path: str, kind: str, reason: str = "", **details: Any) -> None:
-        level = level_of(kind, reason)
-        bus = self.tree.bus
-        if bus.wants(level):
-            bus.publish(Event(time.time(), path, kind, reason, details), level)
+        self.tree.bus.emit(path, kind, reason, details)
 
     def _emit_end(self, kind: str, child: _Child, run: RunningChild) -> None:
         exit_info = run.exit
