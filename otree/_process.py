@@ -395,6 +395,8 @@ class _Watch:
                 if await self._wait_ready(ready, run.stopping):
                     task_status.started()
                     if self.spec.stall_timeout is not None:
+                        # the stall clock starts at readiness: a slow start is start_timeout's business
+                        self.proc.last_activity = trio.current_time()
                         nursery.start_soon(_watch_stall, self.proc, self.spec.stall_timeout, self.stalled)
                     await wait_any(self.exited.wait, run.stopping.wait, self.stalled.wait)
                 if not self.exited.is_set():

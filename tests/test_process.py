@@ -342,6 +342,21 @@ async def test_watchdog_pings_keep_a_quiet_child_alive(marker: str, state: Path)
         assert event.reason == "normal"
 
 
+async def test_a_slow_start_is_not_a_stall(marker: str, state: Path) -> None:
+    # silent for longer than stall_timeout before READY=1: the stall clock starts at readiness
+    pings = "for _ in range(5):\n    time.sleep(0.1); notify('WATCHDOG=1')\n"
+    code = NOTIFY + "time.sleep(0.6)\nnotify('READY=1')\n" + pings
+    tree = otree.supervisor(
+        "t",
+        children=[
+            proc("p", code, marker, ready="notify", stall_timeout=0.4, restart="transient", stdout="null")
+        ],
+    )
+    async with otree.open_supervisor(tree, state_dir=state) as sup:
+        event = await first(sup.events(), "child.exited")
+        assert (event.reason, event.details["detail"]) == ("normal", "")
+
+
 # --- orphans and otree's own death ----------------------------------------------------------------------
 
 TREE_FILE = """
