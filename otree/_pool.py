@@ -168,6 +168,7 @@ class Pool:
         self._nursery: trio.Nursery | None = None
         self._stopping = False
         self._stop_requested = False
+        self._kill_at = math.inf  # the pool's own stop deadline (trio time)
 
     def reconfigure(self, spec: PoolSpec) -> None:
         """Apply a reloaded spec in place: queued jobs, today's spend and dead letters are kept.
@@ -338,9 +339,26 @@ class Pool:
 
     def request_stop(self, kill_at: float) -> None:
         """The pool's supervisor stops it (its run's ``on_stop``): the dispatcher ends, then the
-        running jobs are stopped at once. ``kill_at`` is enforced by the run's own deadline."""
+        running jobs are stopped at once, each within ``job_shutdown`` but never after the
+        pool's own deadline ``kill_at`` (a pool killed brutally kills its jobs)."""
         self._stop_requested = True
+        tighter = kill_at < self._kill_at
+        self._kill_at = min(self._kill_at, kill_at)
+        if tighter and self._stopping:  # jobs are stopping already: the new deadline applies to them
+            for job in self.running.values():
+                if job.run is not None:
+                    job.run.request_stop(self._job_grace(), self._job_stopped)
         self._wake.set()
+
+    def _job_grace(self) -> float | str:
+        """A job's stop grace: ``job_shutdown``, cut short by the pool's own deadline."""
+        left = self._kill_at - trio.current_time()
+        shutdown = self.spec.job_shutdown
+        if left <= 0 or shutdown == "brutal_kill":
+            return "brutal_kill"
+        if shutdown == "infinity":
+            return "infinity" if left == math.inf else left
+        return min(float(shutdown), left)
 
     def _roll(self) -> None:
         if self.budget.limit is None and self.store is None:
@@ -544,10 +562,10 @@ class Pool:
 
     async def _stop_running(self) -> None:
         """Stop every running job at once under one ``job_shutdown`` timer (OTP's simple_one_for_one)."""
-        jobs = list(self.running.values())
-        for job in jobs:
+        grace = self._job_grace()
+        for job in list(self.running.values()):
             if job.run is not None:
-                job.run.request_stop(self.spec.job_shutdown, self._job_stopped)
+                job.run.request_stop(grace, self._job_stopped)
         while any(job.run is not None for job in self.running.values()):
             self._wake = trio.Event()
             await self._wake.wait()

@@ -261,6 +261,26 @@ async def test_pool_stop_stops_running_jobs_at_once_under_one_job_shutdown(
             await job.result()
 
 
+@pytest.mark.parametrize(("pool_shutdown", "took"), [(1.5, 1.5), ("brutal_kill", 0.0), (10.0, 4.0)])
+async def test_the_pools_own_shutdown_cuts_job_shutdown_short(
+    autojump_clock: trio.testing.MockClock, pool_shutdown: float | str, took: float
+) -> None:
+    async def stubborn(payload: Any) -> None:
+        otree.current_child().stopping  # noqa: B018 - trapping: gets the job_shutdown grace
+        await trio.sleep_forever()
+
+    pool = otree.pool("jobs", {"s": stubborn}, max_concurrency=2, job_shutdown=4.0, shutdown=pool_shutdown)
+    async with otree.open_supervisor(otree.supervisor("root", children=[pool])) as sup:
+        handle = pool_of(sup)
+        for n in range(2):
+            handle.submit_nowait("s", n)
+        await trio.testing.wait_all_tasks_blocked()
+        before = trio.current_time()
+        await sup.terminate_child("jobs")
+        assert trio.current_time() - before == pytest.approx(took)
+        assert sup.which_children()[0].exit == otree.ExitInfo("shutdown", "killed" if took < 4.0 else "")
+
+
 def test_pool_spec_errors_name_the_field() -> None:
     async def work(payload: Any) -> None:
         pass
