@@ -9,10 +9,20 @@ job's estimate is reserved until it ends, then replaced by what it spent.
 from __future__ import annotations
 
 import datetime as dt
+import os
+import zoneinfo
 from collections.abc import Hashable
 from typing import Literal
 
-__all__ = ["Budget", "Transition", "budget_day", "from_micros", "seconds_until_midnight", "to_micros"]
+__all__ = [
+    "Budget",
+    "Transition",
+    "budget_day",
+    "from_micros",
+    "local_zone",
+    "seconds_until_midnight",
+    "to_micros",
+]
 
 MICROS = 1_000_000
 
@@ -29,6 +39,22 @@ def from_micros(micros: int) -> float:
     return micros / MICROS
 
 
+def local_zone() -> dt.tzinfo:
+    """The machine's time zone with its DST rules (``$TZ``, else ``/etc/localtime``).
+
+    ``datetime.now().astimezone()`` would give today's fixed offset, an hour off
+    across a DST change; only if no zone file can be read is that the fallback.
+    """
+    name = os.environ.get("TZ", "").lstrip(":")
+    try:
+        if name:
+            return zoneinfo.ZoneInfo(name)
+        with open("/etc/localtime", "rb") as zone_file:
+            return zoneinfo.ZoneInfo.from_file(zone_file, key="localtime")
+    except (OSError, ValueError, zoneinfo.ZoneInfoNotFoundError):
+        return dt.datetime.now().astimezone().tzinfo or dt.UTC
+
+
 def budget_day(now: dt.datetime, tz: dt.tzinfo) -> dt.date:
     """The budget day ``now`` falls in: its date in ``tz``."""
     return now.astimezone(tz).date()
@@ -38,7 +64,8 @@ def seconds_until_midnight(now: dt.datetime, tz: dt.tzinfo) -> float:
     """Seconds from ``now`` until the next midnight in ``tz`` (DST-aware: midnight is local)."""
     local = now.astimezone(tz)
     midnight = dt.datetime.combine(local.date() + dt.timedelta(days=1), dt.time(0), tzinfo=tz)
-    return (midnight - now).total_seconds()
+    # in UTC: two datetimes of the same tzinfo subtract as wall clocks, an hour off across DST
+    return (midnight.astimezone(dt.UTC) - now.astimezone(dt.UTC)).total_seconds()
 
 
 class Budget:

@@ -24,12 +24,12 @@ from typing import Any, Literal
 import msgspec
 import trio
 
-from ._budget import Budget, budget_day, seconds_until_midnight, to_micros
+from ._budget import Budget, budget_day, local_zone, seconds_until_midnight, to_micros
 from ._errors import BudgetExceeded, JobFailed, NotRunning, QueueFull
 from ._info import ChildInfo
 from ._intensity import CircuitState
 from ._jobqueue import JobQueue
-from ._process import ProcessContext, run_job_process
+from ._process import ProcessContext, ProcessFailed, run_job_process
 from ._spec import PoolSpec, ProcessSpec, ShutdownValue, process
 from ._store import INTERRUPTIONS_TO_DEAD, Store
 from ._task import RunningChild, current_child
@@ -125,9 +125,9 @@ class Job:
 
 
 def _zone(name: str) -> dt.tzinfo:
-    """The budget day's time zone: ``"local"`` is the machine's zone."""
+    """The budget day's time zone: ``"local"`` is the machine's zone, with its DST rules."""
     if name == "local":
-        return dt.datetime.now().astimezone().tzinfo or dt.UTC
+        return local_zone()
     return zoneinfo.ZoneInfo(name)
 
 
@@ -305,11 +305,23 @@ class Pool:
         store = Store(self._store_path)
         try:
             queued, doomed = store.recover()
+            now = time.time()
+            reason = f"interrupted {INTERRUPTIONS_TO_DEAD} times (it may be what kills otree)"
+            for stored in doomed:
+                store.bury(stored.id, reason, now)
             letters = store.dead_letters()
         except BaseException:
             store.close()
             raise
         self.store = store
+        for stored in doomed:
+            self._emit(
+                f"{self.path}/{stored.id}",
+                "job.dead_lettered",
+                "interrupted",
+                job_kind=stored.kind,
+                detail=reason,
+            )
         for stored in queued:
             job = Job(
                 self,
@@ -325,10 +337,8 @@ class Pool:
             if stored.key is not None:
                 self._by_key[stored.key] = job
             self.queue.push(job.id, job.priority, job)
-        now = time.time()
-        for stored in doomed:
-            store.bury(
-                stored.id, f"interrupted {INTERRUPTIONS_TO_DEAD} times (it may be what kills otree)", now
+            self._emit(
+                f"{self.path}/{job.id}", "job.queued", "recovered", job_kind=job.kind, priority=job.priority
             )
         for row in letters:
             letter = DeadLetter(*row)
@@ -497,6 +507,8 @@ class Pool:
 
     def _failed(self, job: Job, run: RunningChild) -> None:
         detail = run.exit.detail if run.exit is not None else "error"
+        if isinstance(run.error, ProcessFailed):  # a process job: its message adds the stderr tail
+            detail = str(run.error)
         if job.attempts < self.spec.max_attempts and not self._stopping:
             backoff = self.spec.backoff
             delay = backoff.delay(job.attempts, random.random()) if backoff is not None else 0.0

@@ -5,10 +5,11 @@ from __future__ import annotations
 import datetime as dt
 from zoneinfo import ZoneInfo
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from otree._budget import Budget, budget_day, seconds_until_midnight, to_micros
+from otree._budget import Budget, budget_day, local_zone, seconds_until_midnight, to_micros
 from otree._intensity import CircuitState
 
 DAY = dt.date(2026, 11, 22)
@@ -103,3 +104,21 @@ def test_circuit_opens_after_failures_in_a_row_then_half_opens_after_cooldown() 
     assert circuit.allow(24) == (True, "half_open")
     assert circuit.record(True, 25) == "closed"
     assert circuit.allow(25) == (True, None)
+
+
+def test_local_zone_follows_dst(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TZ", ":America/New_York")
+    zone = local_zone()
+    winter = dt.datetime(2026, 1, 15, 12, tzinfo=zone)
+    summer = dt.datetime(2026, 7, 15, 12, tzinfo=zone)
+    assert (winter.utcoffset(), summer.utcoffset()) == (dt.timedelta(hours=-5), dt.timedelta(hours=-4))
+    # the budget day after the March change ends at local midnight, 23 hours after the last one
+    before = dt.datetime(2026, 3, 8, 0, 0, tzinfo=zone)
+    assert seconds_until_midnight(before, zone) == 23 * 3600
+
+
+def test_local_zone_without_tz_reads_the_machine_zone(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TZ", raising=False)
+    zone = local_zone()
+    now = dt.datetime.now(dt.UTC)
+    assert now.astimezone(zone).utcoffset() == now.astimezone().utcoffset()

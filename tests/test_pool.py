@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 from typing import Any
 
 import pytest
@@ -465,7 +466,7 @@ async def test_process_job_gets_the_payload_on_stdin_and_returns_stdout(tmp_path
             await pool.submit_nowait("p", {"n": 1, "fail": True}).result()
         assert str(info.value.__cause__) == "exit code 3: tool crashed"
         (letter,) = pool.dead_letters()
-        assert letter.error == "exit code 3"
+        assert letter.error == "exit code 3: tool crashed"  # the stderr tail is kept with the letter
         budget = sup.find("jobs")._pool().budget  # type: ignore[union-attr]
         assert budget.spent == to_micros(1.0)  # 0.5 from each run, reported over the notify socket
 
@@ -517,6 +518,35 @@ async def test_stored_job_of_a_kind_the_tree_dropped_is_dead_lettered(tmp_path: 
             await trio.testing.wait_all_tasks_blocked()
             (letter,) = pool_of(sup).dead_letters()
             assert (letter.kind, letter.error) == ("a", "unknown job kind 'a'")
+
+
+async def test_a_job_interrupted_three_times_is_dead_lettered_at_start(tmp_path: Any) -> None:
+    import sqlite3
+
+    async def hang(payload: Any) -> None:
+        await trio.sleep_forever()
+
+    def tree() -> otree.SupervisorSpec:
+        return otree.supervisor("root", children=[otree.pool("jobs", {"h": hang}, durable=True)])
+
+    async with otree.open_supervisor(tree(), state_dir=tmp_path) as sup:
+        job = pool_of(sup).submit_nowait("h", {"n": 1})
+        await trio.testing.wait_all_tasks_blocked()
+    # as if otree had been killed mid-job, for the third time
+    with sqlite3.connect(tmp_path / "pools" / "root" / "jobs.sqlite3") as db:
+        db.execute("UPDATE jobs SET running = 1, interruptions = 2 WHERE id = ?", (int(job.id),))
+    db.close()
+    async with otree.open_supervisor(tree(), state_dir=tmp_path) as sup:
+        (letter,) = pool_of(sup).dead_letters()
+        assert (letter.id, letter.payload) == (job.id, {"n": 1})
+        assert letter.error == "interrupted 3 times (it may be what kills otree)"
+        assert pool_of(sup).queued() == []
+    events = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines()]
+    assert {
+        "path": f"root/jobs/{job.id}",
+        "kind": "job.dead_lettered",
+        "reason": "interrupted",
+    }.items() <= next(e for e in events if e["kind"] == "job.dead_lettered").items()
 
 
 async def test_an_interruption_gives_its_attempt_back(tmp_path: Any) -> None:
