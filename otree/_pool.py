@@ -434,6 +434,9 @@ class Pool:
                     break
             queue.pop()
             self._start(job, now)
+        if budget.limit is not None and budget.spent and look_again == math.inf:
+            # wake at midnight, so the reset is reported (and reject mode opens) when it happens
+            look_again = now + seconds_until_midnight(self._now(), self._tz)
         return look_again
 
     def _start(self, job: Job, now: float) -> None:

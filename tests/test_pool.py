@@ -172,6 +172,19 @@ async def test_pool_warns_once_then_holds_until_midnight_in_the_budget_tz(
     assert kinds == ["budget.warning", "budget.exhausted", "budget.reset"]
 
 
+async def test_budget_reset_is_reported_at_midnight_on_an_idle_pool(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    recorder = Recorder()
+    async with otree.open_supervisor(tree_of(recorder, daily_budget=1.0, budget_tz="UTC")) as sup:
+        pool = pool_of(sup)
+        stream = pool.events()
+        await pool.submit_nowait("work", {"n": 0, "cost": 0.3}).result()
+        reset = [e async for e in _until(stream, "budget.reset")][-1]
+        assert trio.current_time() == pytest.approx(3600)  # midnight UTC, with nothing submitted since
+        assert reset.path == "root/jobs"
+
+
 async def test_pool_reject_mode_refuses_submissions_once_spent(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
