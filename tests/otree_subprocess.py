@@ -36,7 +36,7 @@ def subprocess_env(cwd: Path) -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     env.setdefault("OTREE_STATE_DIR", str(cwd / "state"))
-    env.setdefault("OTREE_RUNTIME_DIR", str(cwd / "run"))
+    env.setdefault("OTREE_RUNTIME_DIR", str(cwd / "run"))  # conftest sets a short one
     return env
 
 

@@ -96,7 +96,6 @@ def states(node: dict[str, Any]) -> dict[str, str]:
 @pytest.fixture
 def tree(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Tree]:
     monkeypatch.setenv("OTREE_STATE_DIR", str(tmp_path / "state"))
-    monkeypatch.setenv("OTREE_RUNTIME_DIR", str(tmp_path / "run"))
     file = write_tree(tmp_path, TREE)
     with otree_process(["run", str(file)], tmp_path) as process:
         running = Tree(tmp_path, process, file)
