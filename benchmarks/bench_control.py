@@ -200,9 +200,9 @@ def main() -> None:
         f"stdlib logging+json {rates['stdlib']:,.0f}/s (ratio {rates['otree'] / rates['stdlib']:.2f}), "
         f"floor (msgspec lines, one write) {rates['floor']:,.0f}/s"
     )
-    cost = restart_cost(2000, repeats)
+    cost = restart_cost(20_000, repeats)
     print(
-        f"restart (2000 crash->running cycles, quiet logger, median of {repeats}): "
+        f"restart (20,000 crash->running cycles, quiet logger, median of {repeats}): "
         f"event log off {cost['off']:.1f} us, on {cost['on']:.1f} us (ratio {cost['on'] / cost['off']:.3f})"
     )
 

@@ -59,6 +59,7 @@ async def restart_otree(n: int) -> dict[str, float]:
     tree = otree.supervisor(
         "bench", max_restarts=10 * n, max_seconds=3600, children=[otree.task("c", crasher)]
     )
+    gc.collect()  # no full collection of import-time garbage inside the measured window
     with tempfile.TemporaryDirectory() as directory:
         # ``log-on``: the event log (events.jsonl) is written, as under ``otree run``
         async with otree.open_supervisor(tree, state_dir=directory, event_log="log-on" in sys.argv[3:]):
@@ -81,6 +82,7 @@ async def restart_trio(n: int) -> dict[str, float]:
             await crasher()
         done.set()
 
+    gc.collect()
     async with trio.open_nursery() as nursery:
         t0 = time.perf_counter()
         for _ in range(n):
@@ -116,6 +118,7 @@ async def tree_otree(n: int) -> dict[str, float]:
 async def tree_trio(n: int) -> dict[str, float]:
     gc.collect()
     base = _rss_kib()
+    gc.collect()
     async with trio.open_nursery() as nursery:
         t0 = time.perf_counter()
         for _ in range(n):
