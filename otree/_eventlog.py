@@ -2,8 +2,10 @@
 
 Appending is a list append in the tree's thread; a writer task encodes and
 writes the collected events in a worker thread every ``interval`` seconds and
-at shutdown, so the log never blocks a supervisor. The file is size-rotated
-(``events.jsonl.1`` is the newest backup) and a line is never split across
+at shutdown, so the log never blocks a supervisor. The file is size-rotated: a
+full ``events.jsonl`` becomes ``events.jsonl.<N>`` with N one more than the last
+backup's (numbers are never reused, so a name always means the same file), the
+oldest backups beyond ``backups`` are removed, and a line is never split across
 files. ``mark()`` cuts the stream at a point in time and tells where that point
 lies in the files, so a reader can take the history from the files and the rest
 from a live subscription without a gap or a duplicate.
@@ -12,11 +14,11 @@ from a live subscription without a gap or a duplicate.
 from __future__ import annotations
 
 import fnmatch
+import logging
 import os
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import msgspec
 import trio
@@ -28,12 +30,13 @@ __all__ = ["LOG_NAME", "EventFilter", "EventLog", "LogMark", "log_files", "read_
 LOG_NAME = "events.jsonl"
 DEFAULT_MAX_BYTES = 10 << 20
 DEFAULT_BACKUPS = 5
+_log = logging.getLogger("otree")
 
 
 class LogMark(msgspec.Struct, frozen=True):
-    """A point in the log: the file (by inode) and the byte offset every earlier event ends by."""
+    """A point in the log: the file's number (its name once rotated) and the offset it ends by."""
 
-    inode: int
+    generation: int
     offset: int
 
 
@@ -44,7 +47,7 @@ class _Mark:
 
     def __init__(self) -> None:
         self.done = trio.Event()
-        self.mark = LogMark(0, 0)
+        self.mark = LogMark(0, 0)  # set when written
 
 
 def _plain(value: object) -> str:
@@ -74,16 +77,16 @@ class EventLog:
         self._lock = threading.Lock()  # the worker thread and the final flush never interleave
         self._fd = -1
         self._size = 0
-        self._inode = 0
+        # the number the live file will get when it is rotated: one past the newest backup
+        self._generation = max((number for number, _ in _backups(path.parent)), default=0) + 1
         self._wake = trio.Event()
         self._finishing = False
+        self.lost = 0  # events a write error kept out of the file
         self._open()
 
     def _open(self) -> None:
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        stat = os.fstat(self._fd)
-        self._size = stat.st_size
-        self._inode = stat.st_ino
+        self._size = os.fstat(self._fd).st_size
 
     def append(self, event: Event) -> None:
         """Queue ``event`` for the file (the bus's sink)."""
@@ -138,9 +141,28 @@ class EventLog:
         with self._lock:
             for events, mark in work:
                 if events:
-                    self._write(self._encoder.encode_lines(events))
+                    try:
+                        self._write(self._encode(events))
+                    except OSError as error:  # a full disk must not stop the tree: say so, go on
+                        self.lost += len(events)
+                        _log.warning("event log %s: %d events not written: %s", self.path, len(events), error)
                 if mark is not None:
-                    mark.mark = LogMark(self._inode, self._size)
+                    mark.mark = LogMark(self._generation, self._size)
+
+    def _encode(self, events: list[Event]) -> bytes:
+        try:
+            return self._encoder.encode_lines(events)
+        except Exception:  # noqa: BLE001 - one bad detail (a repr that raises) must not lose the batch
+            return b"".join(self._encode_one(event) for event in events)
+
+    def _encode_one(self, event: Event) -> bytes:
+        try:
+            return self._encoder.encode_lines([event])
+        except Exception as error:  # noqa: BLE001 - the event is kept, its details replaced
+            details = {"unencodable_details": f"{type(error).__name__}: {error}"}
+            return self._encoder.encode_lines(
+                [Event(event.time, event.path, event.kind, event.reason, details)]
+            )
 
     def _write(self, data: bytes) -> None:
         view = memoryview(data)
@@ -149,9 +171,9 @@ class EventLog:
             if len(view) <= room:
                 cut = len(view)
             else:
-                cut = bytes(view[:room]).rfind(b"\n") + 1
+                cut = bytes(view[:room]).rfind(b"\n") + 1 if room > 0 else 0
                 if cut == 0:
-                    if self._size > 0:  # not even one line fits: start a new file
+                    if self._size > 0:  # not even one more line fits: start a new file
                         self._rotate()
                         continue
                     cut = bytes(view).find(b"\n") + 1  # a line longer than max_bytes gets a file
@@ -163,14 +185,15 @@ class EventLog:
 
     def _rotate(self) -> None:
         os.close(self._fd)
-        for index in range(self.backups - 1, 0, -1):
-            older = self.path.with_name(f"{LOG_NAME}.{index}")
-            if older.exists():
-                older.replace(self.path.with_name(f"{LOG_NAME}.{index + 1}"))
+        directory = self.path.parent
         if self.backups > 0:
-            self.path.replace(self.path.with_name(f"{LOG_NAME}.1"))
+            self.path.replace(directory / f"{LOG_NAME}.{self._generation}")
         else:
             self.path.unlink()
+        for number, backup in _backups(directory):
+            if number <= self._generation - self.backups:
+                backup.unlink(missing_ok=True)
+        self._generation += 1
         self._open()
 
 
@@ -200,18 +223,57 @@ class EventFilter(msgspec.Struct, frozen=True):
         return self.since is None or event.time >= self.since
 
 
-def log_files(state: Path) -> list[Path]:
-    """The log's files, oldest first."""
-    backups = []
+def _backups(state: Path) -> list[tuple[int, Path]]:
+    """The rotated files and their numbers, oldest first."""
+    found = []
     for candidate in state.glob(f"{LOG_NAME}.*"):
         suffix = candidate.name[len(LOG_NAME) + 1 :]
         if suffix.isdigit():
-            backups.append((int(suffix), candidate))
-    files = [path for _, path in sorted(backups, reverse=True)]
+            found.append((int(suffix), candidate))
+    return sorted(found)
+
+
+def log_files(state: Path) -> list[Path]:
+    """The log's files, oldest first."""
+    files = [path for _, path in _backups(state)]
     current = state / LOG_NAME
     if current.exists():
         files.append(current)
     return files
+
+
+def _read(path: Path, limit: int | None = None) -> bytes:
+    try:
+        with path.open("rb") as file:
+            return file.read() if limit is None else file.read(limit)
+    except FileNotFoundError:  # rotated away while we read the older files
+        return b""
+
+
+def _history(state: Path, until: LogMark | None) -> Iterator[tuple[Path, bytes]]:
+    """The bytes of each log file, oldest first; with ``until``, only what precedes the mark."""
+    backups = _backups(state)
+    current = state / LOG_NAME
+    if until is None:
+        yield from ((path, _read(path)) for _, path in backups)
+        yield current, _read(current)
+        return
+    yield from ((path, _read(path)) for number, path in backups if number < until.generation)
+    marked = state / f"{LOG_NAME}.{until.generation}"
+    if marked.exists():
+        yield marked, _read(marked, until.offset)
+        return
+    if backups and backups[-1][0] > until.generation:
+        return  # the marked file was rotated away: nothing from before the mark is left
+    try:
+        file = current.open("rb")
+    except FileNotFoundError:
+        return
+    with file:
+        if marked.exists():  # rotated between the listing and the open: the backup is the marked file
+            yield marked, _read(marked, until.offset)
+        else:  # the open file is the marked one, whatever happens to its name from now on
+            yield current, file.read(until.offset)
 
 
 def read_events(state: Path, until: LogMark | None = None) -> Iterator[Event | str]:
@@ -221,24 +283,7 @@ def read_events(state: Path, until: LogMark | None = None) -> Iterator[Event | s
     killed) is yielded as a one-line description instead of being skipped silently.
     """
     decoder = msgspec.json.Decoder(Event)
-    files = log_files(state)
-    limit: dict[Path, int] = {}
-    if until is not None:
-        for index, path in enumerate(files):
-            try:
-                inode = path.stat().st_ino
-            except FileNotFoundError:
-                continue
-            if inode == until.inode:
-                limit[path] = until.offset
-                files = files[: index + 1]
-                break
-    for path in files:
-        try:
-            with path.open("rb") as file:
-                data: Any = file.read(limit[path]) if path in limit else file.read()
-        except FileNotFoundError:  # rotated away while we read the older files
-            continue
+    for path, data in _history(state, until):
         for number, line in enumerate(data.splitlines(), 1):
             if not line:
                 continue
