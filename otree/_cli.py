@@ -23,7 +23,7 @@ import msgspec
 import trio
 
 from ._control import EXIT_NO_TREE, EXIT_REFUSED, EXIT_USAGE, ControlError, NoTree, call, subscribe
-from ._daemon import Daemon, StateLocked, lock_state
+from ._daemon import EXIT_INTERRUPTED, Daemon, StateLocked, lock_state
 from ._eventlog import EventFilter, LogMark, read_events
 from ._events import Event
 from ._info import ChildInfo
@@ -268,11 +268,8 @@ def _events(args: argparse.Namespace) -> int:
         elif wanted(item):
             _print_event(item, tree.json)
     if live is not None:
-        try:
-            for event in live:
-                _print_event(event, tree.json)
-        except KeyboardInterrupt:
-            return 0
+        for event in live:  # until the tree stops, or Ctrl-C (exit 0: the usual way to end a follow)
+            _print_event(event, tree.json)
     return code
 
 
@@ -355,4 +352,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ControlError as error:
         print(f"otree: {error}", file=sys.stderr)
         return error.code
+    except KeyboardInterrupt:  # Ctrl-C ending a client command (`otree run` handles its own signals)
+        return 0 if args.handler is _events else EXIT_INTERRUPTED
+    except BrokenPipeError:  # `otree events | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return 0
     return code

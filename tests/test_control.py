@@ -522,3 +522,28 @@ def test_systemd_ready_watchdog_stopping(tmp_path: Path) -> None:
     finally:
         process.stop()
         listener.close()
+
+
+def test_events_into_a_closed_pipe_exits_quietly(tmp_path: Path) -> None:
+    from otree._eventlog import EventLog
+    from otree._events import Event
+
+    state = tmp_path / "state"
+    state.mkdir()
+    log = EventLog(state / "events.jsonl")
+    for index in range(50_000):  # far more than a pipe holds
+        log.append(Event(float(index), "fleet/a", "child.started"))
+    log.close()
+    reader = subprocess.Popen(
+        [sys.executable, "-m", "otree", "events"],
+        cwd=tmp_path,
+        env=subprocess_env(tmp_path),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert reader.stdout is not None and reader.stderr is not None
+    assert b"fleet/a child.started" in reader.stdout.readline()
+    reader.stdout.close()  # as `| head -1` does
+    assert reader.wait(timeout=DEADLINE) == 0
+    assert reader.stderr.read() == b""
+    reader.stderr.close()
