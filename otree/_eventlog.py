@@ -66,6 +66,8 @@ class EventLog:
         backups: int = DEFAULT_BACKUPS,
         interval: float = 0.2,
     ) -> None:
+        if backups < 1:  # a mark's file must still be findable right after a rotation
+            raise ValueError(f"event log backups must be >= 1; got {backups}")
         self.path = path
         self.max_bytes = max_bytes
         self.backups = backups
@@ -186,10 +188,7 @@ class EventLog:
     def _rotate(self) -> None:
         os.close(self._fd)
         directory = self.path.parent
-        if self.backups > 0:
-            self.path.replace(directory / f"{LOG_NAME}.{self._generation}")
-        else:
-            self.path.unlink()
+        self.path.replace(directory / f"{LOG_NAME}.{self._generation}")
         for number, backup in _backups(directory):
             if number <= self._generation - self.backups:
                 backup.unlink(missing_ok=True)

@@ -200,15 +200,17 @@ def test_rotation_across_many_batches(tmp_path: Path) -> None:
     assert list(read_events(tmp_path)) == survivors
 
 
-def test_rotation_without_backups_keeps_only_the_live_file(tmp_path: Path) -> None:
-    log = EventLog(tmp_path / LOG_NAME, max_bytes=300, backups=0)
+def test_at_least_one_backup_is_kept(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="event log backups must be >= 1; got 0"):
+        EventLog(tmp_path / LOG_NAME, backups=0)
+    log = EventLog(tmp_path / LOG_NAME, max_bytes=300, backups=1)
     appended = [event(index) for index in range(10)]
     for item in appended:
         log.append(item)
     log.close()
-    assert [path.name for path in tmp_path.iterdir()] == [LOG_NAME]
-    (current,) = check_files(tmp_path, 300)
-    assert current == appended[-len(current) :]
+    assert len(log_files(tmp_path)) == 2
+    survivors = [item for content in check_files(tmp_path, 300) for item in content]
+    assert survivors == appended[-len(survivors) :]
 
 
 def test_a_line_longer_than_max_bytes_gets_a_file_of_its_own(tmp_path: Path) -> None:
@@ -254,7 +256,7 @@ def test_an_oversized_file_gets_no_more_lines(tmp_path: Path, how: str) -> None:
 @given(
     pads=st.lists(st.integers(0, 180), min_size=1, max_size=40),
     seals=st.lists(st.booleans(), max_size=40),
-    backups=st.integers(0, 4),
+    backups=st.integers(1, 4),
 )
 def test_fuzz_rotation_invariants(pads: list[int], seals: list[bool], backups: int) -> None:
     # lines up to ~270 bytes: every line fits in a file of max_bytes=300
