@@ -22,7 +22,16 @@ from typing import Any, TextIO
 import msgspec
 import trio
 
-from ._control import EXIT_NO_TREE, EXIT_REFUSED, EXIT_USAGE, ControlError, NoTree, call, subscribe
+from ._control import (
+    EXIT_NO_TREE,
+    EXIT_REFUSED,
+    EXIT_USAGE,
+    ControlError,
+    NoTree,
+    call,
+    prepare_socket_dir,
+    subscribe,
+)
 from ._daemon import EXIT_INTERRUPTED, Daemon, StateLocked, lock_state
 from ._eventlog import EventFilter, LogMark, read_events
 from ._events import Event
@@ -68,6 +77,12 @@ def _run(args: argparse.Namespace) -> int:
     except StateLocked as locked:
         print(f"otree: {locked}", file=sys.stderr)
         return EXIT_REFUSED
+    try:  # before the tree starts: a socket that cannot be served is a setup error, not a crash
+        prepare_socket_dir(control_socket(state))
+    except OSError as error:
+        os.close(lock)
+        print(f"otree: cannot serve the control socket: {error.strerror or error}", file=sys.stderr)
+        return EXIT_USAGE
     handler = _EventHandler(sys.stderr, args.log_format)
     _log.addHandler(handler)
     _log.setLevel(logging.INFO)
@@ -161,8 +176,8 @@ def _status(args: argparse.Namespace) -> int:
 def _child_command(args: argparse.Namespace) -> int:
     tree = _Tree(args)
     result = tree.call(args.command, path=args.path)
-    if result is None:
-        return tree.show(result, lambda: f"{args.path}: {args.done}")
+    if "id" not in result:  # stop, delete: the child's path
+        return tree.show(result, lambda: f"{result['path']}: {args.done}")
     info = msgspec.convert(result, ChildInfo)
     return tree.show(info, lambda: f"{info.path}: {args.done} ({info.state})")
 

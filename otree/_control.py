@@ -54,6 +54,7 @@ __all__ = [
     "NoTree",
     "call",
     "peer_allowed",
+    "prepare_socket_dir",
     "subscribe",
 ]
 
@@ -83,8 +84,14 @@ def _peer_credentials(sock: trio.socket.SocketType) -> tuple[int, int]:
     return pid, uid
 
 
-def _check_private(directory: Path) -> None:
-    """Refuse a runtime dir another user could reach (e.g. a pre-made ``/tmp/otree-<uid>``)."""
+def prepare_socket_dir(socket_path: Path) -> None:
+    """Create the socket's directory 0700, or refuse one another user could reach.
+
+    Raises:
+      OSError: the directory cannot be made, or is not private (e.g. a pre-made
+        ``/tmp/otree-<uid>``, or systemd's default ``RuntimeDirectoryMode=0755``).
+    """
+    directory = ensure_private_dir(socket_path.parent)
     info = directory.lstat()
     if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077:
         raise OSError(
@@ -155,8 +162,7 @@ class ControlServer:
         self, path: Path, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
         """Listen on ``path`` (0600, in a private dir) until cancelled; remove it afterwards."""
-        directory = ensure_private_dir(path.parent)
-        _check_private(directory)
+        prepare_socket_dir(path)
         listener = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         with listener:
             path.unlink(missing_ok=True)  # a socket left by a killed run (the lock says none serves)
@@ -290,7 +296,7 @@ class ControlServer:
     async def _stop(self, args: _PathArgs) -> Any:
         parent, child_id = self._parent_of(args.path)
         await parent.terminate_child(child_id)
-        return None
+        return {"path": f"{parent.path}/{child_id}"}
 
     async def _restart(self, args: _PathArgs) -> Any:
         """supervisorctl's restart: stop the child if it runs, then start it again."""
@@ -304,7 +310,7 @@ class ControlServer:
     async def _delete(self, args: _PathArgs) -> Any:
         parent, child_id = self._parent_of(args.path)
         await parent.delete_child(child_id)
-        return None
+        return {"path": f"{parent.path}/{child_id}"}
 
     async def _submit(self, args: _SubmitArgs) -> Any:
         job = await self._pool(args.pool).submit(

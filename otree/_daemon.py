@@ -91,7 +91,6 @@ class Daemon:
         try:
             async with trio.open_nursery() as services:
                 services.start_soon(self._watch_signals)
-                services.start_soon(self.systemd.keep_alive)
                 try:
                     with self._body:
                         async with open_supervisor(self.tree, state_dir=self.state, event_log=True) as sup:
@@ -111,12 +110,14 @@ class Daemon:
                                 )
                             )
                             self.systemd.send("READY=1", f"STATUS={self._summary()}")
+                            services.start_soon(self.systemd.keep_alive)
                             await trio.sleep_forever()
                 except (OtreeError, SocketUnavailable) as error:
                     outcome = error
                 services.cancel_scope.cancel()
         finally:
-            self.systemd.send("STOPPING=1")
+            if not self._stopping:  # the tree ended by itself (gave up, auto_shutdown)
+                self.systemd.send("STOPPING=1")
             self.systemd.close()
         return outcome
 

@@ -72,14 +72,17 @@ class StartError(OtreeError):
 
 
 class NotFound(OtreeError):
-    """No child with that id under the named supervisor."""
+    """No child with that id under the named supervisor (or no such dead letter in a pool)."""
 
-    def __init__(self, supervisor: str, child_id: str, existing: list[str]) -> None:
+    def __init__(self, supervisor: str, child_id: str, existing: list[str], *, what: str = "child") -> None:
         self.supervisor = supervisor
         self.child_id = child_id
         self.existing = existing
         ids = ", ".join(existing) if existing else "none"
-        super().__init__(f"no child at {supervisor}/{child_id} (children of {supervisor}: {ids})")
+        if what == "child":
+            super().__init__(f"no child at {supervisor}/{child_id} (children of {supervisor}: {ids})")
+        else:  # e.g. a pool's dead letters
+            super().__init__(f"{supervisor}: no {what} {child_id} ({what}s: {ids})")
 
 
 class AlreadyPresent(OtreeError):
@@ -121,12 +124,12 @@ class MaxChildren(OtreeError):
 
 
 class NotRunning(OtreeError):
-    """The supervisor a handle names is not running (stopped, or between restarts)."""
+    """The supervisor or pool a handle names is not running (stopped, or between restarts)."""
 
     def __init__(self, path: str, state: str) -> None:
         self.path = path
         self.state = state
-        super().__init__(f"{path}: supervisor is not running (state: {state})")
+        super().__init__(f"{path}: not running (state: {state})")
 
 
 class SupervisorFailed(OtreeError):

@@ -57,16 +57,19 @@ def runtime_dir() -> Path:
     chosen = os.environ.get("OTREE_RUNTIME_DIR")
     if chosen:
         return Path(chosen).absolute()
+    fallback = Path(tempfile.gettempdir()) / f"otree-{os.getuid()}"
     with warnings.catch_warnings():  # no XDG_RUNTIME_DIR (no login session): its /tmp fallback is fine
         warnings.simplefilter("ignore")
-        path = platformdirs.user_runtime_path("otree")
+        try:
+            path = platformdirs.user_runtime_path("otree")
+        except OSError:  # platformdirs could not make its own /tmp fallback
+            return fallback
     existing = path
     while not existing.exists():
         existing = existing.parent
     if existing == path or os.access(existing, os.W_OK | os.X_OK):
         return path
-    # one we could not create (e.g. no /run/user/<uid> for this user): a private dir in /tmp
-    return Path(tempfile.gettempdir()) / f"otree-{os.getuid()}"
+    return fallback  # one we could not create (e.g. no /run/user/<uid> for this user)
 
 
 def control_socket(state: Path) -> Path:

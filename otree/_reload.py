@@ -16,9 +16,9 @@ from typing import Any
 
 import msgspec
 
-from ._spec import ChildSpec
+from ._spec import ChildSpec, SupervisorSpec
 
-__all__ = ["ReloadPlan", "plan_reload", "same_value"]
+__all__ = ["ReloadPlan", "plan_reload", "same_settings", "same_value"]
 
 
 def _code_digest(code: CodeType) -> bytes:
@@ -75,6 +75,13 @@ def same_value(a: Any, b: Any) -> bool:
         return bool(a == b)
     except Exception:  # noqa: BLE001 - a value that cannot compare is taken as changed
         return False
+
+
+def same_settings(a: SupervisorSpec, b: SupervisorSpec) -> bool:
+    """Whether two supervisor specs agree on everything but their children."""
+    return all(
+        same_value(getattr(a, name), getattr(b, name)) for name in a.__struct_fields__ if name != "children"
+    )
 
 
 class ReloadPlan(msgspec.Struct, frozen=True):

@@ -48,7 +48,7 @@ from ._paths import state_dir as default_state_dir
 from ._pool import DeadLetter, Job, Pool
 from ._process import ProcessContext, ProcessRun, run_process
 from ._reaper import Reaper
-from ._reload import plan_reload
+from ._reload import plan_reload, same_settings
 from ._spec import ChildSpec, PoolSpec, ProcessSpec, SupervisorSpec, TaskSpec, takes_task_status
 from ._strategy import affected_children, should_restart
 from ._task import RunningChild
@@ -723,6 +723,8 @@ class _Supervisor:
         """
         plan = plan_reload([child.spec for child in self.children.values()], spec.children)
         summary: dict[str, list[str]] = {"changed": [], "removed": [], "added": [], "failed": []}
+        if not same_settings(self.spec, spec):
+            summary["changed"].append(self.path)  # its own settings (strategy, intensity, ...)
         self.spec = spec
         self.window.max_restarts = spec.max_restarts
         self.window.max_seconds = spec.max_seconds
@@ -734,8 +736,8 @@ class _Supervisor:
             if child.run is None:
                 child.state = "stopped"
         await self._stop_children(removed + changed)
-        summary["removed"] = [child.path for child in removed]
-        summary["changed"] = [child.path for child in reversed(changed)]
+        summary["removed"].extend(child.path for child in removed)
+        summary["changed"].extend(child.path for child in reversed(changed))
         previous = {child.spec.id: child for child in removed + changed} | self.children
         self.children = {}
         for child_spec in spec.children:
@@ -752,7 +754,7 @@ class _Supervisor:
                 try:
                     await self._start(child)
                 except _StartFailed as failed:
-                    summary["failed"].append(f"{child.path}: {self._start_error(child, failed.run)}")
+                    summary["failed"].append(str(self._start_error(child, failed.run)))
         self._emit(self.path, "supervisor.reloaded", "reload", **{k: v for k, v in summary.items() if v})
         return summary
 
@@ -968,7 +970,7 @@ class PoolHandle(_Handle):
         try:
             job = self._pool().requeue(dead_letter_id)
         except KeyError:
-            raise NotFound(self.path, dead_letter_id, list(self._pool().dead)) from None
+            raise NotFound(self.path, dead_letter_id, list(self._pool().dead), what="dead letter") from None
         await trio.lowlevel.checkpoint()
         return job
 

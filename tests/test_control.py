@@ -150,7 +150,7 @@ def test_unknown_path_is_refused_with_the_children_listed(
 
 
 def test_stop_start_restart_delete(tree: Tree, capsys: pytest.CaptureFixture[str]) -> None:
-    assert tree.cli(capsys, "stop", "alice") == (0, "alice: stopped\n", "")
+    assert tree.cli(capsys, "stop", "alice") == (0, "fleet/alice: stopped\n", "")
     assert states(tree.status(capsys))["alice"] == "stopped"
     assert tree.cli(capsys, "stop", "alice")[0] == 0  # stopping a stopped child is a no-op
     assert tree.cli(capsys, "start", "fleet/alice") == (0, "fleet/alice: started (running)\n", "")
@@ -163,7 +163,7 @@ def test_stop_start_restart_delete(tree: Tree, capsys: pytest.CaptureFixture[str
     code, _, err = tree.cli(capsys, "delete", "alice")
     assert (code, err) == (4, "otree: fleet/alice: cannot delete a running child\n")
     tree.cli(capsys, "stop", "alice")
-    assert tree.cli(capsys, "delete", "alice") == (0, "alice: deleted\n", "")
+    assert tree.cli(capsys, "delete", "alice") == (0, "fleet/alice: deleted\n", "")
     assert "alice" not in states(tree.status(capsys))
 
 
@@ -229,7 +229,7 @@ def test_dead_letters_and_requeue(tree: Tree, capsys: pytest.CaptureFixture[str]
     new_id = out.split()[-1]
     tree.wait_event(f"fleet/jobs/{new_id}", "job.dead_lettered")
     code, _, err = tree.cli(capsys, "dead-letters", "jobs", "--requeue", "999")
-    assert code == 4 and "no child at fleet/jobs/999" in err
+    assert (code, err) == (4, f"otree: fleet/jobs: no dead letter 999 (dead letters: {new_id})\n")
 
 
 # --- events -------------------------------------------------------------------------------------
@@ -547,3 +547,26 @@ def test_events_into_a_closed_pipe_exits_quietly(tmp_path: Path) -> None:
     assert reader.wait(timeout=DEADLINE) == 0
     assert reader.stderr.read() == b""
     reader.stderr.close()
+
+
+def test_a_runtime_dir_others_can_enter_is_refused_before_the_tree_starts(tmp_path: Path) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o755)  # systemd's default RuntimeDirectoryMode
+    file = write_tree(tmp_path, TREE)
+    env = dict(subprocess_env(tmp_path), OTREE_RUNTIME_DIR=str(shared))
+    result = subprocess.run(
+        [sys.executable, "-m", "otree", "run", str(file)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=DEADLINE,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert result.stderr == (
+        f"otree: cannot serve the control socket: runtime dir {shared} is not private (owner uid "
+        f"{os.getuid()}, mode 755)\n"
+    )
+    assert not (tmp_path / "state" / "events.jsonl").exists()  # no child was started

@@ -646,3 +646,19 @@ def test_a_write_error_is_counted_and_logged_not_raised(
     monkeypatch.undo()
     assert log.lost == 1
     assert "1 events not written: [Errno 28] No space left on device" in caplog.text
+
+
+def test_a_torn_last_line_does_not_swallow_the_next_runs_first_event(tmp_path: Path) -> None:
+    first = EventLog(tmp_path / LOG_NAME)
+    first.append(event(1))
+    first.close()
+    with (tmp_path / LOG_NAME).open("ab") as file:
+        file.write(b'{"time": 2.0, "path": "fle')  # the writer was killed mid-line
+    second = EventLog(tmp_path / LOG_NAME)
+    second.append(event(3))
+    second.close()
+    assert list(read_events(tmp_path)) == [
+        event(1),
+        f"{tmp_path / LOG_NAME}:2: unreadable line skipped (Input data was truncated)",
+        event(3),
+    ]

@@ -123,7 +123,7 @@ async def test_reload_applies_in_otp_order(autojump_clock: trio.abc.Clock) -> No
         async with sup.events() as events:
             summary = await reload_tree(sup, new)
             assert summary == {
-                "changed": ["root/b", "root/s/x"],
+                "changed": ["root", "root/b", "root/s/x"],  # root: its max_restarts
                 "removed": ["root/c"],
                 "added": ["root/n", "root/s/y"],
                 "failed": [],
@@ -188,5 +188,5 @@ async def test_a_failed_start_is_reported_and_the_rest_applied(autojump_clock: t
     )
     async with otree.open_supervisor(tree) as sup:
         summary = await reload_tree(sup, new)
-        assert summary["failed"] == ["root/f: root/f: failed to start: RuntimeError: cannot start"]
+        assert summary["failed"] == ["root/f: failed to start: RuntimeError: cannot start"]
         assert states(sup) == {"a": "running", "f": "stopped", "g": "running"}
