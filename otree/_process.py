@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -23,7 +24,7 @@ from typing import Any, Protocol
 import trio
 from trio_util import wait_any
 
-from ._paths import child_log_dir, ensure_private_dir
+from ._paths import child_log_dir, ensure_private_dir, runtime_dir
 from ._reaper import Guard, Reaper, kill_group, spawn
 from ._spec import ProcessSpec
 
@@ -61,9 +62,15 @@ class ProcessContext:
         self.reaper.groups.add(pid)
 
     def notify_path(self) -> Path:
-        """A fresh socket path in a private (0700) temporary directory (short: sun_path is 108 bytes)."""
+        """A fresh socket path in a private (0700) directory of the runtime dir (sun_path is 108 bytes).
+
+        The directory is named after otree's pid, so one left by a killed otree is
+        removed by the next tree that needs one.
+        """
         if self._notify_dir is None:
-            self._notify_dir = Path(tempfile.mkdtemp(prefix="otree-notify-"))
+            runtime = ensure_private_dir(runtime_dir())
+            _remove_stale_notify_dirs(runtime)
+            self._notify_dir = Path(tempfile.mkdtemp(prefix=f"notify-{os.getpid()}-", dir=runtime))
         self._sockets += 1
         return self._notify_dir / f"{self._sockets}.sock"
 
@@ -77,6 +84,20 @@ class ProcessContext:
                 leftover.unlink(missing_ok=True)
             self._notify_dir.rmdir()
             self._notify_dir = None
+
+
+def _remove_stale_notify_dirs(runtime: Path) -> None:
+    """Remove the notify dirs of otree processes that no longer exist (a kill -9 leaves them)."""
+    for directory in runtime.glob("notify-*-*"):
+        pid = directory.name.split("-")[1]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(directory, ignore_errors=True)
+        except PermissionError:
+            pass  # alive, someone else's
 
 
 class _Run(Protocol):

@@ -521,3 +521,18 @@ def test_a_killed_guard_is_replaced_and_told_every_group(tmp_path: Path, marker:
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_notify_dirs_of_dead_otree_processes_are_removed(tmp_path: Path) -> None:
+    from otree._process import _remove_stale_notify_dirs
+
+    dead_pid = subprocess.Popen(["true"])  # a pid that has just ended
+    dead_pid.wait()
+    stale = tmp_path / f"notify-{dead_pid.pid}-abc"
+    mine = tmp_path / f"notify-{os.getpid()}-def"
+    for directory in (stale, mine):
+        directory.mkdir()
+        (directory / "1.sock").touch()
+    _remove_stale_notify_dirs(tmp_path)
+    assert not stale.exists()
+    assert mine.exists()
