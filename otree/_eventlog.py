@@ -72,7 +72,8 @@ class EventLog:
         self.max_bytes = max_bytes
         self.backups = backups
         self.interval = interval
-        self._pending: list[Event] = []
+        self._pending: list[Event] = []  # one list for the log's life: ``append`` is its bound method
+        self.append = self._pending.append  # the bus's sink: no Python frame per event
         # batches sealed for the writer, in order, each with the mark to set once it is written
         self._sealed: list[tuple[list[Event], _Mark | None]] = []
         self._encoder = msgspec.json.Encoder(enc_hook=_plain)
@@ -93,15 +94,16 @@ class EventLog:
             os.write(self._fd, b"\n")  # a line torn by a killed writer: ours start on a line of their own
         self._size = os.fstat(self._fd).st_size
 
-    def append(self, event: Event) -> None:
-        """Queue ``event`` for the file (the bus's sink)."""
-        self._pending.append(event)
+    def _take(self) -> list[Event]:
+        """The events appended since the last take."""
+        batch = self._pending.copy()
+        self._pending.clear()
+        return batch
 
     def mark(self) -> _Mark:
         """Cut the log here; the mark's ``done`` is set once every event appended so far is written."""
         pending = _Mark()
-        self._sealed.append((self._pending, pending))
-        self._pending = []
+        self._sealed.append((self._take(), pending))
         self._wake.set()
         return pending
 
@@ -117,8 +119,7 @@ class EventLog:
                 await self._wake.wait()
             self._wake = trio.Event()
             if self._pending:
-                self._sealed.append((self._pending, None))
-                self._pending = []
+                self._sealed.append((self._take(), None))
             if self._sealed:
                 work, self._sealed = self._sealed, []
                 # not abandoned on cancel: the batch is written before the writer stops
@@ -131,8 +132,7 @@ class EventLog:
         """Write everything still queued and close the file (after the tree has stopped)."""
         work, self._sealed = self._sealed, []
         if self._pending:
-            work.append((self._pending, None))
-            self._pending = []
+            work.append((self._take(), None))
         self._write_batches(work)
         for _, mark in work:
             if mark is not None:
