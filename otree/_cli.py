@@ -128,6 +128,8 @@ def _describe(spec: ChildSpec) -> str:
             fields.append(f"backoff={spec.backoff.initial:g}..{spec.backoff.maximum:g}s")
     elif isinstance(spec, ProcessSpec):
         fields += [f"ready={spec.ready}", f"argv={shlex.join(spec.argv)}"]
+        if spec.user is not None:
+            fields.append(f"user={spec.user}")
         if spec.stall_timeout is not None:
             fields.append(f"stall_timeout={spec.stall_timeout:g}")
     if spec.significant:

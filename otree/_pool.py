@@ -632,12 +632,15 @@ def process_job(
     shutdown: ShutdownValue = 5.0,
     stop_signal: int = 15,
     stall_timeout: float | None = None,
+    user: str | None = None,
+    rlimits: dict[str, Any] | None = None,
 ) -> ProcessJob:
     """A pool handler that runs each job as a process, with every process-child guarantee.
 
     The payload arrives as JSON on stdin; exit 0 succeeds with stdout as the result
     (JSON if it parses, else text; at most 1 MiB); any other exit fails with the
-    stderr tail; ``OTREE_COST=<usd>`` on ``$NOTIFY_SOCKET`` reports spend.
+    stderr tail; ``OTREE_COST=<usd>`` on ``$NOTIFY_SOCKET`` reports spend. ``user`` and
+    ``rlimits`` as for ``otree.process``: a tool run for an agent as an unprivileged user.
 
     Raises:
       SpecError: a field is invalid.
@@ -651,5 +654,7 @@ def process_job(
         shutdown=shutdown,
         stop_signal=stop_signal,
         stall_timeout=stall_timeout,
+        user=user,
+        rlimits=rlimits,
     )
     return ProcessJob(template=template)

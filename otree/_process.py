@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pwd
+import resource
 import shutil
 import signal
 import socket
@@ -25,8 +27,8 @@ import trio
 from trio_util import wait_any
 
 from ._paths import child_log_dir, ensure_private_dir, runtime_dir
-from ._reaper import Guard, Reaper, kill_group, spawn
-from ._spec import ProcessSpec
+from ._reaper import ChildSetup, Guard, Reaper, kill_group, spawn
+from ._spec import RLIMITS, ProcessSpec
 
 __all__ = ["ProcessContext", "ProcessFailed", "ProcessRun", "run_job_process", "run_process"]
 
@@ -61,18 +63,30 @@ class ProcessContext:
         self.reaper.waited.add(pid)
         self.reaper.groups.add(pid)
 
-    def notify_path(self) -> Path:
+    def notify_path(self, owner: tuple[int, int] | None = None) -> Path:
         """A fresh socket path in a private (0700) directory of the runtime dir (sun_path is 108 bytes).
 
         The directory is named after otree's pid, so one left by a killed otree is
-        removed by the next tree that needs one.
+        removed by the next tree that needs one. A child running as another user
+        (``owner``: uid, gid) cannot enter otree's runtime dir: its socket gets a
+        directory of its own in the temp dir, owned by that user, mode 0700.
         """
+        if owner is not None:
+            directory = Path(tempfile.mkdtemp(prefix=f"otree-notify-{os.getpid()}-"))
+            os.chown(directory, *owner)
+            return directory / "notify.sock"
         if self._notify_dir is None:
             runtime = ensure_private_dir(runtime_dir())
             _remove_stale_notify_dirs(runtime)
             self._notify_dir = Path(tempfile.mkdtemp(prefix=f"notify-{os.getpid()}-", dir=runtime))
         self._sockets += 1
         return self._notify_dir / f"{self._sockets}.sock"
+
+    def release_notify_path(self, path: Path) -> None:
+        """Remove a socket from ``notify_path`` (and the directory it had to itself)."""
+        path.unlink(missing_ok=True)
+        if path.parent != self._notify_dir:
+            path.parent.rmdir()
 
     def close(self) -> None:
         try:
@@ -84,6 +98,45 @@ class ProcessContext:
                 leftover.unlink(missing_ok=True)
             self._notify_dir.rmdir()
             self._notify_dir = None
+
+
+def child_setup(spec: ProcessSpec) -> ChildSetup:
+    """The limits and user a child takes on before exec, checked here so a refusal reads clearly.
+
+    Raises:
+      LookupError: the user no longer exists.
+      PermissionError: another user, or a higher hard limit, without root.
+    """
+    privileged = os.geteuid() == 0
+    limits = []
+    for name, (soft, hard) in (spec.rlimits or {}).items():
+        which = RLIMITS[name]
+        current = resource.getrlimit(which)[1]
+        if not privileged and _above(hard, current):
+            message = (
+                f"rlimits[{name!r}]: hard limit {hard} is above otree's ({current}); raising it needs root"
+            )
+            raise PermissionError(message)
+        limits.append((which, soft, hard))
+    user = None
+    if spec.user is not None:
+        try:
+            entry = pwd.getpwnam(spec.user)
+        except KeyError:
+            raise LookupError(f"user={spec.user!r}: no such user") from None
+        if not privileged and entry.pw_uid != os.geteuid():
+            raise PermissionError(
+                f"user={spec.user!r}: otree must run as root to start a child as another user"
+            )
+        user = (entry.pw_name, entry.pw_uid, entry.pw_gid)
+    return ChildSetup(tuple(limits), user)
+
+
+def _above(limit: int, current: int) -> bool:
+    """Whether rlimit ``limit`` is higher than ``current`` (RLIM_INFINITY is the highest)."""
+    if limit == resource.RLIM_INFINITY:
+        return current != resource.RLIM_INFINITY
+    return current != resource.RLIM_INFINITY and limit > current
 
 
 def _remove_stale_notify_dirs(runtime: Path) -> None:
@@ -317,7 +370,9 @@ async def _run(
     readers: list[_Reader] = []
     targets: dict[str, int | None] = {}
     child_ends: list[int] = []
-    notify_path = ctx.notify_path()
+    setup = child_setup(spec)
+    owner = setup.user[1:] if setup.user is not None else None
+    notify_path = ctx.notify_path(owner)
     plain = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     sock = trio.socket.from_stdlib_socket(plain)
     feeder: trio.lowlevel.FdStream | None = None
@@ -340,10 +395,13 @@ async def _run(
             targets["stdin"] = read_end
         plain.bind(os.fspath(notify_path))  # directly: trio's bind would take a worker thread
         os.chmod(notify_path, 0o600)
+        if owner is not None:  # the child's user may send to it, nobody else
+            os.chown(notify_path, *owner)
         try:
             popen = await spawn(
                 list(spec.argv),
                 ctx.register,
+                setup,
                 env=_environment(spec, notify_path),
                 cwd=spec.cwd,
                 stdin=targets["stdin"],
@@ -364,7 +422,7 @@ async def _run(
         if feeder is not None:
             feeder.close()
         sock.close()
-        notify_path.unlink(missing_ok=True)
+        ctx.release_notify_path(notify_path)
         for stream, sink, _ in readers:
             stream.close()
             sink.close()

@@ -22,17 +22,18 @@ import errno
 import functools
 import os
 import queue
+import resource
 import signal
 import subprocess
 import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import trio
 
-__all__ = ["Guard", "Reaper", "adopt_orphans", "spawn"]
+__all__ = ["ChildSetup", "Guard", "Reaper", "adopt_orphans", "spawn"]
 
 _PR_SET_PDEATHSIG = 1
 _PR_SET_CHILD_SUBREAPER = 36
@@ -56,8 +57,26 @@ def adopt_orphans() -> None:
 # --- the spawner thread -----------------------------------------------------------
 
 
-def _die_with_parent(parent: int) -> None:
-    """Runs in the child between fork and exec."""
+class ChildSetup(NamedTuple):
+    """What a child sets up between fork and exec, besides dying with otree."""
+
+    rlimits: tuple[tuple[int, int, int], ...] = ()  # (RLIMIT_*, soft, hard)
+    user: tuple[str, int, int] | None = None  # (name, uid, gid)
+
+
+def _prepare_child(parent: int, setup: ChildSetup) -> None:
+    """Runs in the child between fork and exec: limits, then the user, then the death signal.
+
+    Limits come first (raising one may need root); the death signal comes last,
+    because the kernel clears it when the credentials change.
+    """
+    for which, soft, hard in setup.rlimits:
+        resource.setrlimit(which, (soft, hard))
+    if setup.user is not None:
+        name, uid, gid = setup.user
+        os.initgroups(name, gid)
+        os.setgid(gid)
+        os.setuid(uid)
     _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     if os.getppid() != parent:  # otree died before the flag was set
         os._exit(127)
@@ -89,7 +108,9 @@ class _Spawner:
                 result = exc
             deliver(result)
 
-    async def spawn(self, register: Callable[[int], None], **kwargs: Any) -> subprocess.Popen[bytes]:
+    async def spawn(
+        self, register: Callable[[int], None], setup: ChildSetup, **kwargs: Any
+    ) -> subprocess.Popen[bytes]:
         with self._lock:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._serve, name="otree-spawner", daemon=True)
@@ -102,7 +123,7 @@ class _Spawner:
             box.append(result)
             token.run_sync_soon(done.set)
 
-        kwargs["preexec_fn"] = functools.partial(_die_with_parent, os.getpid())
+        kwargs["preexec_fn"] = functools.partial(_prepare_child, os.getpid(), setup)
         self._jobs.put((kwargs, register, deliver))
         with trio.CancelScope(shield=True):  # a fork in flight finishes; the caller then owns it
             await done.wait()
@@ -116,14 +137,17 @@ _spawner = _Spawner()
 
 
 async def spawn(
-    argv: list[str], register: Callable[[int], None] = lambda pid: None, **kwargs: Any
+    argv: list[str],
+    register: Callable[[int], None] = lambda pid: None,
+    setup: ChildSetup = ChildSetup(),  # noqa: B008 - an immutable NamedTuple
+    **kwargs: Any,
 ) -> subprocess.Popen[bytes]:
     """``subprocess.Popen(argv, start_new_session=True, ...)`` from the spawner thread, never a shell.
 
     ``register(pid)`` runs in that thread, under ``REAP_LOCK``, before the orphan reaper
-    can see the new child.
+    can see the new child; ``setup`` runs in the child before exec.
     """
-    return await _spawner.spawn(register, args=argv, shell=False, start_new_session=True, **kwargs)
+    return await _spawner.spawn(register, setup, args=argv, shell=False, start_new_session=True, **kwargs)
 
 
 # --- process groups -----------------------------------------------------------------

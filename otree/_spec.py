@@ -12,7 +12,9 @@ import functools
 import inspect
 import math
 import os
+import pwd
 import re
+import resource
 import signal
 import zoneinfo
 from collections.abc import Awaitable, Callable, Container, Sequence
@@ -234,11 +236,14 @@ class ProcessSpec(_Spec, frozen=True, kw_only=True):
     stderr: Stream = "log"
     log_max_bytes: int = 10 * 1024 * 1024
     log_backups: int = 3
+    user: str | None = None
+    rlimits: dict[str, tuple[int, int]] | None = None
 
     def __post_init__(self) -> None:
         path = _check_id(self.id)
         _check_restart_and_significant(path, self.restart, self.significant)
         _check_shutdown(path, self.shutdown)
+        _check_user_and_rlimits(path, self.user, self.rlimits)
         if (
             not isinstance(self.argv, tuple)
             or not self.argv
@@ -281,6 +286,62 @@ class ProcessSpec(_Spec, frozen=True, kw_only=True):
         return float(self.ready) + 30.0
 
 
+RLIMITS: dict[str, int] = {
+    name[len("RLIMIT_") :].lower(): getattr(resource, name)
+    for name in dir(resource)
+    if name.startswith("RLIMIT_")
+}
+
+
+def _check_user_and_rlimits(path: str, user: object, rlimits: object) -> None:
+    if user is not None:
+        if not isinstance(user, str) or not user:
+            raise SpecError(path, "user", "must be None or a user name", user)
+        try:
+            pwd.getpwnam(user)
+        except KeyError:
+            raise SpecError(path, "user", "must name a user of this machine", user) from None
+    if rlimits is None:
+        return
+    if not isinstance(rlimits, dict):
+        raise SpecError(path, "rlimits", "must be None or a dict of resource name to limits", rlimits)
+    for name, limits in rlimits.items():
+        if name not in RLIMITS:
+            raise SpecError(path, f"rlimits[{name!r}]", f"must be one of {', '.join(sorted(RLIMITS))}", name)
+        valid = (
+            isinstance(limits, tuple)
+            and len(limits) == 2
+            and all(isinstance(v, int) and not isinstance(v, bool) and v >= -1 for v in limits)
+        )
+        soft, hard = limits if valid else (0, 0)
+        if not valid or (hard != resource.RLIM_INFINITY and (soft == resource.RLIM_INFINITY or soft > hard)):
+            raise SpecError(
+                path,
+                f"rlimits[{name!r}]",
+                "must be N or (soft, hard) with soft <= hard (None: unlimited)",
+                limits,
+            )
+
+
+def _rlimits(rlimits: object) -> Any:
+    """The builder's ``{name: N | (soft, hard)}`` (None: unlimited) as the spec's (soft, hard) ints."""
+    if not isinstance(rlimits, dict):
+        return rlimits
+
+    def limit(value: object) -> object:
+        return resource.RLIM_INFINITY if value is None else value
+
+    normal: dict[object, object] = {}
+    for name, value in rlimits.items():
+        if isinstance(value, (list, tuple)) and len(value) == 2:
+            normal[name] = (limit(value[0]), limit(value[1]))
+        elif value is None or (isinstance(value, int) and not isinstance(value, bool)):
+            normal[name] = (limit(value), limit(value))
+        else:
+            normal[name] = value  # rejected, as given, by the spec's check
+    return normal
+
+
 def process(
     id: str,  # noqa: A002 - OTP's name for it
     argv: list[str] | tuple[str, ...],
@@ -299,6 +360,8 @@ def process(
     stderr: Stream = "log",
     log_max_bytes: int = 10 * 1024 * 1024,
     log_backups: int = 3,
+    user: str | None = None,
+    rlimits: dict[str, Any] | None = None,
 ) -> ProcessSpec:
     """An OS process child: ``argv`` run directly (never through a shell) in its own process group.
 
@@ -313,6 +376,11 @@ def process(
         without output on a captured stream or ``WATCHDOG=1``.
       stdout, stderr: ``"log"`` (a size-rotated file under the state dir), ``"inherit"``, ``"null"``.
       log_max_bytes, log_backups: rotation size and how many old files to keep.
+      user: run it as this user (its primary group and supplementary groups too);
+        otree must run as root to use another user.
+      rlimits: resource limits set before it runs, ``{"nofile": 1024, "as": (soft, hard)}``
+        (names as ``RLIMIT_*`` in lower case; None for unlimited); raising a hard limit
+        needs root.
 
     Raises:
       SpecError: a field is invalid.
@@ -334,6 +402,8 @@ def process(
         stderr=stderr,
         log_max_bytes=log_max_bytes,
         log_backups=log_backups,
+        user=user,
+        rlimits=_rlimits(rlimits),
     )
 
 

@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import contextlib
 import os
+import resource
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -536,3 +539,95 @@ def test_notify_dirs_of_dead_otree_processes_are_removed(tmp_path: Path) -> None
     _remove_stale_notify_dirs(tmp_path)
     assert not stale.exists()
     assert mine.exists()
+
+
+# --- user and resource limits ------------------------------------------------------------------
+
+IDENTITY = """
+import ctypes, json, os, resource, socket
+libc = ctypes.CDLL(None, use_errno=True)
+signal_number = ctypes.c_int(0)
+libc.prctl(2, ctypes.byref(signal_number), 0, 0, 0)  # PR_GET_PDEATHSIG
+s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+s.sendto(b"OTREE_COST=0.25", os.environ["NOTIFY_SOCKET"])
+print(json.dumps({
+    "uid": os.getuid(), "gid": os.getgid(), "groups": sorted(os.getgroups()),
+    "nofile": resource.getrlimit(resource.RLIMIT_NOFILE), "core": resource.getrlimit(resource.RLIMIT_CORE),
+    "pdeathsig": signal_number.value,
+}))
+"""
+
+
+# an interpreter any user may run (this venv may live under a private home)
+SYSTEM_PY = next((p for p in ("/usr/bin/python3", "/usr/local/bin/python3") if os.path.exists(p)), None)
+
+
+async def _identity(state: Path, marker: str, python: str = PY, **kw: Any) -> dict[str, Any]:
+    handler = otree.process_job([python, "-c", IDENTITY], env={"OTREE_TEST_MARKER": marker}, **kw)
+    tree = otree.supervisor("t", children=[otree.pool("jobs", {"who": handler}, daily_budget=1.0)])
+    async with otree.open_supervisor(tree, state_dir=state) as sup:
+        pool = sup.child("jobs")
+        assert isinstance(pool, otree.PoolHandle)
+        result: dict[str, Any] = await pool.submit_nowait("who", None).result()
+        assert pool._pool().budget.spent == 250_000  # the notify socket reached otree
+        return result
+
+
+async def test_rlimits_are_set_before_the_child_runs(marker: str, state: Path) -> None:
+    result = await _identity(state, marker, rlimits={"nofile": (64, 128), "core": 0})
+    assert result["nofile"] == [64, 128]
+    assert result["core"] == [0, 0]
+    assert result["pdeathsig"] == signal.SIGKILL
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="starting a child as another user needs root")
+@pytest.mark.skipif(SYSTEM_PY is None, reason="no system python3 that another user may run")
+async def test_a_child_runs_as_its_user_with_its_groups_and_still_dies_with_otree(
+    marker: str, state: Path
+) -> None:
+    import pwd
+
+    nobody = pwd.getpwnam("nobody")
+    assert SYSTEM_PY is not None
+    result = await _identity(state, marker, SYSTEM_PY, user="nobody", rlimits={"nofile": 32})
+    assert (result["uid"], result["gid"]) == (nobody.pw_uid, nobody.pw_gid)
+    assert result["groups"] == sorted({nobody.pw_gid, *os.getgrouplist("nobody", nobody.pw_gid)})
+    assert result["nofile"] == [32, 32]
+    # the kernel clears the death signal when credentials change: otree sets it after the switch
+    assert result["pdeathsig"] == signal.SIGKILL
+    assert not list(Path(tempfile.gettempdir()).glob(f"otree-notify-{os.getpid()}-*"))  # its socket dir
+
+
+def test_user_and_rlimits_are_checked_in_the_spec() -> None:
+    with pytest.raises(
+        otree.SpecError, match="p: user must name a user of this machine; got 'no-such-user-x'"
+    ):
+        otree.process("p", ["true"], user="no-such-user-x")
+    with pytest.raises(otree.SpecError, match=r"p: rlimits\['files'\] must be one of .*nofile"):
+        otree.process("p", ["true"], rlimits={"files": 10})
+    with pytest.raises(
+        otree.SpecError, match=r"p: rlimits\['nofile'\] must be N or \(soft, hard\) with soft <= hard"
+    ):
+        otree.process("p", ["true"], rlimits={"nofile": (10, 5)})
+    with pytest.raises(otree.SpecError, match=r"rlimits\['nofile'\] must be N or"):
+        otree.process("p", ["true"], rlimits={"nofile": "many"})
+    spec = otree.process("p", ["true"], rlimits={"nofile": 10, "core": None, "as": (1 << 30, None)})
+    infinity = resource.RLIM_INFINITY
+    assert spec.rlimits == {"nofile": (10, 10), "core": (infinity, infinity), "as": (1 << 30, infinity)}
+
+
+def test_without_root_another_user_and_higher_limits_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    from otree._process import child_setup
+
+    monkeypatch.setattr(os, "geteuid", lambda: 4242)
+    with pytest.raises(PermissionError, match="user='nobody': otree must run as root to start a child"):
+        child_setup(otree.process("p", ["true"], user="nobody"))
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if hard != resource.RLIM_INFINITY:
+        with pytest.raises(
+            PermissionError, match=r"rlimits\['nofile'\]: hard limit .* raising it needs root"
+        ):
+            child_setup(otree.process("p", ["true"], rlimits={"nofile": (10, hard + 1)}))
+    assert child_setup(otree.process("p", ["true"], rlimits={"nofile": 10})).rlimits == (
+        (resource.RLIMIT_NOFILE, 10, 10),
+    )
