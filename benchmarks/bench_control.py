@@ -33,10 +33,9 @@ import trio
 
 from otree._control import call
 from otree._eventlog import EventLog
-from otree._events import Event
+from otree._info import Event, Status
 from otree._paths import control_socket
 from otree._render import render_status
-from otree._status import Status
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -41,12 +41,12 @@ from ._errors import Shutdown as Shutdown
 from ._errors import SpecError as SpecError
 from ._errors import StartError as StartError
 from ._errors import SupervisorFailed as SupervisorFailed
-from ._events import Event as Event
 from ._events import EventStream as EventStream
 from ._info import ChildInfo as ChildInfo
 from ._info import Counts as Counts
+from ._info import DeadLetter as DeadLetter
+from ._info import Event as Event
 from ._info import ExitInfo as ExitInfo
-from ._pool import DeadLetter as DeadLetter
 from ._pool import Job as Job
 from ._pool import ProcessJob as ProcessJob
 from ._pool import process_job as process_job

@@ -34,15 +34,12 @@ from ._control import (
 )
 from ._daemon import EXIT_INTERRUPTED, Daemon, StateLocked, lock_state
 from ._eventlog import EventFilter, LogMark, read_events
-from ._events import Event
-from ._info import ChildInfo
+from ._info import ChildInfo, DeadLetter, Event, Jobs, Status
 from ._loader import LoadError, load_tree
 from ._paths import control_socket, state_dir
-from ._pool import DeadLetter
 from ._reaper import Reaper, adopt_orphans
 from ._render import format_event, render_dead_letters, render_jobs, render_status
 from ._spec import ChildSpec, ProcessSpec, SupervisorSpec
-from ._status import Jobs, Status
 
 __all__ = ["main"]
 

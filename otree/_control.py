@@ -27,8 +27,7 @@ import trio
 
 from ._errors import NotFound, OtreeError, Restarting, Running
 from ._eventlog import EventFilter, EventLog, LogMark
-from ._events import Event
-from ._info import ChildInfo
+from ._info import ChildInfo, Event, Status, StatusNode
 from ._paths import ensure_private_dir
 from ._protocol import (
     MAX_REPLY,
@@ -42,7 +41,7 @@ from ._protocol import (
     decode_request,
     encode,
 )
-from ._status import Status, StatusNode, jobs_of, status_of
+from ._status import jobs_of, status_of
 from ._supervisor import PoolHandle, SupervisorHandle
 
 __all__ = [

@@ -21,7 +21,8 @@ import trio
 
 from ._control import ControlServer
 from ._errors import OtreeError
-from ._events import Event, level_of
+from ._events import level_of
+from ._info import Event
 from ._loader import LoadError, load_tree
 from ._paths import control_socket, ensure_private_dir, lock_file
 from ._sdnotify import SystemdNotifier

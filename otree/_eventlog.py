@@ -23,7 +23,7 @@ from pathlib import Path
 import msgspec
 import trio
 
-from ._events import Event
+from ._info import Event
 
 __all__ = ["LOG_NAME", "EventFilter", "EventLog", "LogMark", "log_files", "read_events"]
 

@@ -19,7 +19,9 @@ from typing import Any
 import msgspec
 import trio
 
-__all__ = ["Event", "EventBus", "EventStream", "level_of"]
+from ._info import Event
+
+__all__ = ["EventBus", "EventStream", "level_of"]
 
 _log = logging.getLogger("otree")
 _log.addHandler(logging.NullHandler())
@@ -33,24 +35,6 @@ _LEVELS = {
     "child.start_failed": logging.WARNING,
     "notify.ignored": logging.DEBUG,
 }
-
-
-class Event(msgspec.Struct, frozen=True, gc=False):
-    """One decision of the tree.
-
-    Attributes:
-      time: wall-clock ``time.time()`` of the decision.
-      path: the child concerned (a supervisor's own path for supervisor events).
-      kind: dotted kind, e.g. ``child.exited`` or ``supervisor.intensity_exceeded``.
-      reason: the exit reason or a short word.
-      details: plain values (exception, delay, restarts in window, ...).
-    """
-
-    time: float
-    path: str
-    kind: str
-    reason: str = ""
-    details: dict[str, Any] = {}
 
 
 def level_of(kind: str, reason: str) -> int:

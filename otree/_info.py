@@ -1,14 +1,30 @@
-"""What a supervisor handle reports about its children: plain, frozen Structs."""
+"""What otree reports: children, events, dead letters, status snapshots. Plain, frozen Structs.
+
+Kept free of trio and the runtime, so the ``otree`` client commands can decode
+and print them without importing the tree's machinery.
+"""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import msgspec
 
 from ._strategy import ExitReason
 
-__all__ = ["ChildInfo", "ChildState", "Counts", "ExitInfo"]
+__all__ = [
+    "ChildInfo",
+    "ChildState",
+    "Counts",
+    "DeadLetter",
+    "Event",
+    "ExitInfo",
+    "JobInfo",
+    "Jobs",
+    "PoolStatus",
+    "Status",
+    "StatusNode",
+]
 
 ChildState = Literal["starting", "running", "restarting", "stopping", "stopped"]
 
@@ -55,3 +71,87 @@ class Counts(msgspec.Struct, frozen=True):
     active: int
     supervisors: int
     workers: int
+
+
+class Event(msgspec.Struct, frozen=True, gc=False):
+    """One decision of the tree.
+
+    Attributes:
+      time: wall-clock ``time.time()`` of the decision.
+      path: the child concerned (a supervisor's own path for supervisor events).
+      kind: dotted kind, e.g. ``child.exited`` or ``supervisor.intensity_exceeded``.
+      reason: the exit reason or a short word.
+      details: plain values (exception, delay, restarts in window, ...).
+    """
+
+    time: float
+    path: str
+    kind: str
+    reason: str = ""
+    details: dict[str, Any] = {}
+
+
+class DeadLetter(msgspec.Struct, frozen=True):
+    """A job that used all its attempts: its last error, attempts and times."""
+
+    id: str
+    kind: str
+    payload: Any
+    priority: int
+    estimated_cost: float
+    attempts: int
+    error: str
+    submitted_at: float
+    failed_at: float
+
+
+class PoolStatus(msgspec.Struct, frozen=True):
+    """A pool's queue, concurrency, budget and circuit."""
+
+    queued: int
+    retrying: int
+    running: int
+    max_concurrency: int
+    max_queue: int
+    dead_letters: int
+    daily_budget: float | None
+    spent_today: float
+    reserved: float
+    circuit: str | None
+
+
+class StatusNode(msgspec.Struct, frozen=True):
+    """One child and, for a supervisor or pool, what is below it (children in start order)."""
+
+    info: ChildInfo
+    restarts_in_window: int | None = None  # a supervisor's restart window, now
+    max_restarts: int | None = None
+    max_seconds: float | None = None
+    children: list[StatusNode] = []
+    pool: PoolStatus | None = None
+
+
+class Status(msgspec.Struct, frozen=True):
+    """A snapshot of a (sub)tree at wall-clock ``now``."""
+
+    now: float
+    root: StatusNode
+
+
+class JobInfo(msgspec.Struct, frozen=True):
+    id: str
+    kind: str
+    state: str
+    priority: int
+    attempts: int
+    estimated_cost: float
+    cost: float
+    submitted_at: float
+
+
+class Jobs(msgspec.Struct, frozen=True):
+    """A pool's running jobs (oldest first) and waiting ones (in the order they would start)."""
+
+    running: list[JobInfo]
+    queued: list[JobInfo]
+    retrying: list[JobInfo]

@@ -26,7 +26,7 @@ import trio
 
 from ._budget import Budget, budget_day, local_zone, seconds_until_midnight, to_micros
 from ._errors import BudgetExceeded, JobFailed, NotRunning, QueueFull
-from ._info import ChildInfo
+from ._info import ChildInfo, DeadLetter
 from ._intensity import CircuitState
 from ._jobqueue import JobQueue
 from ._process import ProcessContext, ProcessFailed, run_job_process
@@ -34,24 +34,10 @@ from ._spec import PoolSpec, ProcessSpec, ShutdownValue, process
 from ._store import INTERRUPTIONS_TO_DEAD, Store
 from ._task import RunningChild, current_child
 
-__all__ = ["DeadLetter", "Job", "Pool", "ProcessJob", "process_job"]
+__all__ = ["Job", "Pool", "ProcessJob", "process_job"]
 
 JobState = Literal["queued", "waiting", "running", "done", "dead", "cancelled", "interrupted"]
 PRIORITY_RANGE = range(-1000, 1001)
-
-
-class DeadLetter(msgspec.Struct, frozen=True):
-    """A job that used all its attempts: its last error, attempts and times."""
-
-    id: str
-    kind: str
-    payload: Any
-    priority: int
-    estimated_cost: float
-    attempts: int
-    error: str
-    submitted_at: float
-    failed_at: float
 
 
 class Job:

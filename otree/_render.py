@@ -5,10 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 
-from ._events import Event
-from ._info import ChildInfo
-from ._pool import DeadLetter
-from ._status import JobInfo, Jobs, PoolStatus, Status, StatusNode
+from ._info import ChildInfo, DeadLetter, Event, JobInfo, Jobs, PoolStatus, Status, StatusNode
 
 __all__ = ["format_event", "render_dead_letters", "render_jobs", "render_status"]
 

@@ -1,4 +1,4 @@
-"""What ``otree status`` and ``otree jobs`` show: a running tree as plain Structs.
+"""What ``otree status`` and ``otree jobs`` show: a running tree as the plain Structs of ``_info``.
 
 Built in the tree's thread from the supervisors' own records (one pass, no
 awaiting), so a status of a large tree is a consistent snapshot.
@@ -8,67 +8,14 @@ from __future__ import annotations
 
 import time
 
-import msgspec
 import trio
 
 from ._budget import from_micros
-from ._info import ChildInfo
+from ._info import ChildInfo, JobInfo, Jobs, PoolStatus, Status, StatusNode
 from ._pool import Job, Pool
 from ._supervisor import PoolHandle, SupervisorHandle, _Supervisor
 
-__all__ = ["JobInfo", "Jobs", "PoolStatus", "Status", "StatusNode", "jobs_of", "status_of"]
-
-
-class PoolStatus(msgspec.Struct, frozen=True):
-    """A pool's queue, concurrency, budget and circuit."""
-
-    queued: int
-    retrying: int
-    running: int
-    max_concurrency: int
-    max_queue: int
-    dead_letters: int
-    daily_budget: float | None
-    spent_today: float
-    reserved: float
-    circuit: str | None
-
-
-class StatusNode(msgspec.Struct, frozen=True):
-    """One child and, for a supervisor or pool, what is below it (children in start order)."""
-
-    info: ChildInfo
-    restarts_in_window: int | None = None  # a supervisor's restart window, now
-    max_restarts: int | None = None
-    max_seconds: float | None = None
-    children: list[StatusNode] = []
-    pool: PoolStatus | None = None
-
-
-class Status(msgspec.Struct, frozen=True):
-    """A snapshot of a (sub)tree at wall-clock ``now``."""
-
-    now: float
-    root: StatusNode
-
-
-class JobInfo(msgspec.Struct, frozen=True):
-    id: str
-    kind: str
-    state: str
-    priority: int
-    attempts: int
-    estimated_cost: float
-    cost: float
-    submitted_at: float
-
-
-class Jobs(msgspec.Struct, frozen=True):
-    """A pool's running jobs (oldest first) and waiting ones (in the order they would start)."""
-
-    running: list[JobInfo]
-    queued: list[JobInfo]
-    retrying: list[JobInfo]
+__all__ = ["jobs_of", "status_of"]
 
 
 def _supervisor_node(sup: _Supervisor, info: ChildInfo) -> StatusNode:

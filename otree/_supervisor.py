@@ -40,12 +40,12 @@ from ._errors import (
     StartError,
 )
 from ._eventlog import LOG_NAME, EventLog
-from ._events import Event, EventBus, EventStream, level_of
-from ._info import ChildInfo, ChildState, Counts, ExitInfo
+from ._events import EventBus, EventStream, level_of
+from ._info import ChildInfo, ChildState, Counts, DeadLetter, Event, ExitInfo
 from ._intensity import RestartWindow
 from ._paths import ensure_private_dir, pool_database
 from ._paths import state_dir as default_state_dir
-from ._pool import DeadLetter, Job, Pool
+from ._pool import Job, Pool
 from ._process import ProcessContext, ProcessRun, run_process
 from ._reaper import Reaper
 from ._reload import plan_reload, same_settings

@@ -526,7 +526,7 @@ def test_systemd_ready_watchdog_stopping(tmp_path: Path) -> None:
 
 def test_events_into_a_closed_pipe_exits_quietly(tmp_path: Path) -> None:
     from otree._eventlog import EventLog
-    from otree._events import Event
+    from otree._info import Event
 
     state = tmp_path / "state"
     state.mkdir()

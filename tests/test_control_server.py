@@ -15,7 +15,8 @@ import trio
 import otree
 from otree import _control
 from otree._control import ControlServer, peer_allowed
-from otree._events import Event, level_of
+from otree._events import level_of
+from otree._info import Event
 from otree._protocol import VERSION, FrameReader, Reply, Request, decode_reply, encode
 
 from .helpers import Log, worker

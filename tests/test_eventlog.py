@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from otree._eventlog import LOG_NAME, EventFilter, EventLog, LogMark, log_files, read_events
-from otree._events import Event
+from otree._info import Event
 
 
 def event(
