@@ -33,9 +33,9 @@ from ._control import (
     subscribe,
 )
 from ._daemon import EXIT_INTERRUPTED, Daemon, StateLocked, lock_state
-from ._eventlog import EventFilter, LogMark, read_events
 from ._info import ChildInfo, DeadLetter, Event, Jobs, Status
 from ._loader import LoadError, load_tree
+from ._logfiles import EventFilter, LogMark, read_events
 from ._paths import control_socket, state_dir
 from ._reaper import Reaper, adopt_orphans
 from ._render import format_event, render_dead_letters, render_jobs, render_status

@@ -26,8 +26,9 @@ import msgspec
 import trio
 
 from ._errors import NotFound, OtreeError, Restarting, Running
-from ._eventlog import EventFilter, EventLog, LogMark
+from ._eventlog import EventLog
 from ._info import ChildInfo, Event, Status, StatusNode
+from ._logfiles import EventFilter, LogMark
 from ._paths import ensure_private_dir
 from ._protocol import (
     MAX_REPLY,

@@ -39,10 +39,11 @@ from ._errors import (
     SpecError,
     StartError,
 )
-from ._eventlog import LOG_NAME, EventLog
+from ._eventlog import EventLog
 from ._events import EventBus, EventStream, level_of
 from ._info import ChildInfo, ChildState, Counts, DeadLetter, Event, ExitInfo
 from ._intensity import RestartWindow
+from ._logfiles import LOG_NAME
 from ._paths import ensure_private_dir, pool_database
 from ._paths import state_dir as default_state_dir
 from ._pool import Job, Pool

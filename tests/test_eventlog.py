@@ -16,8 +16,9 @@ import trio.testing
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from otree._eventlog import LOG_NAME, EventFilter, EventLog, LogMark, log_files, read_events
+from otree._eventlog import EventLog
 from otree._info import Event
+from otree._logfiles import LOG_NAME, EventFilter, LogMark, log_files, read_events
 
 
 def event(
