@@ -22,51 +22,50 @@ Run a tree file with ``otree run tree.py``; check one with ``otree check tree.py
 
 from __future__ import annotations
 
-from contextlib import suppress as _suppress
+from typing import TYPE_CHECKING as _TYPE_CHECKING
 
-import msgspec as _msgspec
-
-from ._errors import AlreadyPresent as AlreadyPresent
-from ._errors import BudgetExceeded as BudgetExceeded
-from ._errors import JobFailed as JobFailed
-from ._errors import MaxChildren as MaxChildren
-from ._errors import NotFound as NotFound
-from ._errors import NotRunning as NotRunning
-from ._errors import OtreeError as OtreeError
-from ._errors import QueueFull as QueueFull
-from ._errors import Restarting as Restarting
-from ._errors import RestartIntensityExceeded as RestartIntensityExceeded
-from ._errors import Running as Running
-from ._errors import Shutdown as Shutdown
-from ._errors import SpecError as SpecError
-from ._errors import StartError as StartError
-from ._errors import SupervisorFailed as SupervisorFailed
-from ._events import EventStream as EventStream
-from ._info import ChildInfo as ChildInfo
-from ._info import Counts as Counts
-from ._info import DeadLetter as DeadLetter
-from ._info import Event as Event
-from ._info import ExitInfo as ExitInfo
-from ._pool import Job as Job
-from ._pool import ProcessJob as ProcessJob
-from ._pool import process_job as process_job
-from ._reaper import adopt_orphans as adopt_orphans
-from ._spec import Backoff as Backoff
-from ._spec import CircuitBreaker as CircuitBreaker
-from ._spec import PoolSpec as PoolSpec
-from ._spec import ProcessSpec as ProcessSpec
-from ._spec import SupervisorSpec as SupervisorSpec
-from ._spec import TaskSpec as TaskSpec
-from ._spec import pool as pool
-from ._spec import process as process
-from ._spec import supervisor as supervisor
-from ._spec import task as task
-from ._supervisor import PoolHandle as PoolHandle
-from ._supervisor import SupervisorHandle as SupervisorHandle
-from ._supervisor import open_supervisor as open_supervisor
-from ._supervisor import run as run
-from ._task import RunningChild as RunningChild
-from ._task import current_child as current_child
+if _TYPE_CHECKING:
+    from ._errors import AlreadyPresent as AlreadyPresent
+    from ._errors import BudgetExceeded as BudgetExceeded
+    from ._errors import JobFailed as JobFailed
+    from ._errors import MaxChildren as MaxChildren
+    from ._errors import NotFound as NotFound
+    from ._errors import NotRunning as NotRunning
+    from ._errors import OtreeError as OtreeError
+    from ._errors import QueueFull as QueueFull
+    from ._errors import Restarting as Restarting
+    from ._errors import RestartIntensityExceeded as RestartIntensityExceeded
+    from ._errors import Running as Running
+    from ._errors import Shutdown as Shutdown
+    from ._errors import SpecError as SpecError
+    from ._errors import StartError as StartError
+    from ._errors import SupervisorFailed as SupervisorFailed
+    from ._events import EventStream as EventStream
+    from ._info import ChildInfo as ChildInfo
+    from ._info import Counts as Counts
+    from ._info import DeadLetter as DeadLetter
+    from ._info import Event as Event
+    from ._info import ExitInfo as ExitInfo
+    from ._pool import Job as Job
+    from ._pool import ProcessJob as ProcessJob
+    from ._pool import process_job as process_job
+    from ._reaper import adopt_orphans as adopt_orphans
+    from ._spec import Backoff as Backoff
+    from ._spec import CircuitBreaker as CircuitBreaker
+    from ._spec import PoolSpec as PoolSpec
+    from ._spec import ProcessSpec as ProcessSpec
+    from ._spec import SupervisorSpec as SupervisorSpec
+    from ._spec import TaskSpec as TaskSpec
+    from ._spec import pool as pool
+    from ._spec import process as process
+    from ._spec import supervisor as supervisor
+    from ._spec import task as task
+    from ._supervisor import PoolHandle as PoolHandle
+    from ._supervisor import SupervisorHandle as SupervisorHandle
+    from ._supervisor import open_supervisor as open_supervisor
+    from ._supervisor import run as run
+    from ._task import RunningChild as RunningChild
+    from ._task import current_child as current_child
 
 __all__ = [
     "AlreadyPresent",
@@ -112,14 +111,83 @@ __all__ = [
     "task",
 ]
 
-# Tracebacks and reprs say otree.SpecError, not otree._errors.SpecError. A Struct's
-# annotations are resolved in its module, so msgspec learns its fields first.
-for _name in __all__:
-    _obj = globals()[_name]
-    if isinstance(_obj, type) and issubclass(_obj, _msgspec.Struct):
-        with _suppress(TypeError):  # specs of a tree are never decoded (untagged unions)
-            _msgspec.msgpack.Decoder(_obj)
-    if getattr(_obj, "__module__", "").startswith("otree."):
-        with _suppress(AttributeError, TypeError):
-            _obj.__module__ = "otree"
-del _name, _obj
+_SOURCES = {
+    "AlreadyPresent": "._errors",
+    "BudgetExceeded": "._errors",
+    "JobFailed": "._errors",
+    "MaxChildren": "._errors",
+    "NotFound": "._errors",
+    "NotRunning": "._errors",
+    "OtreeError": "._errors",
+    "QueueFull": "._errors",
+    "Restarting": "._errors",
+    "RestartIntensityExceeded": "._errors",
+    "Running": "._errors",
+    "Shutdown": "._errors",
+    "SpecError": "._errors",
+    "StartError": "._errors",
+    "SupervisorFailed": "._errors",
+    "EventStream": "._events",
+    "ChildInfo": "._info",
+    "Counts": "._info",
+    "DeadLetter": "._info",
+    "Event": "._info",
+    "ExitInfo": "._info",
+    "Job": "._pool",
+    "ProcessJob": "._pool",
+    "process_job": "._pool",
+    "adopt_orphans": "._reaper",
+    "Backoff": "._spec",
+    "CircuitBreaker": "._spec",
+    "PoolSpec": "._spec",
+    "ProcessSpec": "._spec",
+    "SupervisorSpec": "._spec",
+    "TaskSpec": "._spec",
+    "pool": "._spec",
+    "process": "._spec",
+    "supervisor": "._spec",
+    "task": "._spec",
+    "PoolHandle": "._supervisor",
+    "SupervisorHandle": "._supervisor",
+    "open_supervisor": "._supervisor",
+    "run": "._supervisor",
+    "RunningChild": "._task",
+    "current_child": "._task",
+}
+
+
+def _load() -> None:
+    """Import the public names into this namespace, once, on first use of any of them.
+
+    ``import otree`` stays light (the ``otree`` client commands never load the
+    runtime). Tracebacks and reprs say ``otree.SpecError``, not
+    ``otree._errors.SpecError``; a Struct's annotations are resolved in its own
+    module first, so msgspec learns its fields before the rename.
+    """
+    import importlib
+    from contextlib import suppress
+
+    import msgspec
+
+    namespace = globals()
+    for name, module in _SOURCES.items():
+        namespace[name] = getattr(importlib.import_module(module, __name__), name)
+    for name in __all__:
+        value = namespace[name]
+        if isinstance(value, type) and issubclass(value, msgspec.Struct):
+            with suppress(TypeError):  # specs of a tree are never decoded (untagged unions)
+                msgspec.msgpack.Decoder(value)
+        if getattr(value, "__module__", "").startswith("otree."):
+            with suppress(AttributeError, TypeError):
+                value.__module__ = "otree"
+
+
+def __getattr__(name: str) -> object:
+    if name not in _SOURCES:
+        raise AttributeError(f"module 'otree' has no attribute {name!r}")
+    _load()
+    return globals()[name]
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

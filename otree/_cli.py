@@ -10,140 +10,36 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import logging
 import os
 import re
-import shlex
 import sys
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, TextIO
+from typing import Any
 
 import msgspec
-import trio
 
-from ._control import (
-    EXIT_NO_TREE,
-    EXIT_REFUSED,
-    EXIT_USAGE,
-    ControlError,
-    NoTree,
-    call,
-    prepare_socket_dir,
-    subscribe,
-)
-from ._daemon import EXIT_INTERRUPTED, Daemon, StateLocked, lock_state
+from ._client import ControlError, NoTree, call, subscribe
 from ._info import ChildInfo, DeadLetter, Event, Jobs, Status
-from ._loader import LoadError, load_tree
 from ._logfiles import EventFilter, LogMark, read_events
 from ._paths import control_socket, state_dir
-from ._reaper import Reaper, adopt_orphans
+from ._protocol import EXIT_INTERRUPTED, EXIT_NO_TREE, EXIT_REFUSED, EXIT_USAGE
 from ._render import format_event, render_dead_letters, render_jobs, render_status
-from ._spec import ChildSpec, ProcessSpec, SupervisorSpec
 
 __all__ = ["main"]
 
-_log = logging.getLogger("otree")
-
-
-class _EventHandler(logging.Handler):
-    """Prints every otree event record as one line (text) or one JSON object."""
-
-    def __init__(self, stream: TextIO, fmt: str) -> None:
-        super().__init__(logging.INFO)
-        self.stream = stream
-        self.json = fmt == "json"
-
-    def emit(self, record: logging.LogRecord) -> None:
-        event = getattr(record, "otree_event", None)
-        if event is None:
-            line = record.getMessage()
-        elif self.json:
-            line = msgspec.json.encode(event).decode()
-        else:
-            line = format_event(event)
-        self.stream.write(line + "\n")
-        self.stream.flush()
 
 
 def _run(args: argparse.Namespace) -> int:
-    tree = load_tree(args.file, args.attr)
-    state = state_dir(args.state_dir)
-    try:
-        lock = lock_state(state)
-    except StateLocked as locked:
-        print(f"otree: {locked}", file=sys.stderr)
-        return EXIT_REFUSED
-    try:  # before the tree starts: a socket that cannot be served is a setup error, not a crash
-        prepare_socket_dir(control_socket(state))
-    except OSError as error:
-        os.close(lock)
-        print(f"otree: cannot serve the control socket: {error.strerror or error}", file=sys.stderr)
-        return EXIT_USAGE
-    handler = _EventHandler(sys.stderr, args.log_format)
-    _log.addHandler(handler)
-    _log.setLevel(logging.INFO)
+    from ._treecmd import run_command  # the runtime is imported only by the commands that run a tree
 
-    def set_level(name: str) -> None:
-        level = logging.getLevelName(name.upper())
-        if not isinstance(level, int):
-            raise ValueError(f"unknown log level {name!r} (use DEBUG, INFO, WARNING, ERROR or CRITICAL)")
-        _log.setLevel(level)
-        handler.setLevel(level)
-
-    # `otree run` owns its process: orphans of its children come to it and are reaped.
-    adopt_orphans()
-    Reaper.reap_all = True
-    daemon = Daemon(args.file, args.attr, tree, state, set_level)
-    try:
-        # the state dir is always set under `otree run`, so pools are durable by default
-        failure = trio.run(daemon.serve)
-    finally:
-        _log.removeHandler(handler)
-        os.close(lock)
-    if daemon.exit_code:
-        return daemon.exit_code
-    if failure is not None:
-        print(f"otree: {type(failure).__name__}: {failure}", file=sys.stderr)
-        return 1
-    return 0
-
-
-def _describe(spec: ChildSpec) -> str:
-    fields = [spec.id, spec.kind, f"restart={spec.restart}", f"shutdown={spec.shutdown}"]
-    if isinstance(spec, SupervisorSpec):
-        fields += [
-            f"strategy={spec.strategy}",
-            f"max_restarts={spec.max_restarts}",
-            f"max_seconds={spec.max_seconds:g}",
-        ]
-        if spec.max_children is not None:
-            fields.append(f"max_children={spec.max_children}")
-        if spec.auto_shutdown != "never":
-            fields.append(f"auto_shutdown={spec.auto_shutdown}")
-        if spec.backoff is not None:
-            fields.append(f"backoff={spec.backoff.initial:g}..{spec.backoff.maximum:g}s")
-    elif isinstance(spec, ProcessSpec):
-        fields += [f"ready={spec.ready}", f"argv={shlex.join(spec.argv)}"]
-        if spec.user is not None:
-            fields.append(f"user={spec.user}")
-        if spec.stall_timeout is not None:
-            fields.append(f"stall_timeout={spec.stall_timeout:g}")
-    if spec.significant:
-        fields.append("significant")
-    return "  ".join(fields)
-
-
-def _print_tree(spec: ChildSpec, depth: int, out: TextIO) -> None:
-    out.write("  " * depth + _describe(spec) + "\n")
-    if isinstance(spec, SupervisorSpec):
-        for child in spec.children:
-            _print_tree(child, depth + 1, out)
+    return run_command(args)
 
 
 def _check(args: argparse.Namespace) -> int:
-    _print_tree(load_tree(args.file, args.attr), 0, sys.stdout)
-    return 0
+    from ._treecmd import check_command
+
+    return check_command(args)
 
 
 class _Usage(Exception):
@@ -360,7 +256,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(exit_.code or 0)
     try:
         code: int = args.handler(args)
-    except (LoadError, _Usage) as error:
+    except _Usage as error:
         print(f"otree: {error}", file=sys.stderr)
         return EXIT_USAGE
     except ControlError as error:

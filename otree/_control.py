@@ -1,4 +1,4 @@
-"""The control socket: the server inside ``otree run`` and the client the CLI uses.
+"""The control socket's server, inside ``otree run`` (the CLI's side is ``_client``).
 
 One request per connection (``_protocol``). The socket is created 0600 in a 0700
 directory, so other users are refused by the kernel at ``connect()``; each
@@ -17,7 +17,7 @@ import socket
 import stat
 import struct
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,39 +28,25 @@ import trio
 from ._errors import NotFound, OtreeError, Restarting, Running
 from ._eventlog import EventLog
 from ._info import ChildInfo, Event, Status, StatusNode
-from ._logfiles import EventFilter, LogMark
+from ._logfiles import EventFilter
 from ._paths import ensure_private_dir
 from ._protocol import (
-    MAX_REPLY,
+    EXIT_REFUSED,
+    EXIT_USAGE,
     MAX_REQUEST,
     VERSION,
     FrameError,
     FrameReader,
     Reply,
     Request,
-    decode_reply,
     decode_request,
     encode,
 )
 from ._status import jobs_of, status_of
 from ._supervisor import PoolHandle, SupervisorHandle
 
-__all__ = [
-    "EXIT_NO_TREE",
-    "EXIT_REFUSED",
-    "EXIT_USAGE",
-    "ControlError",
-    "ControlServer",
-    "NoTree",
-    "call",
-    "peer_allowed",
-    "prepare_socket_dir",
-    "subscribe",
-]
+__all__ = ["ControlServer", "peer_allowed", "prepare_socket_dir"]
 
-EXIT_USAGE = 2
-EXIT_NO_TREE = 3
-EXIT_REFUSED = 4
 REQUEST_TIMEOUT = 10.0  # a client that connects and says nothing is dropped after this
 _PEERCRED = struct.Struct("3i")
 
@@ -401,92 +387,3 @@ async def _cancel_on_eof(stream: trio.SocketStream, scope: trio.CancelScope) -> 
 
 async def _reply_error(stream: trio.SocketStream, message: str, code: int = EXIT_REFUSED) -> None:
     await stream.send_all(encode(Reply(VERSION, False, error=message, code=code)))
-
-
-# --- the client (plain blocking sockets: the CLI is a short-lived synchronous program) -------------
-
-
-class ControlError(Exception):
-    """The tree refused a request (or answered nonsense); ``code`` is the CLI's exit code."""
-
-    def __init__(self, message: str, code: int) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-class NoTree(ControlError):
-    """No tree serves the socket of that state dir."""
-
-    def __init__(self, state: Path) -> None:
-        super().__init__(
-            f"no otree running for state dir {state} (start one with: otree run FILE)", EXIT_NO_TREE
-        )
-
-
-def _connect(sock_path: Path, state: Path) -> socket.socket:
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.connect(os.fspath(sock_path))
-    except (FileNotFoundError, ConnectionRefusedError):
-        sock.close()
-        raise NoTree(state) from None
-    except PermissionError as error:
-        sock.close()
-        message = f"cannot reach the tree of {state}: {error.strerror}: {sock_path}"
-        raise ControlError(message, EXIT_REFUSED) from None
-    return sock
-
-
-def _replies(sock: socket.socket) -> Iterator[Reply]:
-    reader = FrameReader(MAX_REPLY)
-    while True:
-        data = sock.recv(1 << 20)
-        if not data:
-            if reader.pending:
-                raise ControlError("the tree closed the connection mid-reply", 1)
-            return
-        try:
-            for body in reader.feed(data):
-                yield decode_reply(body)
-        except FrameError as error:
-            raise ControlError(str(error), 1) from None
-
-
-def _request(sock: socket.socket, op: str, args: dict[str, Any]) -> Iterator[Reply]:
-    sock.sendall(encode(Request(VERSION, op, args)))
-    for reply in _replies(sock):
-        if not reply.ok:
-            raise ControlError(reply.error, reply.code or EXIT_REFUSED)
-        yield reply
-
-
-def call(sock_path: Path, state: Path, op: str, **args: Any) -> Any:
-    """Send one request to the tree of ``state`` and return its result.
-
-    Raises:
-      NoTree: no tree serves that state dir.
-      ControlError: the tree refused the request (the message says why).
-    """
-    with _connect(sock_path, state) as sock:
-        for reply in _request(sock, op, args):
-            return reply.result
-    raise ControlError("the tree closed the connection without a reply", 1)
-
-
-def subscribe(sock_path: Path, state: Path, **args: Any) -> tuple[LogMark | None, Iterator[Event]]:
-    """Subscribe to the tree's live events: where the log's history ends, and the live events."""
-    sock = _connect(sock_path, state)
-    replies = _request(sock, "events", args)
-    try:
-        first = next(replies)
-    except StopIteration:
-        sock.close()
-        raise ControlError("the tree closed the connection without a reply", 1) from None
-    mark = None if first.result is None else msgspec.convert(first.result, LogMark)
-
-    def live() -> Iterator[Event]:
-        with sock:
-            for reply in replies:
-                yield msgspec.convert(reply.result, Event)
-
-    return mark, live()

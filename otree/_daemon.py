@@ -25,13 +25,12 @@ from ._events import level_of
 from ._info import Event
 from ._loader import LoadError, load_tree
 from ._paths import control_socket, ensure_private_dir, lock_file
+from ._protocol import EXIT_INTERRUPTED
 from ._sdnotify import SystemdNotifier
 from ._spec import SupervisorSpec
 from ._supervisor import SupervisorHandle, open_supervisor, reload_tree
 
-__all__ = ["EXIT_INTERRUPTED", "Daemon", "StateLocked", "lock_state"]
-
-EXIT_INTERRUPTED = 130
+__all__ = ["Daemon", "StateLocked", "lock_state"]
 _log = logging.getLogger("otree")
 
 

@@ -14,6 +14,10 @@ from typing import Any
 import msgspec
 
 __all__ = [
+    "EXIT_INTERRUPTED",
+    "EXIT_NO_TREE",
+    "EXIT_REFUSED",
+    "EXIT_USAGE",
     "MAX_REPLY",
     "MAX_REQUEST",
     "VERSION",
@@ -27,6 +31,11 @@ __all__ = [
 ]
 
 VERSION = 1
+# a reply's ``code``: the exit code the ``otree`` command ends with
+EXIT_USAGE = 2  # a malformed request or bad arguments
+EXIT_NO_TREE = 3  # (client side) nothing serves the socket
+EXIT_REFUSED = 4  # the tree refused the request
+EXIT_INTERRUPTED = 130  # (``otree run``) a second Ctrl-C killed what was left
 MAX_REQUEST = 1 << 20  # a request is a few fields and a job payload
 MAX_REPLY = 1 << 30  # a status of a very large tree
 _HEADER = struct.Struct(">I")

@@ -5,6 +5,8 @@ import __future__
 
 import ast
 import inspect
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -143,3 +145,20 @@ def test_shutdown_is_not_an_otree_error() -> None:
     assert not issubclass(otree.Shutdown, otree.OtreeError)
     assert otree.Shutdown().reason == ""
     assert otree.Shutdown("done").reason == "done"
+
+
+def test_the_client_commands_do_not_import_the_runtime() -> None:
+    # `otree status` is a round trip: it must not pay for importing trio, the supervisor or sqlite3
+    heavy = ("trio", "sqlite3", "otree._supervisor")
+    code = f"import sys, otree._cli; print(sorted(m for m in {heavy!r} if m in sys.modules))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
+
+
+def test_import_otree_is_light_until_a_name_is_used() -> None:
+    code = (
+        "import sys, otree; before = 'trio' in sys.modules; otree.task; "
+        "print(before, 'trio' in sys.modules, otree.SpecError.__module__)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.split() == ["False", "True", "otree"]
