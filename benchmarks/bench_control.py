@@ -31,7 +31,7 @@ from typing import Any
 import msgspec
 import trio
 
-from otree._control import call
+from otree._client import call
 from otree._eventlog import EventLog
 from otree._info import Event, Status
 from otree._paths import control_socket
