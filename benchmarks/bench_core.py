@@ -20,6 +20,7 @@ import contextlib
 import gc
 import json
 import logging
+import os
 import sys
 import tempfile
 import time
@@ -71,6 +72,21 @@ async def restart_otree_quiet(n: int) -> dict[str, float]:
     """As restart_otree with the ``otree`` logger silenced (no WARNING record per crash)."""
     logging.getLogger("otree").setLevel(logging.CRITICAL)
     return await restart_otree(n)
+
+
+async def restart_otree_run(n: int) -> dict[str, float]:
+    """As restart_otree logging as ``otree run`` does: every event at INFO, one text line each."""
+    from otree._treecmd import _EventHandler
+
+    with open(os.devnull, "w") as sink:
+        handler = _EventHandler(sink, "text")
+        logger = logging.getLogger("otree")
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        try:
+            return await restart_otree(n)
+        finally:
+            logger.removeHandler(handler)
 
 
 async def restart_trio(n: int) -> dict[str, float]:
@@ -135,6 +151,7 @@ async def tree_trio(n: int) -> dict[str, float]:
 SCENARIOS = {
     "restart-otree": restart_otree,
     "restart-otree-quiet": restart_otree_quiet,
+    "restart-otree-run": restart_otree_run,
     "restart-trio": restart_trio,
     "tree-otree": tree_otree,
     "tree-trio": tree_trio,
