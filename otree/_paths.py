@@ -73,8 +73,11 @@ def runtime_dir() -> Path:
 
 
 def control_socket(state: Path) -> Path:
-    """``<runtime dir>/otree-<first 12 hex of sha256(state dir)>.sock``: one socket per state dir."""
-    digest = hashlib.sha256(os.fsencode(state.absolute())).hexdigest()[:12]
+    """``<runtime dir>/otree-<first 12 hex of sha256(state dir)>.sock``: one socket per state dir.
+
+    The state dir is resolved first, so a path through a symlink names the same tree.
+    """
+    digest = hashlib.sha256(os.fsencode(state.resolve())).hexdigest()[:12]
     return runtime_dir() / f"otree-{digest}.sock"
 
 

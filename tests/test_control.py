@@ -570,3 +570,12 @@ def test_a_runtime_dir_others_can_enter_is_refused_before_the_tree_starts(tmp_pa
         f"{os.getuid()}, mode 755)\n"
     )
     assert not (tmp_path / "state" / "events.jsonl").exists()  # no child was started
+
+
+def test_a_state_dir_reached_through_a_symlink_names_the_same_tree(
+    tree: Tree, capsys: pytest.CaptureFixture[str]
+) -> None:
+    link = tree.directory / "link-to-state"
+    link.symlink_to(tree.state)
+    code, out, _ = tree.cli(capsys, "status", "--state-dir", str(link), "--json")
+    assert code == 0 and json.loads(out)["root"]["info"]["id"] == "fleet"
