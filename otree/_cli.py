@@ -29,7 +29,6 @@ from ._render import format_event, render_dead_letters, render_jobs, render_stat
 __all__ = ["main"]
 
 
-
 def _run(args: argparse.Namespace) -> int:
     from ._treecmd import run_command  # the runtime is imported only by the commands that run a tree
 

@@ -11,10 +11,8 @@ is closed.
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import socket
-import stat
 import struct
 import time
 from collections.abc import Awaitable, Callable
@@ -29,7 +27,7 @@ from ._errors import NotFound, OtreeError, Restarting, Running
 from ._eventlog import EventLog
 from ._info import ChildInfo, Event, Status, StatusNode
 from ._logfiles import EventFilter
-from ._paths import ensure_private_dir
+from ._notify import check_private_dir
 from ._protocol import (
     EXIT_REFUSED,
     EXIT_USAGE,
@@ -77,14 +75,7 @@ def prepare_socket_dir(socket_path: Path) -> None:
       OSError: the directory cannot be made, or is not private (e.g. a pre-made
         ``/tmp/otree-<uid>``, or systemd's default ``RuntimeDirectoryMode=0755``).
     """
-    directory = ensure_private_dir(socket_path.parent)
-    info = directory.lstat()
-    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077:
-        raise OSError(
-            errno.EPERM,
-            f"runtime dir {directory} is not private "
-            f"(owner uid {info.st_uid}, mode {info.st_mode & 0o777:o})",
-        )
+    check_private_dir(socket_path.parent)
 
 
 # --- arguments of each request (validated by msgspec: a wrong type is one clear line) ------------

@@ -405,6 +405,11 @@ class Pool:
             if head is None:
                 break
             job = head[1]
+            if job.kind not in self.spec.handlers:  # its kind left the tree file: it can never run
+                queue.pop()
+                self._bury(job, f"unknown job kind {job.kind!r}")
+                self._emit(f"{self.path}/{job.id}", "job.dead_lettered", "error", detail="unknown job kind")
+                continue
             if not budget.can_start(job.estimate):
                 # strict priority order: the head that does not fit holds the jobs behind it until
                 # a running job ends (a wake) or the budget day does (a timer)
@@ -420,18 +425,14 @@ class Pool:
                     break
             queue.pop()
             self._start(job, now)
-        if budget.limit is not None and budget.spent and look_again == math.inf:
+        if budget.limit is not None and budget.spent:
             # wake at midnight, so the reset is reported (and reject mode opens) when it happens
-            look_again = now + seconds_until_midnight(self._now(), self._tz)
+            look_again = min(look_again, now + seconds_until_midnight(self._now(), self._tz))
         return look_again
 
     def _start(self, job: Job, now: float) -> None:
         assert self._nursery is not None
-        handler = self.spec.handlers.get(job.kind)
-        if handler is None:  # a stored job whose kind the tree file no longer has
-            self._bury(job, f"unknown job kind {job.kind!r}")
-            self._emit(f"{self.path}/{job.id}", "job.dead_lettered", "error", detail="unknown job kind")
-            return
+        handler = self.spec.handlers[job.kind]
         job.attempts += 1
         job.state = "running"
         if self.store is not None:

@@ -14,11 +14,9 @@ import contextlib
 import os
 import pwd
 import resource
-import shutil
 import signal
 import socket
 import subprocess
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
@@ -26,7 +24,8 @@ from typing import Any, Protocol
 import trio
 from trio_util import wait_any
 
-from ._paths import child_log_dir, ensure_private_dir, runtime_dir
+from ._notify import NotifySockets
+from ._paths import child_log_dir, ensure_private_dir
 from ._reaper import ChildSetup, Guard, Reaper, kill_group, spawn
 from ._spec import RLIMITS, ProcessSpec
 
@@ -55,57 +54,31 @@ class ProcessContext:
         self.state_dir = state_dir
         self.reaper = Reaper()
         self.guard = Guard(self.reaper.waited)
-        self._notify_dir: Path | None = None
-        self._sockets = 0
+        self.notify = NotifySockets()
 
     def register(self, pid: int) -> None:
         """A child was just forked (in the spawner thread, under REAP_LOCK): its runner waits for it."""
         self.reaper.waited.add(pid)
         self.reaper.groups.add(pid)
 
-    def notify_path(self, owner: tuple[int, int] | None = None) -> Path:
-        """A fresh socket path in a private (0700) directory of the runtime dir (sun_path is 108 bytes).
-
-        The directory is named after otree's pid, so one left by a killed otree is
-        removed by the next tree that needs one. A child running as another user
-        (``owner``: uid, gid) cannot enter otree's runtime dir: its socket gets a
-        directory of its own in the temp dir, owned by that user, mode 0700.
-        """
-        if owner is not None:
-            directory = Path(tempfile.mkdtemp(prefix=f"otree-notify-{os.getpid()}-"))
-            os.chown(directory, *owner)
-            return directory / "notify.sock"
-        if self._notify_dir is None:
-            runtime = ensure_private_dir(runtime_dir())
-            _remove_stale_notify_dirs(runtime)
-            self._notify_dir = Path(tempfile.mkdtemp(prefix=f"notify-{os.getpid()}-", dir=runtime))
-        self._sockets += 1
-        return self._notify_dir / f"{self._sockets}.sock"
-
-    def release_notify_path(self, path: Path) -> None:
-        """Remove a socket from ``notify_path`` (and the directory it had to itself)."""
-        path.unlink(missing_ok=True)
-        if path.parent != self._notify_dir:
-            path.parent.rmdir()
-
     def close(self) -> None:
         try:
             self.guard.close()
         finally:
             self.reaper.kill_orphans()
-        if self._notify_dir is not None:
-            for leftover in self._notify_dir.iterdir():
-                leftover.unlink(missing_ok=True)
-            self._notify_dir.rmdir()
-            self._notify_dir = None
+            self.notify.close()
 
 
-def child_setup(spec: ProcessSpec) -> ChildSetup:
-    """The limits and user a child takes on before exec, checked here so a refusal reads clearly.
+def child_setup(spec: ProcessSpec) -> tuple[ChildSetup, pwd.struct_passwd | None]:
+    """The limits and user a child takes on before exec (and that user's passwd entry).
+
+    Checked here, in otree, so that a refusal reads as one clear line rather than
+    a failure inside the forked child.
 
     Raises:
       LookupError: the user no longer exists.
       PermissionError: another user, or a higher hard limit, without root.
+      ValueError: a ``nofile`` limit above the kernel's ``fs.nr_open``.
     """
     privileged = os.geteuid() == 0
     limits = []
@@ -117,19 +90,34 @@ def child_setup(spec: ProcessSpec) -> ChildSetup:
                 f"rlimits[{name!r}]: hard limit {hard} is above otree's ({current}); raising it needs root"
             )
             raise PermissionError(message)
-        limits.append((which, soft, hard))
-    user = None
-    if spec.user is not None:
-        try:
-            entry = pwd.getpwnam(spec.user)
-        except KeyError:
-            raise LookupError(f"user={spec.user!r}: no such user") from None
-        if not privileged and entry.pw_uid != os.geteuid():
-            raise PermissionError(
-                f"user={spec.user!r}: otree must run as root to start a child as another user"
+        if name == "nofile" and _above(hard, _NR_OPEN):
+            raise ValueError(
+                f"rlimits['nofile']: hard limit {hard} is above the kernel's fs.nr_open ({_NR_OPEN})"
             )
-        user = (entry.pw_name, entry.pw_uid, entry.pw_gid)
-    return ChildSetup(tuple(limits), user)
+        limits.append((which, soft, hard))
+    if spec.user is None:
+        return ChildSetup(tuple(limits)), None
+    try:
+        entry = pwd.getpwnam(spec.user)
+    except KeyError:
+        raise LookupError(f"user={spec.user!r}: no such user") from None
+    if entry.pw_uid == os.geteuid() and not privileged:
+        return ChildSetup(tuple(limits)), entry  # already that user: nothing to switch
+    if not privileged:
+        raise PermissionError(f"user={spec.user!r}: otree must run as root to start a child as another user")
+    # the groups are looked up here: NSS (sssd, LDAP) must not run in a child forked from threads
+    groups = tuple(os.getgrouplist(entry.pw_name, entry.pw_gid))
+    return ChildSetup(tuple(limits), (entry.pw_uid, entry.pw_gid, groups)), entry
+
+
+def _read_nr_open() -> int:
+    try:
+        return int(Path("/proc/sys/fs/nr_open").read_text())
+    except (OSError, ValueError):
+        return resource.RLIM_INFINITY
+
+
+_NR_OPEN = _read_nr_open()
 
 
 def _above(limit: int, current: int) -> bool:
@@ -137,20 +125,6 @@ def _above(limit: int, current: int) -> bool:
     if limit == resource.RLIM_INFINITY:
         return current != resource.RLIM_INFINITY
     return current != resource.RLIM_INFINITY and limit > current
-
-
-def _remove_stale_notify_dirs(runtime: Path) -> None:
-    """Remove the notify dirs of otree processes that no longer exist (a kill -9 leaves them)."""
-    for directory in runtime.glob("notify-*-*"):
-        pid = directory.name.split("-")[1]
-        if not pid.isdigit():
-            continue
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            shutil.rmtree(directory, ignore_errors=True)
-        except PermissionError:
-            pass  # alive, someone else's
 
 
 class _Run(Protocol):
@@ -220,8 +194,10 @@ class _RotatingLog:
 # --- the runner --------------------------------------------------------------------------------
 
 
-def _environment(spec: ProcessSpec, notify: Path) -> dict[str, str]:
+def _environment(spec: ProcessSpec, notify: Path, user: pwd.struct_passwd | None) -> dict[str, str]:
     env = dict(os.environ) if spec.inherit_env else {}
+    if user is not None:  # its own home and name, not otree's (``env`` may still set them)
+        env.update(HOME=user.pw_dir, USER=user.pw_name, LOGNAME=user.pw_name)
     env.update(spec.env or {})
     env["NOTIFY_SOCKET"] = os.fspath(notify)
     return env
@@ -370,12 +346,12 @@ async def _run(
     readers: list[_Reader] = []
     targets: dict[str, int | None] = {}
     child_ends: list[int] = []
-    setup = child_setup(spec)
-    owner = setup.user[1:] if setup.user is not None else None
-    notify_path = ctx.notify_path(owner)
+    setup, user = child_setup(spec)
+    owner = setup.user[:2] if setup.user is not None else None
     plain = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     sock = trio.socket.from_stdlib_socket(plain)
     feeder: trio.lowlevel.FdStream | None = None
+    notify_path: Path | None = None
     try:
         for name in ("stdout", "stderr"):
             sink = sinks[name]
@@ -393,16 +369,14 @@ async def _run(
             child_ends.append(read_end)
             feeder = trio.lowlevel.FdStream(write_end)
             targets["stdin"] = read_end
-        plain.bind(os.fspath(notify_path))  # directly: trio's bind would take a worker thread
-        os.chmod(notify_path, 0o600)
-        if owner is not None:  # the child's user may send to it, nobody else
-            os.chown(notify_path, *owner)
+        # bound directly: trio's bind would take a worker thread
+        notify_path = ctx.notify.bind(plain, owner)
         try:
             popen = await spawn(
                 list(spec.argv),
                 ctx.register,
                 setup,
-                env=_environment(spec, notify_path),
+                env=_environment(spec, notify_path, user),
                 cwd=spec.cwd,
                 stdin=targets["stdin"],
                 stdout=targets["stdout"],
@@ -422,7 +396,8 @@ async def _run(
         if feeder is not None:
             feeder.close()
         sock.close()
-        ctx.release_notify_path(notify_path)
+        if notify_path is not None:
+            ctx.notify.release(notify_path)
         for stream, sink, _ in readers:
             stream.close()
             sink.close()

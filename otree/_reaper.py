@@ -61,20 +61,21 @@ class ChildSetup(NamedTuple):
     """What a child sets up between fork and exec, besides dying with otree."""
 
     rlimits: tuple[tuple[int, int, int], ...] = ()  # (RLIMIT_*, soft, hard)
-    user: tuple[str, int, int] | None = None  # (name, uid, gid)
+    user: tuple[int, int, tuple[int, ...]] | None = None  # (uid, gid, supplementary groups)
 
 
 def _prepare_child(parent: int, setup: ChildSetup) -> None:
     """Runs in the child between fork and exec: limits, then the user, then the death signal.
 
     Limits come first (raising one may need root); the death signal comes last,
-    because the kernel clears it when the credentials change.
+    because the kernel clears it when the credentials change. No lookups here:
+    the groups were resolved in otree (NSS must not run in a child forked from threads).
     """
     for which, soft, hard in setup.rlimits:
         resource.setrlimit(which, (soft, hard))
     if setup.user is not None:
-        name, uid, gid = setup.user
-        os.initgroups(name, gid)
+        uid, gid, groups = setup.user
+        os.setgroups(list(groups))
         os.setgid(gid)
         os.setuid(uid)
     _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)

@@ -587,3 +587,45 @@ async def test_an_interruption_gives_its_attempt_back(tmp_path: Any) -> None:
         assert (letter.attempts, letter.estimated_cost) == (2, 0.25)
         again = await pool_of(sup).requeue(letter.id)
         assert again.estimate == 250_000  # the estimate comes back with it
+
+
+async def test_a_queued_job_whose_kind_a_reload_removed_does_not_take_the_circuits_trial(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async def fails(payload: Any) -> None:
+        raise RuntimeError("down")
+
+    async def works(payload: Any) -> str:
+        return "ok"
+
+    breaker = otree.CircuitBreaker(failures=1, cooldown=10.0)
+    spec = otree.pool("jobs", {"a": fails, "b": works}, circuit_breaker=breaker)
+    async with otree.open_supervisor(otree.supervisor("root", children=[spec])) as sup:
+        pool = pool_of(sup)
+        with pytest.raises(otree.JobFailed):
+            await pool.submit_nowait("a", 1).result()  # opens the circuit
+        stranded = pool.submit_nowait("a", 2)  # held by the open circuit
+        pool._pool().reconfigure(otree.pool("jobs", {"b": works}, circuit_breaker=breaker))
+        with pytest.raises(otree.JobFailed):
+            await stranded.result()  # dead-lettered: its kind is gone
+        assert await pool.submit_nowait("b", 3).result() == "ok"  # the trial is still there for it
+
+
+async def test_the_midnight_reset_is_not_delayed_by_a_later_retry(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    recorder = Recorder()
+    tree = tree_of(
+        recorder,
+        daily_budget=1.0,
+        budget_tz="UTC",
+        max_attempts=2,
+        backoff=otree.Backoff(initial=7200.0, jitter=0.0),
+    )
+    async with otree.open_supervisor(tree) as sup:
+        pool = pool_of(sup)
+        stream = pool.events()
+        await pool.submit_nowait("work", {"n": 0, "cost": 0.3}).result()
+        pool.submit_nowait("work", {"n": 1, "fail": True})  # fails, retries in two hours
+        [e async for e in _until(stream, "budget.reset")]
+        assert trio.current_time() == pytest.approx(3600)  # midnight UTC, not the retry at ~7200

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pwd
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -526,19 +528,40 @@ def test_a_killed_guard_is_replaced_and_told_every_group(tmp_path: Path, marker:
         proc.wait()
 
 
-def test_notify_dirs_of_dead_otree_processes_are_removed(tmp_path: Path) -> None:
-    from otree._process import _remove_stale_notify_dirs
+def test_socket_dirs_of_dead_trees_are_removed_and_live_ones_kept(tmp_path: Path) -> None:
+    import fcntl
 
-    dead_pid = subprocess.Popen(["true"])  # a pid that has just ended
-    dead_pid.wait()
-    stale = tmp_path / f"notify-{dead_pid.pid}-abc"
-    mine = tmp_path / f"notify-{os.getpid()}-def"
-    for directory in (stale, mine):
-        directory.mkdir()
-        (directory / "1.sock").touch()
-    _remove_stale_notify_dirs(tmp_path)
-    assert not stale.exists()
-    assert mine.exists()
+    from otree._notify import _remove_abandoned, _SocketDir
+
+    live = _SocketDir(tmp_path, "notify-1-", 0o700)
+    live_path = live.ensure()
+    dead = tmp_path / "notify-2-abc"  # as a killed otree leaves it: a lock file nobody holds
+    dead.mkdir()
+    (dead / ".lock").touch()
+    (dead / "1.sock").touch()
+    busy = tmp_path / "notify-3-def"  # another namespace's live tree: its lock is held
+    busy.mkdir()
+    holder = os.open(busy / ".lock", os.O_RDONLY | os.O_CREAT, 0o600)
+    fcntl.flock(holder, fcntl.LOCK_EX)
+    try:
+        _remove_abandoned(tmp_path, "notify-")
+        assert live_path.is_dir() and busy.is_dir()
+        assert not dead.exists()
+    finally:
+        os.close(holder)
+        live.close()
+    assert not live_path.exists()
+
+
+def test_a_socket_dir_removed_behind_our_back_is_made_again(tmp_path: Path) -> None:
+    from otree._notify import _SocketDir
+
+    sockets = _SocketDir(tmp_path, "notify-9-", 0o700)
+    first = sockets.ensure()
+    shutil.rmtree(first)  # e.g. a tmp cleaner
+    second = sockets.ensure()
+    assert second.is_dir() and (second / ".lock").exists()
+    sockets.close()
 
 
 # --- user and resource limits ------------------------------------------------------------------
@@ -550,10 +573,18 @@ signal_number = ctypes.c_int(0)
 libc.prctl(2, ctypes.byref(signal_number), 0, 0, 0)  # PR_GET_PDEATHSIG
 s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
 s.sendto(b"OTREE_COST=0.25", os.environ["NOTIFY_SOCKET"])
+where = os.path.dirname(os.environ["NOTIFY_SOCKET"])
+try:
+    open(os.path.join(where, "planted"), "w").close()
+    planted = True
+except OSError:
+    planted = False
 print(json.dumps({
     "uid": os.getuid(), "gid": os.getgid(), "groups": sorted(os.getgroups()),
     "nofile": resource.getrlimit(resource.RLIMIT_NOFILE), "core": resource.getrlimit(resource.RLIMIT_CORE),
-    "pdeathsig": signal_number.value,
+    "pdeathsig": signal_number.value, "home": os.environ["HOME"], "user": os.environ.get("USER"),
+    "dir_uid": os.stat(where).st_uid, "dir_mode": os.stat(where).st_mode & 0o777,
+    "socket_uid": os.stat(os.environ["NOTIFY_SOCKET"]).st_uid, "planted": planted,
 }))
 """
 
@@ -585,7 +616,6 @@ async def test_rlimits_are_set_before_the_child_runs(marker: str, state: Path) -
 async def test_a_child_runs_as_its_user_with_its_groups_and_still_dies_with_otree(
     marker: str, state: Path
 ) -> None:
-    import pwd
 
     nobody = pwd.getpwnam("nobody")
     assert SYSTEM_PY is not None
@@ -595,6 +625,10 @@ async def test_a_child_runs_as_its_user_with_its_groups_and_still_dies_with_otre
     assert result["nofile"] == [32, 32]
     # the kernel clears the death signal when credentials change: otree sets it after the switch
     assert result["pdeathsig"] == signal.SIGKILL
+    assert (result["home"], result["user"]) == (nobody.pw_dir, "nobody")
+    # its socket is its user's, in a directory of otree's it can pass through but not write in
+    assert (result["dir_uid"], result["dir_mode"], result["socket_uid"]) == (0, 0o711, nobody.pw_uid)
+    assert result["planted"] is False
     assert not list(Path(tempfile.gettempdir()).glob(f"otree-notify-{os.getpid()}-*"))  # its socket dir
 
 
@@ -628,6 +662,19 @@ def test_without_root_another_user_and_higher_limits_are_refused(monkeypatch: py
             PermissionError, match=r"rlimits\['nofile'\]: hard limit .* raising it needs root"
         ):
             child_setup(otree.process("p", ["true"], rlimits={"nofile": (10, hard + 1)}))
-    assert child_setup(otree.process("p", ["true"], rlimits={"nofile": 10})).rlimits == (
+    assert child_setup(otree.process("p", ["true"], rlimits={"nofile": 10}))[0].rlimits == (
         (resource.RLIMIT_NOFILE, 10, 10),
     )
+    # already that user: nothing to switch, and no privilege needed
+    monkeypatch.setattr(os, "geteuid", lambda: pwd.getpwnam("nobody").pw_uid)
+    setup, entry = child_setup(otree.process("p", ["true"], user="nobody"))
+    assert setup.user is None and entry is not None and entry.pw_name == "nobody"
+
+
+def test_a_nofile_limit_above_the_kernels_is_refused_in_otree() -> None:
+    from otree._process import _NR_OPEN, child_setup
+
+    if _NR_OPEN == resource.RLIM_INFINITY:
+        pytest.skip("no /proc/sys/fs/nr_open")
+    with pytest.raises(ValueError, match=r"rlimits\['nofile'\]: hard limit .* above the kernel's fs.nr_open"):
+        child_setup(otree.process("p", ["true"], rlimits={"nofile": _NR_OPEN + 1}))

@@ -1,0 +1,139 @@
+"""Where the sd_notify sockets of process children live, and who may reach them.
+
+Each tree keeps its children's sockets in a directory of its own, created on
+first use and held with an ``flock`` while the tree lives; a tree that finds a
+directory of this kind whose lock it can take knows its owner is gone (a
+``kill -9``) and removes it. The lock, unlike a pid, means the same thing in
+every pid namespace. Sockets of children that run as otree's user go in a 0700
+directory of the runtime dir. A child running as another user cannot enter
+that, so its socket goes in a 0711 directory of the temp dir, owned by otree
+(the child can reach a socket it knows the name of, and can neither list nor
+replace anything there), and the socket itself is given to the child's user.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import shutil
+import socket
+import stat
+import tempfile
+from pathlib import Path
+
+from ._paths import ensure_private_dir, runtime_dir
+
+__all__ = ["NotifySockets", "check_private_dir"]
+
+_LOCK = ".lock"
+
+
+def check_private_dir(directory: Path) -> Path:
+    """Create ``directory`` 0700 if missing; refuse it if another user could reach it.
+
+    Raises:
+      OSError: it is not a directory of otree's user with no group or other bits
+        (e.g. a pre-made ``/tmp/otree-<uid>``, or systemd's ``RuntimeDirectoryMode=0755``).
+    """
+    ensure_private_dir(directory)
+    info = directory.lstat()
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid() or info.st_mode & 0o077:
+        raise OSError(
+            errno.EPERM,
+            f"runtime dir {directory} is not private "
+            f"(owner uid {info.st_uid}, mode {info.st_mode & 0o777:o})",
+        )
+    return directory
+
+
+class _SocketDir:
+    """One locked directory of sockets, made (again, if something removed it) on demand."""
+
+    def __init__(self, parent: Path, prefix: str, mode: int) -> None:
+        self.parent = parent
+        self.prefix = prefix
+        self.mode = mode
+        self.path: Path | None = None
+        self._lock = -1
+
+    def ensure(self) -> Path:
+        if self.path is not None and self.path.is_dir():
+            return self.path
+        self.close()
+        _remove_abandoned(self.parent, self.prefix)
+        path = Path(tempfile.mkdtemp(prefix=self.prefix, dir=self.parent))
+        os.chmod(path, self.mode)
+        self._lock = os.open(path / _LOCK, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        fcntl.flock(self._lock, fcntl.LOCK_EX)
+        self.path = path
+        return path
+
+    def close(self) -> None:
+        if self.path is not None:
+            shutil.rmtree(self.path, ignore_errors=True)
+            self.path = None
+        if self._lock >= 0:
+            os.close(self._lock)
+            self._lock = -1
+
+
+def _remove_abandoned(parent: Path, prefix: str) -> None:
+    """Remove the socket directories of otree processes that died without cleaning up."""
+    for directory in parent.glob(prefix + "*"):
+        try:
+            info = directory.lstat()
+            if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid():
+                continue  # not ours to judge
+            lock = os.open(directory / _LOCK, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        except OSError:
+            continue  # gone meanwhile, or being made right now (no lock file yet)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            continue  # its tree is alive
+        finally:
+            os.close(lock)
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+class NotifySockets:
+    """The notify sockets of one tree's process children."""
+
+    def __init__(self) -> None:
+        self._own: _SocketDir | None = None  # children running as otree's user
+        self._shared: _SocketDir | None = None  # children running as another user
+        self._count = 0
+
+    def bind(self, sock: socket.socket, owner: tuple[int, int] | None) -> Path:
+        """Bind ``sock`` to a fresh path that only otree and the child's user (``owner``) can reach.
+
+        Raises:
+          OSError: the runtime dir is not private, or the socket cannot be made.
+        """
+        if owner is None:
+            if self._own is None:
+                self._own = _SocketDir(check_private_dir(runtime_dir()), f"notify-{os.getpid()}-", 0o700)
+            directory = self._own.ensure()
+        else:
+            if self._shared is None:
+                self._shared = _SocketDir(Path(tempfile.gettempdir()), f"otree-notify-{os.getpid()}-", 0o711)
+            directory = self._shared.ensure()
+        self._count += 1
+        path = directory / f"{self._count}.sock"  # short: sun_path is 108 bytes
+        sock.bind(os.fspath(path))
+        # nobody else can write in these directories: the path cannot be swapped under us
+        os.chmod(path, 0o600)
+        if owner is not None:
+            os.chown(path, *owner, follow_symlinks=False)
+        return path
+
+    def release(self, path: Path) -> None:
+        with contextlib.suppress(OSError):
+            path.unlink()
+
+    def close(self) -> None:
+        for directory in (self._own, self._shared):
+            if directory is not None:
+                directory.close()
