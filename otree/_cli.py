@@ -45,7 +45,7 @@ class _Usage(Exception):
     """A command line that parses but does not make sense (bad JSON, a bad time)."""
 
 
-class _Tree:
+class _Target:
     """The running tree a control command talks to: its state dir and socket."""
 
     def __init__(self, args: argparse.Namespace) -> None:
@@ -62,13 +62,13 @@ class _Tree:
 
 
 def _status(args: argparse.Namespace) -> int:
-    tree = _Tree(args)
+    tree = _Target(args)
     status = msgspec.convert(tree.call("status", path=args.path or ""), Status)
     return tree.show(status, lambda: render_status(status))
 
 
 def _child_command(args: argparse.Namespace) -> int:
-    tree = _Tree(args)
+    tree = _Target(args)
     result = tree.call(args.command, path=args.path)
     if "id" not in result:  # stop, delete: the child's path
         return tree.show(result, lambda: f"{result['path']}: {args.done}")
@@ -81,7 +81,7 @@ def _submit(args: argparse.Namespace) -> int:
         payload = msgspec.json.decode(args.payload) if args.payload is not None else None
     except msgspec.DecodeError as error:
         raise _Usage(f"PAYLOAD_JSON is not JSON: {error}") from None
-    tree = _Tree(args)
+    tree = _Target(args)
     job = tree.call(
         "submit",
         pool=args.pool,
@@ -95,13 +95,13 @@ def _submit(args: argparse.Namespace) -> int:
 
 
 def _jobs(args: argparse.Namespace) -> int:
-    tree = _Tree(args)
+    tree = _Target(args)
     jobs = msgspec.convert(tree.call("jobs", pool=args.pool), Jobs)
     return tree.show(jobs, lambda: render_jobs(jobs))
 
 
 def _dead_letters(args: argparse.Namespace) -> int:
-    tree = _Tree(args)
+    tree = _Target(args)
     if args.requeue is not None:
         job = tree.call("requeue", pool=args.pool, id=args.requeue)
         return tree.show(
@@ -112,7 +112,7 @@ def _dead_letters(args: argparse.Namespace) -> int:
 
 
 def _reload(args: argparse.Namespace) -> int:
-    tree = _Tree(args)
+    tree = _Target(args)
     summary: dict[str, list[str]] = tree.call("reload")
 
     def text() -> str:
@@ -124,13 +124,13 @@ def _reload(args: argparse.Namespace) -> int:
 
 
 def _log_level(args: argparse.Namespace) -> int:
-    tree = _Tree(args)
+    tree = _Target(args)
     result = tree.call("log_level", level=args.level)
     return tree.show(result, lambda: f"log level {result['level']}")
 
 
 def _stop_tree(args: argparse.Namespace) -> int:
-    tree = _Tree(args)
+    tree = _Target(args)
     tree.call("stop_tree")
     return tree.show(None, lambda: f"stopping the tree of {tree.state}")
 
@@ -157,7 +157,7 @@ def parse_since(text: str, now: float) -> float:
 
 
 def _events(args: argparse.Namespace) -> int:
-    tree = _Tree(args)
+    tree = _Target(args)
     since = parse_since(args.since, time.time()) if args.since else None
     wanted = EventFilter(path=(args.path or "").strip("/"), kind=args.kind or "", since=since)
     mark: LogMark | None = None

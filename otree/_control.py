@@ -10,13 +10,12 @@ is closed.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import socket
 import struct
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +26,7 @@ from ._errors import NotFound, OtreeError, Restarting, Running
 from ._eventlog import EventLog
 from ._info import ChildInfo, Event, Status, StatusNode
 from ._logfiles import EventFilter
-from ._notify import check_private_dir
+from ._paths import check_private_dir
 from ._protocol import (
     EXIT_REFUSED,
     EXIT_USAGE,
@@ -46,6 +45,8 @@ from ._supervisor import PoolHandle, SupervisorHandle
 __all__ = ["ControlServer", "peer_allowed", "prepare_socket_dir"]
 
 REQUEST_TIMEOUT = 10.0  # a client that connects and says nothing is dropped after this
+MAX_CONNECTIONS = 64  # at once; more wait in the listen backlog
+ACCEPT_RETRY = 0.1  # seconds to wait after accept() failed (e.g. out of file descriptors)
 _PEERCRED = struct.Struct("3i")
 
 
@@ -134,6 +135,7 @@ class ControlServer:
     set_level: Callable[[str], None]
     stop_tree: Callable[[], None]
     emit: Callable[[Event], None]
+    _slots: trio.Semaphore = field(default_factory=lambda: trio.Semaphore(MAX_CONNECTIONS), init=False)
 
     async def serve(
         self, path: Path, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -143,27 +145,42 @@ class ControlServer:
         listener = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         with listener:
             path.unlink(missing_ok=True)  # a socket left by a killed run (the lock says none serves)
-            old_mask = os.umask(0o177)  # created 0600 from the start: no window with a wider mode
-            try:
-                await listener.bind(os.fspath(path))
-            finally:
-                os.umask(old_mask)
+            await listener.bind(os.fspath(path))
+            # no umask dance (it is process-wide: a child forked meanwhile would inherit it);
+            # the directory is private, so nobody else can reach the socket before this
+            os.chmod(path, 0o600)
             listener.listen(128)
             try:
                 task_status.started()
                 async with trio.open_nursery() as nursery:
                     while True:
-                        conn, _ = await listener.accept()
+                        await self._slots.acquire()
+                        try:
+                            conn, _ = await listener.accept()
+                        except OSError as error:  # out of descriptors, say: the tree goes on
+                            self._slots.release()
+                            self.emit(_event(self.root.path, "control.error", "accept", detail=str(error)))
+                            await trio.sleep(ACCEPT_RETRY)
+                            continue
                         nursery.start_soon(self._connection, conn)
             finally:
                 path.unlink(missing_ok=True)
 
     async def _connection(self, conn: trio.socket.SocketType) -> None:
         stream = trio.SocketStream(conn)
-        async with stream:
-            # a client that went away needs no answer
-            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+        try:
+            async with stream:
                 await self._converse(stream, conn)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # a client that went away needs no answer
+        except Exception as error:  # noqa: BLE001 - no connection may take the tree down
+            self.emit(
+                _event(
+                    self.root.path, "control.error", "connection", detail=f"{type(error).__name__}: {error}"
+                )
+            )
+        finally:
+            self._slots.release()
 
     async def _converse(self, stream: trio.SocketStream, conn: trio.socket.SocketType) -> None:
         reader = FrameReader(MAX_REQUEST)
@@ -194,15 +211,18 @@ class ControlServer:
             await self._follow(stream, request)
             return
         try:
-            result = await self._answer(request)
+            reply = encode(Reply(VERSION, True, await self._answer(request)))
         except _Refused as refused:
-            await _reply_error(stream, str(refused), refused.code)
+            reply = encode(Reply(VERSION, False, error=str(refused), code=refused.code))
+        except trio.Cancelled:  # the tree stops under the request: say so rather than hang up
+            with trio.CancelScope(shield=True), trio.move_on_after(1.0):
+                await _reply_error(stream, "the tree is stopping")
+            raise
         except Exception as error:  # noqa: BLE001 - a bug in one request must not stop the tree
             detail = f"{type(error).__name__}: {error}"
             self.emit(_event(self.root.path, "control.error", request.op, detail=detail))
-            await _reply_error(stream, f"internal error in {request.op}: {detail}", 1)
-        else:
-            await stream.send_all(encode(Reply(VERSION, True, result)))
+            reply = encode(Reply(VERSION, False, error=f"internal error in {request.op}: {detail}", code=1))
+        await stream.send_all(reply)
 
     async def _answer(self, request: Request) -> Any:
         handler = _OPS.get(request.op)

@@ -9,7 +9,7 @@ leaves the running tree untouched.
 from __future__ import annotations
 
 import fcntl
-import logging
+import math
 import os
 import signal
 import time
@@ -24,14 +24,13 @@ from ._errors import OtreeError
 from ._events import level_of
 from ._info import Event
 from ._loader import LoadError, load_tree
-from ._paths import control_socket, ensure_private_dir, lock_file
+from ._paths import check_state_dir, control_socket, lock_file
 from ._protocol import EXIT_INTERRUPTED
 from ._sdnotify import SystemdNotifier
 from ._spec import SupervisorSpec
-from ._supervisor import SupervisorHandle, open_supervisor, reload_tree
+from ._supervisor import SupervisorHandle, Tree, open_tree, reload_tree
 
 __all__ = ["Daemon", "StateLocked", "lock_state"]
-_log = logging.getLogger("otree")
 
 
 class StateLocked(Exception):
@@ -47,9 +46,10 @@ def lock_state(state: Path) -> int:
 
     Raises:
       StateLocked: another run holds it (the message names its pid).
+      OSError: the state dir is open to others (see ``check_state_dir``).
     """
-    ensure_private_dir(state)
-    fd = os.open(lock_file(state), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    check_state_dir(state)
+    fd = os.open(lock_file(state), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -74,26 +74,25 @@ class Daemon:
         self.set_level = set_level
         self.systemd = SystemdNotifier.from_environment()
         self.exit_code = 0
-        self._sup: SupervisorHandle | None = None
+        # made before it starts, so a signal during the start reaches it (and its event log)
+        self._tree = Tree(tree, state, durable=True, event_log=True)
+        self._sup: SupervisorHandle | None = None  # once the tree is up
         self._body = trio.CancelScope()  # cancelled to begin the orderly stop
         self._stopping = False
         self._reload_lock = trio.Lock()
 
     def _emit(self, event: Event) -> None:
-        if self._sup is not None:
-            self._sup._tree.bus.publish(event, level_of(event.kind, event.reason))
-        elif _log.isEnabledFor(logging.INFO):  # before the tree exists (a signal mid-start)
-            _log.info("%s %s %s", event.path, event.kind, event.reason, extra={"otree_event": event})
+        self._tree.bus.publish(event, level_of(event.kind, event.reason))
 
     async def serve(self) -> Exception | None:
         """Run the tree until it ends or is stopped; its error, if any."""
         outcome: Exception | None = None
         try:
             async with trio.open_nursery() as services:
-                services.start_soon(self._watch_signals)
+                services.start_soon(self._watch_signals, services)
                 try:
                     with self._body:
-                        async with open_supervisor(self.tree, state_dir=self.state, event_log=True) as sup:
+                        async with open_tree(self._tree) as sup:
                             self._sup = sup
                             socket_path = control_socket(self.state)
                             try:
@@ -124,8 +123,8 @@ class Daemon:
     def _control(self, sup: SupervisorHandle) -> ControlServer:
         return ControlServer(
             root=sup,
-            root_info=sup._tree.root_info,
-            log=sup._tree.log,
+            root_info=self._tree.root_info,
+            log=self._tree.log,
             reload=self.reload,
             set_level=self.set_level,
             stop_tree=self.stop,
@@ -147,25 +146,29 @@ class Daemon:
             self._body.cancel()
 
     def _kill(self) -> None:
-        """A second Ctrl-C: whatever still runs is killed at once."""
+        """A second Ctrl-C: whatever still runs is killed at once (mid-start too)."""
         self.exit_code = EXIT_INTERRUPTED
         self._body.cancel()
-        if self._sup is not None:
-            self._sup._tree.root.request_stop(kill_at=-float("inf"))
+        self._tree.root.request_stop(kill_at=-math.inf)
 
-    async def _watch_signals(self) -> None:
+    async def _watch_signals(self, services: trio.Nursery) -> None:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
             async for signum in signals:
                 name = signal.Signals(signum).name
                 if signum == signal.SIGHUP:
-                    self._emit(Event(time.time(), self.tree.id, "tree.signal", name, {"action": "reload"}))
-                    await self._reload_quietly()
+                    if not self._stopping:
+                        self._signalled(name, "reload")
+                        # in its own task: a stop signal during a long reload is served at once
+                        services.start_soon(self._reload_quietly)
                 elif self._stopping and signum == signal.SIGINT:
-                    self._emit(Event(time.time(), self.tree.id, "tree.signal", name, {"action": "kill"}))
+                    self._signalled(name, "kill")
                     self._kill()
                 elif not self._stopping:
-                    self._emit(Event(time.time(), self.tree.id, "tree.signal", name, {"action": "stop"}))
+                    self._signalled(name, "stop")
                     self.stop()
+
+    def _signalled(self, name: str, action: str) -> None:
+        self._emit(Event(time.time(), self.tree.id, "tree.signal", name, {"action": action}))
 
     async def _reload_quietly(self) -> None:
         """A SIGHUP reload: its outcome goes to the events, as nobody waits for an answer."""
@@ -183,12 +186,15 @@ class Daemon:
           ValueError: the file does not load or names another root (the tree is untouched).
         """
         async with self._reload_lock:
-            try:
-                tree = load_tree(self.file, self.attr)
-            except LoadError as error:
-                raise ValueError(str(error)) from None
             if self._sup is None or self._stopping:
                 raise ValueError("the tree is starting or stopping")
+            try:
+                # in a thread: a tree file that takes its time to import must not freeze the tree
+                tree = await trio.to_thread.run_sync(load_tree, self.file, self.attr)
+            except LoadError as error:
+                raise ValueError(str(error)) from None
+            if self._stopping:
+                raise ValueError("the tree is stopping")
             if tree.id != self.tree.id:
                 raise ValueError(
                     f"the root's id changed ({self.tree.id} -> {tree.id}); restart otree to rename it"

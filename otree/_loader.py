@@ -53,8 +53,8 @@ def load_tree(path: str, attr: str = "tree") -> SupervisorSpec:
         spec.loader.exec_module(module)
     except BaseException as exc:
         del sys.modules[name]
-        if isinstance(exc, (KeyboardInterrupt, SystemExit)):
-            raise
+        if isinstance(exc, KeyboardInterrupt):
+            raise  # SystemExit is the file's error (it must not end a running tree on reload)
         message = exc.msg if isinstance(exc, SyntaxError) else str(exc)
         raise LoadError(f"{_location(path, resolved, exc)}: {type(exc).__name__}: {message}") from exc
     try:

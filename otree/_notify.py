@@ -14,7 +14,6 @@ replace anything there), and the socket itself is given to the child's user.
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import os
 import shutil
@@ -23,29 +22,11 @@ import stat
 import tempfile
 from pathlib import Path
 
-from ._paths import ensure_private_dir, runtime_dir
+from ._paths import check_private_dir, runtime_dir
 
-__all__ = ["NotifySockets", "check_private_dir"]
+__all__ = ["NotifySockets"]
 
 _LOCK = ".lock"
-
-
-def check_private_dir(directory: Path) -> Path:
-    """Create ``directory`` 0700 if missing; refuse it if another user could reach it.
-
-    Raises:
-      OSError: it is not a directory of otree's user with no group or other bits
-        (e.g. a pre-made ``/tmp/otree-<uid>``, or systemd's ``RuntimeDirectoryMode=0755``).
-    """
-    ensure_private_dir(directory)
-    info = directory.lstat()
-    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid() or info.st_mode & 0o077:
-        raise OSError(
-            errno.EPERM,
-            f"runtime dir {directory} is not private "
-            f"(owner uid {info.st_uid}, mode {info.st_mode & 0o777:o})",
-        )
-    return directory
 
 
 class _SocketDir:

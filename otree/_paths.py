@@ -8,8 +8,10 @@ Directories are created 0700: a tree's files are its owner's business.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
+import stat
 import tempfile
 import warnings
 from pathlib import Path
@@ -17,6 +19,8 @@ from pathlib import Path
 import platformdirs
 
 __all__ = [
+    "check_private_dir",
+    "check_state_dir",
     "child_log_dir",
     "control_socket",
     "ensure_private_dir",
@@ -84,3 +88,41 @@ def control_socket(state: Path) -> Path:
 def lock_file(state: Path) -> Path:
     """The lock held by the tree running on ``state`` (it holds that tree's pid)."""
     return state / "otree.lock"
+
+
+def check_private_dir(directory: Path) -> Path:
+    """Create ``directory`` 0700 if missing; refuse it if another user could reach it.
+
+    Raises:
+      OSError: it is not a directory of otree's user with no group or other bits
+        (e.g. a pre-made ``/tmp/otree-<uid>``, or systemd's ``RuntimeDirectoryMode=0755``).
+    """
+    ensure_private_dir(directory)
+    info = directory.lstat()
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid() or info.st_mode & 0o077:
+        raise OSError(
+            errno.EPERM,
+            f"runtime dir {directory} is not private "
+            f"(owner uid {info.st_uid}, mode {info.st_mode & 0o777:o})",
+        )
+    return directory
+
+
+def check_state_dir(directory: Path) -> Path:
+    """Create ``directory`` 0700 if missing; refuse it if another user could plant files in it.
+
+    otree writes its lock, event log, logs and databases there, as whatever user it
+    runs as: a directory others can write in would let them swap those for symlinks.
+
+    Raises:
+      OSError: it is not a directory of otree's user, or group or others may write in it.
+    """
+    ensure_private_dir(directory)
+    info = directory.lstat()
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid() or info.st_mode & 0o022:
+        raise OSError(
+            errno.EPERM,
+            f"state dir {directory} is open to others "
+            f"(owner uid {info.st_uid}, mode {info.st_mode & 0o777:o})",
+        )
+    return directory

@@ -69,9 +69,26 @@ _reply_decoder = msgspec.msgpack.Decoder(Reply)
 
 
 def encode(message: Request | Reply) -> bytes:
-    """One frame holding ``message``."""
-    body = _encoder.encode(message)
+    """One frame holding ``message``.
+
+    msgpack has no integers beyond 64 bits; a JSON payload may (a dead letter's,
+    say): those are sent as their decimal text rather than not at all.
+    """
+    try:
+        body = _encoder.encode(message)
+    except OverflowError:
+        body = _encoder.encode(_big_ints_as_text(msgspec.to_builtins(message)))
     return _HEADER.pack(len(body)) + body
+
+
+def _big_ints_as_text(value: Any) -> Any:
+    if isinstance(value, int) and not isinstance(value, bool) and not -(2**63) <= value < 2**64:
+        return str(value)
+    if isinstance(value, dict):
+        return {_big_ints_as_text(k): _big_ints_as_text(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_big_ints_as_text(item) for item in value]
+    return value
 
 
 def decode_request(body: bytes) -> Request:
@@ -84,6 +101,8 @@ def decode_request(body: bytes) -> Request:
         request = _request_decoder.decode(body)
     except msgspec.DecodeError as error:
         raise FrameError(f"malformed request: {error}") from None
+    except RecursionError:  # nested deeper than the decoder follows
+        raise FrameError("malformed request: nested too deeply") from None
     if request.v != VERSION:
         raise FrameError(f"unsupported protocol version {request.v} (this otree speaks {VERSION})")
     return request
@@ -95,6 +114,8 @@ def decode_reply(body: bytes) -> Reply:
         reply = _reply_decoder.decode(body)
     except msgspec.DecodeError as error:
         raise FrameError(f"malformed reply: {error}") from None
+    except RecursionError:
+        raise FrameError("malformed reply: nested too deeply") from None
     if reply.v != VERSION:
         raise FrameError(f"unsupported protocol version {reply.v} (this otree speaks {VERSION})")
     return reply

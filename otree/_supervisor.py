@@ -44,7 +44,7 @@ from ._events import EventBus, EventStream, level_of
 from ._info import ChildInfo, ChildState, Counts, DeadLetter, Event, ExitInfo
 from ._intensity import RestartWindow
 from ._logfiles import LOG_NAME
-from ._paths import ensure_private_dir, pool_database
+from ._paths import check_state_dir, pool_database
 from ._paths import state_dir as default_state_dir
 from ._pool import Job, Pool
 from ._process import ProcessContext, ProcessRun, run_process
@@ -54,7 +54,7 @@ from ._spec import ChildSpec, PoolSpec, ProcessSpec, SupervisorSpec, TaskSpec, t
 from ._strategy import affected_children, should_restart
 from ._task import RunningChild
 
-__all__ = ["PoolHandle", "SupervisorHandle", "open_supervisor", "reload_tree", "run"]
+__all__ = ["PoolHandle", "SupervisorHandle", "Tree", "open_supervisor", "open_tree", "reload_tree", "run"]
 
 
 ################################################################
@@ -189,14 +189,14 @@ def _flatten() -> Iterator[None]:
         raise chosen from chosen.__cause__
 
 
-class _Tree:
+class Tree:
     """What the supervisors of one tree share: the event bus, process services, the root's fate."""
 
     def __init__(self, spec: SupervisorSpec, state_dir: Path, *, durable: bool, event_log: bool) -> None:
         self.bus = EventBus()
         self.log: EventLog | None = None
         if event_log:
-            self.log = EventLog(ensure_private_dir(state_dir) / LOG_NAME)
+            self.log = EventLog(check_state_dir(state_dir) / LOG_NAME)
             self.bus.sink = self.log.append
         self.started_at = time.time()
         self.random = random.Random()
@@ -280,7 +280,7 @@ class _Tree:
 class _Supervisor:
     """One running supervisor (one run of a supervisor spec)."""
 
-    def __init__(self, spec: SupervisorSpec, path: str, tree: _Tree, run: RunningChild | None) -> None:
+    def __init__(self, spec: SupervisorSpec, path: str, tree: Tree, run: RunningChild | None) -> None:
         self.spec = spec
         self.path = path
         self.tree = tree
@@ -799,7 +799,7 @@ class _Handle:
 
     __slots__ = ("_ids", "_tree", "path")
 
-    def __init__(self, tree: _Tree, ids: tuple[str, ...]) -> None:
+    def __init__(self, tree: Tree, ids: tuple[str, ...]) -> None:
         self._tree = tree
         self._ids = ids
         self.path = "/".join((tree.root.path, *ids))
@@ -1020,13 +1020,21 @@ async def open_supervisor(
       RestartIntensityExceeded: the root gave up (the child's exception chained).
     """
     explicit = state_dir is not None or bool(os.environ.get("OTREE_STATE_DIR"))
-    tree = _Tree(
+    tree = Tree(
         _check_root(spec),
         default_state_dir(state_dir),
         durable=explicit,
         event_log=explicit if event_log is None else event_log,
     )
+    async with open_tree(tree) as handle:
+        yield handle
+
+
+@asynccontextmanager
+async def open_tree(tree: Tree) -> AsyncIterator[SupervisorHandle]:
+    """``open_supervisor`` for a tree made beforehand (``otree run`` needs it before it is up)."""
     body_error: BaseException | None = None
+    spec = tree.root.spec
     with _flatten(), tree.closing_log():
         async with trio.open_nursery() as nursery:
             tree.services = nursery

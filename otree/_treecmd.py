@@ -63,6 +63,9 @@ def run_command(args: argparse.Namespace) -> int:
     except StateLocked as locked:
         print(f"otree: {locked}", file=sys.stderr)
         return EXIT_REFUSED
+    except OSError as error:
+        print(f"otree: {error.strerror or error}", file=sys.stderr)
+        return EXIT_USAGE
     try:  # before the tree starts: a socket that cannot be served is a setup error, not a crash
         prepare_socket_dir(control_socket(state))
     except OSError as error:
@@ -75,7 +78,7 @@ def run_command(args: argparse.Namespace) -> int:
 
     def set_level(name: str) -> None:
         level = logging.getLevelName(name.upper())
-        if not isinstance(level, int):
+        if not isinstance(level, int) or level == logging.NOTSET:  # NOTSET would defer to the root logger
             raise ValueError(f"unknown log level {name!r} (use DEBUG, INFO, WARNING, ERROR or CRITICAL)")
         _log.setLevel(level)
         handler.setLevel(level)
