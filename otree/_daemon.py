@@ -190,7 +190,7 @@ class Daemon:
                 raise ValueError("the tree is starting or stopping")
             try:
                 # in a thread: a tree file that takes its time to import must not freeze the tree
-                tree = await trio.to_thread.run_sync(load_tree, self.file, self.attr)
+                tree = await trio.to_thread.run_sync(load_tree, self.file, self.attr, abandon_on_cancel=True)
             except LoadError as error:
                 raise ValueError(str(error)) from None
             if self._stopping:

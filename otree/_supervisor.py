@@ -724,6 +724,15 @@ class _Supervisor:
         """
         plan = plan_reload([child.spec for child in self.children.values()], spec.children)
         summary: dict[str, list[str]] = {"changed": [], "removed": [], "added": [], "failed": []}
+        # a group restart waiting out its backoff for a child the reload replaces would never
+        # resume: its siblings, already stopped by the strategy, are started by the reload
+        stranded = {
+            sibling
+            for child_id in [*plan.removed, *plan.changed]
+            if self.children[child_id].state == "restarting"
+            for sibling in self._group(self.children[child_id])
+            if sibling != child_id
+        }
         if not same_settings(self.spec, spec):
             summary["changed"].append(self.path)  # its own settings (strategy, intensity, ...)
         self.spec = spec
@@ -749,7 +758,9 @@ class _Supervisor:
             child = self.children[child_id]
             if child_id in plan.nested:
                 await self._reload_nested(child, summary)
-            elif child_id in restart or child_id in plan.added:
+            elif (
+                child_id in restart or child_id in plan.added or (child_id in stranded and child.run is None)
+            ):
                 if child_id in plan.added:
                     summary["added"].append(child.path)
                 try:

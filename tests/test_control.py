@@ -579,3 +579,76 @@ def test_a_state_dir_reached_through_a_symlink_names_the_same_tree(
     link.symlink_to(tree.state)
     code, out, _ = tree.cli(capsys, "status", "--state-dir", str(link), "--json")
     assert code == 0 and json.loads(out)["root"]["info"]["id"] == "fleet"
+
+
+def test_a_tree_file_that_exits_is_a_refused_reload(tree: Tree, capsys: pytest.CaptureFixture[str]) -> None:
+    tree.file.write_text(TREE + '\nimport sys\nsys.exit("bad config")\n')
+    code, _, err = tree.cli(capsys, "reload")
+    assert (
+        code == 4
+        and "reload refused, the running tree is untouched" in err
+        and "SystemExit: bad config" in err
+    )
+    assert tree.status(capsys)["info"]["state"] == "running"
+
+
+def test_log_level_notset_is_refused(tree: Tree, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = tree.cli(capsys, "log-level", "notset")
+    assert code == 4 and "unknown log level 'notset'" in err
+
+
+def test_a_state_dir_others_can_write_in_is_refused(tmp_path: Path) -> None:
+    shared = tmp_path / "shared-state"
+    shared.mkdir()
+    shared.chmod(0o777)
+    file = write_tree(tmp_path, TREE)
+    env = dict(subprocess_env(tmp_path), OTREE_STATE_DIR=str(shared))
+    result = subprocess.run(
+        [sys.executable, "-m", "otree", "run", str(file)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=DEADLINE,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert result.stderr == (
+        f"otree: state dir {shared} is open to others (owner uid {os.getuid()}, mode 777)\n"
+    )
+    assert list(shared.iterdir()) == []  # no lock, no log was made in it
+
+
+SLOW_START = """\
+import sys
+import trio
+import otree
+
+DEAF = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)"
+
+
+async def slow(*, task_status=trio.TASK_STATUS_IGNORED):
+    await trio.sleep(600)  # never ready: the tree is still starting
+    task_status.started()
+
+
+tree = otree.supervisor(
+    "starting",
+    children=[
+        otree.process("deaf", [sys.executable, "-c", DEAF], shutdown=300.0),
+        otree.task("slow", slow),
+    ],
+)
+"""
+
+
+def test_a_second_sigint_while_the_tree_starts_kills_at_once(tmp_path: Path) -> None:
+    file = write_tree(tmp_path, SLOW_START)
+    with otree_process(["run", str(file)], tmp_path) as process:
+        process.wait_for(is_text_event("starting/slow", "child.started"))
+        process.proc.send_signal(signal.SIGINT)
+        process.wait_for(lambda text: "tree.signal SIGINT" in text and "action=stop" in text)
+        process.proc.send_signal(signal.SIGINT)
+        assert process.finish() == 130  # not after deaf's 300 s grace
+    events = (tmp_path / "state" / "events.jsonl").read_text()
+    assert '"kind":"tree.signal"' in events  # signals during the start reach the event log too

@@ -418,3 +418,16 @@ def test_fuzz_reply_round_trip(ok: bool, result: Any, error: str, code: int) -> 
     decoded = decode_reply(body)
     assert decoded == reply
     assert msgspec.msgpack.encode(decoded) == msgspec.msgpack.encode(reply)
+
+
+def test_a_request_nested_too_deeply_is_a_frame_error() -> None:
+    depth = 100_000
+    body = b"\x83\xa1v\x01\xa2op\xa6status\xa4args\x81\xa4path" + b"\x91" * depth + b"\xc0"
+    with pytest.raises(FrameError, match="malformed request: nested too deeply"):
+        decode_request(body)
+
+
+def test_integers_beyond_64_bits_are_sent_as_text() -> None:
+    frame = encode(Reply(VERSION, True, {"payload": {"n": 2**70, "m": -(2**70), "ok": 5}}))
+    (body,) = FrameReader(1 << 20).feed(frame)
+    assert decode_reply(body).result == {"payload": {"n": str(2**70), "m": str(-(2**70)), "ok": 5}}

@@ -190,3 +190,32 @@ async def test_a_failed_start_is_reported_and_the_rest_applied(autojump_clock: t
         summary = await reload_tree(sup, new)
         assert summary["failed"] == ["root/f: failed to start: RuntimeError: cannot start"]
         assert states(sup) == {"a": "running", "f": "stopped", "g": "running"}
+
+
+async def test_a_reload_during_a_group_restarts_backoff_starts_the_stranded_siblings(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    log = Log()
+    tree = otree.supervisor(
+        "root",
+        strategy="one_for_all",
+        backoff=otree.Backoff(initial=5.0, jitter=0.0),
+        children=[
+            otree.task("crasher", crash_after, log, "crasher", 1.0),
+            otree.task("sib", worker, log, "sib"),
+        ],
+    )
+    fixed = otree.supervisor(
+        "root",
+        strategy="one_for_all",
+        backoff=otree.Backoff(initial=5.0, jitter=0.0),
+        children=[otree.task("crasher", worker, log, "fixed"), otree.task("sib", worker, log, "sib")],
+    )
+    async with otree.open_supervisor(tree) as sup:
+        await trio.sleep(2.0)  # crashed at 1.0: the group waits until 6.0 to start again
+        assert states(sup) == {"crasher": "restarting", "sib": "stopped"}
+        summary = await reload_tree(sup, fixed)
+        assert summary["changed"] == ["root/crasher"]
+        assert states(sup) == {"crasher": "running", "sib": "running"}
+        await trio.sleep(10.0)  # and the cancelled backoff does not start anything twice
+        assert log.of("start").count("sib") == 2 and log.of("start").count("fixed") == 1
