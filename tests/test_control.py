@@ -652,3 +652,17 @@ def test_a_second_sigint_while_the_tree_starts_kills_at_once(tmp_path: Path) -> 
         assert process.finish() == 130  # not after deaf's 300 s grace
     events = (tmp_path / "state" / "events.jsonl").read_text()
     assert '"kind":"tree.signal"' in events  # signals during the start reach the event log too
+
+
+def test_a_stopped_pool_refuses_work_until_started_again(
+    tree: Tree, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert tree.cli(capsys, "stop", "jobs") == (0, "fleet/jobs: stopped\n", "")
+    assert tree.status(capsys, "jobs")["pool"] is None  # not running: no queue to show
+    code, _, err = tree.cli(capsys, "submit", "jobs", "echo", "1")
+    assert (code, err) == (4, "otree: fleet/jobs: not running (state: stopped)\n")
+    code, _, err = tree.cli(capsys, "jobs", "jobs")
+    assert (code, err) == (4, "otree: fleet/jobs: not running (state: stopped)\n")
+    assert tree.cli(capsys, "start", "jobs")[0] == 0
+    code, out, _ = tree.cli(capsys, "submit", "--json", "jobs", "echo", "1")
+    assert code == 0 and json.loads(out)["state"] in ("queued", "running")
