@@ -40,12 +40,12 @@ def subprocess_env(cwd: Path) -> dict[str, str]:
     return env
 
 
-def run_otree(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
-    """``python -m otree ARGS`` to completion (it must finish within the deadline)."""
+def run_otree(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    """``python -m otree ARGS`` to completion (it must finish within the deadline); ``env`` overrides."""
     return subprocess.run(
         [sys.executable, "-m", "otree", *args],
         cwd=cwd,
-        env=subprocess_env(cwd),
+        env={**subprocess_env(cwd), **env},
         capture_output=True,
         text=True,
         timeout=DEADLINE,

@@ -19,7 +19,15 @@ import pytest
 from otree._cli import main
 from otree._paths import control_socket
 
-from .otree_subprocess import DEADLINE, OtreeProcess, is_text_event, otree_process, subprocess_env, write_tree
+from .otree_subprocess import (
+    DEADLINE,
+    OtreeProcess,
+    is_text_event,
+    otree_process,
+    run_otree,
+    subprocess_env,
+    write_tree,
+)
 
 TREE = """\
 import trio
@@ -324,15 +332,7 @@ def test_stop_tree_exits_0_and_removes_the_socket(tree: Tree, capsys: pytest.Cap
 
 
 def test_second_run_on_the_same_state_dir_is_refused(tree: Tree) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "otree", "run", str(tree.file)],
-        cwd=tree.directory,
-        env=subprocess_env(tree.directory),
-        capture_output=True,
-        text=True,
-        timeout=DEADLINE,
-        check=False,
-    )
+    result = run_otree(["run", str(tree.file)], tree.directory)
     assert result.returncode == 4
     assert result.stderr == (
         f"otree: a tree already runs on state dir {tree.state} (pid {tree.process.proc.pid})\n"
@@ -340,15 +340,7 @@ def test_second_run_on_the_same_state_dir_is_refused(tree: Tree) -> None:
 
 
 def test_no_tree_exit_3_as_a_subprocess(tmp_path: Path) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "otree", "status"],
-        cwd=tmp_path,
-        env=subprocess_env(tmp_path),
-        capture_output=True,
-        text=True,
-        timeout=DEADLINE,
-        check=False,
-    )
+    result = run_otree(["status"], tmp_path)
     assert result.returncode == 3
     assert result.stderr == (
         f"otree: no otree running for state dir {tmp_path / 'state'} (start one with: otree run FILE)\n"
@@ -468,17 +460,7 @@ def test_second_sigint_kills_at_once_and_exits_130(tmp_path: Path) -> None:
     file = write_tree(tmp_path, STUBBORN)
     with otree_process(["run", str(file)], tmp_path) as process:
         line = process.wait_for(is_text_event("stubborn", "control.listening"))
-        pid = json.loads(
-            subprocess.run(
-                [sys.executable, "-m", "otree", "status", "--json", "deaf"],
-                cwd=tmp_path,
-                env=subprocess_env(tmp_path),
-                capture_output=True,
-                text=True,
-                timeout=DEADLINE,
-                check=True,
-            ).stdout
-        )["root"]["info"]["pid"]
+        pid = json.loads(run_otree(["status", "--json", "deaf"], tmp_path).stdout)["root"]["info"]["pid"]
         assert line
         process.proc.send_signal(signal.SIGINT)
         process.wait_for(lambda text: "tree.signal SIGINT" in text and "action=stop" in text)
@@ -554,16 +536,7 @@ def test_a_runtime_dir_others_can_enter_is_refused_before_the_tree_starts(tmp_pa
     shared.mkdir()
     shared.chmod(0o755)  # systemd's default RuntimeDirectoryMode
     file = write_tree(tmp_path, TREE)
-    env = dict(subprocess_env(tmp_path), OTREE_RUNTIME_DIR=str(shared))
-    result = subprocess.run(
-        [sys.executable, "-m", "otree", "run", str(file)],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=DEADLINE,
-        check=False,
-    )
+    result = run_otree(["run", str(file)], tmp_path, OTREE_RUNTIME_DIR=str(shared))
     assert result.returncode == 2
     assert result.stderr == (
         f"otree: cannot serve the control socket: runtime dir {shared} is not private (owner uid "
@@ -602,16 +575,7 @@ def test_a_state_dir_others_can_write_in_is_refused(tmp_path: Path) -> None:
     shared.mkdir()
     shared.chmod(0o777)
     file = write_tree(tmp_path, TREE)
-    env = dict(subprocess_env(tmp_path), OTREE_STATE_DIR=str(shared))
-    result = subprocess.run(
-        [sys.executable, "-m", "otree", "run", str(file)],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=DEADLINE,
-        check=False,
-    )
+    result = run_otree(["run", str(file)], tmp_path, OTREE_STATE_DIR=str(shared))
     assert result.returncode == 2
     assert result.stderr == (
         f"otree: state dir {shared} is open to others (owner uid {os.getuid()}, mode 777)\n"
