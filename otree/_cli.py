@@ -29,16 +29,10 @@ from ._render import format_event, render_dead_letters, render_jobs, render_stat
 __all__ = ["main"]
 
 
-def _run(args: argparse.Namespace) -> int:
-    from ._treecmd import run_command  # the runtime is imported only by the commands that run a tree
+def _tree_command(args: argparse.Namespace) -> int:
+    from ._treecmd import tree_command  # the runtime is imported only by the commands that load a tree
 
-    return run_command(args)
-
-
-def _check(args: argparse.Namespace) -> int:
-    from ._treecmd import check_command
-
-    return check_command(args)
+    return tree_command(args)
 
 
 class _Usage(Exception):
@@ -195,11 +189,11 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--attr", default="tree", help="the spec's name in the file (default: tree)")
     run.add_argument("--log-format", choices=("text", "json"), default="text", help="event lines on stderr")
     run.add_argument("--state-dir", default=None, help="logs and state (default: $OTREE_STATE_DIR)")
-    run.set_defaults(handler=_run)
+    run.set_defaults(handler=_tree_command)
     check = commands.add_parser("check", help="validate a tree file and print the tree")
     check.add_argument("file", metavar="FILE")
     check.add_argument("--attr", default="tree")
-    check.set_defaults(handler=_check)
+    check.set_defaults(handler=_tree_command)
 
     def control(
         name: str, help_text: str, handler: Callable[[argparse.Namespace], int]

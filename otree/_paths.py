@@ -90,6 +90,18 @@ def lock_file(state: Path) -> Path:
     return state / "otree.lock"
 
 
+def _check_owned_dir(directory: Path, forbidden: int, what: str, problem: str) -> Path:
+    """Create ``directory`` 0700 if missing; refuse it unless it is otree's and has no ``forbidden`` bits."""
+    ensure_private_dir(directory)
+    info = directory.lstat()
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid() or info.st_mode & forbidden:
+        raise OSError(
+            errno.EPERM,
+            f"{what} {directory} is {problem} (owner uid {info.st_uid}, mode {info.st_mode & 0o777:o})",
+        )
+    return directory
+
+
 def check_private_dir(directory: Path) -> Path:
     """Create ``directory`` 0700 if missing; refuse it if another user could reach it.
 
@@ -97,15 +109,7 @@ def check_private_dir(directory: Path) -> Path:
       OSError: it is not a directory of otree's user with no group or other bits
         (e.g. a pre-made ``/tmp/otree-<uid>``, or systemd's ``RuntimeDirectoryMode=0755``).
     """
-    ensure_private_dir(directory)
-    info = directory.lstat()
-    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid() or info.st_mode & 0o077:
-        raise OSError(
-            errno.EPERM,
-            f"runtime dir {directory} is not private "
-            f"(owner uid {info.st_uid}, mode {info.st_mode & 0o777:o})",
-        )
-    return directory
+    return _check_owned_dir(directory, 0o077, "runtime dir", "not private")
 
 
 def check_state_dir(directory: Path) -> Path:
@@ -117,12 +121,4 @@ def check_state_dir(directory: Path) -> Path:
     Raises:
       OSError: it is not a directory of otree's user, or group or others may write in it.
     """
-    ensure_private_dir(directory)
-    info = directory.lstat()
-    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid() or info.st_mode & 0o022:
-        raise OSError(
-            errno.EPERM,
-            f"state dir {directory} is open to others "
-            f"(owner uid {info.st_uid}, mode {info.st_mode & 0o777:o})",
-        )
-    return directory
+    return _check_owned_dir(directory, 0o022, "state dir", "open to others")

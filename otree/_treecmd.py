@@ -25,7 +25,7 @@ from ._reaper import Reaper, adopt_orphans
 from ._render import format_event
 from ._spec import ChildSpec, ProcessSpec, SupervisorSpec
 
-__all__ = ["check_command", "run_command"]
+__all__ = ["tree_command"]
 
 _log = logging.getLogger("otree")
 
@@ -50,13 +50,21 @@ class _EventHandler(logging.Handler):
         self.stream.flush()
 
 
-def run_command(args: argparse.Namespace) -> int:
-    """``otree run FILE``: serve the tree until it ends or is stopped."""
+def tree_command(args: argparse.Namespace) -> int:
+    """``otree run FILE`` or ``otree check FILE``: load the tree file (exit 2 if it does not load)."""
     try:
         tree = load_tree(args.file, args.attr)
     except LoadError as error:
         print(f"otree: {error}", file=sys.stderr)
         return EXIT_USAGE
+    if args.command == "check":
+        _print_tree(tree, 0, sys.stdout)
+        return 0
+    return _run(args, tree)
+
+
+def _run(args: argparse.Namespace, tree: SupervisorSpec) -> int:
+    """Serve ``tree`` until it ends or is stopped."""
     state = state_dir(args.state_dir)
     try:
         lock = lock_state(state)
@@ -131,14 +139,3 @@ def _print_tree(spec: ChildSpec, depth: int, out: TextIO) -> None:
     if isinstance(spec, SupervisorSpec):
         for child in spec.children:
             _print_tree(child, depth + 1, out)
-
-
-def check_command(args: argparse.Namespace) -> int:
-    """``otree check FILE``: validate the tree file and print the tree."""
-    try:
-        tree = load_tree(args.file, args.attr)
-    except LoadError as error:
-        print(f"otree: {error}", file=sys.stderr)
-        return EXIT_USAGE
-    _print_tree(tree, 0, sys.stdout)
-    return 0
