@@ -24,7 +24,7 @@ import trio
 
 from ._errors import NotFound, OtreeError, Restarting, Running
 from ._eventlog import EventLog
-from ._info import ChildInfo, Event, Status, StatusNode
+from ._info import ChildInfo, Status, StatusNode
 from ._logfiles import EventFilter
 from ._paths import check_private_dir
 from ._protocol import (
@@ -134,7 +134,7 @@ class ControlServer:
     reload: Callable[[], Awaitable[dict[str, list[str]]]]
     set_level: Callable[[str], None]
     stop_tree: Callable[[], None]
-    emit: Callable[[Event], None]
+    emit: Callable[[str, str, str, dict[str, Any]], None]  # the tree's EventBus.emit
     _slots: trio.Semaphore = field(default_factory=lambda: trio.Semaphore(MAX_CONNECTIONS), init=False)
 
     async def serve(
@@ -159,7 +159,7 @@ class ControlServer:
                             conn, _ = await listener.accept()
                         except OSError as error:  # out of descriptors, say: the tree goes on
                             self._slots.release()
-                            self.emit(_event(self.root.path, "control.error", "accept", detail=str(error)))
+                            self.emit(self.root.path, "control.error", "accept", {"detail": str(error)})
                             await trio.sleep(ACCEPT_RETRY)
                             continue
                         nursery.start_soon(self._connection, conn)
@@ -174,11 +174,8 @@ class ControlServer:
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass  # a client that went away needs no answer
         except Exception as error:  # noqa: BLE001 - no connection may take the tree down
-            self.emit(
-                _event(
-                    self.root.path, "control.error", "connection", detail=f"{type(error).__name__}: {error}"
-                )
-            )
+            detail = f"{type(error).__name__}: {error}"
+            self.emit(self.root.path, "control.error", "connection", {"detail": detail})
         finally:
             self._slots.release()
 
@@ -197,7 +194,7 @@ class ControlServer:
                     bodies = reader.feed(data)
             pid, uid = _peer_credentials(conn)
             if not peer_allowed(uid, os.getuid()):
-                self.emit(_event(self.root.path, "control.refused", "permission", uid=uid, pid=pid))
+                self.emit(self.root.path, "control.refused", "permission", {"uid": uid, "pid": pid})
                 await _reply_error(stream, f"permission denied: uid {uid} may not control this tree")
                 return
             request = decode_request(bodies[0])
@@ -220,7 +217,7 @@ class ControlServer:
             raise
         except Exception as error:  # noqa: BLE001 - a bug in one request must not stop the tree
             detail = f"{type(error).__name__}: {error}"
-            self.emit(_event(self.root.path, "control.error", request.op, detail=detail))
+            self.emit(self.root.path, "control.error", request.op, {"detail": detail})
             reply = encode(Reply(VERSION, False, error=f"internal error in {request.op}: {detail}", code=1))
         await stream.send_all(reply)
 
@@ -380,10 +377,6 @@ _OPS: dict[str, tuple[Callable[[ControlServer, Any], Awaitable[Any]], type[msgsp
     "log_level": (ControlServer._log_level, _LevelArgs),
     "stop_tree": (ControlServer._stop_tree, _NoArgs),
 }
-
-
-def _event(path: str, kind: str, reason: str, **details: Any) -> Event:
-    return Event(time.time(), path, kind, reason, details)
 
 
 async def _cancel_on_eof(stream: trio.SocketStream, scope: trio.CancelScope) -> None:

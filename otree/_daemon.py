@@ -12,7 +12,6 @@ import fcntl
 import math
 import os
 import signal
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,8 +20,6 @@ import trio
 
 from ._control import ControlServer
 from ._errors import OtreeError
-from ._events import level_of
-from ._info import Event
 from ._loader import LoadError, load_tree
 from ._paths import check_state_dir, control_socket, lock_file
 from ._protocol import EXIT_INTERRUPTED
@@ -81,8 +78,8 @@ class Daemon:
         self._stopping = False
         self._reload_lock = trio.Lock()
 
-    def _emit(self, event: Event) -> None:
-        self._tree.bus.publish(event, level_of(event.kind, event.reason))
+    def _emit(self, path: str, kind: str, reason: str = "", **details: Any) -> None:
+        self._tree.bus.emit(path, kind, reason, details)
 
     async def serve(self) -> Exception | None:
         """Run the tree until it ends or is stopped; its error, if any."""
@@ -99,15 +96,7 @@ class Daemon:
                                 await services.start(self._control(sup).serve, socket_path)
                             except OSError as error:
                                 raise SocketUnavailable(f"{socket_path}: {error.strerror or error}") from None
-                            self._emit(
-                                Event(
-                                    time.time(),
-                                    sup.path,
-                                    "control.listening",
-                                    "",
-                                    {"socket": str(socket_path)},
-                                )
-                            )
+                            self._emit(sup.path, "control.listening", socket=str(socket_path))
                             self.systemd.send("READY=1", f"STATUS={self._summary()}")
                             services.start_soon(self.systemd.keep_alive)
                             await trio.sleep_forever()
@@ -128,7 +117,7 @@ class Daemon:
             reload=self.reload,
             set_level=self.set_level,
             stop_tree=self.stop,
-            emit=self._emit,
+            emit=self._tree.bus.emit,
         )
 
     def _summary(self) -> str:
@@ -168,16 +157,14 @@ class Daemon:
                     self.stop()
 
     def _signalled(self, name: str, action: str) -> None:
-        self._emit(Event(time.time(), self.tree.id, "tree.signal", name, {"action": action}))
+        self._emit(self.tree.id, "tree.signal", name, action=action)
 
     async def _reload_quietly(self) -> None:
         """A SIGHUP reload: its outcome goes to the events, as nobody waits for an answer."""
         try:
             await self.reload()
         except (ValueError, OtreeError) as error:
-            self._emit(
-                Event(time.time(), self.tree.id, "supervisor.reload_failed", "error", {"detail": str(error)})
-            )
+            self._emit(self.tree.id, "supervisor.reload_failed", "error", detail=str(error))
 
     async def reload(self) -> dict[str, list[str]]:
         """Re-read the tree file and apply it to the running tree.

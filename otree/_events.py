@@ -63,45 +63,30 @@ class EventBus:
     def emit(self, path: str, kind: str, reason: str, details: dict[str, Any]) -> None:
         """Build and publish an event if anyone wants it: the hot path of every decision."""
         level = _LEVELS.get(kind, logging.INFO)
-        sink = self.sink
-        logged = _log.isEnabledFor(level)
-        if sink is None and not self._subscribed and not logged:
-            return
-        event = Event(time.time(), path, kind, reason, details)
-        if sink is not None:
-            sink(event)
-        if self._subscribed:
-            self._offer(event)
-        if logged:
-            self._log(event, level, None)
+        if self.wants(level):
+            self.publish(Event(time.time(), path, kind, reason, details), level)
 
     def publish(self, event: Event, level: int, error: BaseException | None = None) -> None:
         """Deliver ``event``; ``error`` (a child's exception) goes to the log record only."""
         if self.sink is not None:
             self.sink(event)
         if self._subscribed:
-            self._offer(event)
+            for stream in self._streams:
+                stream._offer(event)
+            self._subscribed = bool(self._streams)
         if _log.isEnabledFor(level):
-            self._log(event, level, error)
-
-    def _offer(self, event: Event) -> None:
-        for stream in self._streams:
-            stream._offer(event)
-        self._subscribed = bool(self._streams)
-
-    def _log(self, event: Event, level: int, error: BaseException | None) -> None:
-        # Built by hand: Logger.log would walk the stack for a caller that is always here.
-        record = _log.makeRecord(
-            _log.name,
-            level,
-            __file__,
-            0,
-            "%s %s %s %s",
-            (event.path, event.kind, event.reason, event.details),
-            (type(error), error, error.__traceback__) if error is not None else None,
-            extra={"otree_event": event},
-        )
-        _log.handle(record)
+            # Built by hand: Logger.log would walk the stack for a caller that is always here.
+            record = _log.makeRecord(
+                _log.name,
+                level,
+                __file__,
+                0,
+                "%s %s %s %s",
+                (event.path, event.kind, event.reason, event.details),
+                (type(error), error, error.__traceback__) if error is not None else None,
+                extra={"otree_event": event},
+            )
+            _log.handle(record)
 
     def subscribe(self, prefix: str, buffer: int = DEFAULT_BUFFER) -> EventStream:
         stream = EventStream(prefix, buffer)

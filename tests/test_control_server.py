@@ -15,7 +15,6 @@ import trio
 import otree
 from otree import _control
 from otree._control import ControlServer, peer_allowed
-from otree._events import level_of
 from otree._info import Event
 from otree._protocol import VERSION, FrameReader, Reply, Request, decode_reply, encode
 
@@ -72,7 +71,7 @@ async def serving(tmp_path: Path) -> AsyncIterator[Served]:
             reload=reload,
             set_level=lambda level: None,
             stop_tree=stop_tree,
-            emit=lambda event: sup._tree.bus.publish(event, level_of(event.kind, event.reason)),
+            emit=sup._tree.bus.emit,
         )
         await nursery.start(server.serve, path)
         yield served
@@ -117,7 +116,7 @@ async def test_runtime_dir_others_can_enter_is_refused(tmp_path: Path) -> None:
             reload=None,  # type: ignore[arg-type]
             set_level=lambda level: None,
             stop_tree=lambda: None,
-            emit=lambda event: None,
+            emit=lambda *event: None,
         )
         with pytest.raises(OSError, match=r"runtime dir .*shared is not private \(owner uid \d+, mode 755\)"):
             await server.serve(shared / "control.sock")
