@@ -210,7 +210,7 @@ class ControlServer:
         try:
             reply = encode(Reply(VERSION, True, await self._answer(request)))
         except _Refused as refused:
-            reply = encode(Reply(VERSION, False, error=str(refused), code=refused.code))
+            reply = _error_frame(str(refused), refused.code)
         except trio.Cancelled:  # the tree stops under the request: say so rather than hang up
             with trio.CancelScope(shield=True), trio.move_on_after(1.0):
                 await _reply_error(stream, "the tree is stopping")
@@ -218,7 +218,7 @@ class ControlServer:
         except Exception as error:  # noqa: BLE001 - a bug in one request must not stop the tree
             detail = f"{type(error).__name__}: {error}"
             self.emit(self.root.path, "control.error", request.op, {"detail": detail})
-            reply = encode(Reply(VERSION, False, error=f"internal error in {request.op}: {detail}", code=1))
+            reply = _error_frame(f"internal error in {request.op}: {detail}", 1)
         await stream.send_all(reply)
 
     async def _answer(self, request: Request) -> Any:
@@ -390,4 +390,8 @@ async def _cancel_on_eof(stream: trio.SocketStream, scope: trio.CancelScope) -> 
 
 
 async def _reply_error(stream: trio.SocketStream, message: str, code: int = EXIT_REFUSED) -> None:
-    await stream.send_all(encode(Reply(VERSION, False, error=message, code=code)))
+    await stream.send_all(_error_frame(message, code))
+
+
+def _error_frame(message: str, code: int = EXIT_REFUSED) -> bytes:
+    return encode(Reply(VERSION, False, error=message, code=code))

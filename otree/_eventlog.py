@@ -41,6 +41,13 @@ class _Mark:
         self.mark = LogMark(0, 0)  # set when written
 
 
+def _settle(work: list[tuple[list[Event], _Mark | None]]) -> None:
+    """Tell the marks in ``work`` (now written) where they fell."""
+    for _, mark in work:
+        if mark is not None:
+            mark.done.set()
+
+
 def _plain(value: object) -> str:
     """Details are plain values; anything else is written as its repr rather than lost."""
     return repr(value)
@@ -110,29 +117,28 @@ class EventLog:
             with trio.move_on_after(self.interval):
                 await self._wake.wait()
             self._wake = trio.Event()
-            if self._pending:
-                self._sealed.append((self._take(), None))
-            if self._sealed:
-                work, self._sealed = self._sealed, []
+            work = self._seal()
+            if work:
                 # not abandoned on cancel: the batch is written before the writer stops
                 await trio.to_thread.run_sync(self._write_batches, work)
-                for _, mark in work:
-                    if mark is not None:
-                        mark.done.set()
+                _settle(work)
 
     def close(self) -> None:
         """Write everything still queued and close the file (after the tree has stopped)."""
-        work, self._sealed = self._sealed, []
-        if self._pending:
-            work.append((self._take(), None))
+        work = self._seal()
         self._write_batches(work)
-        for _, mark in work:
-            if mark is not None:
-                mark.done.set()
+        _settle(work)
         with self._lock:
             if self._fd >= 0:
                 os.close(self._fd)
                 self._fd = -1
+
+    def _seal(self) -> list[tuple[list[Event], _Mark | None]]:
+        """Everything appended or marked so far, in order, as the next work for the writer."""
+        if self._pending:
+            self._sealed.append((self._take(), None))
+        work, self._sealed = self._sealed, []
+        return work
 
     def _write_batches(self, work: list[tuple[list[Event], _Mark | None]]) -> None:
         with self._lock:
