@@ -81,12 +81,11 @@ def _read(path: Path, limit: int | None = None) -> bytes:
 
 def _history(state: Path, until: LogMark | None) -> Iterator[tuple[Path, bytes]]:
     """The bytes of each log file, oldest first; with ``until``, only what precedes the mark."""
+    if until is None:
+        yield from ((path, _read(path)) for path in log_files(state))
+        return
     rotated = rotated_files(state)
     current = state / LOG_NAME
-    if until is None:
-        yield from ((path, _read(path)) for _, path in rotated)
-        yield current, _read(current)
-        return
     yield from ((path, _read(path)) for number, path in rotated if number < until.generation)
     marked = state / f"{LOG_NAME}.{until.generation}"
     if marked.exists():
