@@ -524,6 +524,7 @@ class Pool:
     def cost_reported(self, run: RunningChild) -> None:
         """A job reported spend: charge it today, in memory and in the ledger, as it comes in,
         so a crash cannot lose it and a job spanning midnight splits its spend the same way."""
+        self._roll()  # the dispatcher may not have woken since midnight
         self._charge(run.child, run)
 
     def _charge(self, job: Job, run: RunningChild) -> None:

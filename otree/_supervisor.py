@@ -901,7 +901,7 @@ class SupervisorHandle(_Handle):
         supervisors = sum(1 for c in children if c.spec.kind in ("supervisor", "pool"))
         return Counts(
             specs=len(children),
-            active=sum(1 for c in children if c.run is not None),
+            active=sum(1 for c in children if c.run is not None and c.state != "restarting"),
             supervisors=supervisors,
             workers=len(children) - supervisors,
         )

@@ -188,6 +188,23 @@ async def test_budget_reset_is_reported_at_midnight_on_an_idle_pool(
         assert reset.path == "root/jobs"
 
 
+async def test_spend_reported_after_midnight_counts_for_the_new_day(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A job started before midnight, with nothing spent that day, reports its cost after it: the
+    cost is today's (it used to go to the day before, and be lost when the day rolled)."""
+
+    async def overnight(payload: Any) -> None:
+        await trio.sleep(3700)  # midnight UTC is at t=3600
+        otree.current_child().report_cost(0.4)
+
+    spec = otree.pool("jobs", {"o": overnight}, daily_budget=1.0, budget_tz="UTC", now=clock)
+    async with otree.open_supervisor(otree.supervisor("root", children=[spec])) as sup:
+        pool = pool_of(sup)
+        await pool.submit_nowait("o", estimated_cost=0.5).result()
+        assert pool.status().spent_today == pytest.approx(0.4)
+
+
 async def test_pool_reject_mode_refuses_submissions_once_spent(
     autojump_clock: trio.testing.MockClock,
 ) -> None:

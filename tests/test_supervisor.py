@@ -542,6 +542,7 @@ async def test_a_child_is_restarting_while_a_retry_start_is_in_flight(
         await trio.sleep(6)  # the crash at 1 s, the first attempt runs from 1 s to 11 s
         assert states(sup) == {"c": "restarting", "a": "running"}
         assert status_of(sup, sup._tree.root_info()).root.children[1].info.state == "restarting"
+        assert sup.count_children().active == 1  # as OTP: no live child yet
         with pytest.raises(otree.Restarting):  # answered once the attempt in flight has failed
             await sup.restart_child("c")
         assert trio.current_time() == pytest.approx(11)
