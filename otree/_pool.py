@@ -1,5 +1,5 @@
 """The pool child: a bounded priority job queue, a concurrency cap, a daily budget gate,
-retries with backoff, dead letters and a circuit breaker (in memory; no store yet).
+retries with backoff, dead letters and a circuit breaker (in memory, or durable in SQLite).
 
 Each running job is a temporary child of the pool (a ``RunningChild`` running
 ``await handler(payload)``), so ``current_child().report_cost()`` works in a

@@ -701,7 +701,7 @@ class _Supervisor:
 
     async def op_restart_child(self, child_id: str) -> ChildInfo:
         child = self._get(child_id)
-        if child.state == "restarting":  # between attempts, or (if ever seen) during one
+        if child.state == "restarting":  # checked first: during a start attempt it has a run too
             raise Restarting(child.path, "restart")
         if child.run is not None:
             raise Running(child.path, "restart")
