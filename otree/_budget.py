@@ -4,6 +4,11 @@ Money is kept in integer micro-dollars, so sums never drift and the gate's
 comparisons are exact. The rule (DESIGN §10): a job may start when
 ``spent < budget`` and ``spent + reserved + estimate <= budget``; a running
 job's estimate is reserved until it ends, then replaced by what it spent.
+
+Bounds: an estimate or a daily budget is at most ``MAX_USD`` (a float that large
+still converts to micro-dollars exactly), and a day's spend saturates at
+``LEDGER_MAX``, the largest integer the SQLite ledger holds, so no reported cost,
+however absurd, can overflow it (the gate is shut long before).
 """
 
 from __future__ import annotations
@@ -15,16 +20,22 @@ from collections.abc import Hashable
 from typing import Literal
 
 __all__ = [
+    "LEDGER_MAX",
+    "MAX_USD",
     "Budget",
     "Transition",
     "budget_day",
     "from_micros",
     "local_zone",
+    "next_midnight",
     "seconds_until_midnight",
     "to_micros",
+    "usd_text",
 ]
 
 MICROS = 1_000_000
+MAX_USD = 1_000_000_000  # the largest estimate or daily budget
+LEDGER_MAX = 2**63 - 1  # micro-dollars: SQLite's largest INTEGER, where a day's spend saturates
 
 Transition = Literal["warning", "exhausted"]
 
@@ -37,6 +48,12 @@ def to_micros(usd: float) -> int:
 def from_micros(micros: int) -> float:
     """Integer micro-dollars as USD."""
     return micros / MICROS
+
+
+def usd_text(micros: int) -> str:
+    """``$0.10``, ``$0.0035``, ``$1,250.00``: cents, or as many decimals as the amount has."""
+    whole, fraction = divmod(micros, MICROS)
+    return f"${whole:,}.{f'{fraction:06d}'.rstrip('0'):0<2}"
 
 
 def local_zone() -> dt.tzinfo:
@@ -60,10 +77,14 @@ def budget_day(now: dt.datetime, tz: dt.tzinfo) -> dt.date:
     return now.astimezone(tz).date()
 
 
+def next_midnight(now: dt.datetime, tz: dt.tzinfo) -> dt.datetime:
+    """The next midnight in ``tz`` after ``now``: when the budget day ends."""
+    return dt.datetime.combine(now.astimezone(tz).date() + dt.timedelta(days=1), dt.time(0), tzinfo=tz)
+
+
 def seconds_until_midnight(now: dt.datetime, tz: dt.tzinfo) -> float:
     """Seconds from ``now`` until the next midnight in ``tz`` (DST-aware: midnight is local)."""
-    local = now.astimezone(tz)
-    midnight = dt.datetime.combine(local.date() + dt.timedelta(days=1), dt.time(0), tzinfo=tz)
+    midnight = next_midnight(now, tz)
     # in UTC: two datetimes of the same tzinfo subtract as wall clocks, an hour off across DST
     return (midnight.astimezone(dt.UTC) - now.astimezone(dt.UTC)).total_seconds()
 
@@ -117,6 +138,23 @@ class Budget:
         if self.limit is None:
             return True
         return self.spent < self.limit and estimate <= self.limit - self.spent - self._reserved_total
+
+    def capped(self, amount: int) -> int:
+        """``amount`` cut to what today's ledger can still hold (all of it, short of ``LEDGER_MAX``)."""
+        return min(amount, LEDGER_MAX - self.spent)
+
+    def shortfall(self, estimate: int) -> str:
+        """Why the gate holds a job with this estimate, in words (``needs $0.10, $0.08 left``)."""
+        limit = self.limit
+        assert limit is not None, "only a daily budget holds jobs"
+        if self.spent >= limit:
+            return f"{usd_text(self.spent)} of {usd_text(limit)} spent"
+        if estimate > limit:
+            return f"needs {usd_text(estimate)}, more than the whole daily budget of {usd_text(limit)}"
+        left = f"needs {usd_text(estimate)}, {usd_text(max(0, limit - self.spent - self.reserved))} left"
+        if self.reserved:
+            left += f" ({usd_text(self.reserved)} reserved by running jobs)"
+        return left
 
     def reserve(self, job: Hashable, estimate: int) -> None:
         """A job starts: hold its estimate."""

@@ -106,7 +106,8 @@ class DeadLetter(msgspec.Struct, frozen=True):
 
 
 class PoolStatus(msgspec.Struct, frozen=True):
-    """A pool's queue, concurrency, budget and circuit."""
+    """A pool's queue, concurrency, budget and circuit; ``held`` says what keeps the job at the
+    head of the queue from starting (the budget or the circuit), None when nothing does."""
 
     queued: int
     retrying: int
@@ -118,6 +119,7 @@ class PoolStatus(msgspec.Struct, frozen=True):
     spent_today: float
     reserved: float
     circuit: str | None
+    held: str | None = None
 
 
 class StatusNode(msgspec.Struct, frozen=True):
@@ -139,6 +141,8 @@ class Status(msgspec.Struct, frozen=True):
 
 
 class JobInfo(msgspec.Struct, frozen=True):
+    """One job of a listing; ``held`` is set on the head job when the budget or the circuit holds it."""
+
     id: str
     kind: str
     state: str
@@ -147,6 +151,7 @@ class JobInfo(msgspec.Struct, frozen=True):
     estimated_cost: float
     cost: float
     submitted_at: float
+    held: str | None = None
 
 
 class Jobs(msgspec.Struct, frozen=True):

@@ -9,6 +9,7 @@ than ``max_restarts + 1`` entries because the supervisor gives up at that point.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Hashable
 
 __all__ = ["CircuitState", "RestartWindow", "backoff_delay"]
 
@@ -62,6 +63,11 @@ def backoff_delay(
 class CircuitState:
     """A circuit breaker's arithmetic: closed, open for ``cooldown`` s after ``failures`` in a row,
     then half-open, letting one trial through. Pure: the clock is passed in.
+
+    Only the trial decides a half-open circuit: its success closes it, its failure opens it
+    again. A job that started before the circuit opened may end while it is open or
+    half-open; its failure is counted, but its success closes nothing (it says nothing about
+    the service since the opening). Jobs are named by a token the caller chooses (an id).
     """
 
     __slots__ = ("_failures_in_row", "_opened_at", "_trial", "cooldown", "failures", "state")
@@ -72,46 +78,58 @@ class CircuitState:
         self.state: str = "closed"
         self._failures_in_row = 0
         self._opened_at = 0.0
-        self._trial = False
+        self._trial: Hashable | None = None  # the job running as the half-open trial
 
-    def allow(self, now: float) -> tuple[bool, str | None]:
-        """Whether a job may start at ``now``, and the state entered on the way (or None)."""
+    def allow(self, now: float, job: Hashable) -> tuple[bool, str | None]:
+        """Whether ``job`` may start at ``now``, and the state entered on the way (or None).
+        A job let through an open or half-open circuit is its trial (one at a time)."""
+        if self.holds(now):
+            return False, None
         if self.state == "closed":
             return True, None
+        entered = None
         if self.state == "open":
-            if now - self._opened_at < self.cooldown:
-                return False, None
             self.state = "half_open"
-            self._trial = True
-            return True, "half_open"
-        if self._trial:  # half-open: one trial at a time
-            return False, None
-        self._trial = True
-        return True, None
+            entered = "half_open"
+        self._trial = job
+        return True, entered
 
-    def abandon(self) -> None:
-        """A started job was stopped before it could succeed or fail: a half-open circuit
-        may let another trial through."""
-        if self.state == "half_open":
-            self._trial = False
+    def _is_trial(self, job: Hashable) -> bool:
+        return self._trial is not None and self._trial == job
+
+    def abandon(self, job: Hashable) -> None:
+        """A started job was stopped before it could succeed or fail: if it was the trial, a
+        half-open circuit may let another one through."""
+        if self._is_trial(job):
+            self._trial = None
+
+    def holds(self, now: float) -> bool:
+        """Whether the circuit keeps the next job from starting at ``now``."""
+        if self.state == "open":
+            return now - self._opened_at < self.cooldown
+        return self.state == "half_open" and self._trial is not None
 
     def reopen_in(self, now: float) -> float:
         """Seconds until an open circuit lets a trial through (0 unless open)."""
         return max(0.0, self._opened_at + self.cooldown - now) if self.state == "open" else 0.0
 
-    def record(self, ok: bool, now: float) -> str | None:
+    def record(self, job: Hashable, ok: bool, now: float) -> str | None:
         """A started job ended; the state entered because of it (or None)."""
+        trial = self._is_trial(job)
+        if trial:
+            self._trial = None
         if ok:
+            if self.state == "closed":
+                self._failures_in_row = 0
+                return None
+            if not trial:  # started before the opening: it cannot vouch for the service now
+                return None
+            self.state = "closed"
             self._failures_in_row = 0
-            self._trial = False
-            if self.state != "closed":
-                self.state = "closed"
-                return "closed"
-            return None
+            return "closed"
         self._failures_in_row += 1
-        if self.state == "half_open" or (self.state == "closed" and self._failures_in_row >= self.failures):
+        if trial or (self.state == "closed" and self._failures_in_row >= self.failures):
             self.state = "open"
             self._opened_at = now
-            self._trial = False
             return "opened"
         return None

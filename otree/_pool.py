@@ -1,5 +1,5 @@
 """The pool child: a bounded priority job queue, a concurrency cap, a daily budget gate,
-retries with backoff, dead letters and a circuit breaker (in memory; no store yet).
+retries with backoff, dead letters and a circuit breaker (in memory, or durable in SQLite).
 
 Each running job is a temporary child of the pool (a ``RunningChild`` running
 ``await handler(payload)``), so ``current_child().report_cost()`` works in a
@@ -24,9 +24,18 @@ from typing import Any, Literal
 import msgspec
 import trio
 
-from ._budget import Budget, budget_day, local_zone, seconds_until_midnight, to_micros
+from ._budget import (
+    MAX_USD,
+    Budget,
+    budget_day,
+    from_micros,
+    local_zone,
+    next_midnight,
+    seconds_until_midnight,
+    to_micros,
+)
 from ._errors import BudgetExceeded, JobFailed, NotRunning, QueueFull
-from ._info import ChildInfo, DeadLetter
+from ._info import ChildInfo, DeadLetter, PoolStatus
 from ._intensity import CircuitState
 from ._jobqueue import JobQueue
 from ._process import ProcessContext, ProcessFailed, run_job_process
@@ -36,7 +45,8 @@ from ._task import RunningChild, current_child
 
 __all__ = ["Job", "Pool", "ProcessJob", "process_job"]
 
-JobState = Literal["queued", "waiting", "running", "done", "dead", "cancelled", "interrupted"]
+JobState = Literal["queued", "waiting", "running", "done", "dead", "cancelled", "interrupted", "dropped"]
+HoldReason = Literal["budget", "circuit"]
 PRIORITY_RANGE = range(-1000, 1001)
 
 
@@ -48,6 +58,7 @@ class Job:
         "_pool",
         "attempts",
         "cost",
+        "dropped",
         "error",
         "estimate",
         "id",
@@ -80,6 +91,7 @@ class Job:
         self.run: RunningChild | None = None
         self.value: Any = None
         self.error: BaseException | None = None
+        self.dropped = ""  # why the pool dropped it (the reason of its job.dropped event)
         self._done: trio.Event | None = None  # created only if someone awaits the result
 
     def __repr__(self) -> str:
@@ -89,7 +101,8 @@ class Job:
         """The handler's return value once the job has succeeded.
 
         Raises:
-          JobFailed: the job was dead-lettered (its last error chained) or cancelled.
+          JobFailed: the job was dead-lettered (its last error chained), cancelled, dropped
+            (naming why), or interrupted by a stop of its durable pool.
         """
         if self.state in ("queued", "waiting", "running"):
             if self._done is None:
@@ -102,7 +115,9 @@ class Job:
         if self.state == "cancelled":
             raise JobFailed(self.id, "cancelled")
         if self.state == "interrupted":
-            raise JobFailed(self.id, "interrupted: the pool stopped (a durable pool runs it again)")
+            raise JobFailed(self.id, "interrupted: the pool stopped; it runs again when the pool starts")
+        if self.state == "dropped":
+            raise JobFailed(self.id, f"dropped: {self.dropped}")
         raise JobFailed(self.id, f"dead-lettered after {self.attempts} attempts") from self.error
 
     def cancel(self) -> None:
@@ -155,6 +170,7 @@ class Pool:
         self._stopping = False
         self._stop_requested = False
         self._kill_at = math.inf  # the pool's own stop deadline (trio time)
+        self.held: tuple[Job, HoldReason] | None = None  # the head job the budget or circuit holds
 
     def reconfigure(self, spec: PoolSpec) -> None:
         """Apply a reloaded spec in place: queued jobs, today's spend and dead letters are kept.
@@ -211,10 +227,11 @@ class Pool:
         if (
             isinstance(estimated_cost, bool)
             or not isinstance(estimated_cost, (int, float))
-            or not (0 <= estimated_cost < math.inf)
+            or not (0 <= estimated_cost <= MAX_USD)
         ):
             raise ValueError(
-                f"{self.path}: estimated_cost must be a number of USD >= 0; got {estimated_cost!r}"
+                f"{self.path}: estimated_cost must be a number of USD >= 0 and <= {MAX_USD:,}; "
+                f"got {estimated_cost!r}"
             )
         try:
             encoded = msgspec.json.encode(payload)
@@ -259,6 +276,7 @@ class Pool:
         if job.state == "queued" and self.queue.remove(job.id) is not None:
             self._forget(job)
             self._finish(job, "cancelled")
+            self._wake.set()  # the job behind it may be the new head (and held)
         elif job.state == "waiting":
             self.waiting = [w for w in self.waiting if w[2] is not job]
             heapq.heapify(self.waiting)
@@ -400,6 +418,7 @@ class Pool:
         self._roll()
         queue, running, budget = self.queue, self.running, self.budget
         limit = self.spec.max_concurrency
+        held: tuple[Job, HoldReason] | None = None
         while len(running) < limit:
             head = queue.peek()
             if head is None:
@@ -414,21 +433,75 @@ class Pool:
                 # strict priority order: the head that does not fit holds the jobs behind it until
                 # a running job ends (a wake) or the budget day does (a timer)
                 look_again = min(look_again, now + seconds_until_midnight(self._now(), self._tz))
+                held = (job, "budget")
                 break
             if self.circuit is not None:
-                allowed, entered = self.circuit.allow(now)
+                allowed, entered = self.circuit.allow(now, job.id)
                 if entered:
                     self._emit(self.path, f"circuit.{entered}", "")
                 if not allowed:
                     if self.circuit.state == "open":  # half-open: the trial's end wakes us
                         look_again = min(look_again, now + self.circuit.reopen_in(now))
+                    held = (job, "circuit")
                     break
             queue.pop()
             self._start(job, now)
+        self._set_hold(held)
         if budget.limit is not None and budget.spent:
             # wake at midnight, so the reset is reported (and reject mode opens) when it happens
             look_again = min(look_again, now + seconds_until_midnight(self._now(), self._tz))
         return look_again
+
+    def _set_hold(self, held: tuple[Job, HoldReason] | None) -> None:
+        """Record what holds the head job; a new hold (a new head, or a new reason) is one
+        ``job.held`` event, however often the dispatcher wakes to find it unchanged."""
+        if held == self.held:
+            return
+        self.held = held
+        if held is not None:
+            job, reason = held
+            self._emit(f"{self.path}/{job.id}", "job.held", reason, job_kind=job.kind, detail=self.hold())
+
+    def hold(self) -> str | None:
+        """What holds the head job, in words, as of now (``budget: needs $0.10, $0.08 left,
+        resets 00:00 UTC``); None when nothing does (a change since the dispatcher last looked,
+        such as a cancel or a reload, counts: its next wake decides again)."""
+        if self.held is None:
+            return None
+        job, reason = self.held
+        head = self.queue.peek()
+        if head is None or head[1] is not job:
+            return None
+        if reason == "budget":
+            if self.budget.can_start(job.estimate):
+                return None
+            midnight = next_midnight(self._now(), self._tz)
+            return f"budget: {self.budget.shortfall(job.estimate)}, resets {midnight:%H:%M %Z}".rstrip()
+        circuit = self.circuit
+        now = trio.current_time()
+        if circuit is None or not circuit.holds(now):
+            return None
+        if circuit.state == "open":
+            return f"circuit open, half-open in {circuit.reopen_in(now):.1f} s"
+        return "circuit half-open, a trial job is running"
+
+    def status(self) -> PoolStatus:
+        """The queue, concurrency, budget and circuit now, and what holds the head job."""
+        spec = self.spec
+        budget = self.budget
+        return PoolStatus(
+            queued=len(self.queue),
+            retrying=len(self.waiting),
+            running=len(self.running),
+            max_concurrency=spec.max_concurrency,
+            max_queue=spec.max_queue,
+            dead_letters=len(self.dead),
+            daily_budget=spec.daily_budget,
+            spent_today=from_micros(budget.spent),
+            reserved=from_micros(budget.reserved),
+            circuit=self.circuit.state if self.circuit is not None else None,
+            held=self.hold(),
+        )
 
     def _start(self, job: Job, now: float) -> None:
         assert self._nursery is not None
@@ -451,10 +524,11 @@ class Pool:
     def cost_reported(self, run: RunningChild) -> None:
         """A job reported spend: charge it today, in memory and in the ledger, as it comes in,
         so a crash cannot lose it and a job spanning midnight splits its spend the same way."""
+        self._roll()  # the dispatcher may not have woken since midnight
         self._charge(run.child, run)
 
     def _charge(self, job: Job, run: RunningChild) -> None:
-        delta = to_micros(run.cost) - job.logged
+        delta = self.budget.capped(to_micros(run.cost) - job.logged)
         if not delta:
             return
         job.logged += delta
@@ -481,7 +555,7 @@ class Pool:
         ok = run.exit is not None and run.exit.reason == "normal"
         now = trio.current_time()
         if self.circuit is not None:
-            entered = self.circuit.record(ok, now)
+            entered = self.circuit.record(job.id, ok, now)
             if entered:
                 self._emit(self.path, f"circuit.{entered}", "")
         if ok:
@@ -535,14 +609,12 @@ class Pool:
         job.run = None
         self._settle(job, run)
         if self.circuit is not None:
-            self.circuit.abandon()  # a stopped job says nothing about the service
+            self.circuit.abandon(job.id)  # a stopped job says nothing about the service
         if job.state == "cancelled":  # job.cancel(): it is gone
             self._forget(job)
             self._finish(job, "cancelled")
-        else:  # the pool stopped under it: a durable pool runs it again next time
-            if self.store is not None:
-                self.store.put_back(int(job.id))
-            self._finish(job, "interrupted")
+        else:
+            self._pool_stopped(job)
         self._wake.set()
 
     def _finish(self, job: Job, state: JobState) -> None:
@@ -552,14 +624,30 @@ class Pool:
         if job._done is not None:
             job._done.set()
 
+    def _pool_stopped(self, job: Job) -> None:
+        """The pool stopped with ``job`` running, queued or waiting: a durable pool keeps it and
+        runs it next time (its attempt given back); an in-memory one drops it."""
+        if self.store is None:
+            self._drop(job, "pool_stopped")
+            return
+        if job.state == "running":
+            self.store.put_back(int(job.id))
+        self._finish(job, "interrupted")
+
+    def _drop(self, job: Job, reason: str) -> None:
+        """``job`` is gone without running to its end: one ``job.dropped`` event says why, and
+        whoever awaits it hears so."""
+        self._emit(f"{self.path}/{job.id}", "job.dropped", reason, job_kind=job.kind, state=job.state)
+        job.dropped = reason
+        self._finish(job, "dropped")
+
     def _release_waiters(self) -> None:
-        """The pool stopped: whoever awaits a queued or waiting job hears so (a durable pool
-        still holds those jobs and runs them next time; an in-memory one has lost them)."""
+        """The pool stopped: whoever awaits a queued or waiting job hears so."""
         for _, job in list(self.queue):
             self.queue.remove(job.id)
-            self._finish(job, "interrupted")
+            self._pool_stopped(job)
         for _, _, job in self.waiting:
-            self._finish(job, "interrupted")
+            self._pool_stopped(job)
         self.waiting.clear()
 
     async def _stop_running(self) -> None:

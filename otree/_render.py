@@ -71,6 +71,8 @@ def _pool_words(pool: PoolStatus) -> list[str]:
         words.append(f"spent today {_money(pool.spent_today)}")
     if pool.circuit is not None and pool.circuit != "closed":
         words.append(f"circuit {pool.circuit}")
+    if pool.held is not None:
+        words.append(f"held: {pool.held}")
     return words
 
 
@@ -125,6 +127,8 @@ def _job_line(job: JobInfo) -> str:
         words.append(f"estimate {_money(job.estimated_cost)}")
     if job.cost:
         words.append(f"spent {_money(job.cost)}")
+    if job.held is not None:
+        words.append(f"held: {job.held}")
     return " ".join(words)
 
 

@@ -23,6 +23,7 @@ from typing import Any, ClassVar, Literal
 import msgspec
 import trio
 
+from ._budget import MAX_USD
 from ._errors import SpecError
 from ._intensity import backoff_delay
 from ._strategy import Restart, Strategy
@@ -579,8 +580,10 @@ class PoolSpec(_Spec, frozen=True, kw_only=True):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise SpecError(path, field, "must be an integer >= 1", value)
         budget = self.daily_budget
-        if budget is not None and (not _is_number(budget) or not 0 <= budget < math.inf):
-            raise SpecError(path, "daily_budget", "must be None or a number of USD >= 0", budget)
+        if budget is not None and (not _is_number(budget) or not 0 <= budget <= MAX_USD):
+            raise SpecError(
+                path, "daily_budget", f"must be None or a number of USD >= 0 and <= {MAX_USD:,}", budget
+            )
         if not _is_number(self.budget_warn_at) or not 0 < self.budget_warn_at <= 1:
             raise SpecError(path, "budget_warn_at", "must be a number in (0, 1]", self.budget_warn_at)
         _check_choice(path, "on_budget_exhausted", self.on_budget_exhausted, ("reject", "hold"))

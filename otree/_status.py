@@ -11,8 +11,8 @@ import time
 import trio
 
 from ._budget import from_micros
-from ._info import ChildInfo, JobInfo, Jobs, PoolStatus, Status, StatusNode
-from ._pool import Job, Pool
+from ._info import ChildInfo, JobInfo, Jobs, Status, StatusNode
+from ._pool import Job
 from ._supervisor import PoolHandle, SupervisorHandle, _Supervisor
 
 __all__ = ["jobs_of", "status_of"]
@@ -25,7 +25,7 @@ def _supervisor_node(sup: _Supervisor, info: ChildInfo) -> StatusNode:
         if child.nested is not None and child.run is not None:
             children.append(_supervisor_node(child.nested, child_info))
         elif child.pool is not None and child.run is not None:
-            children.append(StatusNode(child_info, pool=_pool_status(child.pool)))
+            children.append(StatusNode(child_info, pool=child.pool.status()))
         else:
             children.append(StatusNode(child_info))
     return StatusNode(
@@ -37,33 +37,16 @@ def _supervisor_node(sup: _Supervisor, info: ChildInfo) -> StatusNode:
     )
 
 
-def _pool_status(pool: Pool) -> PoolStatus:
-    spec = pool.spec
-    budget = pool.budget
-    return PoolStatus(
-        queued=len(pool.queue),
-        retrying=len(pool.waiting),
-        running=len(pool.running),
-        max_concurrency=spec.max_concurrency,
-        max_queue=spec.max_queue,
-        dead_letters=len(pool.dead),
-        daily_budget=spec.daily_budget,
-        spent_today=from_micros(budget.spent),
-        reserved=from_micros(budget.reserved),
-        circuit=pool.circuit.state if pool.circuit is not None else None,
-    )
-
-
 def status_of(handle: SupervisorHandle | PoolHandle, info: ChildInfo) -> Status:
     """The snapshot below ``handle``, whose own line is ``info``."""
     if isinstance(handle, PoolHandle):
-        root = StatusNode(info, pool=_pool_status(handle._pool()))
+        root = StatusNode(info, pool=handle._pool().status())
     else:
         root = _supervisor_node(handle._sup(), info)
     return Status(time.time(), root)
 
 
-def _job_info(job: Job) -> JobInfo:
+def _job_info(job: Job, held: str | None = None) -> JobInfo:
     return JobInfo(
         id=job.id,
         kind=job.kind,
@@ -73,14 +56,16 @@ def _job_info(job: Job) -> JobInfo:
         estimated_cost=from_micros(job.estimate),
         cost=job.cost,
         submitted_at=job.submitted_at,
+        held=held,
     )
 
 
 def jobs_of(handle: PoolHandle) -> Jobs:
     """A pool's jobs now."""
     pool = handle._pool()
+    held = pool.hold()  # the head job's: the first in start order
     return Jobs(
         running=[_job_info(job) for job in pool.running.values()],
-        queued=[_job_info(job) for _, job in pool.queue],
+        queued=[_job_info(job, held if n == 0 else None) for n, (_, job) in enumerate(pool.queue)],
         retrying=[_job_info(job) for _, _, job in sorted(pool.waiting, key=lambda w: (w[0], w[1]))],
     )

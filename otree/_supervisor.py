@@ -41,7 +41,7 @@ from ._errors import (
 )
 from ._eventlog import EventLog
 from ._events import EventBus, EventStream, level_of
-from ._info import ChildInfo, ChildState, Counts, DeadLetter, Event, ExitInfo
+from ._info import ChildInfo, ChildState, Counts, DeadLetter, Event, ExitInfo, PoolStatus
 from ._intensity import RestartWindow
 from ._logfiles import LOG_NAME
 from ._paths import check_state_dir, pool_database
@@ -453,7 +453,10 @@ class _Supervisor:
         return child
 
     async def _start(self, child: _Child) -> None:
-        """Start one child and wait until it is ready (OTP's ``do_start_child``)."""
+        """Start one child and wait until it is ready (OTP's ``do_start_child``).
+
+        A child restarting stays ``restarting`` through the attempt: until it runs again.
+        """
         assert self._nursery is not None
         spec = child.spec
         run = RunningChild(self, child, child.path)
@@ -490,7 +493,9 @@ class _Supervisor:
         child.run = run
         child.nested = nested
         child.pool = pool
-        child.state = "starting"
+        before = child.state  # "restarting" for an automatic restart, else "stopped"
+        if before != "restarting":
+            child.state = "starting"
         child.started_at = time.time()
         self._nursery.start_soon(run.main, fn, args, takes_status, name=child.path)
         self._emit(child.path, "child.started")
@@ -498,12 +503,12 @@ class _Supervisor:
             run.ready = True
         elif not await run.wait_ready():
             child.run = None
-            child.state = "stopped"
+            child.state = before
             child.exit = run.exit
             child.error = run.error
             self._emit_end("child.start_failed", child, run)
             raise _StartFailed(run)
-        if child.run is run and child.state == "starting":
+        if child.run is run and child.state in ("starting", "restarting"):
             child.state = "running"
         self._emit(child.path, "child.ready")
 
@@ -696,10 +701,10 @@ class _Supervisor:
 
     async def op_restart_child(self, child_id: str) -> ChildInfo:
         child = self._get(child_id)
+        if child.state == "restarting":  # checked first: during a start attempt it has a run too
+            raise Restarting(child.path, "restart")
         if child.run is not None:
             raise Running(child.path, "restart")
-        if child.state == "restarting":
-            raise Restarting(child.path, "restart")
         try:
             await self._start(child)
         except _StartFailed as failed:
@@ -708,10 +713,10 @@ class _Supervisor:
 
     async def op_delete_child(self, child_id: str) -> None:
         child = self._get(child_id)
-        if child.run is not None:
-            raise Running(child.path, "delete")
         if child.state == "restarting":
             raise Restarting(child.path, "delete")
+        if child.run is not None:
+            raise Running(child.path, "delete")
         del self.children[child_id]
 
     async def op_reload(self, spec: SupervisorSpec) -> dict[str, list[str]]:
@@ -896,7 +901,7 @@ class SupervisorHandle(_Handle):
         supervisors = sum(1 for c in children if c.spec.kind in ("supervisor", "pool"))
         return Counts(
             specs=len(children),
-            active=sum(1 for c in children if c.run is not None),
+            active=sum(1 for c in children if c.run is not None and c.state != "restarting"),
             supervisors=supervisors,
             workers=len(children) - supervisors,
         )
@@ -993,6 +998,11 @@ class PoolHandle(_Handle):
     def which_children(self) -> list[ChildInfo]:
         """Running jobs, newest first."""
         return self._pool().which_children()
+
+    def status(self) -> PoolStatus:
+        """The queue, concurrency, budget and circuit now; ``held`` says what keeps the head job
+        from starting (``budget: needs $0.10, $0.08 left, resets 00:00 UTC``), None if nothing."""
+        return self._pool().status()
 
 
 ################################################################

@@ -3,14 +3,26 @@
 from __future__ import annotations
 
 import datetime as dt
+import tempfile
+from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from otree._budget import Budget, budget_day, local_zone, seconds_until_midnight, to_micros
+from otree._budget import (
+    LEDGER_MAX,
+    MAX_USD,
+    Budget,
+    budget_day,
+    local_zone,
+    seconds_until_midnight,
+    to_micros,
+    usd_text,
+)
 from otree._intensity import CircuitState
+from otree._store import Store
 
 DAY = dt.date(2026, 11, 22)
 
@@ -91,19 +103,160 @@ def test_budget_day_and_midnight_follow_the_budget_timezone() -> None:
 
 def test_circuit_opens_after_failures_in_a_row_then_half_opens_after_cooldown() -> None:
     circuit = CircuitState(failures=2, cooldown=10.0)
-    assert circuit.allow(0) == (True, None)
-    assert circuit.record(False, 0) is None
-    assert circuit.record(True, 1) is None  # a success resets the count
-    assert circuit.record(False, 2) is None
-    assert circuit.record(False, 3) == "opened"
-    assert circuit.allow(12.9) == (False, None)
-    assert circuit.reopen_in(12.9) == 0.1 or abs(circuit.reopen_in(12.9) - 0.1) < 1e-9
-    assert circuit.allow(13) == (True, "half_open")
-    assert circuit.allow(13) == (False, None)  # one trial at a time
-    assert circuit.record(False, 14) == "opened"  # the trial failed
-    assert circuit.allow(24) == (True, "half_open")
-    assert circuit.record(True, 25) == "closed"
-    assert circuit.allow(25) == (True, None)
+    assert circuit.allow(0, "a") == (True, None)
+    assert circuit.record("a", False, 0) is None
+    assert circuit.record("b", True, 1) is None  # a success resets the count
+    assert circuit.record("c", False, 2) is None
+    assert circuit.record("d", False, 3) == "opened"
+    assert circuit.allow(12.9, "e") == (False, None)
+    assert circuit.reopen_in(12.9) == pytest.approx(0.1)
+    assert circuit.allow(13, "e") == (True, "half_open")
+    assert circuit.allow(13, "f") == (False, None)  # one trial at a time
+    assert circuit.record("e", False, 14) == "opened"  # the trial failed
+    assert circuit.allow(24, "f") == (True, "half_open")
+    assert circuit.record("f", True, 25) == "closed"
+    assert circuit.allow(25, "g") == (True, None)
+
+
+def test_only_the_half_open_trial_closes_the_circuit() -> None:
+    """Issue 10 (4a): jobs started before the opening are counted but never close it."""
+    circuit = CircuitState(failures=3, cooldown=5.0)
+    for job in "abcd":
+        assert circuit.allow(0, job) == (True, None)
+    for job in "abc":
+        circuit.record(job, False, 0.1)
+    assert circuit.state == "open"
+    assert circuit.record("d", True, 0.122) is None  # started before the opening
+    assert (circuit.state, circuit.allow(1, "e")) == ("open", (False, None))
+    assert circuit.allow(5.1, "e") == (True, "half_open")
+    assert circuit.record("old", False, 6) is None  # an old failure: counted, the trial decides
+    assert circuit.record("old", True, 6) is None
+    assert circuit.allow(6, "f") == (False, None)  # the trial still runs
+    assert circuit.record("e", True, 7) == "closed"
+
+
+def test_only_the_trial_being_stopped_frees_the_trial() -> None:
+    circuit = CircuitState(failures=1, cooldown=5.0)
+    circuit.allow(0, "old")
+    circuit.record("a", False, 0)
+    assert circuit.allow(5, "trial") == (True, "half_open")
+    circuit.abandon("old")  # a job from before the opening was cancelled: the trial still runs
+    assert circuit.allow(5, "b") == (False, None)
+    circuit.abandon("trial")
+    assert circuit.allow(5, "b") == (True, None)  # the next trial
+    assert circuit.record("b", True, 6) == "closed"
+
+
+@given(
+    ops=st.lists(
+        st.tuples(st.sampled_from(["start", "ok", "fail", "stop"]), st.floats(0, 3), st.integers(0, 20)),
+        max_size=80,
+    )
+)
+def test_the_circuit_closes_only_by_its_trial_and_runs_one_trial_at_a_time(
+    ops: list[tuple[str, float, int]],
+) -> None:
+    """Any interleaving of starts and ends: a circuit that opened is closed only by the job it let
+    through as a trial after the opening, and never runs two trials at once."""
+    circuit = CircuitState(failures=2, cooldown=2.0)
+    now = 0.0
+    running: list[int] = []
+    trials: set[int] = set()  # jobs let through a non-closed circuit, still running
+    ids = iter(range(10**6))
+    for op, step, pick in ops:
+        now += step
+        if op == "start":
+            job = next(ids)
+            was = circuit.state
+            allowed, _ = circuit.allow(now, job)
+            if allowed:
+                running.append(job)
+                if was != "closed":
+                    trials.add(job)
+            assert len(trials) <= 1
+        elif running:
+            job = running.pop(pick % len(running))
+            if op == "stop":
+                circuit.abandon(job)
+                trials.discard(job)
+                continue
+            was = circuit.state
+            entered = circuit.record(job, op == "ok", now)
+            if entered == "closed":
+                assert job in trials and was == "half_open"
+            if was != "closed" and job not in trials:
+                assert entered is None  # an old job's end changes nothing while it is open
+            trials.discard(job)
+
+
+def test_usd_text_shows_cents_or_every_decimal_there_is() -> None:
+    assert [usd_text(m) for m in (0, 80_000, 3_500, 1, 1_250_000_000)] == [
+        "$0.00",
+        "$0.08",
+        "$0.0035",
+        "$0.000001",
+        "$1,250.00",
+    ]
+    assert usd_text(to_micros(MAX_USD)) == "$1,000,000,000.00"
+
+
+def test_shortfall_says_what_the_held_job_needs_and_what_is_left() -> None:
+    budget = Budget(1.0)
+    budget.roll(DAY)
+    budget.reserve("a", to_micros(0.5))
+    budget.charge("a", to_micros(0.42))
+    assert budget.shortfall(to_micros(0.6)) == "needs $0.60, $0.50 left ($0.08 reserved by running jobs)"
+    assert budget.shortfall(to_micros(2)) == "needs $2.00, more than the whole daily budget of $1.00"
+    budget.release("a")
+    budget.charge("b", to_micros(0.6))
+    assert budget.shortfall(0) == "$1.02 of $1.00 spent"
+
+
+micros = st.integers(0, to_micros(MAX_USD))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    ops=st.lists(
+        st.one_of(
+            st.tuples(st.just("start"), micros),
+            st.tuples(st.just("exact"), st.just(0)),  # an estimate of exactly what is left
+            st.tuples(st.just("report"), st.one_of(micros, st.integers(0, 2**80))),
+        ),
+        max_size=24,
+    )
+)
+def test_budget_arithmetic_at_the_bound_fits_the_ledger(ops: list[tuple[str, int]]) -> None:
+    """A budget of MAX_USD, estimates up to it, reported spend of any size: what starts never
+    passes the budget on its estimates, an estimate of exactly what is left starts, the day's
+    spend saturates at LEDGER_MAX, and the SQLite ledger holds it and sums to the same."""
+    budget = Budget(MAX_USD)
+    budget.roll(DAY)
+    limit = to_micros(MAX_USD)
+    reported: list[int] = []
+    with tempfile.TemporaryDirectory() as directory:
+        store = Store(Path(directory) / "pool.sqlite3")
+        try:
+            for key, (op, value) in enumerate(ops):
+                if op == "report":
+                    amount = budget.capped(value)
+                    store.spend(str(DAY), key, amount)  # OverflowError if beyond SQLite's INTEGER
+                    budget.charge(key, amount)
+                    reported.append(value)
+                    continue
+                estimate = value
+                if op == "exact":
+                    estimate = limit - budget.spent - budget.reserved
+                    if budget.spent >= limit or estimate < 0:  # nothing is left (an overspend)
+                        continue
+                    assert budget.can_start(estimate) and budget.admits(estimate)
+                if budget.can_start(estimate):
+                    budget.reserve(key, estimate)
+                    assert budget.spent + budget.reserved <= limit
+            assert budget.reserved >= 0
+            assert budget.spent == store.spent(str(DAY)) == min(LEDGER_MAX, sum(reported))
+        finally:
+            store.close()
 
 
 def test_local_zone_follows_dst(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -13,6 +13,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import otree
+from otree._budget import LEDGER_MAX
+from otree._render import render_jobs, render_status
+from otree._status import jobs_of, status_of
 
 T0 = dt.datetime(2026, 11, 22, 23, 0, tzinfo=dt.UTC)
 
@@ -185,6 +188,23 @@ async def test_budget_reset_is_reported_at_midnight_on_an_idle_pool(
         assert reset.path == "root/jobs"
 
 
+async def test_spend_reported_after_midnight_counts_for_the_new_day(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A job started before midnight, with nothing spent that day, reports its cost after it: the
+    cost is today's (it used to go to the day before, and be lost when the day rolled)."""
+
+    async def overnight(payload: Any) -> None:
+        await trio.sleep(3700)  # midnight UTC is at t=3600
+        otree.current_child().report_cost(0.4)
+
+    spec = otree.pool("jobs", {"o": overnight}, daily_budget=1.0, budget_tz="UTC", now=clock)
+    async with otree.open_supervisor(otree.supervisor("root", children=[spec])) as sup:
+        pool = pool_of(sup)
+        await pool.submit_nowait("o", estimated_cost=0.5).result()
+        assert pool.status().spent_today == pytest.approx(0.4)
+
+
 async def test_pool_reject_mode_refuses_submissions_once_spent(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
@@ -252,6 +272,33 @@ async def test_pool_circuit_breaker_holds_jobs_without_burning_attempts(
         assert kinds == ["circuit.opened", "circuit.half_open", "circuit.closed"]
 
 
+async def test_a_job_started_before_the_circuit_opened_cannot_close_it(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Issue 10 (4a): three jobs fail and open the circuit; a fourth, running since before the
+    opening, succeeds 22 ms later. Only the half-open trial, after the cooldown, closes it."""
+    recorder = Recorder()
+    tree = tree_of(recorder, max_concurrency=4, circuit_breaker=otree.CircuitBreaker(failures=3, cooldown=5))
+    async with otree.open_supervisor(tree) as sup:
+        pool = pool_of(sup)
+        stream = pool.events()
+        failing = [pool.submit_nowait("work", {"n": n, "fail": True, "sleep": 0.1}) for n in range(3)]
+        late = pool.submit_nowait("work", {"n": 3, "sleep": 0.122})
+        await trio.sleep(0.05)
+        held = pool.submit_nowait("work", {"n": 4, "sleep": 0})  # waits behind the full cap
+        for job in failing:
+            with pytest.raises(otree.JobFailed):
+                await job.result()
+        assert await late.result() == 30
+        assert pool._pool().circuit.state == "open"  # type: ignore[union-attr]
+        assert held.state == "queued"
+        assert await held.result() == 40
+        events = [e async for e in _until(stream, "circuit.closed")]
+    circuit = [(e.kind, round(e.time - events[0].time, 1)) for e in events if e.kind.startswith("circuit.")]
+    assert [kind for kind, _ in circuit] == ["circuit.opened", "circuit.half_open", "circuit.closed"]
+    assert trio.current_time() == pytest.approx(5.1)  # the trial started when the cooldown ended
+
+
 async def test_pool_stop_stops_running_jobs_at_once_under_one_job_shutdown(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
@@ -271,7 +318,7 @@ async def test_pool_stop_stops_running_jobs_at_once_under_one_job_shutdown(
         await sup.terminate_child("jobs")
         assert trio.current_time() - before == pytest.approx(4.0)  # not 3 x 4
     for job in jobs:
-        with pytest.raises(otree.JobFailed, match="interrupted: the pool stopped"):
+        with pytest.raises(otree.JobFailed, match="dropped: pool_stopped"):
             await job.result()
 
 
@@ -307,6 +354,135 @@ def test_pool_spec_errors_name_the_field() -> None:
         otree.pool("jobs", {"w": work}, durable="yes")  # type: ignore[arg-type]
     with pytest.raises(otree.SpecError, match="handlers\\['w'\\] must be an async function"):
         otree.pool("jobs", {"w": print})
+
+
+def test_a_daily_budget_beyond_what_the_ledger_holds_is_a_spec_error() -> None:
+    async def work(payload: Any) -> None:
+        pass
+
+    for budget in (1e13, float("inf"), float("nan")):
+        with pytest.raises(otree.SpecError, match="jobs: daily_budget must be None or a number of USD >= 0"):
+            otree.pool("jobs", {"w": work}, daily_budget=budget)
+    assert otree.pool("jobs", {"w": work}, daily_budget=1e9).daily_budget == 1e9
+
+
+async def test_an_estimate_beyond_the_bound_is_refused_naming_the_pool(tmp_path: Any) -> None:
+    """Issue 10 (4b): ``--cost 1e13`` was an OverflowError from SQLite, not a refusal."""
+    recorder = Recorder()
+    async with otree.open_supervisor(tree_of(recorder, durable=True), state_dir=tmp_path) as sup:
+        pool = pool_of(sup)
+        for cost in (1e13, 1e9 + 0.01, float("inf"), float("nan")):
+            with pytest.raises(
+                ValueError, match=r"^root/jobs: estimated_cost must be a number of USD >= 0 and"
+            ):
+                pool.submit_nowait("work", {"n": 0}, estimated_cost=cost)
+        assert pool.queued() == []
+        job = pool.submit_nowait("work", {"n": 1, "sleep": 0}, estimated_cost=1e9)
+        assert job.estimate == 10**15
+        assert await job.result() == 10
+
+
+async def test_reported_spend_beyond_what_the_ledger_holds_saturates_it(tmp_path: Any) -> None:
+    """A job may report any finite cost: the day's spend stops at the ledger's largest integer,
+    the gate is shut, and the ledger still adds up after a restart."""
+
+    async def spender(payload: Any) -> str:
+        for _ in range(3):
+            otree.current_child().report_cost(1e300)
+        return "spent"
+
+    pool_spec = otree.pool("jobs", {"s": spender}, durable=True, daily_budget=1.0, budget_tz="UTC", now=clock)
+    tree = otree.supervisor("root", children=[pool_spec])
+    async with otree.open_supervisor(tree, state_dir=tmp_path) as sup:
+        pool = pool_of(sup)
+        assert await pool.submit_nowait("s").result() == "spent"
+        assert pool.status().spent_today == LEDGER_MAX / 1e6
+        with pytest.raises(otree.BudgetExceeded):
+            pool.submit_nowait("s")
+    async with otree.open_supervisor(tree, state_dir=tmp_path) as sup:
+        assert pool_of(sup)._pool().budget.spent == LEDGER_MAX  # the ledger's sum fits SQLite
+
+
+# --- holds -----------------------------------------------------------------------------------------
+
+
+async def test_a_queue_held_by_the_budget_says_why_once_per_hold(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Issue 10 (4c): the head job's hold is in the status, the job listing and one job.held event
+    per hold (a new head job is a new hold; a wake that changes nothing is not)."""
+    recorder = Recorder()
+    tree = tree_of(recorder, max_concurrency=4, daily_budget=1.0, on_budget_exhausted="hold", budget_tz="UTC")
+    async with otree.open_supervisor(tree) as sup:
+        pool = pool_of(sup)
+        stream = pool.events()
+        pool.submit_nowait("work", {"n": 0, "sleep": 60}, estimated_cost=0.5)  # reserves 0.5, spends 0
+        pool.submit_nowait("work", {"n": 1, "cost": 0.42, "sleep": 30}, estimated_cost=0.42)
+        head = pool.submit_nowait("work", {"n": 2, "sleep": 1}, estimated_cost=0.10)
+        for n in range(3, 6):  # each submission wakes the dispatcher: the hold is the same
+            pool.submit_nowait("work", {"n": n, "sleep": 1}, priority=-1)
+        await trio.sleep(10)
+        held = "budget: needs $0.10, $0.08 left ($0.50 reserved by running jobs), resets 00:00 UTC"
+        assert pool.status().held == held
+        jobs = jobs_of(pool)
+        assert [job.held for job in jobs.queued] == [held, None, None, None]
+        assert render_jobs(jobs).splitlines()[4].endswith(f"estimate $0.10 held: {held}")
+        assert render_status(status_of(pool, sup.which_children()[0])).endswith(f"held: {held}")
+        urgent = pool.submit_nowait("work", {"n": 6}, estimated_cost=0.5, priority=5)  # a new head
+        await trio.sleep(1)
+        assert pool.status().held == (
+            "budget: needs $0.50, $0.08 left ($0.50 reserved by running jobs), resets 00:00 UTC"
+        )
+        await trio.sleep(30)  # job 1 ended: a wake that changes no hold
+        urgent.cancel()  # the job behind it is the head again: a new hold
+        await trio.sleep(1)
+        assert pool.status().held == held
+        await trio.sleep(20)  # job 0 ended having spent nothing: its reservation is free
+        assert pool.status().held is None and pool.queued() == []
+        await pool.submit_nowait("work", {"n": 7, "cost": 0.6, "sleep": 0}).result()
+        last = pool.submit_nowait("work", {"n": 8, "sleep": 0})
+        await trio.sleep(1)
+        assert pool.status().held == "budget: $1.02 of $1.00 spent, resets 00:00 UTC"
+        assert await last.result() == 80  # at midnight
+        holds = [e async for e in _until(stream, "budget.reset") if e.kind == "job.held"]
+    assert [(e.path, e.reason) for e in holds] == [
+        (f"root/jobs/{head.id}", "budget"),
+        (f"root/jobs/{urgent.id}", "budget"),
+        (f"root/jobs/{head.id}", "budget"),
+        (f"root/jobs/{last.id}", "budget"),
+    ]
+    # when the hold began, job 1 had not reported its spend yet: its whole estimate was reserved
+    assert holds[0].details == {
+        "job_kind": "work",
+        "detail": "budget: needs $0.10, $0.08 left ($0.92 reserved by running jobs), resets 00:00 UTC",
+    }
+
+
+async def test_a_queue_held_by_the_circuit_says_when_it_half_opens(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    recorder = Recorder()
+    tree = tree_of(recorder, max_concurrency=2, circuit_breaker=otree.CircuitBreaker(failures=1, cooldown=5))
+    async with otree.open_supervisor(tree) as sup:
+        pool = pool_of(sup)
+        stream = pool.events()
+        with pytest.raises(otree.JobFailed):
+            await pool.submit_nowait("work", {"n": 0, "fail": True, "sleep": 0.8}).result()
+        trial = pool.submit_nowait("work", {"n": 1, "sleep": 10})
+        behind = pool.submit_nowait("work", {"n": 2, "sleep": 0})
+        await trio.sleep(1.8)
+        assert pool.status().held == "circuit open, half-open in 3.2 s"
+        assert render_jobs(jobs_of(pool)).splitlines()[2].endswith("held: circuit open, half-open in 3.2 s")
+        await trio.sleep(4)  # the trial runs: the job behind it is held by the half-open circuit
+        assert trial.state == "running"
+        assert pool.status().held == "circuit half-open, a trial job is running"
+        assert await behind.result() == 20
+        assert pool.status().held is None
+        holds = [e async for e in _until(stream, "job.finished") if e.kind == "job.held"]
+    assert [(e.path, e.reason) for e in holds] == [
+        (f"root/jobs/{trial.id}", "circuit"),
+        (f"root/jobs/{behind.id}", "circuit"),
+    ]
 
 
 # --- durability ----------------------------------------------------------------------------------
@@ -497,20 +673,49 @@ async def test_pool_budget_day_follows_budget_tz(autojump_clock: trio.testing.Mo
         assert trio.current_time() == pytest.approx(6 * 3600)
 
 
-async def test_pool_stop_releases_whoever_awaits_queued_and_waiting_jobs(
+async def test_an_in_memory_pool_that_stops_drops_its_jobs_with_one_event_each(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     recorder = Recorder()
     tree = tree_of(recorder, max_attempts=3, backoff=otree.Backoff(initial=50.0, jitter=0.0))
     async with otree.open_supervisor(tree) as sup:
         pool = pool_of(sup)
+        stream = sup.events()
         failing = pool.submit_nowait("work", {"n": 0, "fail": True, "sleep": 0}, priority=1)
-        queued = [pool.submit_nowait("work", {"n": n, "sleep": 100}) for n in (1, 2)]
+        running, queued = (pool.submit_nowait("work", {"n": n, "sleep": 100}) for n in (1, 2))
         await trio.sleep(1)  # 0 failed and waits out its backoff; 1 runs; 2 waits in the queue
+        was = {job.id: job.state for job in (failing, running, queued)}
+        assert sorted(was.values()) == ["queued", "running", "waiting"]
         await sup.terminate_child("jobs")
-    for job in (failing, *queued):
-        with pytest.raises(otree.JobFailed, match="interrupted"):
+        dropped = {e.path: e async for e in _until(stream, "child.stopped") if e.kind == "job.dropped"}
+    for job in (failing, running, queued):
+        with pytest.raises(otree.JobFailed, match=f"job {job.id}: dropped: pool_stopped"):
             await job.result()
+        event = dropped.pop(f"root/jobs/{job.id}")
+        assert (event.reason, event.details) == ("pool_stopped", {"job_kind": "work", "state": was[job.id]})
+    assert dropped == {}
+
+
+async def test_a_durable_pool_that_stops_keeps_its_jobs_and_drops_none(
+    tmp_path: Any, autojump_clock: trio.testing.MockClock
+) -> None:
+    recorder = Recorder()
+    tree = tree_of(recorder, durable=True, max_attempts=3, backoff=otree.Backoff(initial=50.0, jitter=0.0))
+    async with otree.open_supervisor(tree, state_dir=tmp_path) as sup:
+        pool = pool_of(sup)
+        stream = sup.events()
+        failing = pool.submit_nowait("work", {"n": 0, "fail": True, "sleep": 0}, priority=1)
+        others = [pool.submit_nowait("work", {"n": n, "sleep": 100}) for n in (1, 2)]
+        await trio.sleep(0.5)
+        await sup.terminate_child("jobs")
+        kinds = [e.kind async for e in _until(stream, "child.stopped")]
+    assert "job.dropped" not in kinds
+    for job in (failing, *others):
+        with pytest.raises(otree.JobFailed, match="interrupted: the pool stopped; it runs again"):
+            await job.result()
+    async with otree.open_supervisor(tree, state_dir=tmp_path) as sup:
+        status = pool_of(sup).status()
+        assert status.queued + status.retrying + status.running == 3
 
 
 async def test_stored_job_of_a_kind_the_tree_dropped_is_dead_lettered(tmp_path: Any) -> None:

@@ -10,6 +10,7 @@ import trio
 import trio.testing
 
 import otree
+from otree._status import status_of
 from tests.helpers import (
     Log,
     Switch,
@@ -504,6 +505,55 @@ async def test_restarting_child_answers_the_api_as_otp(autojump_clock: trio.test
         assert states(sup) == {"c": "stopped"}
         await trio.sleep(100)
         assert switch.attempts == attempts  # terminate_child ended the retries
+
+
+async def test_a_child_is_restarting_while_a_retry_start_is_in_flight(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Issue 10 (5): ``restarting`` from the restart decision until the child runs again, through
+    slow start attempts that fail and the one that succeeds (it used to show ``starting``)."""
+    outcomes = iter(["crash", "slow failure", "slow success"])
+
+    async def flaky(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        outcome = next(outcomes)
+        if outcome == "crash":
+            task_status.started()
+            await trio.sleep(1)
+            raise RuntimeError("crash")
+        await trio.sleep(10)  # a slow start
+        if outcome == "slow failure":
+            raise ConnectionError("cannot connect")
+        task_status.started()
+        await trio.sleep_forever()
+
+    log = Log()
+    tree = otree.supervisor(
+        "root", max_restarts=10, children=[otree.task("a", worker, log, "a"), otree.task("c", flaky)]
+    )
+    async with otree.open_supervisor(tree) as sup, trio.open_nursery() as nursery:
+        seen: list[tuple[float, str]] = []
+
+        async def watch() -> None:
+            while True:
+                seen.append((trio.current_time(), states(sup)["c"]))
+                await trio.sleep(0.5)
+
+        nursery.start_soon(watch)
+        await trio.sleep(6)  # the crash at 1 s, the first attempt runs from 1 s to 11 s
+        assert states(sup) == {"c": "restarting", "a": "running"}
+        assert status_of(sup, sup._tree.root_info()).root.children[1].info.state == "restarting"
+        assert sup.count_children().active == 1  # as OTP: no live child yet
+        with pytest.raises(otree.Restarting):  # answered once the attempt in flight has failed
+            await sup.restart_child("c")
+        assert trio.current_time() == pytest.approx(11)
+        await trio.sleep(5)  # the second attempt, from 11 s to 21 s
+        with pytest.raises(otree.Running):  # answered once it succeeded
+            await sup.delete_child("c")
+        assert trio.current_time() == pytest.approx(21)
+        await trio.sleep(1)
+        nursery.cancel_scope.cancel()
+    assert {state for at, state in seen if 1 < at < 21} == {"restarting"}
+    assert {state for at, state in seen if at > 21} == {"running"}
 
 
 async def test_api_calls_queue_behind_a_start_in_progress(autojump_clock: trio.testing.MockClock) -> None:
