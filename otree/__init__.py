@@ -46,6 +46,7 @@ if _TYPE_CHECKING:
     from ._info import DeadLetter as DeadLetter
     from ._info import Event as Event
     from ._info import ExitInfo as ExitInfo
+    from ._info import PoolStatus as PoolStatus
     from ._pool import Job as Job
     from ._pool import ProcessJob as ProcessJob
     from ._pool import process_job as process_job
@@ -86,6 +87,7 @@ __all__ = [
     "OtreeError",
     "PoolHandle",
     "PoolSpec",
+    "PoolStatus",
     "ProcessJob",
     "ProcessSpec",
     "QueueFull",
@@ -133,6 +135,7 @@ _SOURCES = {
     "DeadLetter": "._info",
     "Event": "._info",
     "ExitInfo": "._info",
+    "PoolStatus": "._info",
     "Job": "._pool",
     "ProcessJob": "._pool",
     "process_job": "._pool",

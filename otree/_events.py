@@ -33,6 +33,7 @@ _LEVELS = {
     "supervisor.intensity_exceeded": logging.ERROR,
     "child.shutdown_error": logging.WARNING,
     "child.start_failed": logging.WARNING,
+    "job.dropped": logging.WARNING,  # work that will not be done
     "notify.ignored": logging.DEBUG,
 }
 
