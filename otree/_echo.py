@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from typing import TextIO
 
 import msgspec
@@ -97,10 +97,11 @@ class Repeats:
 class EventEcho(logging.StreamHandler[TextIO]):
     """Prints every otree event record as one line (text) or one JSON object, repeats summarised in text."""
 
-    def __init__(self, stream: TextIO, fmt: str) -> None:
+    def __init__(self, stream: TextIO, fmt: str, clock: Callable[[], float] = time.monotonic) -> None:
         super().__init__(stream)
         self.setLevel(logging.INFO)
         self.json = fmt == "json"
+        self.clock = clock  # of the summaries' windows
         self._repeats = Repeats(() if self.json else REPEATED_KINDS, REPEAT_WINDOW)
 
     def set_level(self, name: str) -> None:
@@ -113,7 +114,7 @@ class EventEcho(logging.StreamHandler[TextIO]):
 
     def emit(self, record: logging.LogRecord) -> None:
         event = getattr(record, "otree_event", None)
-        if event is None or self._repeats.admit(event, time.monotonic()):
+        if event is None or self._repeats.admit(event, self.clock()):
             super().emit(record)
 
     def format(self, record: logging.LogRecord) -> str:
@@ -126,7 +127,7 @@ class EventEcho(logging.StreamHandler[TextIO]):
 
     def _summarise(self, *, final: bool = False) -> None:
         with self.lock or contextlib.nullcontext():
-            summaries = self._repeats.due(time.monotonic(), final=final)
+            summaries = self._repeats.due(self.clock(), final=final)
         stamp = _clock(time.time())
         for summary in summaries:
             line = f"{stamp} {summary.path} {summary.count} more {summary.kind} {summary.reason}".rstrip()
