@@ -11,7 +11,6 @@ json``, which is read by programs rather than people.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from collections.abc import Callable, Collection
@@ -21,7 +20,8 @@ import msgspec
 import trio
 
 from ._info import Event
-from ._render import _clock, format_event
+from ._render import _clock as time_of_day
+from ._render import format_event
 
 __all__ = ["REPEATED_KINDS", "REPEAT_WINDOW", "EventEcho", "Repeats", "Summary"]
 
@@ -126,9 +126,12 @@ class EventEcho(logging.StreamHandler[TextIO]):
         return format_event(event)
 
     def _summarise(self, *, final: bool = False) -> None:
-        with self.lock or contextlib.nullcontext():
+        self.acquire()
+        try:
             summaries = self._repeats.due(self.clock(), final=final)
-        stamp = _clock(time.time())
+        finally:
+            self.release()
+        stamp = time_of_day(time.time())
         for summary in summaries:
             line = f"{stamp} {summary.path} {summary.count} more {summary.kind} {summary.reason}".rstrip()
             self.handle(logging.makeLogRecord({"msg": f"{line} in the last {summary.seconds:.0f}s"}))

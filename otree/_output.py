@@ -63,9 +63,10 @@ class OutputLosses:
         """Tell ``report`` each stream's first loss: any already seen at once, later ones as they happen."""
         with self._lock:
             self._report = report
-            untold, self._untold = (self._untold, []) if report is not None else ([], self._untold)
+            if report is None:
+                return
+            untold, self._untold = self._untold, []
         for stream, error in untold:
-            assert report is not None
             report(stream, error)
 
 
@@ -74,6 +75,7 @@ class _DroppingWriter(io.RawIOBase):
 
     def __init__(self, fd: int, stream: str, losses: OutputLosses) -> None:
         super().__init__()
+        self.name = f"<{stream}>"  # as the stream it replaces
         self._fd = fd
         self._stream = stream
         self._losses = losses
