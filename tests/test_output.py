@@ -50,8 +50,8 @@ async def steady(*, task_status=trio.TASK_STATUS_IGNORED):
 
 tree = otree.supervisor("root", children=[CHILDREN])
 """
-ONE_CHILD = 'otree.task("a", steady)'
-TWO_CHILDREN = 'otree.task("a", steady), otree.task("b", steady)'
+ONE_CHILD = 'otree.task("a", steady), otree.process("p", ["sleep", "600"])'
+TWO_CHILDREN = ONE_CHILD + ', otree.task("b", steady)'
 
 
 def tree_file(directory: Path, children: str = ONE_CHILD) -> Path:
@@ -117,13 +117,18 @@ def losses_logged(events: list[dict[str, Any]]) -> list[tuple[str, str]]:
 def stop_and_check(
     proc: subprocess.Popen[bytes], cwd: Path, signum: signal.Signals = signal.SIGTERM
 ) -> list[dict[str, Any]]:
-    """More events to the lost stream, then ``signum``: the run stops in order, exit 0, its socket
-    removed, its last events logged."""
+    """More events to the lost stream, then ``signum``: the run stops in order, exit 0, its process
+    child gone, its socket removed, its last events logged."""
     assert run_otree(["restart", "root/a"], cwd).returncode == 0  # events written to the lost stream
-    assert "root" in wait_status(cwd, lambda text: "a" in text)
+    status = wait_status(cwd, lambda text: "\n  p " in text and " pid " in text)
+    sleeper = int(status.split("\n  p ", 1)[1].split(" pid ", 1)[1].split()[0])
     proc.send_signal(signum)
     assert proc.wait(timeout=DEADLINE) == 0
     assert not control_socket(cwd / "state").exists()
+    deadline = time.monotonic() + DEADLINE
+    while Path(f"/proc/{sleeper}").exists():  # stopped with the tree (a zombie is reaped by init)
+        assert time.monotonic() < deadline, f"the process child {sleeper} outlived the run"
+        time.sleep(0.05)
     events = logged_events(cwd)
     last = events[-1]
     assert (last["path"], last["kind"], last["reason"]) == ("root", "supervisor.stopped", "shutdown")
@@ -166,7 +171,7 @@ def test_stderr_on_a_full_disk(tmp_path: Path) -> None:
         open("/dev/full", "wb") as full,
         running(["run", str(tree)], tmp_path, stdin=subprocess.DEVNULL, stdout=full, stderr=full) as proc,
     ):
-        wait_status(tmp_path, lambda text: "a" in text)
+        wait_status(tmp_path, lambda text: "\n  a " in text)
         events = stop_and_check(proc, tmp_path, signal.SIGINT)
     assert losses_logged(events) == [("stderr", "ENOSPC")]
 
