@@ -3,24 +3,34 @@
 SIGTERM or SIGINT (or ``otree stop-tree``) stops the tree in order; a second
 SIGINT during that stop kills what is left at once and the run exits 130.
 SIGHUP (or ``otree reload``) re-reads the tree file; a file that does not load
-leaves the running tree untouched.
+leaves the running tree untouched. A terminal that hangs up sends SIGHUP too:
+it is a reload like any other, and what the tree then writes to the dead
+terminal is dropped (``_output``), its first loss told by a ``tree.output_lost``
+event.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import fcntl
+import functools
+import logging
 import math
 import os
 import signal
-from collections.abc import Callable
+import time
 from pathlib import Path
 from typing import Any
 
 import trio
 
 from ._control import ControlServer
+from ._echo import EventEcho
 from ._errors import OtreeError
+from ._info import Event
 from ._loader import LoadError, load_tree
+from ._output import OutputLosses
 from ._paths import check_state_dir, control_socket, lock_file
 from ._protocol import EXIT_INTERRUPTED
 from ._sdnotify import SystemdNotifier
@@ -62,13 +72,21 @@ class Daemon:
     """One ``otree run``: the tree from ``file``, served until it ends or is told to stop."""
 
     def __init__(
-        self, file: str, attr: str, tree: SupervisorSpec, state: Path, set_level: Callable[[str], None]
+        self,
+        file: str,
+        attr: str,
+        tree: SupervisorSpec,
+        state: Path,
+        *,
+        echo: EventEcho,
+        losses: OutputLosses,
     ) -> None:
         self.file = file
         self.attr = attr
         self.tree = tree
         self.state = state
-        self.set_level = set_level
+        self.echo = echo
+        self.losses = losses
         self.systemd = SystemdNotifier.from_environment()
         self.exit_code = 0
         # made before it starts, so a signal during the start reaches it (and its event log)
@@ -84,9 +102,11 @@ class Daemon:
     async def serve(self) -> Exception | None:
         """Run the tree until it ends or is stopped; its error, if any."""
         outcome: Exception | None = None
+        self.losses.report_to(functools.partial(self._output_lost, trio.lowlevel.current_trio_token()))
         try:
             async with trio.open_nursery() as services:
                 services.start_soon(self._watch_signals, services)
+                services.start_soon(self.echo.serve)
                 try:
                     with self._body:
                         async with open_tree(self._tree) as sup:
@@ -104,10 +124,27 @@ class Daemon:
                     outcome = error
                 services.cancel_scope.cancel()
         finally:
+            self.losses.report_to(None)  # the event log is closed
             if not self._stopping:  # the tree ended by itself (gave up, auto_shutdown)
                 self.systemd.send("STOPPING=1")
             self.systemd.close()
         return outcome
+
+    def _output_lost(self, token: trio.lowlevel.TrioToken, stream: str, error: OSError) -> None:
+        """Tell the event log and subscribers that ``stream`` lost a write (once per stream).
+
+        Called inside the failing write, so never through the ``otree`` logger, whose
+        handlers write to that stream (NOTSET is never logged); from a thread, in trio's.
+        """
+        reason = errno.errorcode.get(error.errno or 0, "error")
+        details = {"stream": stream, "detail": error.strerror or str(error)}
+        event = Event(time.time(), self.tree.id, "tree.output_lost", reason, details)
+        publish = functools.partial(self._tree.bus.publish, event, logging.NOTSET)
+        if trio.lowlevel.in_trio_run():
+            publish()
+        else:
+            with contextlib.suppress(trio.RunFinishedError):  # the run is over: nothing left to tell
+                token.run_sync_soon(publish)
 
     def _control(self, sup: SupervisorHandle) -> ControlServer:
         return ControlServer(
@@ -115,7 +152,7 @@ class Daemon:
             root_info=self._tree.root_info,
             log=self._tree.log,
             reload=self.reload,
-            set_level=self.set_level,
+            set_level=self.echo.set_level,
             stop_tree=self.stop,
             emit=self._tree.bus.emit,
         )

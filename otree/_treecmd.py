@@ -13,16 +13,16 @@ import shlex
 import sys
 from typing import TextIO
 
-import msgspec
 import trio
 
 from ._control import prepare_socket_dir
 from ._daemon import Daemon, StateLocked, lock_state
+from ._echo import EventEcho
 from ._loader import LoadError, load_tree
+from ._output import OutputLosses, guard_output
 from ._paths import control_socket, state_dir
 from ._protocol import EXIT_REFUSED, EXIT_USAGE
 from ._reaper import Reaper, adopt_orphans
-from ._render import format_event
 from ._spec import ChildSpec, ProcessSpec, SupervisorSpec
 
 __all__ = ["tree_command"]
@@ -30,40 +30,22 @@ __all__ = ["tree_command"]
 _log = logging.getLogger("otree")
 
 
-class _EventHandler(logging.Handler):
-    """Prints every otree event record as one line (text) or one JSON object."""
-
-    def __init__(self, stream: TextIO, fmt: str) -> None:
-        super().__init__(logging.INFO)
-        self.stream = stream
-        self.json = fmt == "json"
-
-    def emit(self, record: logging.LogRecord) -> None:
-        event = getattr(record, "otree_event", None)
-        if event is None:
-            line = record.getMessage()
-        elif self.json:
-            line = msgspec.json.encode(event).decode()
-        else:
-            line = format_event(event)
-        self.stream.write(line + "\n")
-        self.stream.flush()
-
-
 def tree_command(args: argparse.Namespace) -> int:
     """``otree run FILE`` or ``otree check FILE``: load the tree file (exit 2 if it does not load)."""
+    # `otree run` guards its streams before the tree file runs: its prints and handlers get them too
+    losses = guard_output() if args.command == "run" else None
     try:
         tree = load_tree(args.file, args.attr)
     except LoadError as error:
         print(f"otree: {error}", file=sys.stderr)
         return EXIT_USAGE
-    if args.command == "check":
+    if losses is None:  # check
         _print_tree(tree, 0, sys.stdout)
         return 0
-    return _run(args, tree)
+    return _run(args, tree, losses)
 
 
-def _run(args: argparse.Namespace, tree: SupervisorSpec) -> int:
+def _run(args: argparse.Namespace, tree: SupervisorSpec, losses: OutputLosses) -> int:
     """Serve ``tree`` until it ends or is stopped."""
     state = state_dir(args.state_dir)
     try:
@@ -80,26 +62,20 @@ def _run(args: argparse.Namespace, tree: SupervisorSpec) -> int:
         os.close(lock)
         print(f"otree: cannot serve the control socket: {error.strerror or error}", file=sys.stderr)
         return EXIT_USAGE
-    handler = _EventHandler(sys.stderr, args.log_format)
-    _log.addHandler(handler)
+    echo = EventEcho(sys.stderr, args.log_format)
+    _log.addHandler(echo)
     _log.setLevel(logging.INFO)
-
-    def set_level(name: str) -> None:
-        level = logging.getLevelName(name.upper())
-        if not isinstance(level, int) or level == logging.NOTSET:  # NOTSET would defer to the root logger
-            raise ValueError(f"unknown log level {name!r} (use DEBUG, INFO, WARNING, ERROR or CRITICAL)")
-        _log.setLevel(level)
-        handler.setLevel(level)
 
     # `otree run` owns its process: orphans of its children come to it and are reaped.
     adopt_orphans()
     Reaper.reap_all = True
-    daemon = Daemon(args.file, args.attr, tree, state, set_level)
+    daemon = Daemon(args.file, args.attr, tree, state, echo=echo, losses=losses)
     try:
         # the state dir is always set under `otree run`, so pools are durable by default
         failure = trio.run(daemon.serve)
     finally:
-        _log.removeHandler(handler)
+        _log.removeHandler(echo)
+        echo.close()
         os.close(lock)
     if daemon.exit_code:
         return daemon.exit_code
