@@ -251,7 +251,7 @@ class Guard:
         self.channel, far = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self._proc: subprocess.Popen[bytes] | None = None
         self._pidfd = -1
-        with REAP_LOCK:
+        with REAP_LOCK, contextlib.suppress(OSError):  # none can start right now: the keeper tries again
             self._start(far)
         self._keeper = threading.Thread(target=self._keep, name="otree-guard", daemon=True)
         self._keeper.start()

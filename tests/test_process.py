@@ -471,13 +471,18 @@ def launch_otree_run(tmp_path: Path, tree_text: str) -> subprocess.Popen[str]:
     raise AssertionError("otree run did not start")
 
 
+def sigkill_leaves_nothing(run: subprocess.Popen[Any], marker: str) -> bool:
+    """SIGKILL ``run`` (an ``otree run``): whether nothing with ``marker`` is left a second later."""
+    run.kill()
+    run.wait()
+    return wait_until(lambda: marked_pids(marker) == [], 1.0)
+
+
 def test_kill_9_of_otree_run_leaves_nothing_within_a_second(tmp_path: Path, marker: str) -> None:
     proc = start_otree_run(tmp_path, marker, GRANDCHILDREN)
     try:
         assert len(marked_pids(marker)) == 8
-        proc.kill()
-        proc.wait()
-        assert wait_until(lambda: marked_pids(marker) == [], 1.0)
+        assert sigkill_leaves_nothing(proc, marker)
     finally:
         proc.kill()
         proc.wait()
@@ -592,11 +597,9 @@ def test_a_killed_guard_is_replaced_and_told_every_group(tmp_path: Path, marker:
         assert wait_until(lambda: len(_guards_of(proc.pid)) == 1 and len(marked_pids(marker)) >= 4, 15)
         (old,) = _guards_of(proc.pid)
         os.kill(old, signal.SIGKILL)
-        # q keeps exiting and restarting; its next start finds the guard dead and starts another
+        # q keeps exiting and restarting meanwhile: the new guard learns its groups as they change
         assert wait_until(lambda: _guards_of(proc.pid) not in ([], [old]), 5)
-        proc.kill()
-        proc.wait()
-        assert wait_until(lambda: marked_pids(marker) == [], 1.0)  # p's grandchildren too
+        assert sigkill_leaves_nothing(proc, marker)  # p's grandchildren too
     finally:
         proc.kill()
         proc.wait()

@@ -26,6 +26,7 @@ from tests.test_process import (
     marked_pids,
     marker,
     proc,
+    sigkill_leaves_nothing,
     start_otree_run,
     state,
     wait_until,
@@ -120,9 +121,7 @@ def test_a_killed_guard_is_replaced_at_once_knowing_every_group(tmp_path: Path, 
         os.kill(old, signal.SIGKILL)
         # no child starts or stops from here on: only the guard's own death can bring a new one
         assert wait_until(lambda: _guards_of(run.pid) not in ([], [old]), 2.0)
-        run.kill()
-        run.wait()
-        assert wait_until(lambda: marked_pids(marker) == [], 1.0)
+        assert sigkill_leaves_nothing(run, marker)
     finally:
         run.kill()
         run.wait()
