@@ -4,11 +4,12 @@ Each tree keeps its children's sockets in a directory of its own, created on
 first use and held with an ``flock`` while the tree lives; a tree that makes one
 removes every directory of the same kind whose lock it can take, whatever pid
 its name holds: its owner is gone (a ``kill -9``). The lock, unlike a pid, means
-the same thing in every pid namespace. Sockets of children that run as otree's user go in a 0700
-directory of the runtime dir. A child running as another user cannot enter
-that, so its socket goes in a 0711 directory of the temp dir, owned by otree
-(the child can reach a socket it knows the name of, and can neither list nor
-replace anything there), and the socket itself is given to the child's user.
+the same thing in every pid namespace. Sockets of children that run as otree's
+user go in a 0700 directory of the runtime dir. A child running as another user
+cannot enter that, so its socket goes in a 0711 directory of the temp dir, owned
+by otree (the child can reach a socket it knows the name of, and can neither
+list nor replace anything there), and the socket itself is given to the child's
+user.
 """
 
 from __future__ import annotations

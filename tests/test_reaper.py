@@ -145,6 +145,25 @@ def test_a_child_that_kills_otree_at_once_leaves_nothing(tmp_path: Path, marker:
         run.wait()
 
 
+async def test_a_child_whose_exec_fails_is_taken_off_the_guards_list(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The child tells the guard its group before exec; if the exec then fails its pid is
+    # free again, and a stale entry could one day name a stranger's group.
+    from otree import _reaper
+
+    told = tmp_path / "groups"  # the guard's list when otree lets it go
+    record = f"open({str(told)!r}, 'w').write(repr(sorted(groups)))\nfor pgid in groups:"
+    monkeypatch.setattr(_reaper, "_GUARD", _reaper._GUARD.replace("for pgid in groups:", record))
+    guard = _reaper.Guard(set())
+    try:
+        with pytest.raises(FileNotFoundError):
+            await _reaper.spawn([str(tmp_path / "missing")], guard=guard)
+    finally:
+        guard.close()
+    assert told.read_text() == "[]"
+
+
 # --- notify socket directories ------------------------------------------------------------------------
 
 
