@@ -1,14 +1,15 @@
 """Where the sd_notify sockets of process children live, and who may reach them.
 
 Each tree keeps its children's sockets in a directory of its own, created on
-first use and held with an ``flock`` while the tree lives; a tree that finds a
-directory of this kind whose lock it can take knows its owner is gone (a
-``kill -9``) and removes it. The lock, unlike a pid, means the same thing in
-every pid namespace. Sockets of children that run as otree's user go in a 0700
-directory of the runtime dir. A child running as another user cannot enter
-that, so its socket goes in a 0711 directory of the temp dir, owned by otree
-(the child can reach a socket it knows the name of, and can neither list nor
-replace anything there), and the socket itself is given to the child's user.
+first use and held with an ``flock`` while the tree lives; a tree that makes one
+removes every directory of the same kind whose lock it can take, whatever pid
+its name holds: its owner is gone (a ``kill -9``). The lock, unlike a pid, means
+the same thing in every pid namespace. Sockets of children that run as otree's
+user go in a 0700 directory of the runtime dir. A child running as another user
+cannot enter that, so its socket goes in a 0711 directory of the temp dir, owned
+by otree (the child can reach a socket it knows the name of, and can neither
+list nor replace anything there), and the socket itself is given to the child's
+user.
 """
 
 from __future__ import annotations
@@ -30,11 +31,15 @@ _LOCK = ".lock"
 
 
 class _SocketDir:
-    """One locked directory of sockets, made (again, if something removed it) on demand."""
+    """One locked directory of sockets, made (again, if something removed it) on demand.
 
-    def __init__(self, parent: Path, prefix: str, mode: int) -> None:
+    ``kind`` starts the name of every directory of its kind (``notify-``); this
+    process's own are named ``<kind><pid>-<random>``.
+    """
+
+    def __init__(self, parent: Path, kind: str, mode: int) -> None:
         self.parent = parent
-        self.prefix = prefix
+        self.kind = kind
         self.mode = mode
         self.path: Path | None = None
         self._lock = -1
@@ -43,12 +48,17 @@ class _SocketDir:
         if self.path is not None and self.path.is_dir():
             return self.path
         self.close()
-        _remove_abandoned(self.parent, self.prefix)
-        path = Path(tempfile.mkdtemp(prefix=self.prefix, dir=self.parent))
-        os.chmod(path, self.mode)
-        self._lock = os.open(path / _LOCK, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
-        fcntl.flock(self._lock, fcntl.LOCK_EX)
-        self.path = path
+        _remove_abandoned(self.parent, self.kind)
+        while True:
+            path = Path(tempfile.mkdtemp(prefix=f"{self.kind}{os.getpid()}-", dir=self.parent))
+            os.chmod(path, self.mode)
+            lock = os.open(path / _LOCK, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if _still_at(lock, path / _LOCK):
+                break
+            # another tree took it for abandoned between its making and our lock, and removed it
+            os.close(lock)
+        self._lock, self.path = lock, path
         return path
 
     def close(self) -> None:
@@ -60,9 +70,23 @@ class _SocketDir:
             self._lock = -1
 
 
-def _remove_abandoned(parent: Path, prefix: str) -> None:
-    """Remove the socket directories of otree processes that died without cleaning up."""
-    for directory in parent.glob(prefix + "*"):
+def _still_at(fd: int, path: Path) -> bool:
+    """Whether ``path`` still names the file open as ``fd``."""
+    try:
+        named = path.lstat()
+    except OSError:
+        return False
+    held = os.fstat(fd)
+    return (named.st_dev, named.st_ino) == (held.st_dev, held.st_ino)
+
+
+def _remove_abandoned(parent: Path, kind: str) -> None:
+    """Remove the socket directories, of any otree process, whose owner died without cleaning up.
+
+    The lock is held while the directory is removed, so a tree making that very
+    directory at this moment sees, once it has the lock, that it is gone.
+    """
+    for directory in parent.glob(kind + "*"):
         try:
             info = directory.lstat()
             if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid():
@@ -72,11 +96,11 @@ def _remove_abandoned(parent: Path, prefix: str) -> None:
             continue  # gone meanwhile, or being made right now (no lock file yet)
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            shutil.rmtree(directory, ignore_errors=True)
         except BlockingIOError:
             continue  # its tree is alive
         finally:
             os.close(lock)
-        shutil.rmtree(directory, ignore_errors=True)
 
 
 class NotifySockets:
@@ -95,11 +119,11 @@ class NotifySockets:
         """
         if owner is None:
             if self._own is None:
-                self._own = _SocketDir(check_private_dir(runtime_dir()), f"notify-{os.getpid()}-", 0o700)
+                self._own = _SocketDir(check_private_dir(runtime_dir()), "notify-", 0o700)
             directory = self._own.ensure()
         else:
             if self._shared is None:
-                self._shared = _SocketDir(Path(tempfile.gettempdir()), f"otree-notify-{os.getpid()}-", 0o711)
+                self._shared = _SocketDir(Path(tempfile.gettempdir()), "otree-notify-", 0o711)
             directory = self._shared.ensure()
         self._count += 1
         path = directory / f"{self._count}.sock"  # short: sun_path is 108 bytes

@@ -707,6 +707,7 @@ def process_job(
     shutdown: ShutdownValue = 5.0,
     stop_signal: int = 15,
     stall_timeout: float | None = None,
+    log_timestamps: bool = False,
     user: str | None = None,
     rlimits: dict[str, Any] | None = None,
 ) -> ProcessJob:
@@ -716,6 +717,7 @@ def process_job(
     (JSON if it parses, else text; at most 1 MiB); any other exit fails with the
     stderr tail; ``OTREE_COST=<usd>`` on ``$NOTIFY_SOCKET`` reports spend. ``user`` and
     ``rlimits`` as for ``otree.process``: a tool run for an agent as an unprivileged user.
+    ``log_timestamps``: each line of the stderr tail starts with its UTC time.
 
     Raises:
       SpecError: a field is invalid.
@@ -729,6 +731,7 @@ def process_job(
         shutdown=shutdown,
         stop_signal=stop_signal,
         stall_timeout=stall_timeout,
+        log_timestamps=log_timestamps,
         user=user,
         rlimits=rlimits,
     )

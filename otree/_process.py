@@ -11,6 +11,7 @@ exits, by itself or not, is killed too.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 import pwd
 import resource
@@ -62,11 +63,14 @@ class ProcessContext:
         self.reaper.groups.add(pid)
 
     def close(self) -> None:
+        """The tree has stopped: kill what is left of it (the guard still watching), then let the guard go."""
         try:
-            self.guard.close()
+            self.reaper.kill_all()
         finally:
-            self.reaper.kill_orphans()
-            self.notify.close()
+            try:
+                self.guard.close()
+            finally:
+                self.notify.close()
 
 
 def child_setup(spec: ProcessSpec) -> tuple[ChildSetup, pwd.struct_passwd | None]:
@@ -203,8 +207,37 @@ def _environment(spec: ProcessSpec, notify: Path, user: pwd.struct_passwd | None
     return env
 
 
-async def _pump(stream: trio.lowlevel.FdStream, log: _Sink, proc: ProcessRun, keep_tail: bool) -> None:
+class _Stamper:
+    """Starts each line of a stream with the UTC time its first byte arrived (``log_timestamps``).
+
+    ISO 8601 with milliseconds and a space: ``2026-01-05T09:30:00.123Z ``. A line
+    that arrives in pieces is stamped once, at its first piece, and each piece is
+    passed on at once: a partial line is never held back waiting for its newline.
+    """
+
+    def __init__(self) -> None:
+        self._line_start = True
+
+    def stamp(self, chunk: bytes) -> bytes:
+        now = datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds")
+        mark = f"{now.removesuffix('+00:00')}Z ".encode()
+        stamped = chunk.replace(b"\n", b"\n" + mark)
+        ends_line = chunk.endswith(b"\n")
+        if ends_line:
+            stamped = stamped[: -len(mark)]  # the next line has not begun: its own first byte dates it
+        if self._line_start:
+            stamped = mark + stamped
+        self._line_start = ends_line
+        return stamped
+
+
+async def _pump(
+    stream: trio.lowlevel.FdStream, log: _Sink, proc: ProcessRun, keep_tail: bool, stamp: bool
+) -> None:
+    stamper = _Stamper() if stamp else None
     while chunk := await stream.receive_some(65536):
+        if stamper is not None:
+            chunk = stamper.stamp(chunk)
         log.write(chunk)
         proc.last_activity = trio.current_time()
         if keep_tail:
@@ -212,7 +245,7 @@ async def _pump(stream: trio.lowlevel.FdStream, log: _Sink, proc: ProcessRun, ke
             del proc.tail[:-TAIL_BYTES]
 
 
-_Reader = tuple[trio.lowlevel.FdStream, "_Sink", bool]
+_Reader = tuple[trio.lowlevel.FdStream, "_Sink", bool, bool]  # stream, sink, keeps the tail, stamped
 
 
 async def _listen(
@@ -301,7 +334,10 @@ async def run_process(
             sinks[name] = _RotatingLog(where, spec.log_max_bytes, spec.log_backups)
         else:
             sinks[name] = None if mode == "inherit" else subprocess.DEVNULL
-    await _run(spec, run, proc, ctx, emit, sinks=sinks, stdin_data=None, task_status=task_status)
+    stamped = ("stdout", "stderr") if spec.log_timestamps else ()
+    await _run(
+        spec, run, proc, ctx, emit, sinks=sinks, stamped=stamped, stdin_data=None, task_status=task_status
+    )
 
 
 async def run_job_process(
@@ -309,14 +345,24 @@ async def run_job_process(
 ) -> bytes:
     """Run a pool job as a process: ``payload`` on stdin, its stdout (at most 1 MiB) returned.
 
-    Raises ProcessFailed (with the stderr tail in its message) on an error exit.
+    Raises ProcessFailed (with the stderr tail in its message) on an error exit;
+    with ``log_timestamps`` the tail's lines are stamped (never the result).
     """
     proc = ProcessRun()
     stdout = _Capture(RESULT_LIMIT)
     sinks: dict[str, _Sink | int | None] = {"stdout": stdout, "stderr": _Capture(0)}
+    stamped = ("stderr",) if spec.log_timestamps else ()
     try:
         await _run(
-            spec, run, proc, ctx, emit, sinks=sinks, stdin_data=payload, task_status=trio.TASK_STATUS_IGNORED
+            spec,
+            run,
+            proc,
+            ctx,
+            emit,
+            sinks=sinks,
+            stamped=stamped,
+            stdin_data=payload,
+            task_status=trio.TASK_STATUS_IGNORED,
         )
     except ProcessFailed as failure:
         tail = proc.tail.decode("utf-8", "replace").strip()
@@ -338,10 +384,14 @@ async def _run(
     emit: Callable[..., None],
     *,
     sinks: dict[str, _Sink | int | None],
+    stamped: tuple[str, ...],
     stdin_data: bytes | None,
     task_status: trio.TaskStatus[None],
 ) -> None:
-    """Spawn ``spec`` with each stream going to a sink (piped), a file descriptor or inherited."""
+    """Spawn ``spec`` with each stream going to a sink (piped), a file descriptor or inherited.
+
+    The lines of the piped streams named in ``stamped`` start with their time.
+    """
     run.stopping  # noqa: B018 - trapping: a stop request is ours to carry out (signal the group)
     readers: list[_Reader] = []
     targets: dict[str, int | None] = {}
@@ -360,7 +410,7 @@ async def _run(
                 continue
             read_end, write_end = os.pipe()
             child_ends.append(write_end)
-            readers.append((trio.lowlevel.FdStream(read_end), sink, name == "stderr"))
+            readers.append((trio.lowlevel.FdStream(read_end), sink, name == "stderr", name in stamped))
             targets[name] = write_end
         if stdin_data is None:
             targets["stdin"] = subprocess.DEVNULL
@@ -376,6 +426,7 @@ async def _run(
                 list(spec.argv),
                 ctx.register,
                 setup,
+                ctx.guard,
                 env=_environment(spec, notify_path, user),
                 cwd=spec.cwd,
                 stdin=targets["stdin"],
@@ -398,7 +449,7 @@ async def _run(
         sock.close()
         if notify_path is not None:
             ctx.notify.release(notify_path)
-        for stream, sink, _ in readers:
+        for stream, sink, _, _ in readers:
             stream.close()
             sink.close()
 
@@ -433,9 +484,8 @@ class _Watch:
 
         ``feed``: a stream to the child's stdin and the bytes to write to it.
         """
-        pid, ctx = self.pid, self.ctx
+        pid = self.pid
         self.proc.pid = pid
-        ctx.guard.watch(pid)
         pidfd = os.pidfd_open(pid)  # cannot fail: the child is registered, so nobody reaps it but us
         try:
             async with trio.open_nursery() as nursery:
@@ -468,8 +518,8 @@ class _Watch:
 
     async def _pump_all(self, readers: list[_Reader], drained: trio.Event) -> None:
         async with trio.open_nursery() as nursery:
-            for stream, log, keep_tail in readers:
-                nursery.start_soon(_pump, stream, log, self.proc, keep_tail)
+            for stream, log, keep_tail, stamp in readers:
+                nursery.start_soon(_pump, stream, log, self.proc, keep_tail, stamp)
         drained.set()
 
     async def _wait_exit(self, pidfd: int) -> None:

@@ -237,6 +237,7 @@ class ProcessSpec(_Spec, frozen=True, kw_only=True):
     stderr: Stream = "log"
     log_max_bytes: int = 10 * 1024 * 1024
     log_backups: int = 3
+    log_timestamps: bool = False
     user: str | None = None
     rlimits: dict[str, tuple[int, int]] | None = None
 
@@ -275,6 +276,8 @@ class ProcessSpec(_Spec, frozen=True, kw_only=True):
             raise SpecError(path, "log_max_bytes", "must be an integer >= 1024", self.log_max_bytes)
         if not isinstance(self.log_backups, int) or self.log_backups < 0:
             raise SpecError(path, "log_backups", "must be an integer >= 0", self.log_backups)
+        if not isinstance(self.log_timestamps, bool):
+            raise SpecError(path, "log_timestamps", "must be True or False", self.log_timestamps)
 
     def effective_start_timeout(self) -> float:
         """``start_timeout``, or its default: none for "spawn", 30 s for "notify", N + 30 s for N."""
@@ -361,6 +364,7 @@ def process(
     stderr: Stream = "log",
     log_max_bytes: int = 10 * 1024 * 1024,
     log_backups: int = 3,
+    log_timestamps: bool = False,
     user: str | None = None,
     rlimits: dict[str, Any] | None = None,
 ) -> ProcessSpec:
@@ -377,6 +381,8 @@ def process(
         without output on a captured stream or ``WATCHDOG=1``.
       stdout, stderr: ``"log"`` (a size-rotated file under the state dir), ``"inherit"``, ``"null"``.
       log_max_bytes, log_backups: rotation size and how many old files to keep.
+      log_timestamps: start each line of the log files (and of the stderr tail) with the
+        UTC time its first byte arrived, ISO 8601 with milliseconds (``2026-01-05T09:30:00.123Z``).
       user: run it as this user (its primary group and supplementary groups too);
         otree must run as root to use another user.
       rlimits: resource limits set before it runs, ``{"nofile": 1024, "as": (soft, hard)}``
@@ -403,6 +409,7 @@ def process(
         stderr=stderr,
         log_max_bytes=log_max_bytes,
         log_backups=log_backups,
+        log_timestamps=log_timestamps,
         user=user,
         rlimits=_rlimits(rlimits),
     )

@@ -8,8 +8,10 @@ kills it, so nothing leaks into the next test).
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 import pwd
+import re
 import resource
 import shutil
 import signal
@@ -270,11 +272,78 @@ async def test_output_goes_to_rotated_log_files(marker: str, state: Path) -> Non
 
 async def test_non_utf8_output_is_kept_as_bytes_and_replaced_in_events(marker: str, state: Path) -> None:
     code = "import sys; sys.stderr.buffer.write(b'bad \\xff byte\\n'); sys.exit(2)"
-    tree = otree.supervisor("t", children=[proc("p", code, marker, restart="transient")])
+    # temporary: a restart could write the line again before the stop
+    tree = otree.supervisor("t", children=[proc("p", code, marker, restart="temporary")])
     async with otree.open_supervisor(tree, state_dir=state) as sup:
         event = await first(sup.events(), "child.exited")
     assert event.details["stderr_tail"] == "bad \ufffd byte\n"
     assert (state / "logs" / "t" / "p" / "stderr.log").read_bytes() == b"bad \xff byte\n"
+
+
+# the child writes two lines and the start of a third, then the rest on SIGUSR1
+IN_PIECES = """
+import signal, sys
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+sys.stdout.write("one\\ntwo\\nthr"); sys.stdout.flush()
+signal.sigwait({signal.SIGUSR1})
+sys.stdout.write("ee\\nfour\\n"); sys.stdout.flush()
+signal.sigwait({signal.SIGUSR1})
+"""
+
+
+def stamps_and_lines(data: bytes) -> tuple[list[datetime.datetime], list[bytes]]:
+    """Each line's time stamp and text; fails on a line without a stamp."""
+    stamps, lines = [], []
+    for line in data.splitlines():
+        match = re.fullmatch(rb"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3})Z (.*)", line)
+        assert match is not None, line
+        stamps.append(datetime.datetime.fromisoformat(match[1].decode() + "+00:00"))
+        lines.append(match[2])
+    return stamps, lines
+
+
+async def until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    with trio.fail_after(timeout):
+        while not condition():
+            await trio.sleep(0.01)
+
+
+async def test_log_timestamps_stamp_each_line_and_a_partial_line_is_written_at_once(
+    marker: str, state: Path
+) -> None:
+    start = datetime.datetime.now(datetime.UTC).replace(microsecond=0)
+    tree = otree.supervisor("t", children=[proc("p", IN_PIECES, marker, log_timestamps=True)])
+    log = state / "logs" / "t" / "p" / "stdout.log"
+    async with otree.open_supervisor(tree, state_dir=state) as sup:
+        await until(lambda: log.exists() and log.read_bytes().endswith(b"thr"))  # no newline yet
+        pid = sup.which_children()[0].pid
+        assert pid is not None
+        os.kill(pid, signal.SIGUSR1)
+        await until(lambda: log.read_bytes().endswith(b"four\n"))
+    end = datetime.datetime.now(datetime.UTC)
+    stamps, lines = stamps_and_lines(log.read_bytes())
+    assert lines == [b"one", b"two", b"three", b"four"]  # the line written in two pieces: one stamp
+    assert start <= stamps[0] <= stamps[1] <= stamps[2] <= stamps[3] <= end
+
+
+async def test_a_process_jobs_stderr_tail_is_stamped_and_its_result_is_not(marker: str, state: Path) -> None:
+    code = "import sys; print('[1, 2]'); sys.stderr.write('bad\\nworse'); sys.exit(int(sys.stdin.read()))"
+    handler = otree.process_job([PY, "-c", code], env={"OTREE_TEST_MARKER": marker}, log_timestamps=True)
+    tree = otree.supervisor("t", children=[otree.pool("jobs", {"run": handler}, daily_budget=1.0)])
+    async with otree.open_supervisor(tree, state_dir=state) as sup:
+        pool = sup.child("jobs")
+        assert isinstance(pool, otree.PoolHandle)
+        assert await pool.submit_nowait("run", 0).result() == [1, 2]
+        with pytest.raises(otree.JobFailed) as info:
+            await pool.submit_nowait("run", 3).result()
+    detail, _, tail = str(info.value.__cause__).partition(": ")
+    assert detail == "exit code 3"
+    assert stamps_and_lines(tail.encode())[1] == [b"bad", b"worse"]
+
+
+def test_log_timestamps_is_checked_in_the_spec() -> None:
+    with pytest.raises(otree.SpecError, match="log_timestamps"):
+        otree.process("p", ["true"], log_timestamps="yes")  # type: ignore[arg-type]
 
 
 # --- readiness and notify ---------------------------------------------------------------------------
@@ -377,8 +446,14 @@ tree = otree.supervisor("t", children=[
 
 
 def start_otree_run(tmp_path: Path, marker: str, code: str) -> subprocess.Popen[str]:
+    """``otree run`` of two process children running ``code``, once its root has started."""
+    return launch_otree_run(tmp_path, TREE_FILE.format(marker=marker, code=code))
+
+
+def launch_otree_run(tmp_path: Path, tree_text: str) -> subprocess.Popen[str]:
+    """``otree run`` of the tree file ``tree_text`` (root ``t``), once its root has started."""
     tree = tmp_path / "tree.py"
-    tree.write_text(TREE_FILE.format(marker=marker, code=code))
+    tree.write_text(tree_text)
     proc = subprocess.Popen(
         [PY, "-m", "otree", "run", str(tree), "--state-dir", str(tmp_path / "state")],
         stderr=subprocess.PIPE,
@@ -397,13 +472,18 @@ def start_otree_run(tmp_path: Path, marker: str, code: str) -> subprocess.Popen[
     raise AssertionError("otree run did not start")
 
 
+def sigkill_leaves_nothing(run: subprocess.Popen[Any], marker: str) -> bool:
+    """SIGKILL ``run`` (an ``otree run``): whether nothing with ``marker`` is left a second later."""
+    run.kill()
+    run.wait()
+    return wait_until(lambda: marked_pids(marker) == [], 1.0)
+
+
 def test_kill_9_of_otree_run_leaves_nothing_within_a_second(tmp_path: Path, marker: str) -> None:
     proc = start_otree_run(tmp_path, marker, GRANDCHILDREN)
     try:
         assert len(marked_pids(marker)) == 8
-        proc.kill()
-        proc.wait()
-        assert wait_until(lambda: marked_pids(marker) == [], 1.0)
+        assert sigkill_leaves_nothing(proc, marker)
     finally:
         proc.kill()
         proc.wait()
@@ -518,11 +598,9 @@ def test_a_killed_guard_is_replaced_and_told_every_group(tmp_path: Path, marker:
         assert wait_until(lambda: len(_guards_of(proc.pid)) == 1 and len(marked_pids(marker)) >= 4, 15)
         (old,) = _guards_of(proc.pid)
         os.kill(old, signal.SIGKILL)
-        # q keeps exiting and restarting; its next start finds the guard dead and starts another
+        # q keeps exiting and restarting meanwhile: the new guard learns its groups as they change
         assert wait_until(lambda: _guards_of(proc.pid) not in ([], [old]), 5)
-        proc.kill()
-        proc.wait()
-        assert wait_until(lambda: marked_pids(marker) == [], 1.0)  # p's grandchildren too
+        assert sigkill_leaves_nothing(proc, marker)  # p's grandchildren too
     finally:
         proc.kill()
         proc.wait()
@@ -533,7 +611,7 @@ def test_socket_dirs_of_dead_trees_are_removed_and_live_ones_kept(tmp_path: Path
 
     from otree._notify import _remove_abandoned, _SocketDir
 
-    live = _SocketDir(tmp_path, "notify-1-", 0o700)
+    live = _SocketDir(tmp_path, "notify-", 0o700)
     live_path = live.ensure()
     dead = tmp_path / "notify-2-abc"  # as a killed otree leaves it: a lock file nobody holds
     dead.mkdir()
@@ -556,12 +634,38 @@ def test_socket_dirs_of_dead_trees_are_removed_and_live_ones_kept(tmp_path: Path
 def test_a_socket_dir_removed_behind_our_back_is_made_again(tmp_path: Path) -> None:
     from otree._notify import _SocketDir
 
-    sockets = _SocketDir(tmp_path, "notify-9-", 0o700)
+    sockets = _SocketDir(tmp_path, "notify-", 0o700)
     first = sockets.ensure()
     shutil.rmtree(first)  # e.g. a tmp cleaner
     second = sockets.ensure()
     assert second.is_dir() and (second / ".lock").exists()
     sockets.close()
+
+
+def test_a_socket_dir_swept_while_being_made_is_made_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import fcntl
+
+    from otree import _notify
+
+    real_flock = fcntl.flock
+    swept: list[Path] = []
+
+    def flock(fd: int, operation: int) -> None:
+        if not swept:  # another tree sweeps the new directory between its making and its lock
+            swept.append(Path(os.readlink(f"/proc/self/fd/{fd}")).parent)
+            _notify._remove_abandoned(tmp_path, "notify-")
+        real_flock(fd, operation)
+
+    monkeypatch.setattr(fcntl, "flock", flock)
+    sockets = _notify._SocketDir(tmp_path, "notify-", 0o700)
+    path = sockets.ensure()
+    try:
+        assert not swept[0].exists()
+        assert path != swept[0] and (path / ".lock").exists()
+    finally:
+        sockets.close()
 
 
 # --- user and resource limits ------------------------------------------------------------------
