@@ -97,6 +97,10 @@ CLI_TIMEOUT = 15.0  # for one `otree` client command (they have none of their ow
 # --- the run's processes ---------------------------------------------------------------------------
 
 
+class Closing(Exception):
+    """The run is ending: no process may be started any more."""
+
+
 class Proc(NamedTuple):
     pid: int
     role: str  # otree, child, grand, escaper, client; a survivor with role otree is its guard
@@ -109,12 +113,39 @@ class Marks:
         self.run_id = run_id
         self._field = f"{MARK}={run_id}".encode()
         self._role = f"{ROLE}=".encode()
+        self._launched: list[subprocess.Popen[bytes]] = []
+        self._closed = False
+        self._lock = threading.Lock()  # no launch slips in while the run is closing
 
-    def env(self, role: str, **extra: str) -> dict[str, str]:
-        """The environment of a process of this run playing ``role``."""
-        env = {**os.environ, MARK: self.run_id, ROLE: role, **extra}
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
-        return env
+    def launch(
+        self, argv: list[str], role: str, env: dict[str, str] | None = None, **popen: Any
+    ) -> subprocess.Popen[bytes]:
+        """Start ``argv`` (never through a shell) as a process of this run playing ``role``.
+
+        Raises:
+          Closing: the run is ending; nothing new starts.
+        """
+        environ = {**os.environ, MARK: self.run_id, ROLE: role, **(env or {})}
+        environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+        with self._lock:
+            if self._closed:
+                raise Closing(self.run_id)
+            proc = subprocess.Popen(argv, env=environ, **popen)
+            self._launched = [*(p for p in self._launched if p.returncode is None), proc]
+        return proc
+
+    def close(self) -> int:
+        """The run ends: launch nothing more, SIGKILL every process of it, reap the harness's own children.
+        How many processes were killed."""
+        with self._lock:
+            self._closed = True
+        killed = self.kill_all()
+        for proc in self._launched:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(5.0)
+        return killed
 
     def scan(self) -> list[Proc]:
         """The live processes of this run (a zombie's environment reads empty: it is not counted)."""
@@ -299,20 +330,24 @@ def status_probe(sock_path: Path, timeout: float = STATUS_DEADLINE) -> Probe:
 
 
 def otree_command(ctx: Context, state: Path, *argv: str, timeout: float = CLI_TIMEOUT) -> tuple[int, str]:
-    """Run an ``otree`` client command (marked as a client); (exit code or -1 on timeout, stderr)."""
+    """Run an ``otree`` client command (marked as a client); (exit code, or -1 on timeout; stderr)."""
     try:
-        done = subprocess.run(
+        proc = ctx.marks.launch(
             [PY, "-m", "otree", *argv, "--state-dir", str(state)],
-            env=ctx.marks.env("client"),
+            "client",
             stdin=subprocess.DEVNULL,
-            capture_output=True,
-            check=False,
-            text=True,
-            timeout=timeout,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
         )
+    except Closing:
+        return -1, "the chaos run is ending"
+    try:
+        _, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
         return -1, f"no answer within {timeout:g} s"
-    return done.returncode, done.stderr
+    return proc.returncode, stderr.decode(errors="replace")
 
 
 def command_probe(ctx: Context, state: Path, *argv: str) -> Probe:
@@ -337,7 +372,6 @@ class Context:
     dir: Path
     rng: random.Random
     seconds: float
-    launched: list[subprocess.Popen[bytes]] = field(default_factory=list)  # reaped at the end
 
 
 class Run:
@@ -348,15 +382,15 @@ class Run:
         self.stderr = ctx.dir / "otree.stderr"
         self._stderr_at = self.stderr.stat().st_size if self.stderr.exists() else 0
         with self.stderr.open("ab") as log:
-            self.proc = subprocess.Popen(
+            self.proc = ctx.marks.launch(
                 [PY, "-m", "otree", "run", str(tree), "--state-dir", str(state)],
-                env=ctx.marks.env("otree", **env),
+                "otree",
+                env,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,
                 start_new_session=True,
             )
-        ctx.launched.append(self.proc)
         self.socket = control_socket(state)
 
     @property
@@ -684,9 +718,9 @@ class Feeders:
         for thread in self._threads:
             thread.start()
 
-    def close(self) -> None:
+    def close(self, *, wait: bool = True) -> None:
         self._stop.set()
-        for thread in self._threads:
+        for thread in self._threads if wait else ():
             thread.join(CLI_TIMEOUT + 5)
 
     @staticmethod
@@ -758,6 +792,22 @@ class PoolVerdict:
     reported: int  # micro-dollars the jobs confirmed reporting
     unconfirmed: int  # reports a SIGKILL may have cut off before the ledger had them
     mismatched: list[str]  # job ids whose ledger spend no reading of their reports explains
+
+    def failures(self) -> list[str]:
+        found = []
+        if self.lost:
+            found.append(f"{len(self.lost)} jobs lost (e.g. {', '.join(self.lost[:5])})")
+        if self.duplicates:
+            found.append(
+                f"{len(self.duplicates)} jobs finished again without a SIGKILL to explain it "
+                f"(e.g. {', '.join(self.duplicates[:5])})"
+            )
+        if self.mismatched:
+            found.append(
+                f"ledger spend differs from reported spend for {len(self.mismatched)} jobs "
+                f"(e.g. job {', '.join(self.mismatched[:5])})"
+            )
+        return found
 
 
 def _explains(rest: int, unsure: list[int]) -> bool:
@@ -891,8 +941,10 @@ def scenario_pool(ctx: Context) -> Row:
             if ctx.rng.random() < 0.3:
                 time.sleep(ctx.rng.uniform(0, 0.5))  # submissions meanwhile find no tree
             run = launch()
-    finally:
-        feeders.close()
+    except BaseException:
+        feeders.close(wait=False)  # the run is ending: its processes are killed anyway
+        raise
+    feeders.close()
     drained = drain(run)
     stops.stop(run)
     ledger, dead, stored = read_pool_database(pool_database(state, POOL_PATH))
@@ -916,22 +968,10 @@ def scenario_pool(ctx: Context) -> Row:
             f"drained {'yes' if drained else 'no'} ({stored} jobs still stored); otree submit: "
             f"tracebacks {feeders.tracebacks}, no answer within {CLI_TIMEOUT:g} s {feeders.hung}",
         ],
-        stops.failures(),
+        stops.failures() + verdict.failures(),
     )
     if not feeders.acked:
         row.failures.append("no job was accepted: the scenario tested nothing")
-    if verdict.lost:
-        row.failures.append(f"{len(verdict.lost)} jobs lost (e.g. {', '.join(verdict.lost[:5])})")
-    if verdict.duplicates:
-        row.failures.append(
-            f"{len(verdict.duplicates)} jobs finished again without a SIGKILL to explain it "
-            f"(e.g. {', '.join(verdict.duplicates[:5])})"
-        )
-    if verdict.mismatched:
-        row.failures.append(
-            f"ledger spend differs from reported spend for {len(verdict.mismatched)} jobs "
-            f"(e.g. job {', '.join(verdict.mismatched[:5])})"
-        )
     if feeders.tracebacks:
         row.notes.append(f"otree submit printed a traceback {feeders.tracebacks} times")
     if torn:
@@ -1252,16 +1292,15 @@ def scenario_control(ctx: Context) -> Row:
     fds_before = fd_count(run.pid)
     hostile = Hostile(run.socket, ctx.rng.randrange(2**32))
     cli_followers = [
-        subprocess.Popen(
+        ctx.marks.launch(
             [PY, "-m", "otree", "events", "--follow", "--state-dir", str(state)],
-            env=ctx.marks.env("client"),
+            "client",
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
         )
         for _ in range(CLI_FOLLOWERS)
     ]
-    ctx.launched += cli_followers
     for _ in range(FOLLOWERS - CLI_FOLLOWERS):
         hostile.spawn(hostile.follow)
     for _ in range(SILENT):
@@ -1385,9 +1424,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def run_scenarios(
-    args: argparse.Namespace, marks: Marks, root: Path, launched: list[subprocess.Popen[bytes]]
-) -> list[Row]:
+def run_scenarios(args: argparse.Namespace, marks: Marks, root: Path) -> list[Row]:
     rng = random.Random(args.seed)
     total = sum(SHARES[name] for name in args.only)
     rows = []
@@ -1403,7 +1440,6 @@ def run_scenarios(
             traceback.print_exc()
             row = Row(name, [], [f"the scenario itself failed: {type(error).__name__}: {error}"])
         finally:
-            launched += ctx.launched
             stray = marks.kill_all()  # a clean slate for the next scenario
         row.figures.append(f"took {time.monotonic() - t0:.0f} s")
         if stray:
@@ -1428,19 +1464,13 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(tempfile.mkdtemp(prefix=f"otree-chaos-{marks.run_id}-"))
     runtime = os.environ.get("OTREE_RUNTIME_DIR")
     os.environ["OTREE_RUNTIME_DIR"] = str(root / "run")  # sockets in the run's own temp dir
-    launched: list[subprocess.Popen[bytes]] = []
     try:
-        rows = run_scenarios(args, marks, root, launched)
+        rows = run_scenarios(args, marks, root)
     except (KeyboardInterrupt, _Interrupted):
         print("chaos: interrupted; killing every process of the run", file=sys.stderr)
         return 130
     finally:
-        marks.kill_all()
-        for proc in launched:  # reap what the harness started itself
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(5.0)
+        marks.close()
         shutil.rmtree(root, ignore_errors=True)
         if runtime is None:
             os.environ.pop("OTREE_RUNTIME_DIR", None)
