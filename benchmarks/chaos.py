@@ -147,20 +147,30 @@ class Marks:
                 proc.wait(5.0)
         return killed
 
+    def role(self, pid: int) -> str | None:
+        """The role of ``pid`` if it is a live process of this run (a zombie's environment reads empty)."""
+        try:
+            fields = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:  # gone, or another user's
+            return None
+        if self._field not in fields:
+            return None
+        return next((f[len(self._role) :].decode() for f in fields if f.startswith(self._role)), "?")
+
     def scan(self) -> list[Proc]:
-        """The live processes of this run (a zombie's environment reads empty: it is not counted)."""
+        """The live processes of this run."""
         found = []
         for entry in os.listdir("/proc"):
-            if not entry.isdigit():
-                continue
-            try:
-                fields = Path(f"/proc/{entry}/environ").read_bytes().split(b"\0")
-            except OSError:  # gone, or another user's
-                continue
-            if self._field in fields:
-                role = next((f[len(self._role) :].decode() for f in fields if f.startswith(self._role)), "?")
+            if entry.isdigit() and (role := self.role(int(entry))) is not None:
                 found.append(Proc(int(entry), role))
         return found
+
+    def kill(self, pid: int) -> None:
+        """SIGKILL ``pid`` if it is still a process of this run (a pid may be reused after a scan)."""
+        if pid in (1, os.getpid(), os.getppid()) or self.role(pid) is None:
+            return
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
 
     def survivors(self, grace: float = GRACE) -> list[Proc]:
         """The run's processes (clients apart) still alive ``grace`` seconds from now (sooner if none)."""
@@ -180,8 +190,7 @@ class Marks:
             if not procs:
                 break
             for proc in procs:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.kill(proc.pid, signal.SIGKILL)
+                self.kill(proc.pid)
                 killed.add(proc.pid)
             time.sleep(0.02)
         return len(killed)
@@ -572,7 +581,7 @@ class TreeChaos:
             if guard is None:
                 self.no_guard += 1
             else:
-                os.kill(guard, signal.SIGKILL)
+                self.ctx.marks.kill(guard)
                 time.sleep(0.5)  # time for otree to notice; no child starts or stops meanwhile
         else:
             self.kill_randomly(rng.uniform(1.0, 3.0) if kind == "random-kill" else rng.uniform(0, 1.5))
@@ -584,9 +593,8 @@ class TreeChaos:
         while time.monotonic() < end:
             victims = [p for p in self.ctx.marks.scan() if p.role in ("child", "grand")]
             if victims:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(self.ctx.rng.choice(victims).pid, signal.SIGKILL)
-                    self.child_kills += 1
+                self.ctx.marks.kill(self.ctx.rng.choice(victims).pid)
+                self.child_kills += 1
             time.sleep(self.ctx.rng.uniform(0.05, 0.3))
 
     def end(self, run: Run, kind: str) -> None:

@@ -93,6 +93,12 @@ def test_a_report_cut_off_by_a_sigkill_may_be_in_the_ledger_or_not_but_only_whol
         assert judge_pool(["a"], records, {100, 200}, [], {"1": in_ledger}).mismatched == ["1"]
 
 
+def test_many_cut_off_reports_bound_the_ledger_from_both_sides() -> None:
+    records = [report("a", "1", pid, 10, f"n{pid}") for pid in range(100, 120)]  # 20: too many subsets
+    for in_ledger, mismatched in ((0, []), (150, []), (200, []), (201, ["1"])):
+        assert judge_pool(["a"], records, set(range(100, 120)), [], {"1": in_ledger}).mismatched == mismatched
+
+
 def test_marks_find_and_kill_only_the_processes_of_their_own_run() -> None:
     mine, other = Marks(uuid.uuid4().hex[:16]), Marks(uuid.uuid4().hex[:16])
     try:
