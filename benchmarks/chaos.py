@@ -29,9 +29,10 @@ and prints one row of figures per scenario:
    a burst of 500 concurrent clients; meanwhile a ``status`` request every 0.5 s (5 s
    deadline) and an ``otree status`` command every 2 s.
 
-Exit 1 on a leftover after a clean stop (or a clean stop that hangs or does not exit 0),
-a lost job, a duplicate the at-least-once rule does not explain, a spend mismatch, or an
-unanswered status; 130 if interrupted. Every process the run starts carries
+Exit 1 on a leftover after a clean stop (or a clean stop that hangs or does not exit 0;
+a SIGTERM sent during the start may end Python by the signal before otree handles it:
+that is counted apart), a lost job, a duplicate the at-least-once rule does not explain,
+a spend mismatch, or an unanswered status; 130 if interrupted. Every process the run starts carries
 ``OTREE_CHAOS=<run id>`` (and ``OTREE_CHAOS_ROLE``) in its environment; whatever happens
 (an exception, Ctrl-C, SIGTERM), all of them are found in /proc and SIGKILLed by pid at
 the end (each pid checked again for the marker just before its SIGKILL) and the temp dir
@@ -470,13 +471,17 @@ class CleanStops:
     stops: int = 0
     hung: int = 0
     bad_exits: Counter[int] = field(default_factory=Counter)
+    unhandled: int = 0  # SIGTERMs that came while Python was still starting: they end it, as they should
     left: Counter[str] = field(default_factory=Counter)  # by role
 
-    def stop(self, run: Run) -> None:
+    def stop(self, run: Run, *, starting: bool = False) -> None:
+        """SIGTERM ``run``; ``starting``: it may not have set up its signal handling yet."""
         self.stops += 1
         code = run.stop()
         if code is None:
             self.hung += 1
+        elif starting and code == -signal.SIGTERM:
+            self.unhandled += 1
         elif code != 0:
             self.bad_exits[code] += 1
         survivors = run.marks.survivors()
@@ -490,6 +495,7 @@ class CleanStops:
         return (
             f"clean stops {self.stops}: left after {GRACE:g} s {left}{f' ({roles})' if roles else ''}, "
             f"hung {self.hung}, exit != 0 {sum(self.bad_exits.values())}{f' ({exits})' if exits else ''}"
+            + (f", killed by the SIGTERM while Python started {self.unhandled}" if self.unhandled else "")
         )
 
     def failures(self) -> list[str]:
@@ -577,7 +583,7 @@ class TreeChaos:
         typical_start = statistics.median(self.up_seconds) if self.up_seconds else 1.0
         if kind == "start-kill" or (kind == "clean-stop" and rng.random() < 0.3):
             time.sleep(rng.uniform(0, 1.2 * typical_start))  # somewhere in the start
-            self.end(run, kind)
+            self.end(run, kind, starting=True)
             return
         if not run.answers(until=lambda: sum(p.role == "child" for p in self.ctx.marks.scan()) >= LEADERS):
             self.failed_starts.append(run.why_not_up())
@@ -604,9 +610,9 @@ class TreeChaos:
                 self.child_kills += 1
             time.sleep(self.ctx.rng.uniform(0.05, 0.3))
 
-    def end(self, run: Run, kind: str) -> None:
+    def end(self, run: Run, kind: str, *, starting: bool = False) -> None:
         if kind == "clean-stop":
-            self.stops.stop(run)
+            self.stops.stop(run, starting=starting)
             return
         run.kill()
         self.otree_kills += 1
