@@ -1175,28 +1175,41 @@ class Hostile:
             thread.join(5.0)
 
     def _connect(self) -> socket.socket | None:
+        """A connection within 5 s, else None."""
         try:
             return open_control(self.path, time.monotonic() + 5.0)
         except OSError:
             return None
 
+    def _connected(self) -> socket.socket | None:
+        """A connection, however long the tree makes us wait; None once the clients stop."""
+        while not self.stop.is_set():
+            sock = self._connect()
+            if sock is not None:
+                return sock
+            time.sleep(0.5)
+        return None
+
+    def _receive(self, sock: socket.socket) -> bytes | None:
+        """The next bytes from the tree (empty: it closed the connection); None once the clients stop."""
+        sock.settimeout(0.5)
+        while not self.stop.is_set():
+            try:
+                return sock.recv(1 << 16)
+            except TimeoutError:
+                continue
+        return None
+
     def follow(self) -> None:
         """Subscribe to the events (``otree events --follow``'s request) and read them until closed."""
-        sock = self._connect()
-        while sock is None and not self.stop.is_set():
-            sock = self._connect()
+        sock = self._connected()
         if sock is None:
             return
         with sock:
             sock.sendall(encode(Request(VERSION, "events", {"path": "", "kind": "", "since": None})))
             reader = FrameReader(MAX_REPLY)
             first = True
-            sock.settimeout(0.5)
-            while not self.stop.is_set():
-                try:
-                    data = sock.recv(1 << 16)
-                except TimeoutError:
-                    continue
+            while (data := self._receive(sock)) is not None:
                 if not data:
                     self.bump("follow: closed by the tree")
                     return
@@ -1210,29 +1223,16 @@ class Hostile:
 
     def silent(self) -> None:
         """Connect and say nothing, again and again."""
-        while not self.stop.is_set():
-            sock = self._connect()
-            if sock is None:
-                time.sleep(0.5)
-                continue
+        while (sock := self._connected()) is not None:
             with sock:
-                sock.settimeout(0.5)
-                while not self.stop.is_set():
-                    try:
-                        data = sock.recv(1 << 16)
-                    except TimeoutError:
-                        continue
+                data = self._receive(sock)
+                if data is not None:
                     self.bump("silent: dropped by the tree" if data else "silent: closed by the tree")
-                    break
 
     def trickle(self) -> None:
         """Send a status request one byte a second, again and again."""
         request = encode(Request(VERSION, "status", {"path": ""}))
-        while not self.stop.is_set():
-            sock = self._connect()
-            if sock is None:
-                time.sleep(0.5)
-                continue
+        while (sock := self._connected()) is not None:
             with sock:
                 self._trickle_one(sock, request)
 
