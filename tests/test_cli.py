@@ -310,7 +310,16 @@ def test_check_missing_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
 
 def test_check_directory_is_not_a_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     line = check_error(capsys, ["check", str(tmp_path)])
-    assert line == f"otree: {tmp_path}: no such file"
+    assert line == f"otree: {tmp_path}: is a directory; give the tree file in it (e.g. {tmp_path}/tree.py)"
+
+
+def test_run_of_a_directory_says_it_is_one(tmp_path: Path) -> None:
+    (tmp_path / "supervisors").mkdir()
+    result = run_otree(["run", "supervisors"], tmp_path)
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr == (
+        "otree: supervisors: is a directory; give the tree file in it (e.g. supervisors/tree.py)\n"
+    )
 
 
 def test_check_missing_attribute(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -151,7 +151,17 @@ def test_unknown_path_is_refused_with_the_children_listed(
     code, _, err = tree.cli(capsys, "status", "db/nope")
     assert code == 4 and "no child at fleet/db/nope (children of fleet/db: cache)" in err
     code, _, err = tree.cli(capsys, "stop", "alice/deeper")
-    assert code == 4 and err == "otree: fleet/alice is a task, not a supervisor or pool\n"
+    assert code == 4
+    assert err == "otree: no child at fleet/alice/deeper (fleet/alice is a task, not a supervisor or pool)\n"
+
+
+def test_a_missing_path_is_named_whole(tree: Tree, capsys: pytest.CaptureFixture[str]) -> None:
+    for command in ("stop", "status", "restart"):
+        code, _, err = tree.cli(capsys, command, "db/no/such")
+        assert code == 4
+        assert err == (
+            "otree: no child at fleet/db/no/such (fleet/db has no child no; children of fleet/db: cache)\n"
+        )
 
 
 # --- start, stop, restart, delete -----------------------------------------------------------
@@ -218,7 +228,11 @@ def test_submit_bad_input(tree: Tree, capsys: pytest.CaptureFixture[str]) -> Non
     code, _, err = tree.cli(capsys, "submit", "jobs", "nope")
     assert code == 4 and err == "otree: fleet/jobs: unknown job kind 'nope' (kinds: echo, fail, hold)\n"
     code, _, err = tree.cli(capsys, "submit", "db", "echo")
-    assert code == 4 and err == "otree: fleet/db is a supervisor, not a pool\n"
+    assert code == 4 and err == "otree: fleet/db is a supervisor: submit needs a pool\n"
+    code, _, err = tree.cli(capsys, "submit", "alice", "echo")
+    assert code == 4 and err == "otree: fleet/alice is a task: submit needs a pool\n"
+    code, _, err = tree.cli(capsys, "jobs", "fleet")
+    assert code == 4 and err == "otree: fleet is a supervisor: jobs needs a pool\n"
     code, _, err = tree.cli(capsys, "submit", "jobs", "echo", "--cost", "-1")
     assert code == 4 and "estimated_cost must be a number of USD >= 0" in err
 
