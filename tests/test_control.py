@@ -12,7 +12,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -277,6 +277,18 @@ def test_events_from_the_log(tree: Tree, capsys: pytest.CaptureFixture[str]) -> 
     )
     assert not any(e["path"].startswith(("fleet/alice", "fleet/jobs")) for e in events)
     assert ("fleet/db/cache", "child.stopped") in [(e["path"], e["kind"]) for e in events]
+    # the operator's stop, and everything stop-tree stopped, say who did it
+    code, out, _ = tree.cli(capsys, "events", "--json", "--kind", "*.stopped")
+    stopped = [json.loads(line) for line in out.splitlines()]
+    assert {(e["path"], e["kind"], e["details"].get("by")) for e in stopped} == {
+        ("fleet/db/cache", "child.stopped", "operator"),
+        ("fleet/temp", "child.stopped", "operator"),
+        ("fleet/jobs", "child.stopped", "operator"),
+        ("fleet/db", "supervisor.stopped", "operator"),
+        ("fleet/db", "child.stopped", "operator"),
+        ("fleet/alice", "child.stopped", "operator"),
+        ("fleet", "supervisor.stopped", "operator"),
+    }
     code, out, _ = tree.cli(capsys, "events", "--since", "1d")
     assert "supervisor.started" in out
     code, out, _ = tree.cli(capsys, "events", "--since", str(time.time() + 3600))
@@ -847,3 +859,106 @@ def test_a_connection_reset_mid_command_is_one_line(
         f"otree: the connection to the tree of {state} broke (Connection reset by peer); "
         "the request may or may not have been carried out\n",
     )
+
+
+# --- otree signal, otree logs of a running tree ------------------------------------------------
+
+HANDLES_USR1 = """\
+import os, signal, subprocess, sys, time
+
+NAME = sys.argv[1]
+signal.signal(signal.SIGUSR1, lambda *_: os.write(1, f"{NAME} got SIGUSR1\\n".encode()))
+if NAME == "leader":  # a helper in the leader's process group
+    subprocess.Popen([sys.executable, __file__, "helper"])
+os.write(1, f"{NAME} ready\\n".encode())
+time.sleep(600)
+"""
+
+SIGNALLED_TREE = """\
+import sys
+from pathlib import Path
+
+import trio
+
+import otree
+
+
+async def steady(*, task_status=trio.TASK_STATUS_IGNORED):
+    task_status.started()
+    await trio.sleep_forever()
+
+
+SCRIPT = str(Path(__file__).with_name("handles_usr1.py"))
+
+tree = otree.supervisor(
+    "fleet",
+    children=[
+        otree.task("alice", steady),
+        otree.process("worker", [sys.executable, SCRIPT, "leader"]),
+    ],
+)
+"""
+
+
+def wait_until(condition: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + DEADLINE
+    while not condition():
+        assert time.monotonic() < deadline, f"not within {DEADLINE}s: {what}"
+        time.sleep(0.02)
+
+
+def test_signal_reaches_a_process_child_s_group(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write_tree(tmp_path, HANDLES_USR1, "handles_usr1.py")
+    file = write_tree(tmp_path, SIGNALLED_TREE)
+    monkeypatch.setenv("OTREE_STATE_DIR", str(tmp_path / "state"))
+    log = tmp_path / "state" / "logs" / "fleet" / "worker" / "stdout.log"
+    with otree_process(["run", str(file)], tmp_path) as process:
+        process.wait_for(is_text_event("fleet", "control.listening"))
+        wait_until(lambda: "helper ready" in log.read_text(), "the helper is up")
+        pid = json.loads(run_otree(["status", "--json", "worker"], tmp_path).stdout)["root"]["info"]["pid"]
+        assert main(["signal", "worker", "usr1"]) == 0
+        assert capsys.readouterr() == (f"fleet/worker: SIGUSR1 sent to process group {pid}\n", "")
+        wait_until(
+            lambda: {"leader got SIGUSR1", "helper got SIGUSR1"} <= set(log.read_text().splitlines()),
+            "both got SIGUSR1",
+        )
+        assert main(["signal", "--json", "fleet/worker", str(int(signal.SIGUSR1))]) == 0
+        assert json.loads(capsys.readouterr().out) == {
+            "path": "fleet/worker",
+            "pid": pid,
+            "signal": "SIGUSR1",
+        }
+        line = process.wait_for(is_text_event("fleet/worker", "child.signalled"))
+        assert line.split()[3:] == ["SIGUSR1", "by=operator", f"pid={pid}"]
+        wait_until(lambda: log.read_text().count("got SIGUSR1") == 4, "both got the second SIGUSR1")
+        assert main(["logs", "worker", "-n", "2"]) == 0  # what it printed, from its log file
+        assert sorted(capsys.readouterr().out.splitlines()) == [
+            "helper got SIGUSR1",
+            "leader got SIGUSR1",
+        ]
+        for args, code, message in (
+            (["alice", "TERM"], 4, "fleet/alice is a task: only a process child takes a signal"),
+            (
+                ["worker", "SIGNOPE"],
+                2,
+                "SIGNAL 'SIGNOPE': not a signal (use a name such as TERM, HUP, USR1, or a number)",
+            ),
+            (
+                ["worker", "999"],
+                2,
+                "SIGNAL '999': not a signal (use a name such as TERM, HUP, USR1, or a number)",
+            ),
+            (["nobody", "TERM"], 4, "no child at fleet/nobody (children of fleet: alice, worker)"),
+        ):
+            assert main(["signal", *args]) == code
+            assert capsys.readouterr() == ("", f"otree: {message}\n")
+        assert main(["stop", "worker"]) == 0
+        assert main(["signal", "worker", "TERM"]) == 4
+        assert capsys.readouterr().err == "otree: fleet/worker: not running (state: stopped)\n"
+        assert main(["stop-tree"]) == 0
+        assert process.finish() == 0
+        capsys.readouterr()
+    assert main(["logs", "fleet/worker", "-n", "1"]) == 0  # no tree needed
+    assert capsys.readouterr().out in ("helper got SIGUSR1\n", "leader got SIGUSR1\n")
