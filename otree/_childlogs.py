@@ -70,15 +70,37 @@ def _rotated(log: Path) -> list[Path]:
     return found
 
 
-def _tail(file: BinaryIO, count: int) -> bytes:
-    """The last ``count`` lines of ``file`` (a last line without its newline counts), from its end."""
-    end = start = file.seek(0, os.SEEK_END)
-    data = b""
-    while start > 0 and data.count(b"\n", 0, len(data) - 1) < count:
+def _enough(data: bytes, count: int) -> bool:
+    """Whether ``data`` holds the start of its ``count``-th line from the end."""
+    return data.count(b"\n", 0, len(data) - 1) >= count
+
+
+def _prepend(file: BinaryIO, data: bytes, count: int) -> bytes:
+    """``data`` with as much of the end of ``file`` before it as ``count`` lines need."""
+    start = file.seek(0, os.SEEK_END)
+    while start > 0 and not _enough(data, count):
         block = max(0, start - _BLOCK)
         file.seek(block)
         data = file.read(start - block) + data
         start = block
+    return data
+
+
+def last_lines(log: Path, file: BinaryIO, count: int) -> bytes:
+    """The last ``count`` lines of the log open as ``file`` (at ``log``), then positioned at its end.
+
+    The rotated files continue the current one backwards (a rotation cuts at a
+    byte, not at a line end); a last line without its newline counts.
+    """
+    end = file.seek(0, os.SEEK_END)
+    if count <= 0:
+        return b""
+    data = _prepend(file, b"", count)
+    for older in _rotated(log):
+        if _enough(data, count):
+            break
+        with older.open("rb") as backup:
+            data = _prepend(backup, data, count)
     file.seek(end)
     cut = len(data) - 1  # a newline ending the data ends the last line; it does not start one
     for _ in range(count):
@@ -86,24 +108,6 @@ def _tail(file: BinaryIO, count: int) -> bytes:
         if cut < 0:
             return data
     return data[cut + 1 :]
-
-
-def last_lines(log: Path, file: BinaryIO, count: int) -> bytes:
-    """The last ``count`` lines of the log open as ``file`` (at ``log``), then positioned at its end.
-
-    When the current file holds fewer, the rest come from the rotated files.
-    """
-    if count <= 0:
-        file.seek(0, os.SEEK_END)
-        return b""
-    text = _tail(file, count)
-    for older in _rotated(log):
-        have = text.count(b"\n") + (not text.endswith(b"\n") and bool(text))
-        if have >= count:
-            break
-        with older.open("rb") as backup:
-            text = _tail(backup, count - have) + text
-    return text
 
 
 def follow(log: Path, file: BinaryIO, out: BinaryIO) -> None:
