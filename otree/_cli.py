@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import math
 import os
 import re
 import signal
@@ -228,13 +227,18 @@ def _print_event(event: Event, as_json: bool) -> None:
     print(line, flush=True)
 
 
+_MAX_TIMEOUT = 86400  # a day: far beyond any tree that answers at all
+
+
 def _seconds(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not 0 < value < math.inf:
-        raise argparse.ArgumentTypeError(f"{text!r}: give a number of seconds above 0")
+    if not 0 < value <= _MAX_TIMEOUT:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: give a number of seconds above 0, at most {_MAX_TIMEOUT}"
+        )
     return value
 
 

@@ -707,3 +707,13 @@ def test_logs_follow_goes_on_across_rotations(tmp_path: Path) -> None:
         for pipe in (follower.stdout, follower.stderr):
             if pipe is not None:
                 pipe.close()
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "inf", "1e12", "soon"])
+def test_a_timeout_that_is_not_a_sane_number_of_seconds_is_a_usage_error(
+    capsys: pytest.CaptureFixture[str], value: str
+) -> None:
+    for args in (["--timeout", value, "status"], ["status", "--timeout", value]):
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert "argument --timeout:" in err and "Traceback" not in err
