@@ -1,9 +1,10 @@
 """The ``otree`` command: parses argv and calls the public API or a running tree's control socket.
 
 Exit codes: 0 clean stop or request done; 1 the root gave up (or failed to
-start); 2 usage error, bad tree file, missing tree attribute or spec error;
-3 no running tree for a command that needs one; 4 the request was refused
-(one line says why); 130 a second Ctrl-C.
+start), or the connection to the tree broke; 2 usage error, bad tree file,
+missing tree attribute or spec error; 3 no running tree for a command that
+needs one; 4 the request was refused (one line says why); 5 the tree did not
+take the request up within ``--timeout``; 130 a second Ctrl-C.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import argparse
 import datetime as dt
 import os
 import re
+import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -19,7 +21,8 @@ from typing import Any
 
 import msgspec
 
-from ._client import ControlError, NoTree, call, subscribe
+from ._childlogs import NoLog, find_log, follow, last_lines
+from ._client import DEFAULT_TIMEOUT, ControlError, NoTree, call, subscribe
 from ._info import ChildInfo, DeadLetter, Event, Jobs, Status
 from ._logfiles import EventFilter, LogMark, read_events
 from ._paths import control_socket, state_dir
@@ -46,9 +49,10 @@ class _Target:
         self.state = state_dir(args.state_dir)
         self.socket = control_socket(self.state)
         self.json: bool = args.json
+        self.timeout: float = args.timeout
 
     def call(self, op: str, **request: Any) -> Any:
-        return call(self.socket, self.state, op, **request)
+        return call(self.socket, self.state, op, timeout=self.timeout, **request)
 
     def show(self, result: Any, text: Callable[[], str]) -> int:
         print(msgspec.json.encode(result).decode() if self.json else text())
@@ -68,6 +72,43 @@ def _child_command(args: argparse.Namespace) -> int:
         return tree.show(result, lambda: f"{result['path']}: {args.done}")
     info = msgspec.convert(result, ChildInfo)
     return tree.show(info, lambda: f"{info.path}: {args.done} ({info.state})")
+
+
+def _signal(args: argparse.Namespace) -> int:
+    tree = _Target(args)
+    sent = tree.call("signal", path=args.path, signal=parse_signal(args.signal))
+    return tree.show(sent, lambda: f"{sent['path']}: {sent['signal']} sent to process group {sent['pid']}")
+
+
+def parse_signal(text: str) -> int:
+    """A signal by number (``10``) or name, with or without ``SIG``, in any case (``usr1``, ``SIGUSR1``)."""
+    if text.isdigit():
+        number = int(text)
+        if number in signal.valid_signals():
+            return number
+    else:
+        name = text.upper() if text.upper().startswith("SIG") else "SIG" + text.upper()
+        try:
+            return signal.Signals[name].value
+        except KeyError:
+            pass
+    raise _Usage(f"SIGNAL {text!r}: not a signal (use a name such as TERM, HUP, USR1, or a number)")
+
+
+def _logs(args: argparse.Namespace) -> int:
+    stream = "stderr" if args.stderr else "stdout"
+    try:
+        log = find_log(state_dir(args.state_dir), args.path, stream)
+    except NoLog as missing:
+        print(f"otree: {missing}", file=sys.stderr)
+        return EXIT_REFUSED
+    out = sys.stdout.buffer
+    with log.open("rb") as file:
+        out.write(last_lines(log, file, args.lines))
+        out.flush()
+        if args.follow:
+            follow(log, file, out)  # until Ctrl-C (exit 0)
+    return 0
 
 
 def _submit(args: argparse.Namespace) -> int:
@@ -160,7 +201,12 @@ def _events(args: argparse.Namespace) -> int:
     if args.follow:
         try:
             mark, live = subscribe(
-                tree.socket, tree.state, path=args.path or "", kind=args.kind or "", since=since
+                tree.socket,
+                tree.state,
+                timeout=tree.timeout,
+                path=args.path or "",
+                kind=args.kind or "",
+                since=since,
             )
         except NoTree as error:
             print(f"otree: {error}", file=sys.stderr)
@@ -181,8 +227,58 @@ def _print_event(event: Event, as_json: bool) -> None:
     print(line, flush=True)
 
 
+_MAX_TIMEOUT = 86400  # a day: far beyond any tree that answers at all
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 < value <= _MAX_TIMEOUT:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: give a number of seconds above 0, at most {_MAX_TIMEOUT}"
+        )
+    return value
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of lines") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a number of lines, 0 or more")
+    return value
+
+
+class _Version(argparse.Action):
+    """``--version``: looked up only when asked (reading the installed distributions takes time)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, help="print otree's version and exit")
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: object) -> None:
+        from importlib import metadata
+
+        names = sorted(set(metadata.packages_distributions().get(__package__ or "otree", [])))
+        found = ", ".join(f"{metadata.version(name)} ({name})" for name in names)
+        print(f"otree {found or 'version unknown: not installed as a distribution'}")
+        parser.exit()
+
+
+_TIMEOUT_HELP = (
+    f"seconds to wait for the tree to take a request up (default {DEFAULT_TIMEOUT:g}); "
+    "not for the wait that is the command's purpose"
+)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="otree", description="Erlang/OTP-style supervision trees on trio.")
+    parser.add_argument("--version", action=_Version)
+    parser.add_argument(
+        "--timeout", type=_seconds, default=DEFAULT_TIMEOUT, metavar="SECONDS", help=_TIMEOUT_HELP
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     run = commands.add_parser("run", help="run a tree file until SIGINT/SIGTERM")
     run.add_argument("file", metavar="FILE", help="a Python file holding a supervisor spec")
@@ -194,6 +290,21 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("file", metavar="FILE")
     check.add_argument("--attr", default="tree")
     check.set_defaults(handler=_tree_command)
+    _add_control_commands(commands)
+    logs = commands.add_parser("logs", help="print the end of a process child's log (and follow it with -f)")
+    logs.add_argument("path", metavar="PATH")
+    logs.add_argument("--follow", "-f", action="store_true", help="then print what is appended until Ctrl-C")
+    logs.add_argument(
+        "-n", "--lines", type=_count, default=10, metavar="N", help="the last N lines (default 10)"
+    )
+    logs.add_argument("--stderr", action="store_true", help="the stderr log instead of the stdout log")
+    logs.add_argument("--state-dir", default=None, help="the tree's state dir (default: $OTREE_STATE_DIR)")
+    logs.set_defaults(handler=_logs)
+    return parser
+
+
+def _add_control_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """The commands that talk to a running tree (and ``events``, which reads its log too)."""
 
     def control(
         name: str, help_text: str, handler: Callable[[argparse.Namespace], int]
@@ -203,6 +314,10 @@ def _parser() -> argparse.ArgumentParser:
             "--state-dir", default=None, help="the tree's state dir (default: $OTREE_STATE_DIR)"
         )
         command.add_argument("--json", action="store_true", help="machine-readable output")
+        # after the command too; SUPPRESS keeps a value given before it
+        command.add_argument(
+            "--timeout", type=_seconds, default=argparse.SUPPRESS, metavar="SECONDS", help=_TIMEOUT_HELP
+        )
         command.set_defaults(handler=handler)
         return command
 
@@ -237,7 +352,9 @@ def _parser() -> argparse.ArgumentParser:
         "level", metavar="LEVEL"
     )
     control("stop-tree", "stop the whole tree in order (as SIGTERM)", _stop_tree)
-    return parser
+    sender = control("signal", "send a signal to a process child's process group", _signal)
+    sender.add_argument("path", metavar="PATH")
+    sender.add_argument("signal", metavar="SIGNAL", help="a name (TERM, SIGUSR1, hup) or a number")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -256,7 +373,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"otree: {error}", file=sys.stderr)
         return error.code
     except KeyboardInterrupt:  # Ctrl-C ending a client command (`otree run` handles its own signals)
-        return 0 if args.handler is _events else EXIT_INTERRUPTED
+        return 0 if args.handler in (_events, _logs) else EXIT_INTERRUPTED
     except BrokenPipeError:  # `otree events | head`: the reader has what it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
         return 0

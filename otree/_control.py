@@ -6,15 +6,24 @@ connection's ``SO_PEERCRED`` uid is checked as well (otree's own uid or root),
 and a refusal is logged as a ``control.refused`` event. No request, however
 malformed, can stop the tree: a bad one gets an error reply and the connection
 is closed.
+
+Commands and event followers have separate allowances, so followers can never
+take the places commands need. A request whose client has hung up before the
+tree takes it up (a client that gave up waiting) is not carried out: an
+``otree stop-tree`` that timed out must not stop the tree later. What an
+operator does through the socket is in the events it causes (``by: operator``).
 """
 
 from __future__ import annotations
 
 import os
+import select
+import signal
 import socket
 import struct
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +31,7 @@ from typing import Any
 import msgspec
 import trio
 
-from ._errors import NotFound, OtreeError, Restarting, Running
+from ._errors import NotFound, NotRunning, OtreeError, Restarting, Running
 from ._eventlog import EventLog
 from ._info import ChildInfo, Status, StatusNode
 from ._logfiles import EventFilter
@@ -39,15 +48,18 @@ from ._protocol import (
     decode_request,
     encode,
 )
+from ._reaper import kill_group
 from ._status import jobs_of, status_of
 from ._supervisor import PoolHandle, SupervisorHandle
 
 __all__ = ["ControlServer", "peer_allowed", "prepare_socket_dir"]
 
 REQUEST_TIMEOUT = 10.0  # a client that connects and says nothing is dropped after this
-MAX_CONNECTIONS = 64  # at once; more wait in the listen backlog
+MAX_CONNECTIONS = 64  # requests read or served at once; more wait in the listen backlog
+MAX_FOLLOWERS = 64  # event subscriptions at once, apart from MAX_CONNECTIONS; more are refused
 ACCEPT_RETRY = 0.1  # seconds to wait after accept() failed (e.g. out of file descriptors)
 _PEERCRED = struct.Struct("3i")
+_OPERATOR = {"by": "operator"}  # in the details of the events an operator's request causes
 
 
 class _Refused(Exception):
@@ -69,6 +81,28 @@ def _peer_credentials(sock: trio.socket.SocketType) -> tuple[int, int]:
     return pid, uid
 
 
+def _hung_up(sock: trio.socket.SocketType) -> bool:
+    """Whether the client has closed its end (POLLHUP: a half-close, ``shutdown(SHUT_WR)``, is not)."""
+    poller = select.poll()
+    poller.register(sock.fileno(), 0)  # no events asked: only POLLHUP and POLLERR can be reported
+    return bool(poller.poll(0))
+
+
+class _Slot:
+    """A connection's place among ``MAX_CONNECTIONS``, given back once (by a follower, early)."""
+
+    __slots__ = ("_held", "_semaphore")
+
+    def __init__(self, semaphore: trio.Semaphore) -> None:
+        self._semaphore = semaphore
+        self._held = True
+
+    def release(self) -> None:
+        if self._held:
+            self._held = False
+            self._semaphore.release()
+
+
 def prepare_socket_dir(socket_path: Path) -> None:
     """Create the socket's directory 0700, or refuse one another user could reach.
 
@@ -84,6 +118,11 @@ def prepare_socket_dir(socket_path: Path) -> None:
 
 class _PathArgs(msgspec.Struct, forbid_unknown_fields=True):
     path: str = ""
+
+
+class _SignalArgs(msgspec.Struct, forbid_unknown_fields=True):
+    path: str
+    signal: int
 
 
 class _SubmitArgs(msgspec.Struct, forbid_unknown_fields=True):
@@ -136,6 +175,7 @@ class ControlServer:
     stop_tree: Callable[[], None]
     emit: Callable[[str, str, str, dict[str, Any]], None]  # the tree's EventBus.emit
     _slots: trio.Semaphore = field(default_factory=lambda: trio.Semaphore(MAX_CONNECTIONS), init=False)
+    _followers: trio.Semaphore = field(default_factory=lambda: trio.Semaphore(MAX_FOLLOWERS), init=False)
 
     async def serve(
         self, path: Path, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -168,18 +208,19 @@ class ControlServer:
 
     async def _connection(self, conn: trio.socket.SocketType) -> None:
         stream = trio.SocketStream(conn)
+        slot = _Slot(self._slots)
         try:
             async with stream:
-                await self._converse(stream, conn)
+                await self._converse(stream, conn, slot)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass  # a client that went away needs no answer
         except Exception as error:  # noqa: BLE001 - no connection may take the tree down
             detail = f"{type(error).__name__}: {error}"
             self.emit(self.root.path, "control.error", "connection", {"detail": detail})
         finally:
-            self._slots.release()
+            slot.release()
 
-    async def _converse(self, stream: trio.SocketStream, conn: trio.socket.SocketType) -> None:
+    async def _converse(self, stream: trio.SocketStream, conn: trio.socket.SocketType, slot: _Slot) -> None:
         reader = FrameReader(MAX_REQUEST)
         bodies: list[bytes] = []
         try:
@@ -204,8 +245,10 @@ class ControlServer:
         except FrameError as error:
             await _reply_error(stream, str(error), EXIT_USAGE)
             return
+        if not await self._taken_up(stream, conn, request, pid):
+            return
         if request.op == "events":
-            await self._follow(stream, request)
+            await self._follow(stream, request, slot, pid)
             return
         try:
             reply = encode(Reply(VERSION, True, await self._answer(request)))
@@ -220,6 +263,25 @@ class ControlServer:
             self.emit(self.root.path, "control.error", request.op, {"detail": detail})
             reply = _error_frame(f"internal error in {request.op}: {detail}", 1)
         await stream.send_all(reply)
+
+    async def _taken_up(
+        self, stream: trio.SocketStream, conn: trio.socket.SocketType, request: Request, pid: int
+    ) -> bool:
+        """Acknowledge the request if asked; False (and an event) if its client is gone meanwhile.
+
+        Checked after the acknowledgement is sent, so a client that gave up waiting
+        for it (and closed) never has its request carried out behind its back.
+        """
+        gone = _hung_up(conn)
+        if not gone and request.ack:
+            try:
+                await stream.send_all(_ACK)
+            except trio.BrokenResourceError:
+                gone = True
+            gone = gone or _hung_up(conn)
+        if gone:
+            self.emit(self.root.path, "control.abandoned", request.op, {"pid": pid})
+        return not gone
 
     async def _answer(self, request: Request) -> Any:
         handler = _OPS.get(request.op)
@@ -251,37 +313,65 @@ class ControlServer:
             raise _Refused(f"{self.root.path} is the root: use otree stop-tree for the whole tree")
         parent = self.root
         for child_id in ids[:-1]:
-            found = parent.find(child_id)
+            try:
+                found = parent.find(child_id)
+            except NotFound as missing:  # name the whole path asked for, and where it breaks off
+                known = ", ".join(missing.existing) or "none"
+                raise _Refused(
+                    f"no child at {'/'.join([self.root.path, *ids])} ({parent.path} has no child "
+                    f"{child_id}; children of {parent.path}: {known})"
+                ) from None
+            except TypeError as worker:  # a task or process has no children
+                raise _Refused(f"no child at {'/'.join([self.root.path, *ids])} ({worker})") from None
             if isinstance(found, PoolHandle):
                 raise _Refused(f"{found.path} is a pool: see its jobs with otree jobs {found.path}")
             parent = found
         return parent, ids[-1]
 
-    def _pool(self, path: str) -> PoolHandle:
-        ids = self._ids(path)
-        found = self.root.find("/".join(ids)) if ids else self.root
-        if not isinstance(found, PoolHandle):
-            raise _Refused(f"{found.path} is a supervisor, not a pool")
-        return found
+    def _child(self, path: str) -> tuple[SupervisorHandle, ChildInfo]:
+        """The supervisor of the child at ``path``, and the child's own status line."""
+        parent, child_id = self._parent_of(path)
+        children = parent.which_children()
+        info = next((i for i in children if i.id == child_id), None)
+        if info is None:
+            raise NotFound(parent.path, child_id, [i.id for i in reversed(children)])
+        return parent, info
+
+    def _pool(self, path: str, command: str) -> PoolHandle:
+        """The pool at ``path``; ``command`` names what needs it, for the refusal of anything else."""
+        if not self._ids(path):
+            raise _Refused(f"{self.root.path} is a supervisor: {command} needs a pool")
+        parent, info = self._child(path)
+        if info.kind != "pool":
+            raise _Refused(f"{info.path} is a {info.kind}: {command} needs a pool")
+        pool = parent.find(info.id)
+        assert isinstance(pool, PoolHandle)
+        return pool
+
+    @contextmanager
+    def _by_operator(self, path: str) -> Iterator[None]:
+        """The events of ``path`` and below, while the request runs, say an operator caused them."""
+        end = self.root._tree.bus.attribute(path, _OPERATOR)
+        try:
+            yield
+        finally:
+            end()
 
     # --- operations ------------------------------------------------------------------------
 
     async def _status(self, args: _PathArgs) -> Any:
-        ids = self._ids(args.path)
-        if not ids:
+        if not self._ids(args.path):
             return status_of(self.root, self.root_info())
-        parent, child_id = self._parent_of(args.path)
-        info = next((i for i in parent.which_children() if i.id == child_id), None)
-        if info is None:
-            raise NotFound(parent.path, child_id, [i.id for i in reversed(parent.which_children())])
+        parent, info = self._child(args.path)
         if info.kind in ("supervisor", "pool") and info.state == "running":
-            return status_of(parent.find(child_id), info)
+            return status_of(parent.find(info.id), info)
         return Status(time.time(), StatusNode(info))  # a worker, or not running
 
     async def _start(self, args: _PathArgs) -> Any:
         parent, child_id = self._parent_of(args.path)
         try:
-            return await parent.restart_child(child_id)
+            with self._by_operator(f"{parent.path}/{child_id}"):
+                return await parent.restart_child(child_id)
         except Running:
             raise _Refused(f"{parent.path}/{child_id}: already running") from None
         except Restarting:
@@ -289,42 +379,62 @@ class ControlServer:
 
     async def _stop(self, args: _PathArgs) -> Any:
         parent, child_id = self._parent_of(args.path)
-        await parent.terminate_child(child_id)
+        with self._by_operator(f"{parent.path}/{child_id}"):
+            await parent.terminate_child(child_id)
         return {"path": f"{parent.path}/{child_id}"}
 
     async def _restart(self, args: _PathArgs) -> Any:
         """supervisorctl's restart: stop the child if it runs, then start it again."""
         parent, child_id = self._parent_of(args.path)
         spec = parent.get_childspec(child_id)
-        await parent.terminate_child(child_id)
-        if spec.restart == "temporary":  # terminating dropped its spec: add it again
-            return await parent.start_child(spec)
-        return await parent.restart_child(child_id)
+        with self._by_operator(f"{parent.path}/{child_id}"):
+            await parent.terminate_child(child_id)
+            if spec.restart == "temporary":  # terminating dropped its spec: add it again
+                return await parent.start_child(spec)
+            return await parent.restart_child(child_id)
 
     async def _delete(self, args: _PathArgs) -> Any:
         parent, child_id = self._parent_of(args.path)
         await parent.delete_child(child_id)
         return {"path": f"{parent.path}/{child_id}"}
 
+    async def _signal(self, args: _SignalArgs) -> Any:
+        """Send a signal to a process child's process group (the child and what it started in it)."""
+        if args.signal not in signal.valid_signals():
+            raise _Refused(f"{args.signal} is not a signal number", EXIT_USAGE)
+        _, info = self._child(args.path)
+        if info.kind != "process":
+            raise _Refused(f"{info.path} is a {info.kind}: only a process child takes a signal")
+        if info.pid is None:
+            raise NotRunning(info.path, info.state)
+        # the leader is not reaped while its pid is shown, so its group (pgid = pid: it is a
+        # session leader) cannot be anybody else's yet
+        if not kill_group(info.pid, args.signal):
+            raise _Refused(f"{info.path}: no member of its process group {info.pid} could be signalled")
+        name = _signal_name(args.signal)
+        self.emit(info.path, "child.signalled", name, {**_OPERATOR, "pid": info.pid})
+        return {"path": info.path, "pid": info.pid, "signal": name}
+
     async def _submit(self, args: _SubmitArgs) -> Any:
-        job = await self._pool(args.pool).submit(
+        job = await self._pool(args.pool, "submit").submit(
             args.kind, args.payload, priority=args.priority, estimated_cost=args.cost, key=args.key
         )
         return {"id": job.id, "state": job.state}
 
     async def _jobs(self, args: _PoolArgs) -> Any:
-        return jobs_of(self._pool(args.pool))
+        return jobs_of(self._pool(args.pool, "jobs"))
 
     async def _dead_letters(self, args: _PoolArgs) -> Any:
-        return self._pool(args.pool).dead_letters()
+        return self._pool(args.pool, "dead-letters").dead_letters()
 
     async def _requeue(self, args: _RequeueArgs) -> Any:
-        job = await self._pool(args.pool).requeue(args.id)
+        job = await self._pool(args.pool, "requeue").requeue(args.id)
         return {"id": job.id, "state": job.state}
 
     async def _reload(self, args: _NoArgs) -> Any:
         try:
-            return await self.reload()
+            with self._by_operator(self.root.path):
+                return await self.reload()
         except ValueError as error:
             raise _Refused(f"reload refused, the running tree is untouched: {error}") from None
 
@@ -333,18 +443,39 @@ class ControlServer:
         return {"level": args.level.upper()}
 
     async def _stop_tree(self, args: _NoArgs) -> Any:
+        self.root._tree.bus.attribute(self.root.path, _OPERATOR)  # for the whole stop: never ended
         self.stop_tree()
         return None
 
     # --- the event subscription ------------------------------------------------------------------
 
-    async def _follow(self, stream: trio.SocketStream, request: Request) -> None:
-        """Reply with where the log's history ends, then send every later event that matches."""
+    async def _follow(self, stream: trio.SocketStream, request: Request, slot: _Slot, pid: int) -> None:
+        """Serve an events subscription in one of the followers' own places, or refuse it.
+
+        The follower leaves its connection slot to commands: however many follow,
+        ``otree status`` and ``otree stop-tree`` are still served.
+        """
         try:
             args = msgspec.convert(request.args, _EventsArgs)
         except msgspec.ValidationError as error:
             await _reply_error(stream, f"bad arguments for events: {error}", EXIT_USAGE)
             return
+        try:
+            self._followers.acquire_nowait()
+        except trio.WouldBlock:
+            self.emit(self.root.path, "control.refused", "followers", {"pid": pid})
+            await _reply_error(
+                stream, f"too many followers: {MAX_FOLLOWERS} follow this tree's events already; try later"
+            )
+            return
+        slot.release()
+        try:
+            await self._subscription(stream, args)
+        finally:
+            self._followers.release()
+
+    async def _subscription(self, stream: trio.SocketStream, args: _EventsArgs) -> None:
+        """Reply with where the log's history ends, then send every later event that matches."""
         wanted = EventFilter(kind=args.kind, since=args.since)
         ids = self._ids(args.path)
         prefix = "/".join([self.root.path, *ids])
@@ -376,7 +507,16 @@ _OPS: dict[str, tuple[Callable[[ControlServer, Any], Awaitable[Any]], type[msgsp
     "reload": (ControlServer._reload, _NoArgs),
     "log_level": (ControlServer._log_level, _LevelArgs),
     "stop_tree": (ControlServer._stop_tree, _NoArgs),
+    "signal": (ControlServer._signal, _SignalArgs),
 }
+_ACK = encode(Reply(VERSION, True, ack=True))
+
+
+def _signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:  # a real-time signal has no name of its own
+        return f"SIGRTMIN+{signum - signal.SIGRTMIN}"
 
 
 async def _cancel_on_eof(stream: trio.SocketStream, scope: trio.CancelScope) -> None:

@@ -48,14 +48,25 @@ def level_of(kind: str, reason: str) -> int:
 class EventBus:
     """Fan-out of one tree's events to its subscribers and the ``otree`` logger."""
 
-    __slots__ = ("_streams", "_subscribed", "closed", "sink")
+    __slots__ = ("_causes", "_streams", "_subscribed", "closed", "sink")
 
     def __init__(self) -> None:
         # Weak, so a stream its owner dropped without closing stops costing anything.
         self._streams: weakref.WeakSet[EventStream] = weakref.WeakSet()
         self._subscribed = False  # cheap "any streams?", refreshed as events are published
+        self._causes: list[_Cause] = []
         self.closed = False
         self.sink: Callable[[Event], None] | None = None  # the event log, which gets everything
+
+    def attribute(self, prefix: str, details: dict[str, Any]) -> Callable[[], None]:
+        """From now on, events of ``prefix`` and below carry ``details`` too (who caused them).
+
+        Returns the function that ends the attribution. Used for what an operator
+        asks through the control socket (``by: operator``).
+        """
+        cause = _Cause(prefix, details)
+        self._causes.append(cause)
+        return lambda: self._causes.remove(cause)
 
     def wants(self, level: int) -> bool:
         """Whether an event at ``level`` would reach anyone (so it is worth building)."""
@@ -69,6 +80,8 @@ class EventBus:
 
     def publish(self, event: Event, level: int, error: BaseException | None = None) -> None:
         """Deliver ``event``; ``error`` (a child's exception) goes to the log record only."""
+        if self._causes:
+            event = self._attributed(event)
         if self.sink is not None:
             self.sink(event)
         if self._subscribed:
@@ -89,6 +102,10 @@ class EventBus:
             )
             _log.handle(record)
 
+    def _attributed(self, event: Event) -> Event:
+        extra = {k: v for cause in self._causes if cause.covers(event.path) for k, v in cause.details.items()}
+        return msgspec.structs.replace(event, details={**event.details, **extra}) if extra else event
+
     def subscribe(self, prefix: str, buffer: int = DEFAULT_BUFFER) -> EventStream:
         stream = EventStream(prefix, buffer)
         if self.closed:
@@ -105,6 +122,20 @@ class EventBus:
             stream._end()
         self._streams.clear()
         self._subscribed = False
+
+
+class _Cause:
+    """Details every event of a subtree carries while the cause lasts (compared by identity)."""
+
+    __slots__ = ("details", "prefix", "slash")
+
+    def __init__(self, prefix: str, details: dict[str, Any]) -> None:
+        self.prefix = prefix
+        self.slash = prefix + "/"
+        self.details = details
+
+    def covers(self, path: str) -> bool:
+        return path == self.prefix or path.startswith(self.slash)
 
 
 class EventStream:

@@ -35,9 +35,11 @@ def load_tree(path: str, attr: str = "tree") -> SupervisorSpec:
     tree can import the modules beside it.
 
     Raises:
-      LoadError: the file is missing, fails to import, or holds no tree.
+      LoadError: the file is missing (or a directory), fails to import, or holds no tree.
     """
     resolved = Path(path).resolve()
+    if resolved.is_dir():
+        raise LoadError(f"{path}: is a directory; give the tree file in it (e.g. {Path(path) / 'tree.py'})")
     if not resolved.is_file():
         raise LoadError(f"{path}: no such file")
     name = "otree_tree_" + "".join(c if c.isalnum() else "_" for c in resolved.stem)

@@ -3,7 +3,10 @@
 A frame is a 4-byte big-endian length and that many bytes of msgpack. A client
 sends one ``Request``; the server answers with one ``Reply``, or, for a
 subscription, with a first ``Reply`` and then one ``Reply`` per event until
-either side closes. Pure: no sockets here, so the decoder can be fuzzed.
+either side closes. A request with ``ack`` first gets an acknowledgement (a
+``Reply`` with ``ack``) once the tree takes it up: the client bounds its wait for
+that, never the wait for the result, which may be the command's purpose (a stop
+under a long grace). Pure: no sockets here, so the decoder can be fuzzed.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ __all__ = [
     "EXIT_INTERRUPTED",
     "EXIT_NO_TREE",
     "EXIT_REFUSED",
+    "EXIT_TIMEOUT",
     "EXIT_USAGE",
     "MAX_REPLY",
     "MAX_REQUEST",
@@ -35,6 +39,7 @@ VERSION = 1
 EXIT_USAGE = 2  # a malformed request or bad arguments
 EXIT_NO_TREE = 3  # (client side) nothing serves the socket
 EXIT_REFUSED = 4  # the tree refused the request
+EXIT_TIMEOUT = 5  # (client side) the tree did not take the connection or the request up in time
 EXIT_INTERRUPTED = 130  # (``otree run``) a second Ctrl-C killed what was left
 MAX_REQUEST = 1 << 20  # a request is a few fields and a job payload
 MAX_REPLY = 1 << 30  # a status of a very large tree
@@ -46,21 +51,29 @@ class FrameError(Exception):
 
 
 class Request(msgspec.Struct, frozen=True):
-    """What a client asks: ``op`` with ``args``, in protocol version ``v``."""
+    """What a client asks: ``op`` with ``args``, in protocol version ``v``.
+
+    ``ack``: acknowledge the request once the tree takes it up, before carrying it out.
+    """
 
     v: int
     op: str
     args: dict[str, Any] = {}
+    ack: bool = False
 
 
 class Reply(msgspec.Struct, frozen=True):
-    """The answer: ``result`` when ``ok``, else ``error`` (one line) and the CLI's exit ``code``."""
+    """The answer: ``result`` when ``ok``, else ``error`` (one line) and the CLI's exit ``code``.
+
+    ``ack``: this frame only acknowledges the request; the answer follows.
+    """
 
     v: int
     ok: bool
     result: Any = None
     error: str = ""
     code: int = 0
+    ack: bool = False
 
 
 _encoder = msgspec.msgpack.Encoder()

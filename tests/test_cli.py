@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
+import select
 import signal
+import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -12,13 +16,17 @@ from typing import Any
 import pytest
 
 from otree._cli import main
+from otree._paths import child_log_dir
+from otree._process import _RotatingLog
 
 from .otree_subprocess import (
+    DEADLINE,
     REPO,
     event_of,
     is_text_event,
     otree_process,
     run_otree,
+    subprocess_env,
     write_tree,
 )
 
@@ -310,7 +318,16 @@ def test_check_missing_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
 
 def test_check_directory_is_not_a_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     line = check_error(capsys, ["check", str(tmp_path)])
-    assert line == f"otree: {tmp_path}: no such file"
+    assert line == f"otree: {tmp_path}: is a directory; give the tree file in it (e.g. {tmp_path}/tree.py)"
+
+
+def test_run_of_a_directory_says_it_is_one(tmp_path: Path) -> None:
+    (tmp_path / "supervisors").mkdir()
+    result = run_otree(["run", "supervisors"], tmp_path)
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr == (
+        "otree: supervisors: is a directory; give the tree file in it (e.g. supervisors/tree.py)\n"
+    )
 
 
 def test_check_missing_attribute(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -559,3 +576,144 @@ def test_run_log_format_json_every_line_is_json(tmp_path: Path) -> None:
         lines = process.lines
     for line in lines:
         assert isinstance(json.loads(line), dict), line
+
+
+# --- --version ----------------------------------------------------------------------------
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    from importlib import metadata
+
+    assert main(["--version"]) == 0
+    out = capsys.readouterr().out
+    name = sorted(set(metadata.packages_distributions()["otree"]))[0]
+    assert out == f"otree {metadata.version(name)} ({name})\n"
+
+
+# --- otree logs ---------------------------------------------------------------------------
+
+
+def log_writer(state: Path, child: str, max_bytes: int = 1 << 20, backups: int = 3) -> _RotatingLog:
+    """The writer a process child's stdout goes through, at that child's log path."""
+    return _RotatingLog(child_log_dir(state, child) / "stdout.log", max_bytes, backups)
+
+
+def numbered(first: int, last: int) -> bytes:
+    return b"".join(b"line %05d ..........\n" % n for n in range(first, last + 1))  # 21 bytes each
+
+
+def logs(capsys: pytest.CaptureFixture[str], state: Path, *args: str) -> tuple[int, str, str]:
+    code = main(["logs", "--state-dir", str(state), *args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_logs_prints_the_last_lines(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    writer = log_writer(tmp_path, "fleet/team/worker")
+    writer.write(numbered(1, 30))
+    writer.close()
+    assert logs(capsys, tmp_path, "team/worker", "-n", "2") == (0, numbered(29, 30).decode(), "")
+    assert logs(capsys, tmp_path, "fleet/team/worker") == (0, numbered(21, 30).decode(), "")  # 10
+    assert logs(capsys, tmp_path, "/team/worker/", "-n", "0") == (0, "", "")
+    assert logs(capsys, tmp_path, "team/worker", "-n", "99")[1] == numbered(1, 30).decode()
+
+
+def test_logs_reach_into_the_rotated_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    writer = log_writer(tmp_path, "fleet/worker", max_bytes=1024, backups=2)
+    writer.write(numbered(1, 100))  # 2100 bytes: rotated twice, each time in the middle of a line
+    writer.write(b"no newline yet")
+    writer.close()
+    code, out, _ = logs(capsys, tmp_path, "worker", "-n", "60")
+    assert code == 0
+    assert out == numbered(42, 100).decode() + "no newline yet"
+
+
+def test_logs_of_what_has_none_say_so(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    logs_dir = tmp_path / "logs"
+    assert logs(capsys, tmp_path, "alice") == (
+        4,
+        "",
+        f'otree: no stdout log of alice in {logs_dir} (only a process child with stdout="log" has one; '
+        "stdout logs there: none)\n",
+    )
+    log_writer(tmp_path, "fleet/team/worker").close()
+    log_writer(tmp_path, "fleet/indexer").close()
+    assert logs(capsys, tmp_path, "team")[2] == (
+        f'otree: no stdout log of team in {logs_dir} (only a process child with stdout="log" has one; '
+        "stdout logs there: fleet/indexer, fleet/team/worker)\n"
+    )
+    assert logs(capsys, tmp_path, "indexer", "--stderr")[0] == 4  # it has a stdout log only
+    log_writer(tmp_path, "armada/indexer").close()  # another tree's, in the same state dir
+    assert logs(capsys, tmp_path, "indexer")[2] == (
+        "otree: indexer names the logs of several trees: armada/indexer, fleet/indexer "
+        "(give the whole path)\n"
+    )
+    assert logs(capsys, tmp_path, "fleet/indexer")[0] == 0
+
+
+class LineReader:
+    """Lines of a subprocess's stdout, each awaited with a deadline."""
+
+    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
+        assert proc.stdout is not None
+        self.stdout = proc.stdout
+        self.pending = b""
+
+    def read(self, count: int) -> bytes:
+        deadline = time.monotonic() + DEADLINE
+        while self.pending.count(b"\n") < count:
+            remaining = deadline - time.monotonic()
+            assert remaining > 0, f"only {self.pending!r} within {DEADLINE}s"
+            if select.select([self.stdout], [], [], remaining)[0]:
+                chunk = os.read(self.stdout.fileno(), 65536)
+                assert chunk, f"stdout ended after {self.pending!r}"
+                self.pending += chunk
+        cut = 0
+        for _ in range(count):
+            cut = self.pending.index(b"\n", cut) + 1
+        lines, self.pending = self.pending[:cut], self.pending[cut:]
+        return lines
+
+
+def test_logs_follow_goes_on_across_rotations(tmp_path: Path) -> None:
+    writer = log_writer(tmp_path, "fleet/worker", max_bytes=1024, backups=5)
+    writer.write(numbered(1, 3))
+    follower = subprocess.Popen(
+        [sys.executable, "-m", "otree", "logs", "worker", "-f", "-n", "1", "--state-dir", str(tmp_path)],
+        cwd=tmp_path,
+        env=subprocess_env(tmp_path),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        lines = LineReader(follower)
+        assert lines.read(1) == numbered(3, 3)  # the last line, and now it follows
+        writer.write(numbered(4, 10))
+        assert lines.read(7) == numbered(4, 10)
+        writer.write(numbered(11, 130))  # 2520 bytes at once: rotated twice before it looks again
+        assert lines.read(120) == numbered(11, 130)
+        writer.write(numbered(131, 131))
+        assert lines.read(1) == numbered(131, 131)
+        assert follower.poll() is None
+        follower.send_signal(signal.SIGINT)  # Ctrl-C
+        assert follower.wait(timeout=DEADLINE) == 0
+        assert follower.stderr is not None and follower.stderr.read() == b""
+    finally:
+        writer.close()
+        if follower.poll() is None:
+            follower.kill()
+            follower.wait(timeout=DEADLINE)
+        for pipe in (follower.stdout, follower.stderr):
+            if pipe is not None:
+                pipe.close()
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "inf", "1e12", "soon"])
+def test_a_timeout_that_is_not_a_sane_number_of_seconds_is_a_usage_error(
+    capsys: pytest.CaptureFixture[str], value: str
+) -> None:
+    for args in (["--timeout", value, "status"], ["status", "--timeout", value]):
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert "argument --timeout:" in err and "Traceback" not in err

@@ -4,20 +4,24 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import signal
 import socket
 import stat
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from otree._cli import main
+from otree._control import MAX_CONNECTIONS, MAX_FOLLOWERS
 from otree._paths import control_socket
+from otree._protocol import VERSION, FrameReader, Request, decode_reply, encode
 
 from .otree_subprocess import (
     DEADLINE,
@@ -151,7 +155,17 @@ def test_unknown_path_is_refused_with_the_children_listed(
     code, _, err = tree.cli(capsys, "status", "db/nope")
     assert code == 4 and "no child at fleet/db/nope (children of fleet/db: cache)" in err
     code, _, err = tree.cli(capsys, "stop", "alice/deeper")
-    assert code == 4 and err == "otree: fleet/alice is a task, not a supervisor or pool\n"
+    assert code == 4
+    assert err == "otree: no child at fleet/alice/deeper (fleet/alice is a task, not a supervisor or pool)\n"
+
+
+def test_a_missing_path_is_named_whole(tree: Tree, capsys: pytest.CaptureFixture[str]) -> None:
+    for command in ("stop", "status", "restart"):
+        code, _, err = tree.cli(capsys, command, "db/no/such")
+        assert code == 4
+        assert err == (
+            "otree: no child at fleet/db/no/such (fleet/db has no child no; children of fleet/db: cache)\n"
+        )
 
 
 # --- start, stop, restart, delete -----------------------------------------------------------
@@ -218,7 +232,11 @@ def test_submit_bad_input(tree: Tree, capsys: pytest.CaptureFixture[str]) -> Non
     code, _, err = tree.cli(capsys, "submit", "jobs", "nope")
     assert code == 4 and err == "otree: fleet/jobs: unknown job kind 'nope' (kinds: echo, fail, hold)\n"
     code, _, err = tree.cli(capsys, "submit", "db", "echo")
-    assert code == 4 and err == "otree: fleet/db is a supervisor, not a pool\n"
+    assert code == 4 and err == "otree: fleet/db is a supervisor: submit needs a pool\n"
+    code, _, err = tree.cli(capsys, "submit", "alice", "echo")
+    assert code == 4 and err == "otree: fleet/alice is a task: submit needs a pool\n"
+    code, _, err = tree.cli(capsys, "jobs", "fleet")
+    assert code == 4 and err == "otree: fleet is a supervisor: jobs needs a pool\n"
     code, _, err = tree.cli(capsys, "submit", "jobs", "echo", "--cost", "-1")
     assert code == 4 and "estimated_cost must be a number of USD >= 0" in err
 
@@ -259,6 +277,18 @@ def test_events_from_the_log(tree: Tree, capsys: pytest.CaptureFixture[str]) -> 
     )
     assert not any(e["path"].startswith(("fleet/alice", "fleet/jobs")) for e in events)
     assert ("fleet/db/cache", "child.stopped") in [(e["path"], e["kind"]) for e in events]
+    # the operator's stop, and everything stop-tree stopped, say who did it
+    code, out, _ = tree.cli(capsys, "events", "--json", "--kind", "*.stopped")
+    stopped = [json.loads(line) for line in out.splitlines()]
+    assert {(e["path"], e["kind"], e["details"].get("by")) for e in stopped} == {
+        ("fleet/db/cache", "child.stopped", "operator"),
+        ("fleet/temp", "child.stopped", "operator"),
+        ("fleet/jobs", "child.stopped", "operator"),
+        ("fleet/db", "supervisor.stopped", "operator"),
+        ("fleet/db", "child.stopped", "operator"),
+        ("fleet/alice", "child.stopped", "operator"),
+        ("fleet", "supervisor.stopped", "operator"),
+    }
     code, out, _ = tree.cli(capsys, "events", "--since", "1d")
     assert "supervisor.started" in out
     code, out, _ = tree.cli(capsys, "events", "--since", str(time.time() + 3600))
@@ -630,3 +660,305 @@ def test_a_stopped_pool_refuses_work_until_started_again(
     assert tree.cli(capsys, "start", "jobs")[0] == 0
     code, out, _ = tree.cli(capsys, "submit", "--json", "jobs", "echo", "1")
     assert code == 0 and json.loads(out)["state"] in ("queued", "running")
+
+
+# --- the socket cannot be starved; timeouts; abandoned requests -----------------------------------
+
+
+def raw_connection(tree: Tree) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(DEADLINE)
+    sock.connect(str(control_socket(tree.state)))
+    return sock
+
+
+def raw_follower(tree: Tree) -> socket.socket:
+    """An events subscription that has had its first reply (the log mark)."""
+    sock = raw_connection(tree)
+    sock.sendall(encode(Request(VERSION, "events", {})))
+    reader = FrameReader(1 << 20)
+    bodies: list[bytes] = []
+    while not bodies:
+        chunk = sock.recv(65536)
+        assert chunk, "the tree closed the follow"
+        bodies = reader.feed(chunk)
+    assert decode_reply(bodies[0]).ok
+    return sock
+
+
+def test_followers_cannot_starve_commands(tree: Tree) -> None:
+    followers: list[socket.socket] = []
+    try:
+        followers.extend(raw_follower(tree) for _ in range(MAX_FOLLOWERS))
+        status = run_otree(["status"], tree.directory)
+        assert status.returncode == 0 and status.stdout.startswith("fleet ")
+        refused = run_otree(["events", "--follow"], tree.directory)
+        assert (refused.returncode, refused.stdout) == (4, "")
+        assert refused.stderr == (
+            f"otree: too many followers: {MAX_FOLLOWERS} follow this tree's events already; try later\n"
+        )
+        assert run_otree(["stop-tree"], tree.directory).returncode == 0
+        assert tree.process.finish() == 0
+    finally:
+        for follower in followers:
+            follower.close()
+
+
+def test_a_stop_tree_that_timed_out_is_never_carried_out(
+    tree: Tree, capsys: pytest.CaptureFixture[str]
+) -> None:
+    silent: list[socket.socket] = []
+    try:
+        # clients that connect and say nothing hold every command slot (until REQUEST_TIMEOUT)
+        silent.extend(raw_connection(tree) for _ in range(MAX_CONNECTIONS))
+        began = time.monotonic()
+        stop = run_otree(["stop-tree", "--timeout", "1"], tree.directory)
+        assert 1 <= time.monotonic() - began < DEADLINE
+        assert (stop.returncode, stop.stdout) == (5, "")
+        assert stop.stderr == (
+            f"otree: the tree of {tree.state} did not take the request up within 1s "
+            "(--timeout SECONDS waits longer); it was withdrawn, not carried out\n"
+        )
+    finally:
+        for sock in silent:
+            sock.close()
+    # the slots free up: the tree reaches the stop-tree request, finds its client gone, and drops it
+    line = tree.process.wait_for(lambda text: "control.abandoned" in text)
+    assert line.split()[1:4] == ["fleet", "control.abandoned", "stop_tree"]
+    assert tree.status(capsys)["info"]["state"] == "running"
+    assert tree.process.proc.poll() is None
+
+
+SLOW_STOP = """\
+import sys
+import otree
+
+DEAF = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)"
+
+tree = otree.supervisor(
+    "slow",
+    children=[otree.process("deaf", [sys.executable, "-c", DEAF], shutdown=2.0)],
+)
+"""
+
+
+def test_waits_that_are_the_command_s_purpose_are_not_cut_by_the_timeout(tmp_path: Path) -> None:
+    file = write_tree(tmp_path, SLOW_STOP)
+    with otree_process(["run", str(file)], tmp_path) as process:
+        process.wait_for(is_text_event("slow", "control.listening"))
+        follower = subprocess.Popen(
+            [sys.executable, "-m", "otree", "events", "--follow", "--json", "--timeout", "0.5"],
+            cwd=tmp_path,
+            env=subprocess_env(tmp_path),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert follower.stdout is not None
+            for line in follower.stdout:  # the history ends with control.listening; then it is live
+                if json.loads(line)["kind"] == "control.listening":
+                    break
+            began = time.monotonic()
+            stop = run_otree(["stop", "deaf", "--timeout", "0.5"], tmp_path)
+            assert (stop.returncode, stop.stdout, stop.stderr) == (0, "slow/deaf: stopped\n", "")
+            assert time.monotonic() - began >= 2.0  # the grace ran out: SIGKILL
+            for line in follower.stdout:  # 2 s after it began, the follow is still on
+                event = json.loads(line)
+                if event["kind"] == "child.stopped":
+                    assert (event["path"], event["details"]["by"]) == ("slow/deaf", "operator")
+                    break
+            assert follower.poll() is None
+        finally:
+            follower.terminate()
+            follower.wait(timeout=DEADLINE)
+            for pipe in (follower.stdout, follower.stderr):
+                if pipe is not None:
+                    pipe.close()
+
+
+# --- the client against a tree that is stuck or breaks the connection ---------------------------
+
+
+@pytest.fixture
+def stuck_tree(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[socket.socket, Path]]:
+    """A socket where a tree's would be, listening and never accepting."""
+    state = tmp_path / "state"
+    monkeypatch.setenv("OTREE_STATE_DIR", str(state))
+    path = control_socket(state)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen(4)  # a connection stays in the backlog even after its client has closed
+    try:
+        yield listener, state
+    finally:
+        listener.close()
+        path.unlink()
+
+
+def test_a_tree_that_never_takes_the_request_up_is_one_line_after_the_timeout(
+    stuck_tree: tuple[socket.socket, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    _, state = stuck_tree
+    for args in (["status", "--timeout", "0.3"], ["--timeout", "0.3", "stop", "a"]):  # after or before
+        began = time.monotonic()
+        assert main(args) == 5
+        assert 0.3 <= time.monotonic() - began < DEADLINE
+        assert capsys.readouterr().err == (
+            f"otree: the tree of {state} did not take the request up within 0.3s "
+            "(--timeout SECONDS waits longer); it was withdrawn, not carried out\n"
+        )
+
+
+def test_a_full_backlog_is_one_line_after_the_timeout(
+    stuck_tree: tuple[socket.socket, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    _, state = stuck_tree
+    waiting: list[socket.socket] = []
+    try:
+        while True:  # fill the backlog
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.setblocking(False)
+            waiting.append(sock)
+            try:
+                sock.connect(str(control_socket(state)))
+            except BlockingIOError:
+                break
+        began = time.monotonic()
+        assert main(["events", "--follow", "--timeout", "0.3"]) == 5
+        assert 0.3 <= time.monotonic() - began < DEADLINE
+        assert capsys.readouterr() == (
+            "",
+            f"otree: the tree of {state} accepted no connection within 0.3s: its backlog is full "
+            "(--timeout SECONDS waits longer)\n",
+        )
+    finally:
+        for sock in waiting:
+            sock.close()
+
+
+def test_a_connection_reset_mid_command_is_one_line(
+    stuck_tree: tuple[socket.socket, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    listener, state = stuck_tree
+
+    def reset_after_the_request() -> None:  # a tree killed with the request unread
+        conn, _ = listener.accept()
+        select.select([conn], [], [], DEADLINE)
+        conn.close()
+
+    server = threading.Thread(target=reset_after_the_request)
+    server.start()
+    try:
+        assert main(["submit", "jobs", "echo", "{}"]) == 1
+    finally:
+        server.join(timeout=DEADLINE)
+    assert capsys.readouterr() == (
+        "",
+        f"otree: the connection to the tree of {state} broke (Connection reset by peer); "
+        "the request may or may not have been carried out\n",
+    )
+
+
+# --- otree signal, otree logs of a running tree ------------------------------------------------
+
+HANDLES_USR1 = """\
+import os, signal, subprocess, sys, time
+
+NAME = sys.argv[1]
+signal.signal(signal.SIGUSR1, lambda *_: os.write(1, f"{NAME} got SIGUSR1\\n".encode()))
+if NAME == "leader":  # a helper in the leader's process group
+    subprocess.Popen([sys.executable, __file__, "helper"])
+os.write(1, f"{NAME} ready\\n".encode())
+time.sleep(600)
+"""
+
+SIGNALLED_TREE = """\
+import sys
+from pathlib import Path
+
+import trio
+
+import otree
+
+
+async def steady(*, task_status=trio.TASK_STATUS_IGNORED):
+    task_status.started()
+    await trio.sleep_forever()
+
+
+SCRIPT = str(Path(__file__).with_name("handles_usr1.py"))
+
+tree = otree.supervisor(
+    "fleet",
+    children=[
+        otree.task("alice", steady),
+        otree.process("worker", [sys.executable, SCRIPT, "leader"]),
+    ],
+)
+"""
+
+
+def wait_until(condition: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + DEADLINE
+    while not condition():
+        assert time.monotonic() < deadline, f"not within {DEADLINE}s: {what}"
+        time.sleep(0.02)
+
+
+def test_signal_reaches_a_process_child_s_group(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write_tree(tmp_path, HANDLES_USR1, "handles_usr1.py")
+    file = write_tree(tmp_path, SIGNALLED_TREE)
+    monkeypatch.setenv("OTREE_STATE_DIR", str(tmp_path / "state"))
+    log = tmp_path / "state" / "logs" / "fleet" / "worker" / "stdout.log"
+    with otree_process(["run", str(file)], tmp_path) as process:
+        process.wait_for(is_text_event("fleet", "control.listening"))
+        wait_until(lambda: "helper ready" in log.read_text(), "the helper is up")
+        pid = json.loads(run_otree(["status", "--json", "worker"], tmp_path).stdout)["root"]["info"]["pid"]
+        assert main(["signal", "worker", "usr1"]) == 0
+        assert capsys.readouterr() == (f"fleet/worker: SIGUSR1 sent to process group {pid}\n", "")
+        wait_until(
+            lambda: {"leader got SIGUSR1", "helper got SIGUSR1"} <= set(log.read_text().splitlines()),
+            "both got SIGUSR1",
+        )
+        assert main(["signal", "--json", "fleet/worker", str(int(signal.SIGUSR1))]) == 0
+        assert json.loads(capsys.readouterr().out) == {
+            "path": "fleet/worker",
+            "pid": pid,
+            "signal": "SIGUSR1",
+        }
+        line = process.wait_for(is_text_event("fleet/worker", "child.signalled"))
+        assert line.split()[3:] == ["SIGUSR1", "by=operator", f"pid={pid}"]
+        wait_until(lambda: log.read_text().count("got SIGUSR1") == 4, "both got the second SIGUSR1")
+        assert main(["logs", "worker", "-n", "2"]) == 0  # what it printed, from its log file
+        assert sorted(capsys.readouterr().out.splitlines()) == [
+            "helper got SIGUSR1",
+            "leader got SIGUSR1",
+        ]
+        for args, code, message in (
+            (["alice", "TERM"], 4, "fleet/alice is a task: only a process child takes a signal"),
+            (
+                ["worker", "SIGNOPE"],
+                2,
+                "SIGNAL 'SIGNOPE': not a signal (use a name such as TERM, HUP, USR1, or a number)",
+            ),
+            (
+                ["worker", "999"],
+                2,
+                "SIGNAL '999': not a signal (use a name such as TERM, HUP, USR1, or a number)",
+            ),
+            (["nobody", "TERM"], 4, "no child at fleet/nobody (children of fleet: alice, worker)"),
+        ):
+            assert main(["signal", *args]) == code
+            assert capsys.readouterr() == ("", f"otree: {message}\n")
+        assert main(["stop", "worker"]) == 0
+        assert main(["signal", "worker", "TERM"]) == 4
+        assert capsys.readouterr().err == "otree: fleet/worker: not running (state: stopped)\n"
+        assert main(["stop-tree"]) == 0
+        assert process.finish() == 0
+        capsys.readouterr()
+    assert main(["logs", "fleet/worker", "-n", "1"]) == 0  # no tree needed
+    assert capsys.readouterr().out in ("helper got SIGUSR1\n", "leader got SIGUSR1\n")

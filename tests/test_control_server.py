@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import struct
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -48,8 +49,8 @@ class Served:
 
 
 @asynccontextmanager
-async def serving(tmp_path: Path) -> AsyncIterator[Served]:
-    tree = otree.supervisor("root", children=[otree.task("a", worker, Log(), "a")])
+async def serving(tmp_path: Path, children: list[otree.TaskSpec] | None = None) -> AsyncIterator[Served]:
+    tree = otree.supervisor("root", children=children or [otree.task("a", worker, Log(), "a")])
     path = tmp_path / "run" / "control.sock"
 
     async def reload() -> dict[str, list[str]]:
@@ -225,3 +226,144 @@ async def test_follow_streams_live_events_after_the_log_mark(tmp_path: Path) -> 
                 replies.extend(decode_reply(body) for body in reader.feed(await stream.receive_some(65536)))
             event = msgspec.convert(replies[0].result, Event)
             assert (event.path, event.kind) == ("root/a", "child.stopped")
+
+
+# --- slots, followers, abandoned requests, acknowledgements -------------------------------------
+
+
+async def open_follower(served: Served) -> tuple[trio.SocketStream, Reply]:
+    """An events subscription: the stream, and its first reply (the log mark, or a refusal)."""
+    stream = await trio.open_unix_socket(str(served.path))
+    await stream.send_all(encode(Request(VERSION, "events", {})))
+    reader = FrameReader(1 << 20)
+    bodies: list[bytes] = []
+    while not bodies:
+        chunk = await stream.receive_some(65536)
+        assert chunk, "the server closed the follow without a reply"
+        bodies = reader.feed(chunk)
+    return stream, decode_reply(bodies[0])
+
+
+async def next_event(events: otree.EventStream, kind: str) -> Event:
+    async for event in events:
+        if event.kind == kind:
+            return event
+    raise AssertionError(f"the stream ended before a {kind} event")
+
+
+async def test_followers_never_take_the_slots_commands_need(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_control, "MAX_CONNECTIONS", 2)
+    monkeypatch.setattr(_control, "MAX_FOLLOWERS", 3)
+    async with serving(tmp_path) as served:
+        events = served.sup.events()
+        with trio.fail_after(5):  # three followers, two command slots: commands are still served
+            followers = [await open_follower(served) for _ in range(3)]
+            assert all(reply.ok for _, reply in followers)
+            await still_serves(served)
+            await still_serves(served)
+            stream, refused = await open_follower(served)
+        await stream.aclose()
+        assert (refused.ok, refused.code) == (False, 4)
+        assert refused.error == "too many followers: 3 follow this tree's events already; try later"
+        event = await next_event(events, "control.refused")
+        assert (event.reason, event.details["pid"]) == ("followers", os.getpid())
+        await followers[0][0].aclose()  # one leaves: its place is free again
+        with trio.fail_after(5):
+            while not (again := await open_follower(served))[1].ok:
+                await again[0].aclose()  # the server has not seen the leaver's EOF yet
+        for stream, _ in [*followers[1:], again]:
+            await stream.aclose()
+
+
+async def test_a_request_whose_client_hung_up_is_not_carried_out(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_control, "MAX_CONNECTIONS", 1)
+    async with serving(tmp_path) as served:
+        events = served.sup.events()
+        # accepted first (the backlog is in order), it holds the only slot until it closes
+        silent = await trio.open_unix_socket(str(served.path))
+        quitter = await trio.open_unix_socket(str(served.path))  # so this one waits in the backlog
+        await quitter.send_all(encode(Request(VERSION, "stop_tree", {}, ack=True)))
+        await quitter.aclose()  # gives up, as a client whose timeout ran out
+        await silent.aclose()  # the slot frees: the server takes the quitter's request up now
+        with trio.fail_after(5):
+            event = await next_event(events, "control.abandoned")
+        assert (event.path, event.reason, event.details["pid"]) == ("root", "stop_tree", os.getpid())
+        assert not served.stopped
+        await still_serves(served)
+
+
+async def receive_reply(stream: trio.SocketStream, reader: FrameReader, pending: list[bytes]) -> Reply:
+    while not pending:
+        chunk = await stream.receive_some(65536)
+        assert chunk, "the server closed the connection"
+        pending.extend(reader.feed(chunk))
+    return decode_reply(pending.pop(0))
+
+
+async def slow_to_stop(
+    release: trio.Event, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+) -> None:
+    task_status.started()
+    try:
+        await trio.sleep_forever()
+    finally:
+        with trio.CancelScope(shield=True):
+            await release.wait()
+
+
+async def test_the_acknowledgement_comes_before_a_long_answer(tmp_path: Path) -> None:
+    release = trio.Event()
+    slow = otree.task("slow", slow_to_stop, release, shutdown=60.0)
+    async with serving(tmp_path, [slow]) as served, await trio.open_unix_socket(str(served.path)) as stream:
+        try:
+            await stream.send_all(encode(Request(VERSION, "stop", {"path": "slow"}, ack=True)))
+            reader, pending = FrameReader(1 << 20), []
+            with trio.fail_after(5):
+                first = await receive_reply(stream, reader, pending)
+                assert (first.ok, first.ack, first.result) == (True, True, None)
+                while served.sup.which_children()[0].state != "stopping":
+                    await trio.sleep(0.01)
+        finally:
+            release.set()  # the stop (the command's purpose) can end now, and only now
+        answer = await receive_reply(stream, reader, pending)
+        assert (answer.ok, answer.ack, answer.result) == (True, False, {"path": "root/slow"})
+
+
+async def test_a_request_without_ack_gets_the_answer_alone(tmp_path: Path) -> None:
+    async with serving(tmp_path) as served:
+        replies = await served.exchange(encode(Request(VERSION, "status")), eof=True)  # a half-close
+        assert [(reply.ok, reply.ack) for reply in replies] == [(True, False)]
+
+
+async def test_what_an_operator_does_says_by_operator(tmp_path: Path) -> None:
+    log = Log()
+    async with serving(
+        tmp_path, [otree.task("a", worker, log, "a"), otree.task("b", worker, log, "b")]
+    ) as served:
+        events = served.sup.events()
+        for op in ("stop", "start", "restart"):
+            reply = await served.request(op, path="a")
+            assert reply.ok, reply.error
+        await served.sup.terminate_child("b")  # the library's own call: nobody to name
+        seen = []
+        async for event in events:
+            seen.append((event.path, event.kind, event.details.get("by")))
+            if event.path == "root/b":
+                break
+        assert seen == [
+            ("root/a", "child.stopped", "operator"),
+            ("root/a", "child.started", "operator"),
+            ("root/a", "child.ready", "operator"),
+            ("root/a", "child.stopped", "operator"),
+            ("root/a", "child.started", "operator"),
+            ("root/a", "child.ready", "operator"),
+            ("root/b", "child.stopped", None),
+        ]
+        assert (await served.request("stop_tree")).ok
+        await served.sup.terminate_child("a")  # the tree's stop, once stop-tree asked for it
+        event = await next_event(events, "child.stopped")
+        assert (event.path, event.details["by"]) == ("root/a", "operator")

@@ -64,6 +64,16 @@ def test_reply_round_trip_ok_and_error() -> None:
     assert [decode_reply(body) for body in bodies] == [ok, error]
 
 
+def test_acknowledgement_round_trip_and_default() -> None:
+    request = Request(VERSION, "stop", {"path": "a"}, ack=True)
+    ack = Reply(VERSION, True, ack=True)
+    bodies = read_all(encode(request) + encode(ack), limit=MAX_REPLY)
+    assert decode_request(bodies[0]) == request and decode_reply(bodies[1]) == ack
+    # a peer that does not know acknowledgements neither asks for one nor sends one
+    assert not decode_request(msgspec.msgpack.encode({"v": 1, "op": "stop", "args": {}})).ack
+    assert not decode_reply(msgspec.msgpack.encode({"v": 1, "ok": True, "result": 3})).ack
+
+
 def test_frame_header_is_big_endian_length() -> None:
     request = Request(VERSION, "ping")
     data = encode(request)
