@@ -174,6 +174,7 @@ class ControlServer:
     set_level: Callable[[str], None]
     stop_tree: Callable[[], None]
     emit: Callable[[str, str, str, dict[str, Any]], None]  # the tree's EventBus.emit
+    output_lost: Callable[[], dict[str, int]] = dict  # writes ``otree run``'s own output dropped
     _slots: trio.Semaphore = field(default_factory=lambda: trio.Semaphore(MAX_CONNECTIONS), init=False)
     _followers: trio.Semaphore = field(default_factory=lambda: trio.Semaphore(MAX_FOLLOWERS), init=False)
 
@@ -361,7 +362,8 @@ class ControlServer:
 
     async def _status(self, args: _PathArgs) -> Any:
         if not self._ids(args.path):
-            return status_of(self.root, self.root_info())
+            whole = status_of(self.root, self.root_info())
+            return msgspec.structs.replace(whole, output_lost=self.output_lost())
         parent, info = self._child(args.path)
         if info.kind in ("supervisor", "pool") and info.state == "running":
             return status_of(parent.find(info.id), info)

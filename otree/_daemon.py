@@ -155,6 +155,7 @@ class Daemon:
             set_level=self.echo.set_level,
             stop_tree=self.stop,
             emit=self._tree.bus.emit,
+            output_lost=self.losses.counts.copy,
         )
 
     def _summary(self) -> str:

@@ -134,10 +134,12 @@ class StatusNode(msgspec.Struct, frozen=True):
 
 
 class Status(msgspec.Struct, frozen=True):
-    """A snapshot of a (sub)tree at wall-clock ``now``."""
+    """A snapshot of a (sub)tree at wall-clock ``now``; ``output_lost`` (the whole tree's status
+    under ``otree run`` only) counts the writes to its own stdout/stderr that were dropped."""
 
     now: float
     root: StatusNode
+    output_lost: dict[str, int] = {}
 
 
 class JobInfo(msgspec.Struct, frozen=True):

@@ -44,12 +44,14 @@ class OutputLosses:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._seen: set[str] = set()
+        self.counts: dict[str, int] = {}  # writes dropped per stream (``otree status`` shows them)
         self._untold: list[tuple[str, OSError]] = []  # losses before anyone listened
         self._report: Report | None = None
 
     def lost(self, stream: str, error: OSError) -> None:
         """A write to ``stream`` was dropped because of ``error``."""
         with self._lock:
+            self.counts[stream] = self.counts.get(stream, 0) + 1
             if stream in self._seen:
                 return
             self._seen.add(stream)

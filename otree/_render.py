@@ -116,7 +116,12 @@ def render_status(status: Status) -> str:
     """The tree as indented lines: id, kind, state, then what matters for that kind."""
     nodes = list(_walk(status.root, 0))
     width = max(len(node.info.id) + 2 * depth for node, depth in nodes) + 1
-    return "\n".join(_node_line(node, depth, status.now, width) for node, depth in nodes)
+    lines = [_node_line(node, depth, status.now, width) for node, depth in nodes]
+    lines.extend(
+        f"otree run's {stream} is gone: {count:,} writes dropped (the event log has everything)"
+        for stream, count in sorted(status.output_lost.items())
+    )
+    return "\n".join(lines)
 
 
 def _job_line(job: JobInfo) -> str:

@@ -172,6 +172,12 @@ def test_stderr_on_a_full_disk(tmp_path: Path) -> None:
         running(["run", str(tree)], tmp_path, stdin=subprocess.DEVNULL, stdout=full, stderr=full) as proc,
     ):
         wait_status(tmp_path, lambda text: "\n  a " in text)
+        assert run_otree(["restart", "root/a"], tmp_path).returncode == 0  # more lines dropped
+        status = wait_status(tmp_path, lambda text: "otree run's stderr is gone: " in text)
+        dropped = int(
+            status.split("otree run's stderr is gone: ", 1)[1].split(" writes", 1)[0].replace(",", "")
+        )
+        assert dropped >= 2
         events = stop_and_check(proc, tmp_path, signal.SIGINT)
     assert losses_logged(events) == [("stderr", "ENOSPC")]
 
@@ -246,6 +252,7 @@ def test_losses_are_told_once_per_stream() -> None:
     losses.report_to(None)
     losses.lost("stdout", pipe)
     assert told == [("stderr", pipe), ("stdout", full)]
+    assert losses.counts == {"stderr": 3, "stdout": 2}  # told once, every dropped write counted
 
 
 # --- repeated refusals on stderr -------------------------------------------------------
