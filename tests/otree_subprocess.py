@@ -53,6 +53,19 @@ def run_otree(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedPro
     )
 
 
+def follow_events(cwd: Path, *args: str) -> subprocess.Popen[str]:
+    """``otree events --follow --json ARGS``, running, its stdout and stderr piped."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "otree", "events", "--follow", "--json", *args],
+        cwd=cwd,
+        env=subprocess_env(cwd),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
 class OtreeProcess:
     """A running ``python -m otree ...`` whose stderr lines are read by a thread."""
 

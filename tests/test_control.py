@@ -26,6 +26,7 @@ from otree._protocol import VERSION, FrameReader, Request, decode_reply, encode
 from .otree_subprocess import (
     DEADLINE,
     OtreeProcess,
+    follow_events,
     is_text_event,
     otree_process,
     run_otree,
@@ -298,15 +299,7 @@ def test_events_from_the_log(tree: Tree, capsys: pytest.CaptureFixture[str]) -> 
 
 
 def test_events_follow_has_no_gap_and_no_duplicate(tree: Tree, capsys: pytest.CaptureFixture[str]) -> None:
-    follower = subprocess.Popen(
-        [sys.executable, "-m", "otree", "events", "--follow", "--json"],
-        cwd=tree.directory,
-        env=subprocess_env(tree.directory),
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    follower = follow_events(tree.directory)
     try:
         assert follower.stdout is not None
         history = []
@@ -746,15 +739,7 @@ def test_waits_that_are_the_command_s_purpose_are_not_cut_by_the_timeout(tmp_pat
     file = write_tree(tmp_path, SLOW_STOP)
     with otree_process(["run", str(file)], tmp_path) as process:
         process.wait_for(is_text_event("slow", "control.listening"))
-        follower = subprocess.Popen(
-            [sys.executable, "-m", "otree", "events", "--follow", "--json", "--timeout", "0.5"],
-            cwd=tmp_path,
-            env=subprocess_env(tmp_path),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+        follower = follow_events(tmp_path, "--timeout", "0.5")
         try:
             assert follower.stdout is not None
             for line in follower.stdout:  # the history ends with control.listening; then it is live
