@@ -116,6 +116,10 @@ def check_what_it_showed(name: str, counts: Counter[tuple[str, str]], root: dict
         assert kinds_below(counts, "fleet/turns/", "job.retried") > 0
         # the feeder backs off while refused: the old one asked every 0.3 s, 200 times a minute
         assert counts["fleet/turns", "job.rejected"] <= 60, counts["fleet/turns", "job.rejected"]
+        # the gate at work: a demo day lasts a minute here and the spend of a fresh one reaches 90%
+        # in about 40 s, so a minute holds a budget.warning or (when it started late in a demo day)
+        # the day's end, a budget.reset
+        assert counts["fleet/turns", "budget.warning"] + counts["fleet/turns", "budget.reset"] > 0
         assert [child["info"]["restarts"] for child in root["children"]] == [0, 0]
 
 
