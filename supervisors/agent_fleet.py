@@ -34,8 +34,8 @@ Then try: otree status --state-dir /tmp/otree-fleet       (queue, budget left, c
           otree stop turns --state-dir /tmp/otree-fleet    (the feeder waits; the tree stays up)
           otree start turns --state-dir /tmp/otree-fleet   (queued and interrupted jobs run again)
           otree restart feeder --state-dir /tmp/otree-fleet
-          otree submit turns plan '{"agent": "me", "cost": 0.01, "fail_rate": 0, "speed": 1}' \\
-              --cost 0.01 --state-dir /tmp/otree-fleet
+          otree submit turns plan '{"agent": "me", "cost": 0.02, "fail_rate": 0}' --cost 0.02 \\
+              --state-dir /tmp/otree-fleet
           otree events --kind 'budget.*' --state-dir /tmp/otree-fleet
 Faster:   OTREE_DEMO_SPEED=10 otree run ...  (everything the demo times ten times shorter: turns,
           the feeder's pace, the demo day, the retry backoff, the breaker's cooldown; the tool's
@@ -76,9 +76,9 @@ TOOL = """
 import json, os, random, socket, sys, time
 payload = json.load(sys.stdin)
 roll = random.random()
-if roll < payload["hang_rate"]:
+if roll < payload.get("hang_rate", 0):
     time.sleep(100000)  # the sandbox hangs: the pool's stall watchdog stops it
-time.sleep(random.uniform(0.1, 0.4) / payload["speed"])
+time.sleep(random.uniform(0.1, 0.4) / float(os.environ.get("OTREE_DEMO_SPEED", "1")))
 cost = payload["cost"] * random.uniform(0.5, 1.5)  # the estimate was a guess
 socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM).sendto(
     f"OTREE_COST={cost:.6f}".encode(), os.environ["NOTIFY_SOCKET"])
@@ -99,7 +99,7 @@ KINDS = [
 async def turn(payload: dict[str, Any]) -> str:
     """One agent turn: a model call that costs money (about its estimate) and sometimes fails."""
     me = otree.current_child()
-    await trio.sleep(random.uniform(0.2, 0.8) / payload["speed"])
+    await trio.sleep(random.uniform(0.2, 0.8) / SPEED)
     me.report_cost(payload["cost"] * random.uniform(0.5, 1.5))  # the estimate was a guess
     if random.random() < payload["fail_rate"]:
         raise RuntimeError(f"{payload['agent']}: model returned 529 overloaded")
@@ -112,7 +112,7 @@ async def feeder() -> None:
     refused = 0
     for n in range(1, sys.maxsize):
         kind, priority, cost, fail_rate = random.choice(KINDS)
-        payload = {"agent": f"{kind}-{n}", "cost": cost, "fail_rate": fail_rate, "speed": SPEED}
+        payload = {"agent": f"{kind}-{n}", "cost": cost, "fail_rate": fail_rate}
         if kind == "tool":
             payload["hang_rate"] = 0.03  # a tool's sandbox may hang
         try:
