@@ -16,16 +16,16 @@ The budget gate: the day here is a demo day of 10 minutes (the pool's ``now=``
 clock runs 144 times faster than real time, in UTC, so a demo day starts at
 every whole ten minutes). The feeder asks for about $2 of turns a demo day and
 the budget is $1.50, so each demo day the pool warns at 90%
-(``budget.warning``), refuses turns that no longer fit (``job.rejected
-budget``), stops starting any once spend reaches the limit
-(``budget.exhausted``), and opens again when the demo day ends
-(``budget.reset``). While refused, the feeder backs off (2 s, doubling up to
-30 s, and never past the end of the demo day), so a closed gate costs a handful
-of lines, not a flood. While the pool is down (``otree stop turns``) the
-feeder waits for it to come back. Under ``otree run`` the pool is durable:
-restart it (or otree) and the queue, the demo day's spend and the dead letters
-are still there (a run started again late in a demo day may begin with the
-gate closed, until that day ends).
+(``budget.warning``), refuses turns whose estimate no longer fits
+(``job.rejected budget``; ``budget.exhausted`` too if the last turns cost more
+than their estimates and spend reaches the limit), and opens again when the
+demo day ends (``budget.reset``). While refused, the feeder backs off (2 s,
+doubling up to 30 s, and never past the end of the demo day), so a closed gate
+costs a handful of lines, not a flood. While the pool is down
+(``otree stop turns``) the feeder waits for it to come back. Under ``otree run``
+the pool is durable: restart it (or otree) and the queue, the demo day's spend and the dead
+letters are still there (a run started again late in a demo day may begin with
+the gate closed, until that day ends).
 
 Run it:   otree run supervisors/agent_fleet.py --state-dir /tmp/otree-fleet
 Then try: otree status --state-dir /tmp/otree-fleet       (queue, budget left, circuit)
