@@ -23,9 +23,9 @@ demo day ends (``budget.reset``). While refused, the feeder backs off (2 s,
 doubling up to 30 s, and never past the end of the demo day), so a closed gate
 costs a handful of lines, not a flood. While the pool is down
 (``otree stop turns``) the feeder waits for it to come back. Under ``otree run``
-the pool is durable: restart it (or otree) and the queue, the demo day's spend and the dead
-letters are still there (a run started again late in a demo day may begin with
-the gate closed, until that day ends).
+the pool is durable: restart it (or otree) and the queue, the demo day's spend
+and the dead letters are still there (a run started again late in a demo day may
+begin with the gate closed, until that day ends).
 
 Run it:   otree run supervisors/agent_fleet.py --state-dir /tmp/otree-fleet
 Then try: otree status --state-dir /tmp/otree-fleet       (queue, budget left, circuit)
