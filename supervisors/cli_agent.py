@@ -1,9 +1,13 @@
-"""A simulated CLI agent: the kind of process ``supervisors/cli_agents.py`` supervises.
+"""A simulated CLI agent: the kind of process ``supervisors/cli_agents.py`` supervises (not a tree).
 
 It starts a helper grandchild (a "tool server"), reports readiness and status
 over ``$NOTIFY_SOCKET`` (the systemd protocol), prints progress for each turn,
 and now and then crashes (exit 1) or hangs without a word, which the stall
-watchdog catches. Standard library only.
+watchdog catches. SIGTERM (otree's stop signal) ends it at once, helper
+included, since the helper shares its process group. Standard library only.
+
+Usage: cli_agent.py NAME CRASH_RATE HANG_RATE [SPEED]
+(rates are per turn; SPEED > 1 makes its turns SPEED times shorter).
 """
 
 from __future__ import annotations
@@ -26,16 +30,17 @@ def notify(message: str) -> None:
 def main() -> None:
     name = sys.argv[1]
     crash_rate, hang_rate = float(sys.argv[2]), float(sys.argv[3])
+    speed = float(sys.argv[4]) if len(sys.argv) > 4 else 1.0
     # The helper would outlive a careless supervisor; otree kills it with the agent's group.
     subprocess.Popen(["sleep", "100000"])
-    time.sleep(random.uniform(0.1, 0.3))
+    time.sleep(random.uniform(0.1, 0.3) / speed)
     notify("READY=1\nSTATUS=idle")
     for turn in range(1, 1_000_000):
         notify(f"STATUS=turn {turn}")
         roll = random.random()
         if roll < hang_rate:
             time.sleep(100000)  # hung on the model: no output, no WATCHDOG=1
-        time.sleep(random.uniform(0.3, 1.2))
+        time.sleep(random.uniform(0.3, 1.2) / speed)
         if roll > 1 - crash_rate:
             print(f"{name}: turn {turn}: tool call failed", file=sys.stderr, flush=True)
             sys.exit(1)
