@@ -548,11 +548,14 @@ class Pool:
 
     def run_exited(self, run: RunningChild) -> None:
         """A job's handler returned or raised (the owner protocol of ``RunningChild``)."""
+        self._ended(run, ok=run.exit is not None and run.exit.reason == "normal")
+
+    def _ended(self, run: RunningChild, *, ok: bool) -> None:
+        """A job's run is over: it succeeded (``ok``), or it failed and is retried or buried."""
         job: Job = run.child
         del self.running[job.id]
         job.run = None
         self._settle(job, run)
-        ok = run.exit is not None and run.exit.reason == "normal"
         now = trio.current_time()
         if self.circuit is not None:
             entered = self.circuit.record(job.id, ok, now)
@@ -603,8 +606,15 @@ class Pool:
         self._finish(job, "dead")
 
     def _job_stopped(self, run: RunningChild) -> None:
-        """A job the pool stopped (a cancel, or the pool's own stop) has exited."""
+        """A job the pool stopped (a cancel, or the pool's own stop) has exited.
+
+        One whose handler returned (or process exited 0) before the stop reached it has
+        done its work: it is finished, not put back to run again nor reported cancelled.
+        """
         job: Job = run.child
+        if run.returned:
+            self._ended(run, ok=True)
+            return
         self.running.pop(job.id, None)
         job.run = None
         self._settle(job, run)

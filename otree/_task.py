@@ -87,6 +87,7 @@ class RunningChild:
         "proc",
         "ready",
         "result",
+        "returned",
         "scope",
         "started_mono",
         "stop_mode",
@@ -113,6 +114,7 @@ class RunningChild:
         self.cost = 0.0
         self.proc: Any = None  # a process child's ProcessRun (pid, status, stderr tail)
         self.result: Any = None  # what the function returned (a pool job's result)
+        self.returned = False  # the function returned (so ``result`` is its value), even under a stop
         self.started_mono = 0.0  # trio time of the start, set where backoff needs it
 
     # --- what a child sees -------------------------------------------------
@@ -192,17 +194,16 @@ class RunningChild:
         self, fn: Callable[..., Awaitable[Any]], args: tuple[Any, ...], takes_status: bool
     ) -> None:
         """Run the child's function and report how it ended to the supervisor."""
-        returned = False
         try:
             with self.scope:
                 if takes_status:
                     self.result = await fn(*args, task_status=self)
                 else:
                     self.result = await fn(*args)
-                returned = True
+                self.returned = True
         except Exception as exc:  # noqa: BLE001 - a child's exception is its exit reason
             self.error = exc
-        self.exit = self._classify(returned)
+        self.exit = self._classify(self.returned)
         if self._ready_waiter is not None and not self.ready:
             self._ready_waiter.set()  # a failed start: the waiting supervisor handles it
             if self.stopper is not None:  # unless the supervisor is stopping it meanwhile

@@ -834,3 +834,30 @@ async def test_the_midnight_reset_is_not_delayed_by_a_later_retry(
         pool.submit_nowait("work", {"n": 1, "fail": True})  # fails, retries in two hours
         [e async for e in _until(stream, "budget.reset")]
         assert trio.current_time() == pytest.approx(3600)  # midnight UTC, not the retry at ~7200
+
+
+async def test_a_job_that_finishes_while_its_pool_stops_is_done_not_run_again(
+    tmp_path: Any, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Its handler returned before the stop reached it: finished (result kept, out of the store)."""
+    runs: list[int] = []
+
+    async def finish_on_stop(payload: Any) -> str:
+        runs.append(payload)
+        await otree.current_child().stopping.wait()  # the stop is heard: the work is wrapped up
+        return f"done {payload}"
+
+    tree = otree.supervisor("root", children=[otree.pool("jobs", {"w": finish_on_stop}, durable=True)])
+    async with otree.open_supervisor(tree, state_dir=tmp_path) as sup:
+        stream = sup.events()
+        job = pool_of(sup).submit_nowait("w", 1)
+        await trio.sleep(1)
+        await sup.terminate_child("jobs")
+        kinds = [e.kind async for e in _until(stream, "child.stopped") if e.path == f"root/jobs/{job.id}"]
+    assert await job.result() == "done 1"
+    assert kinds[-1] == "job.finished"
+    async with otree.open_supervisor(tree, state_dir=tmp_path) as sup:
+        await trio.sleep(1)
+        status = pool_of(sup).status()
+        assert status.queued + status.retrying + status.running == 0
+    assert runs == [1]  # not run again after the restart
