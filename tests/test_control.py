@@ -21,7 +21,7 @@ import pytest
 from otree._cli import main
 from otree._control import MAX_CONNECTIONS, MAX_FOLLOWERS
 from otree._paths import control_socket
-from otree._protocol import VERSION, FrameReader, Request, decode_reply, encode
+from otree._protocol import VERSION, FrameReader, Reply, Request, decode_reply, encode
 
 from .otree_subprocess import (
     DEADLINE,
@@ -896,6 +896,40 @@ def test_a_connection_reset_mid_command_is_one_line(
         f"otree: the connection to the tree of {state} broke (Connection reset by peer); "
         "the request may or may not have been carried out\n",
     )
+
+
+@pytest.mark.parametrize(
+    ("unread", "message"),
+    [
+        (False, "the tree of {state} closed the connection before job 7 of jobs ended"),
+        (
+            True,
+            "the connection to the tree of {state} broke (Connection reset by peer); "
+            "job 7 of jobs was queued, and may still run",
+        ),
+    ],
+)
+def test_a_tree_gone_during_submit_wait_is_one_line(
+    stuck_tree: tuple[socket.socket, Path], capsys: pytest.CaptureFixture[str], unread: bool, message: str
+) -> None:
+    listener, state = stuck_tree
+
+    def queue_then_die() -> None:  # a tree killed while the job runs
+        conn, _ = listener.accept()
+        with conn:
+            select.select([conn], [], [], DEADLINE)
+            if not unread:
+                conn.recv(65536)  # a closed connection, not a reset
+            # the client reads both replies before the end (a Unix socket delivers what was sent)
+            conn.sendall(encode(Reply(VERSION, True, ack=True)) + encode(Reply(VERSION, True, {"id": "7"})))
+
+    server = threading.Thread(target=queue_then_die)
+    server.start()
+    try:
+        assert main(["submit", "jobs", "nap", "5", "--wait"]) == 1
+    finally:
+        server.join(timeout=DEADLINE)
+    assert capsys.readouterr() == ("", f"otree: {message.format(state=state)}\n")
 
 
 # --- otree signal, otree logs of a running tree ------------------------------------------------
