@@ -4,7 +4,10 @@ Exit codes: 0 clean stop or request done; 1 the root gave up (or failed to
 start), or the connection to the tree broke; 2 usage error, bad tree file,
 missing tree attribute or spec error; 3 no running tree for a command that
 needs one; 4 the request was refused (one line says why); 5 the tree did not
-take the request up within ``--timeout``; 130 a second Ctrl-C.
+take the request up within ``--timeout``; 6 the job ``submit --wait`` waited
+for failed (dead-lettered, cancelled, dropped); 7 its pool or the tree stopped
+before it ended (a durable pool keeps it); 130 a second Ctrl-C (or Ctrl-C during
+``submit --wait``).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from typing import Any
 import msgspec
 
 from ._childlogs import NoLog, find_log, follow, last_lines
-from ._client import DEFAULT_TIMEOUT, ControlError, NoTree, call, subscribe
+from ._client import DEFAULT_TIMEOUT, ControlError, NoTree, call, submit_and_wait, subscribe
 from ._info import ChildInfo, DeadLetter, Event, Jobs, Status
 from ._logfiles import EventFilter, LogMark, read_events
 from ._paths import control_socket, state_dir
@@ -117,16 +120,25 @@ def _submit(args: argparse.Namespace) -> int:
     except msgspec.DecodeError as error:
         raise _Usage(f"PAYLOAD_JSON is not JSON: {error}") from None
     tree = _Target(args)
-    job = tree.call(
-        "submit",
-        pool=args.pool,
-        kind=args.kind,
-        payload=payload,
-        priority=args.priority,
-        cost=args.cost,
-        key=args.key,
+    job = dict(
+        pool=args.pool, kind=args.kind, payload=payload, priority=args.priority, cost=args.cost, key=args.key
     )
-    return tree.show(job, lambda: f"{args.pool}: job {job['id']} {job['state']}")
+    if not args.wait:
+        queued = tree.call("submit", **job)
+        return tree.show(queued, lambda: f"{args.pool}: job {queued['id']} {queued['state']}")
+    queued, outcome = submit_and_wait(tree.socket, tree.state, timeout=tree.timeout, **job)
+    try:
+        result = outcome()
+    except KeyboardInterrupt:
+        print(
+            f"otree: stopped waiting for job {queued['id']} of {args.pool}; the job goes on "
+            f"(otree jobs {args.pool})",
+            file=sys.stderr,
+        )
+        return EXIT_INTERRUPTED
+    return tree.show(
+        result, lambda: result if isinstance(result, str) else msgspec.json.encode(result).decode()
+    )
 
 
 def _jobs(args: argparse.Namespace) -> int:
@@ -338,6 +350,11 @@ def _add_control_commands(commands: argparse._SubParsersAction[argparse.Argument
     submit.add_argument("--priority", type=int, default=0)
     submit.add_argument("--cost", type=float, default=0.0, help="estimated cost in USD")
     submit.add_argument("--key", default=None, help="idempotency key: the same key is not queued twice")
+    submit.add_argument(
+        "--wait",
+        action="store_true",
+        help="then wait for the job to end and print its result (no time limit)",
+    )
     control("jobs", "list a pool's running and waiting jobs", _jobs).add_argument("pool", metavar="POOL")
     dead = control("dead-letters", "list a pool's dead letters", _dead_letters)
     dead.add_argument("pool", metavar="POOL")

@@ -6,8 +6,9 @@ machinery.
 
 Every request is bounded in time until the tree takes it up: the connect, the
 send and the tree's acknowledgement share one ``timeout``. What follows the
-acknowledgement (the answer of a stop under a long grace, a follow's events)
-is not bounded, as waiting for it is the command's purpose. A client that gives
+acknowledgement (the answer of a stop under a long grace, a follow's events,
+the outcome of a job a submit waits for) is not bounded, as waiting for it is the
+command's purpose. A client that gives
 up closes its end, and the tree does not carry out a request whose client has
 gone. Socket failures are one ``ControlError`` line each, never a traceback.
 """
@@ -19,7 +20,7 @@ import socket
 import struct
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -42,7 +43,7 @@ from ._protocol import (
     encode,
 )
 
-__all__ = ["DEFAULT_TIMEOUT", "ControlError", "NoTree", "call", "subscribe"]
+__all__ = ["DEFAULT_TIMEOUT", "ControlError", "NoTree", "call", "submit_and_wait", "subscribe"]
 
 DEFAULT_TIMEOUT = 5.0  # seconds for the connect, the send and the tree's acknowledgement together
 
@@ -101,6 +102,7 @@ class _Link:
         self.state = state
         self.timeout = timeout
         self.deadline: float | None = deadline
+        self.unsure = "the request may or may not have been carried out"  # when the connection breaks
         self._reader = FrameReader(MAX_REPLY)
         self._bodies: deque[bytes] = deque()
 
@@ -117,8 +119,7 @@ class _Link:
             raise ControlError(message, EXIT_TIMEOUT) from None
         except OSError as error:  # reset by a tree that died, say
             message = (
-                f"the connection to the tree of {self.state} broke ({error.strerror or error}); "
-                "the request may or may not have been carried out"
+                f"the connection to the tree of {self.state} broke ({error.strerror or error}); {self.unsure}"
             )
             raise ControlError(message, 1) from None
 
@@ -197,6 +198,20 @@ def call(sock_path: Path, state: Path, op: str, *, timeout: float = DEFAULT_TIME
         return next(link.answer()).result
 
 
+def _lasting(
+    sock_path: Path, state: Path, op: str, args: dict[str, Any], timeout: float
+) -> tuple[_Link, Any, Iterator[Reply]]:
+    """A request answered more than once: its connection, the first answer's result, the later answers."""
+    link = _open(sock_path, state, op, args, timeout)
+    replies = link.answer()
+    try:
+        first = next(replies)
+    except BaseException:
+        link.sock.close()
+        raise
+    return link, first.result, replies
+
+
 def subscribe(
     sock_path: Path, state: Path, *, timeout: float = DEFAULT_TIMEOUT, **args: Any
 ) -> tuple[LogMark | None, Iterator[Event]]:
@@ -204,18 +219,36 @@ def subscribe(
 
     The live events end when the tree stops (it closes the connection).
     """
-    link = _open(sock_path, state, "events", args, timeout)
-    replies = link.answer()
-    try:
-        first = next(replies)
-    except BaseException:
-        link.sock.close()
-        raise
-    mark = None if first.result is None else msgspec.convert(first.result, LogMark)
+    link, mark, replies = _lasting(sock_path, state, "events", args, timeout)
 
     def live() -> Iterator[Event]:
         with link.sock:
             for reply in replies:
                 yield msgspec.convert(reply.result, Event)
 
-    return mark, live()
+    return None if mark is None else msgspec.convert(mark, LogMark), live()
+
+
+def submit_and_wait(
+    sock_path: Path, state: Path, *, timeout: float = DEFAULT_TIMEOUT, **args: Any
+) -> tuple[dict[str, str], Callable[[], Any]]:
+    """Queue a job in ``args["pool"]``: the job's ``{"id", "state"}``, and a call that waits for
+    its end (with no time limit: the tree stops waiting when this side closes, the job runs on)
+    and returns the handler's return value.
+
+    Raises (the call too): see ``call``; once queued, ``ControlError`` with ``EXIT_JOB_FAILED``
+    (dead-lettered, with its last error; cancelled; dropped) or ``EXIT_JOB_PENDING`` (its pool
+    or the tree stopped first; a durable pool keeps the job).
+    """
+    link, queued, replies = _lasting(sock_path, state, "submit", {**args, "wait": True}, timeout)
+    job = f"job {queued['id']} of {args['pool']}"
+    link.unsure = f"{job} was queued, and may still run"
+
+    def outcome() -> Any:
+        with link.sock:
+            reply = next(replies, None)
+        if reply is None:
+            raise ControlError(f"the tree of {state} closed the connection before {job} ended", 1)
+        return reply.result["result"]
+
+    return queued, outcome

@@ -7,11 +7,12 @@ and a refusal is logged as a ``control.refused`` event. No request, however
 malformed, can stop the tree: a bad one gets an error reply and the connection
 is closed.
 
-Commands and event followers have separate allowances, so followers can never
-take the places commands need. A request whose client has hung up before the
-tree takes it up (a client that gave up waiting) is not carried out: an
-``otree stop-tree`` that timed out must not stop the tree later. What an
-operator does through the socket is in the events it causes (``by: operator``).
+Commands and followers (event subscriptions, submits that wait for their job)
+have separate allowances, so followers can never take the places commands need.
+A request whose client has hung up before the tree takes it up (a client that
+gave up waiting) is not carried out: an ``otree stop-tree`` that timed out must
+not stop the tree later. What an operator does through the socket is in the
+events it causes (``by: operator``).
 """
 
 from __future__ import annotations
@@ -23,20 +24,23 @@ import socket
 import struct
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 import trio
 
-from ._errors import NotFound, NotRunning, OtreeError, Restarting, Running
+from ._errors import JobFailed, NotFound, NotRunning, OtreeError, Restarting, Running
 from ._eventlog import EventLog
 from ._info import ChildInfo, Status, StatusNode
 from ._logfiles import EventFilter
 from ._paths import check_private_dir
+from ._pool import Job
 from ._protocol import (
+    EXIT_JOB_FAILED,
+    EXIT_JOB_PENDING,
     EXIT_REFUSED,
     EXIT_USAGE,
     MAX_REQUEST,
@@ -50,16 +54,18 @@ from ._protocol import (
 )
 from ._reaper import kill_group
 from ._status import jobs_of, status_of
-from ._supervisor import PoolHandle, SupervisorHandle
+from ._supervisor import PoolHandle, SupervisorHandle, _flatten
+from ._task import describe
 
 __all__ = ["ControlServer", "peer_allowed", "prepare_socket_dir"]
 
 REQUEST_TIMEOUT = 10.0  # a client that connects and says nothing is dropped after this
 MAX_CONNECTIONS = 64  # requests read or served at once; more wait in the listen backlog
-MAX_FOLLOWERS = 64  # event subscriptions at once, apart from MAX_CONNECTIONS; more are refused
+MAX_FOLLOWERS = 64  # subscriptions and waiting submits at once, apart from MAX_CONNECTIONS; more are refused
 ACCEPT_RETRY = 0.1  # seconds to wait after accept() failed (e.g. out of file descriptors)
 _PEERCRED = struct.Struct("3i")
 _OPERATOR = {"by": "operator"}  # in the details of the events an operator's request causes
+_Args = TypeVar("_Args")
 
 
 class _Refused(Exception):
@@ -132,6 +138,7 @@ class _SubmitArgs(msgspec.Struct, forbid_unknown_fields=True):
     priority: int = 0
     cost: float = 0.0
     key: str | None = None
+    wait: bool = False  # then reply with the job's id, and again with its outcome once it has ended
 
 
 class _PoolArgs(msgspec.Struct, forbid_unknown_fields=True):
@@ -248,16 +255,15 @@ class ControlServer:
             return
         if not await self._taken_up(stream, conn, request, pid):
             return
-        if request.op == "events":
-            await self._follow(stream, request, slot, pid)
+        if _lasts(request):
+            await self._lasting(stream, request, slot, pid)
             return
         try:
             reply = encode(Reply(VERSION, True, await self._answer(request)))
         except _Refused as refused:
             reply = _error_frame(str(refused), refused.code)
         except trio.Cancelled:  # the tree stops under the request: say so rather than hang up
-            with trio.CancelScope(shield=True), trio.move_on_after(1.0):
-                await _reply_error(stream, "the tree is stopping")
+            await _last_words(stream, _error_frame("the tree is stopping"))
             raise
         except Exception as error:  # noqa: BLE001 - a bug in one request must not stop the tree
             detail = f"{type(error).__name__}: {error}"
@@ -290,14 +296,9 @@ class ControlServer:
             known = ", ".join(sorted([*_OPS, "events"]))
             raise _Refused(f"unknown request {request.op!r} (known: {known})", EXIT_USAGE)
         op, args_type = handler
-        try:
-            args = msgspec.convert(request.args, args_type)
-        except msgspec.ValidationError as error:
-            raise _Refused(f"bad arguments for {request.op}: {error}", EXIT_USAGE) from None
-        try:
+        args = _arguments(request, args_type)
+        with _refusals():
             return await op(self, args)
-        except (OtreeError, ValueError, TypeError) as error:
-            raise _Refused(str(error)) from None
 
     # --- resolving paths --------------------------------------------------------------------
 
@@ -417,11 +418,16 @@ class ControlServer:
         self.emit(info.path, "child.signalled", name, {**_OPERATOR, "pid": info.pid})
         return {"path": info.path, "pid": info.pid, "signal": name}
 
-    async def _submit(self, args: _SubmitArgs) -> Any:
-        job = await self._pool(args.pool, "submit").submit(
+    async def _queue(self, args: _SubmitArgs) -> tuple[PoolHandle, Job]:
+        pool = self._pool(args.pool, "submit")
+        job = await pool.submit(
             args.kind, args.payload, priority=args.priority, estimated_cost=args.cost, key=args.key
         )
-        return {"id": job.id, "state": job.state}
+        return pool, job
+
+    async def _submit(self, args: _SubmitArgs) -> Any:
+        _, job = await self._queue(args)
+        return _queued(job)
 
     async def _jobs(self, args: _PoolArgs) -> Any:
         return jobs_of(self._pool(args.pool, "jobs"))
@@ -430,8 +436,7 @@ class ControlServer:
         return self._pool(args.pool, "dead-letters").dead_letters()
 
     async def _requeue(self, args: _RequeueArgs) -> Any:
-        job = await self._pool(args.pool, "requeue").requeue(args.id)
-        return {"id": job.id, "state": job.state}
+        return _queued(await self._pool(args.pool, "requeue").requeue(args.id))
 
     async def _reload(self, args: _NoArgs) -> Any:
         try:
@@ -449,35 +454,40 @@ class ControlServer:
         self.stop_tree()
         return None
 
-    # --- the event subscription ------------------------------------------------------------------
+    # --- requests that last: the event subscription, a submit that waits -----------------------
 
-    async def _follow(self, stream: trio.SocketStream, request: Request, slot: _Slot, pid: int) -> None:
-        """Serve an events subscription in one of the followers' own places, or refuse it.
+    async def _lasting(self, stream: trio.SocketStream, request: Request, slot: _Slot, pid: int) -> None:
+        """Serve a request that lasts in one of the followers' own places, or refuse it.
 
-        The follower leaves its connection slot to commands: however many follow,
-        ``otree status`` and ``otree stop-tree`` are still served.
+        It leaves its connection slot to commands: however many follow or wait,
+        ``otree status`` and ``otree stop-tree`` are still served. A refused one is
+        refused before anything is carried out (a waiting submit queues nothing).
         """
+        serve, args_type = _LASTING[request.op]
         try:
-            args = msgspec.convert(request.args, _EventsArgs)
-        except msgspec.ValidationError as error:
-            await _reply_error(stream, f"bad arguments for events: {error}", EXIT_USAGE)
+            args = _arguments(request, args_type)
+        except _Refused as refused:
+            await _reply_error(stream, str(refused), refused.code)
             return
         try:
             self._followers.acquire_nowait()
         except trio.WouldBlock:
             self.emit(self.root.path, "control.refused", "followers", {"pid": pid})
             await _reply_error(
-                stream, f"too many followers: {MAX_FOLLOWERS} follow this tree's events already; try later"
+                stream,
+                f"too many followers: {MAX_FOLLOWERS} follow this tree's events or wait for jobs already; "
+                "try later",
             )
             return
         slot.release()
         try:
-            await self._subscription(stream, args)
+            await serve(self, stream, args)
         finally:
             self._followers.release()
 
     async def _subscription(self, stream: trio.SocketStream, args: _EventsArgs) -> None:
-        """Reply with where the log's history ends, then send every later event that matches."""
+        """Reply with where the log's history ends, then send every later event that matches,
+        until the client closes its end."""
         wanted = EventFilter(kind=args.kind, since=args.since)
         ids = self._ids(args.path)
         prefix = "/".join([self.root.path, *ids])
@@ -488,12 +498,65 @@ class ControlServer:
             if mark is not None:
                 await mark.done.wait()
             await stream.send_all(encode(Reply(VERSION, True, mark.mark if mark is not None else None)))
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(_cancel_on_eof, stream, nursery.cancel_scope)
+
+            async def forward() -> None:
                 async for event in events:
                     if wanted(event):
                         await stream.send_all(encode(Reply(VERSION, True, event)))
-                nursery.cancel_scope.cancel()
+
+            await _while_connected(stream, forward)
+
+    async def _await_job(self, stream: trio.SocketStream, args: _SubmitArgs) -> None:
+        """Queue a job and reply with its id, then with its outcome once it has ended.
+
+        A client that hangs up meanwhile ends the wait, not the job: it was accepted,
+        it runs. If the tree stops first, the client hears where its job stands.
+        """
+        try:
+            with _refusals():
+                pool, job = await self._queue(args)
+        except _Refused as refused:
+            await _reply_error(stream, str(refused), refused.code)
+            return
+        await stream.send_all(encode(Reply(VERSION, True, _queued(job))))
+        outcome = b""
+
+        async def wait() -> None:
+            nonlocal outcome
+            outcome = await self._outcome(pool.path, job)
+
+        try:
+            if not await _while_connected(stream, wait):
+                return
+            await trio.lowlevel.checkpoint_if_cancelled()  # a stop that came meanwhile: the branch below
+        except trio.Cancelled:
+            await _last_words(
+                stream,
+                outcome
+                or _error_frame(
+                    f"the tree is stopping before {pool.path}: job {job.id} ended "
+                    "(a durable pool keeps it: it runs when the pool starts again)",
+                    EXIT_JOB_PENDING,
+                ),
+            )
+            raise
+        await stream.send_all(outcome)  # nothing yields before its first write: a stop cannot cut it
+
+    async def _outcome(self, pool: str, job: Job) -> bytes:
+        """The reply that ends a waiting submit: the job's result, or one line of why there is none."""
+        try:
+            value = await job.result()
+        except JobFailed as failed:
+            cause = failed.__cause__  # a dead letter's last error
+            why = f"{pool}: {failed}: {describe(cause)}" if cause is not None else f"{pool}: {failed}"
+            if self.root_info().state == "stopping":  # what stopped the pool
+                why += " (the tree is stopping)"
+            code = EXIT_JOB_PENDING if job.state == "interrupted" else EXIT_JOB_FAILED
+            return _error_frame(why.replace("\n", " "), code)
+        try:
+            return encode(Reply(VERSION, True, {**_queued(job), "result": value}))
+        except TypeError:  # a value msgpack cannot hold (an arbitrary object): its repr
+            return encode(Reply(VERSION, True, {**_queued(job), "result": repr(value)}))
 
 
 _OPS: dict[str, tuple[Callable[[ControlServer, Any], Awaitable[Any]], type[msgspec.Struct]]] = {
@@ -511,7 +574,36 @@ _OPS: dict[str, tuple[Callable[[ControlServer, Any], Awaitable[Any]], type[msgsp
     "stop_tree": (ControlServer._stop_tree, _NoArgs),
     "signal": (ControlServer._signal, _SignalArgs),
 }
+_LASTING: dict[str, tuple[Callable[[ControlServer, trio.SocketStream, Any], Awaitable[None]], type[Any]]] = {
+    "events": (ControlServer._subscription, _EventsArgs),
+    "submit": (ControlServer._await_job, _SubmitArgs),
+}
 _ACK = encode(Reply(VERSION, True, ack=True))
+
+
+def _lasts(request: Request) -> bool:
+    """Whether a request lasts, served in a follower's place: a follow, a submit that waits."""
+    return request.op == "events" or (request.op == "submit" and request.args.get("wait") is True)
+
+
+def _arguments(request: Request, args_type: type[_Args]) -> _Args:
+    try:
+        return msgspec.convert(request.args, args_type)
+    except msgspec.ValidationError as error:
+        raise _Refused(f"bad arguments for {request.op}: {error}", EXIT_USAGE) from None
+
+
+@contextmanager
+def _refusals() -> Iterator[None]:
+    """What the tree refuses (its own errors, a bad value) as a ``_Refused`` line."""
+    try:
+        yield
+    except (OtreeError, ValueError, TypeError) as error:
+        raise _Refused(str(error)) from None
+
+
+def _queued(job: Job) -> dict[str, str]:
+    return {"id": job.id, "state": job.state}
 
 
 def _signal_name(signum: int) -> str:
@@ -521,8 +613,23 @@ def _signal_name(signum: int) -> str:
         return f"SIGRTMIN+{signum - signal.SIGRTMIN}"
 
 
+async def _while_connected(stream: trio.SocketStream, work: Callable[[], Awaitable[None]]) -> bool:
+    """Run ``work`` to its end (True), or until the client closes its end (False: it is cancelled).
+
+    What ends it otherwise (the tree's stop, a broken connection) comes out as itself, not
+    as an exception group.
+    """
+    with _flatten():
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_cancel_on_eof, stream, nursery.cancel_scope)
+            await work()
+            nursery.cancel_scope.cancel()
+            return True
+    return False
+
+
 async def _cancel_on_eof(stream: trio.SocketStream, scope: trio.CancelScope) -> None:
-    """End a subscription when the client closes its end."""
+    """Cancel ``scope`` (a follow, a wait) when the client closes its end."""
     try:
         while await stream.receive_some(4096):
             pass
@@ -533,6 +640,17 @@ async def _cancel_on_eof(stream: trio.SocketStream, scope: trio.CancelScope) -> 
 
 async def _reply_error(stream: trio.SocketStream, message: str, code: int = EXIT_REFUSED) -> None:
     await stream.send_all(_error_frame(message, code))
+
+
+async def _last_words(stream: trio.SocketStream, frame: bytes) -> None:
+    """A reply sent as the tree stops: shielded from the stop, for at most a second."""
+    # a client that is gone needs no answer: the stop goes on
+    with (
+        trio.CancelScope(shield=True),
+        trio.move_on_after(1.0),
+        suppress(trio.BrokenResourceError, trio.ClosedResourceError),
+    ):
+        await stream.send_all(frame)
 
 
 def _error_frame(message: str, code: int = EXIT_REFUSED) -> bytes:

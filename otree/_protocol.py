@@ -3,7 +3,8 @@
 A frame is a 4-byte big-endian length and that many bytes of msgpack. A client
 sends one ``Request``; the server answers with one ``Reply``, or, for a
 subscription, with a first ``Reply`` and then one ``Reply`` per event until
-either side closes. A request with ``ack`` first gets an acknowledgement (a
+either side closes, or, for a waiting submit, with the job's id and then its
+outcome. A request with ``ack`` first gets an acknowledgement (a
 ``Reply`` with ``ack``) once the tree takes it up: the client bounds its wait for
 that, never the wait for the result, which may be the command's purpose (a stop
 under a long grace). Pure: no sockets here, so the decoder can be fuzzed.
@@ -18,6 +19,8 @@ import msgspec
 
 __all__ = [
     "EXIT_INTERRUPTED",
+    "EXIT_JOB_FAILED",
+    "EXIT_JOB_PENDING",
     "EXIT_NO_TREE",
     "EXIT_REFUSED",
     "EXIT_TIMEOUT",
@@ -40,6 +43,8 @@ EXIT_USAGE = 2  # a malformed request or bad arguments
 EXIT_NO_TREE = 3  # (client side) nothing serves the socket
 EXIT_REFUSED = 4  # the tree refused the request
 EXIT_TIMEOUT = 5  # (client side) the tree did not take the connection or the request up in time
+EXIT_JOB_FAILED = 6  # (``submit --wait``) the job was dead-lettered, cancelled or dropped
+EXIT_JOB_PENDING = 7  # (``submit --wait``) its pool or the tree stopped first: a durable pool keeps the job
 EXIT_INTERRUPTED = 130  # (``otree run``) a second Ctrl-C killed what was left
 MAX_REQUEST = 1 << 20  # a request is a few fields and a job payload
 MAX_REPLY = 1 << 30  # a status of a very large tree

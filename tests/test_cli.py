@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from otree import _cli
 from otree._cli import main
 from otree._paths import child_log_dir
 from otree._process import _RotatingLog
@@ -717,3 +718,22 @@ def test_a_timeout_that_is_not_a_sane_number_of_seconds_is_a_usage_error(
         assert main(args) == 2
         err = capsys.readouterr().err
         assert "argument --timeout:" in err and "Traceback" not in err
+
+
+def test_ctrl_c_while_submit_waits_names_the_job_that_goes_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def wait() -> Any:
+        raise KeyboardInterrupt  # Ctrl-C once the job is queued
+
+    def submitted(sock_path: Path, state: Path, **request: Any) -> tuple[dict[str, str], Callable[[], Any]]:
+        assert request["pool"] == "jobs" and request["payload"] == {"n": 1}
+        return {"id": "7", "state": "running"}, wait
+
+    monkeypatch.setenv("OTREE_STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.setattr(_cli, "submit_and_wait", submitted)
+    assert main(["submit", "jobs", "nap", '{"n": 1}', "--wait"]) == 130
+    assert capsys.readouterr() == (
+        "",
+        "otree: stopped waiting for job 7 of jobs; the job goes on (otree jobs jobs)\n",
+    )

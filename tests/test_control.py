@@ -21,7 +21,7 @@ import pytest
 from otree._cli import main
 from otree._control import MAX_CONNECTIONS, MAX_FOLLOWERS
 from otree._paths import control_socket
-from otree._protocol import VERSION, FrameReader, Request, decode_reply, encode
+from otree._protocol import VERSION, FrameReader, Reply, Request, decode_reply, encode
 
 from .otree_subprocess import (
     DEADLINE,
@@ -57,6 +57,11 @@ async def hold(payload):
     await trio.sleep_forever()
 
 
+async def nap(seconds):
+    await trio.sleep(seconds)
+    return {"slept": seconds}
+
+
 tree = otree.supervisor(
     "fleet",
     children=[
@@ -64,7 +69,7 @@ tree = otree.supervisor(
         otree.supervisor("db", children=[otree.task("cache", steady)]),
         otree.pool(
             "jobs",
-            handlers={"echo": echo, "fail": fail, "hold": hold},
+            handlers={"echo": echo, "fail": fail, "hold": hold, "nap": nap},
             max_concurrency=2,
             max_queue=10,
             daily_budget=1.0,
@@ -231,7 +236,7 @@ def test_submit_bad_input(tree: Tree, capsys: pytest.CaptureFixture[str]) -> Non
     code, _, err = tree.cli(capsys, "submit", "jobs", "echo", "{not json")
     assert code == 2 and err.startswith("otree: PAYLOAD_JSON is not JSON")
     code, _, err = tree.cli(capsys, "submit", "jobs", "nope")
-    assert code == 4 and err == "otree: fleet/jobs: unknown job kind 'nope' (kinds: echo, fail, hold)\n"
+    assert code == 4 and err == "otree: fleet/jobs: unknown job kind 'nope' (kinds: echo, fail, hold, nap)\n"
     code, _, err = tree.cli(capsys, "submit", "db", "echo")
     assert code == 4 and err == "otree: fleet/db is a supervisor: submit needs a pool\n"
     code, _, err = tree.cli(capsys, "submit", "alice", "echo")
@@ -655,6 +660,52 @@ def test_a_stopped_pool_refuses_work_until_started_again(
     assert code == 0 and json.loads(out)["state"] in ("queued", "running")
 
 
+# --- submit --wait ---------------------------------------------------------------------------------
+
+
+def test_submit_wait_prints_the_result_of_a_job_longer_than_the_timeout(
+    tree: Tree, capsys: pytest.CaptureFixture[str]
+) -> None:
+    began = time.monotonic()
+    done = run_otree(["submit", "jobs", "nap", "2", "--wait", "--timeout", "0.5", "--json"], tree.directory)
+    assert time.monotonic() - began >= 2.0  # the job's two seconds: the wait is not cut at 0.5 s
+    assert (done.returncode, done.stdout, done.stderr) == (0, '{"slept":2}\n', "")
+    assert tree.cli(capsys, "submit", "jobs", "echo", '"hello"', "--wait") == (0, "hello\n", "")
+    assert tree.cli(capsys, "submit", "jobs", "echo", "[1]", "--wait") == (0, "[1]\n", "")
+
+
+def test_submit_wait_of_a_dead_lettered_job_is_one_line_and_exit_6(tree: Tree) -> None:
+    failed = run_otree(["submit", "jobs", "fail", "[1, 2]", "--wait"], tree.directory)
+    assert (failed.returncode, failed.stdout) == (6, "")
+    assert failed.stderr == "otree: fleet/jobs: job 1: dead-lettered after 1 attempts: RuntimeError: nope\n"
+
+
+def test_submit_wait_when_the_tree_stops_says_the_job_is_kept(tree: Tree) -> None:
+    waiter = subprocess.Popen(
+        [sys.executable, "-m", "otree", "submit", "jobs", "hold", "--wait"],
+        cwd=tree.directory,
+        env=subprocess_env(tree.directory),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        tree.wait_event("fleet/jobs/1", "job.started")
+        tree.process.proc.send_signal(signal.SIGTERM)
+        out, err = waiter.communicate(timeout=DEADLINE)
+    finally:
+        if waiter.poll() is None:
+            waiter.kill()
+            waiter.communicate(timeout=DEADLINE)
+    assert (waiter.returncode, out) == (7, "")
+    assert err == (
+        "otree: fleet/jobs: job 1: interrupted: the pool stopped; it runs again when the pool starts "
+        "(the tree is stopping)\n"
+    )
+    assert tree.process.finish() == 0
+
+
 # --- the socket cannot be starved; timeouts; abandoned requests -----------------------------------
 
 
@@ -688,7 +739,8 @@ def test_followers_cannot_starve_commands(tree: Tree) -> None:
         refused = run_otree(["events", "--follow"], tree.directory)
         assert (refused.returncode, refused.stdout) == (4, "")
         assert refused.stderr == (
-            f"otree: too many followers: {MAX_FOLLOWERS} follow this tree's events already; try later\n"
+            f"otree: too many followers: {MAX_FOLLOWERS} follow this tree's events or wait for jobs "
+            "already; try later\n"
         )
         assert run_otree(["stop-tree"], tree.directory).returncode == 0
         assert tree.process.finish() == 0
@@ -844,6 +896,40 @@ def test_a_connection_reset_mid_command_is_one_line(
         f"otree: the connection to the tree of {state} broke (Connection reset by peer); "
         "the request may or may not have been carried out\n",
     )
+
+
+@pytest.mark.parametrize(
+    ("unread", "message"),
+    [
+        (False, "the tree of {state} closed the connection before job 7 of jobs ended"),
+        (
+            True,
+            "the connection to the tree of {state} broke (Connection reset by peer); "
+            "job 7 of jobs was queued, and may still run",
+        ),
+    ],
+)
+def test_a_tree_gone_during_submit_wait_is_one_line(
+    stuck_tree: tuple[socket.socket, Path], capsys: pytest.CaptureFixture[str], unread: bool, message: str
+) -> None:
+    listener, state = stuck_tree
+
+    def queue_then_die() -> None:  # a tree killed while the job runs
+        conn, _ = listener.accept()
+        with conn:
+            select.select([conn], [], [], DEADLINE)
+            if not unread:
+                conn.recv(65536)  # a closed connection, not a reset
+            # the client reads both replies before the end (a Unix socket delivers what was sent)
+            conn.sendall(encode(Reply(VERSION, True, ack=True)) + encode(Reply(VERSION, True, {"id": "7"})))
+
+    server = threading.Thread(target=queue_then_die)
+    server.start()
+    try:
+        assert main(["submit", "jobs", "nap", "5", "--wait"]) == 1
+    finally:
+        server.join(timeout=DEADLINE)
+    assert capsys.readouterr() == ("", f"otree: {message.format(state=state)}\n")
 
 
 # --- otree signal, otree logs of a running tree ------------------------------------------------

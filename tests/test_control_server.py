@@ -49,7 +49,9 @@ class Served:
 
 
 @asynccontextmanager
-async def serving(tmp_path: Path, children: list[otree.TaskSpec] | None = None) -> AsyncIterator[Served]:
+async def serving(
+    tmp_path: Path, children: list[otree.TaskSpec | otree.PoolSpec] | None = None
+) -> AsyncIterator[Served]:
     tree = otree.supervisor("root", children=children or [otree.task("a", worker, Log(), "a")])
     path = tmp_path / "run" / "control.sock"
 
@@ -266,7 +268,9 @@ async def test_followers_never_take_the_slots_commands_need(
             stream, refused = await open_follower(served)
         await stream.aclose()
         assert (refused.ok, refused.code) == (False, 4)
-        assert refused.error == "too many followers: 3 follow this tree's events already; try later"
+        assert refused.error == (
+            "too many followers: 3 follow this tree's events or wait for jobs already; try later"
+        )
         event = await next_event(events, "control.refused")
         assert (event.reason, event.details["pid"]) == ("followers", os.getpid())
         await followers[0][0].aclose()  # one leaves: its place is free again
@@ -367,3 +371,152 @@ async def test_what_an_operator_does_says_by_operator(tmp_path: Path) -> None:
         await served.sup.terminate_child("a")  # the tree's stop, once stop-tree asked for it
         event = await next_event(events, "child.stopped")
         assert (event.path, event.details["by"]) == ("root/a", "operator")
+
+
+# --- submit with wait: acknowledged, then answered when the job ends, in a follower's place ------
+
+
+class Gate:
+    """A pool whose ``gated`` jobs end (returning their payload) only once the test opens the gate."""
+
+    def __init__(self) -> None:
+        self.open = trio.Event()
+
+    async def gated(self, payload: Any) -> Any:
+        await self.open.wait()
+        return {"got": payload}
+
+    async def quick(self, payload: Any) -> Any:
+        return payload
+
+    def pool(self) -> otree.PoolSpec:
+        return otree.pool("jobs", {"gated": self.gated, "quick": self.quick}, max_concurrency=10)
+
+
+class Waiter:
+    """A ``submit`` with ``wait``: its stream, and its replies as they come."""
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
+        self.reader = FrameReader(1 << 20)
+        self.pending: list[bytes] = []
+
+    async def next(self) -> Reply:
+        return await receive_reply(self.stream, self.reader, self.pending)
+
+
+async def open_waiter(served: Served, kind: str = "gated", payload: Any = None) -> Waiter:
+    """A waiting submit that has had its acknowledgement (and nothing else yet, or a refusal)."""
+    stream = await trio.open_unix_socket(str(served.path))
+    args = {"pool": "jobs", "kind": kind, "payload": payload, "wait": True}
+    await stream.send_all(encode(Request(VERSION, "submit", args, ack=True)))
+    waiter = Waiter(stream)
+    ack = await waiter.next()
+    assert (ack.ok, ack.ack) == (True, True), ack
+    return waiter
+
+
+async def test_a_waiting_submit_is_acknowledged_then_answered_when_its_job_ends(tmp_path: Path) -> None:
+    gate = Gate()
+    async with serving(tmp_path, [gate.pool()]) as served:
+        waiter = await open_waiter(served, payload=[1, 2])
+        async with waiter.stream:
+            with trio.fail_after(5):
+                queued = await waiter.next()  # the job's id at once, before it ends
+                assert (queued.ok, queued.ack, queued.result["id"]) == (True, False, "1")
+                assert [info.id for info in served.sup.find("jobs").which_children()] == ["1"]
+                gate.open.set()
+                answer = await waiter.next()
+            assert (answer.ok, answer.result) == (
+                True,
+                {"id": "1", "state": "done", "result": {"got": [1, 2]}},
+            )
+            assert await waiter.stream.receive_some(65536) == b""  # and nothing more: the server closed
+
+
+async def test_waiting_submits_never_take_the_slots_commands_need(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_control, "MAX_CONNECTIONS", 2)
+    monkeypatch.setattr(_control, "MAX_FOLLOWERS", 3)
+    gate = Gate()
+    async with serving(tmp_path, [gate.pool()]) as served:
+        events = served.sup.events()
+        with trio.fail_after(5):  # three waiters, two command slots: commands are still served
+            waiters = [await open_waiter(served, payload=n) for n in range(3)]
+            assert [(await waiter.next()).result["id"] for waiter in waiters] == ["1", "2", "3"]
+            await still_serves(served)
+            await still_serves(served)
+            refused = await open_waiter(served)
+            answer = await refused.next()
+        await refused.stream.aclose()
+        assert (answer.ok, answer.code) == (False, 4)
+        assert answer.error == (
+            "too many followers: 3 follow this tree's events or wait for jobs already; try later"
+        )
+        assert (await next_event(events, "control.refused")).reason == "followers"
+        assert len(served.sup.find("jobs").which_children()) == 3  # the refused one queued nothing
+        gate.open.set()
+        with trio.fail_after(5):
+            results = [(await waiter.next()).result["result"] for waiter in waiters]
+        assert results == [{"got": 0}, {"got": 1}, {"got": 2}]
+        for waiter in waiters:
+            await waiter.stream.aclose()
+
+
+async def test_a_waiter_that_hangs_up_ends_the_wait_not_the_job(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_control, "MAX_FOLLOWERS", 1)
+    gate = Gate()
+    async with serving(tmp_path, [gate.pool()]) as served:
+        with trio.fail_after(5):
+            quitter = await open_waiter(served, payload="left")
+            assert (await quitter.next()).result["id"] == "1"
+            await quitter.stream.aclose()  # Ctrl-C: the client is gone
+            # the server's wait ends and gives its place back: another waiter gets it
+            while not (await (other := await open_waiter(served, "quick", "other")).next()).ok:
+                await other.stream.aclose()  # refused: the server has not seen the quitter's EOF yet
+            answer = await other.next()
+            await other.stream.aclose()
+        assert (answer.ok, answer.result["result"]) == (True, "other")
+        assert [info.id for info in served.sup.find("jobs").which_children()] == ["1"]  # still running
+        events = served.sup.events()
+        gate.open.set()
+        with trio.fail_after(5):
+            async for event in events:
+                if event.path == "root/jobs/1":
+                    break
+        assert (event.kind, event.reason) == ("job.finished", "normal")
+
+
+async def test_a_pool_that_stops_under_a_waiter_says_where_the_job_stands(tmp_path: Path) -> None:
+    gate = Gate()
+    async with serving(tmp_path, [gate.pool()]) as served:
+        waiter = await open_waiter(served)
+        async with waiter.stream:
+            with trio.fail_after(5):
+                await waiter.next()
+                await served.sup.terminate_child("jobs")  # durable (a state dir): the job is kept
+                answer = await waiter.next()
+        assert (answer.ok, answer.code, answer.error) == (
+            False,
+            7,
+            "root/jobs: job 1: interrupted: the pool stopped; it runs again when the pool starts",
+        )
+
+
+async def test_a_tree_that_stops_under_a_waiter_says_so(tmp_path: Path) -> None:
+    gate = Gate()
+    async with serving(tmp_path, [gate.pool()]) as served:
+        waiter = await open_waiter(served)
+        await waiter.next()
+    # the server is cancelled first here (before the tree stops its pool)
+    async with waiter.stream:
+        answer = await waiter.next()
+    assert (answer.ok, answer.code, answer.error) == (
+        False,
+        7,
+        "the tree is stopping before root/jobs: job 1 ended "
+        "(a durable pool keeps it: it runs when the pool starts again)",
+    )
