@@ -25,6 +25,7 @@ from typing import Any, Protocol
 import trio
 from trio_util import wait_any
 
+from ._appevents import parse_notify_event
 from ._notify import NotifySockets
 from ._paths import child_log_dir, ensure_private_dir
 from ._reaper import ChildSetup, Guard, Reaper, kill_group, spawn
@@ -34,6 +35,7 @@ __all__ = ["ProcessContext", "ProcessFailed", "ProcessRun", "run_job_process", "
 
 TAIL_BYTES = 4096
 RESULT_LIMIT = 1024 * 1024  # a process job's stdout kept as its result
+NOTIFY_LIMIT = 4096  # bytes of one notify datagram, as systemd's
 DRAIN_SECONDS = 0.5  # how long output may keep flowing after the group is gone (escaped holders)
 
 
@@ -255,27 +257,50 @@ async def _listen(
     ready: trio.Event,
     emit: Callable[..., None],
 ) -> None:
-    """The sd_notify protocol: READY=1, STATUS=..., WATCHDOG=1, and otree's OTREE_COST=<usd>."""
+    """The sd_notify protocol: READY=1, STATUS=..., WATCHDOG=1, and otree's OTREE_COST= and OTREE_EVENT=.
+
+    A datagram is one or more lines split at ``\\n`` only (systemd's framing; a JSON
+    string may hold other line breaks, such as U+2028, raw). A datagram longer than
+    ``NOTIFY_LIMIT`` is ignored whole, as systemd ignores it: its cut end would
+    be read as a different message.
+    """
     while True:
-        data = await sock.recv(4096)
-        for line in data.decode("utf-8", "replace").splitlines():
-            key, sep, value = line.partition("=")
-            if not sep:
-                emit(run.path, "notify.ignored", "malformed", message=line[:200])
-            elif key == "READY" and value == "1":
-                ready.set()
-            elif key == "STATUS":
-                proc.status = value
-                emit(run.path, "child.status", "", status=value)
-            elif key == "WATCHDOG" and value == "1":
-                proc.last_activity = trio.current_time()
-            elif key == "OTREE_COST":
-                try:
-                    run.report_cost(float(value))
-                except ValueError:
-                    emit(run.path, "notify.ignored", "bad cost", message=line[:200])
-            else:
-                emit(run.path, "notify.ignored", "unknown", message=line[:200])
+        data, _, flags, _ = await sock.recvmsg(NOTIFY_LIMIT)
+        if flags & socket.MSG_TRUNC:
+            head = data[:200].decode("utf-8", "replace")
+            emit(run.path, "notify.ignored", "malformed", message=head, detail=f"over {NOTIFY_LIMIT} bytes")
+            continue
+        for line in data.decode("utf-8", "replace").split("\n"):
+            if line:
+                _notified(line.removesuffix("\r"), run, proc, ready, emit)
+
+
+def _notified(line: str, run: _Run, proc: ProcessRun, ready: trio.Event, emit: Callable[..., None]) -> None:
+    """Carry out one notify line."""
+    key, sep, value = line.partition("=")
+    if not sep:
+        emit(run.path, "notify.ignored", "malformed", message=line[:200])
+    elif key == "READY" and value == "1":
+        ready.set()
+    elif key == "STATUS":
+        proc.status = value
+        emit(run.path, "child.status", "", status=value)
+    elif key == "WATCHDOG" and value == "1":
+        proc.last_activity = trio.current_time()
+    elif key == "OTREE_COST":
+        try:
+            run.report_cost(float(value))
+        except ValueError:
+            emit(run.path, "notify.ignored", "bad cost", message=line[:200])
+    elif key == "OTREE_EVENT":
+        try:
+            kind, reason, details = parse_notify_event(value)
+        except ValueError as error:
+            emit(run.path, "notify.ignored", "malformed", message=line[:200], detail=str(error))
+        else:
+            emit(run.path, kind, reason, **details)
+    else:
+        emit(run.path, "notify.ignored", "unknown", message=line[:200])
 
 
 async def _watch_stall(proc: ProcessRun, timeout: float, stalled: trio.Event) -> None:

@@ -298,7 +298,7 @@ class _Supervisor:
 
     # --- events -------------------------------------------------------------
 
-    def _emit(self, path: str, kind: str, reason: str = "", **details: Any) -> None:
+    def _emit(self, path: str, kind: str, reason: str = "", /, **details: Any) -> None:
         self.tree.bus.emit(path, kind, reason, details)
 
     def _emit_end(self, kind: str, child: _Child, run: RunningChild) -> None:

@@ -20,6 +20,7 @@ from typing import Any, Protocol
 
 import trio
 
+from ._appevents import app_event
 from ._errors import RestartIntensityExceeded, Shutdown
 from ._info import ExitInfo
 from ._strategy import ExitReason
@@ -31,6 +32,8 @@ class _Owner(Protocol):
     def handle(self) -> Any: ...
 
     def cost_reported(self, run: RunningChild) -> None: ...
+
+    def _emit(self, path: str, kind: str, reason: str = "", /, **details: Any) -> None: ...
 
     def run_exited(self, run: RunningChild) -> None: ...
 
@@ -145,6 +148,21 @@ class RunningChild:
             raise ValueError(f"report_cost needs a finite number of USD >= 0; got {usd!r}")
         self.cost += usd
         self.owner.cost_reported(self)
+
+    def emit(self, kind: str, /, reason: str = "", **details: Any) -> None:
+        """Publish an application event with this child's path (subscribers, event log, ``otree events``).
+
+        ``kind`` is ``app.`` then dot-separated words of ``[a-z0-9_]`` (``"app.decision"``);
+        ``reason`` a short word; ``details`` plain JSON values (at most 4 KiB encoded).
+
+        Raises:
+          ValueError: a bad kind, reason or detail (the message names this child and what is wrong).
+        """
+        try:
+            kind, reason, checked = app_event(kind, reason, details)
+        except ValueError as error:
+            raise ValueError(f"{self.path}: emit: {error}") from None
+        self.owner._emit(self.path, kind, reason, **checked)
 
     def started(self, value: object = None) -> None:
         """``task_status.started()``: the child is ready; the supervisor starts the next one."""
