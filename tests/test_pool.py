@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 import trio
@@ -879,18 +879,28 @@ async def test_drop_oldest_refuses_nothing_else_and_drops_nothing_for_a_refused_
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     recorder = Recorder()
-    tree = tree_of(recorder, max_queue=1, on_full="drop_oldest", daily_budget=1.0)
-    async with otree.open_supervisor(tree) as sup:
+
+    def spec(on_full: Literal["reject", "drop_oldest"]) -> otree.PoolSpec:
+        return otree.pool(
+            "jobs", {"work": recorder.work}, max_queue=1, on_full=on_full, daily_budget=1.0, now=clock
+        )
+
+    async with otree.open_supervisor(otree.supervisor("root", children=[spec("drop_oldest")])) as sup:
         pool = pool_of(sup)
-        pool.submit_nowait("work", {"n": 0, "sleep": 10})
+        running = pool.submit_nowait("work", {"n": 0, "sleep": 10})
+        await trio.testing.wait_all_tasks_blocked()
         waiting = pool.submit_nowait("work", {"n": 1})
         with pytest.raises(otree.BudgetExceeded):
             pool.submit_nowait("work", {"n": 2}, estimated_cost=2.0)
-        assert waiting.state == "queued"  # the refused submission made no room
-        with pytest.raises(otree.QueueFull):  # on_full="reject" again, after a reload
-            pool._pool().reconfigure(otree.pool("jobs", {"work": recorder.work}, max_queue=1, now=clock))
+        assert (running.state, waiting.state) == ("running", "queued")  # the refused one made no room
+        pool._pool().reconfigure(spec("reject"))  # a reload: a full queue refuses again
+        with pytest.raises(otree.QueueFull):
             pool.submit_nowait("work", {"n": 3})
         assert waiting.state == "queued"
+        pool._pool().reconfigure(spec("drop_oldest"))  # and back: the jobs queued meanwhile are known
+        newest = pool.submit_nowait("work", {"n": 4})
+        assert (waiting.state, newest.state) == ("dropped", "queued")
+        assert await newest.result() == 40
 
 
 async def test_drop_oldest_in_a_durable_pool_removes_the_dropped_job_from_the_store(tmp_path: Any) -> None:

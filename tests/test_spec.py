@@ -522,7 +522,7 @@ def test_backoff_schedule_is_described_by_its_first_and_largest_delay() -> None:
     )
     assert backoff.reset_after == 10
     # a schedule decides alone: the other growth fields are set to describe it
-    assert otree.Backoff(delays=[0, 120, 30], initial=5, jitter=0.0) == otree.Backoff.schedule([0, 120, 30])
+    assert otree.Backoff(delays=[0, 120, 30], initial=5, jitter=0.0) == otree.Backoff.schedule([0, 120, 30])  # type: ignore[arg-type]
     assert otree.pool("jobs", {"w": idle_job}, backoff=backoff).backoff is backoff
 
 
