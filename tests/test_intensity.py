@@ -286,9 +286,8 @@ def test_supervisor_gives_up_at_the_brute_force_crash_index(
 ################################################################
 
 
-async def test_backoff_delays_restarts_and_counts_them_when_decided(
-    autojump_clock: trio.testing.MockClock,
-) -> None:
+async def restart_times(backoff: otree.Backoff, max_restarts: int, max_seconds: float) -> list[float]:
+    """When a child that crashes at once started, from the tree's start until its supervisor gave up."""
     starts: list[float] = []
 
     async def crash_at_once() -> None:
@@ -298,17 +297,25 @@ async def test_backoff_delays_restarts_and_counts_them_when_decided(
     spec = otree.supervisor(
         "root",
         children=[otree.task("worker", crash_at_once)],
-        max_restarts=3,
-        max_seconds=100.0,
-        backoff=otree.Backoff(initial=1.0, maximum=3.0, factor=2.0, jitter=0.0),
+        max_restarts=max_restarts,
+        max_seconds=max_seconds,
+        backoff=backoff,
     )
     base = trio.current_time()
     with pytest.raises(otree.RestartIntensityExceeded):
         async with otree.open_supervisor(spec):
             await trio.sleep_forever()
+    return [t - base for t in starts]
+
+
+async def test_backoff_delays_restarts_and_counts_them_when_decided(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    base = trio.current_time()
+    backoff = otree.Backoff(initial=1.0, maximum=3.0, factor=2.0, jitter=0.0)
     # Restarts decided at 0, 1, 3 (counted at once), started after 1, 2, 3 s;
     # the fourth restart, decided at 6, exceeds 3 in 100 s.
-    assert [t - base for t in starts] == [0.0, 1.0, 3.0, 6.0]
+    assert await restart_times(backoff, max_restarts=3, max_seconds=100.0) == [0.0, 1.0, 3.0, 6.0]
     assert trio.current_time() - base == 6.0
 
 
@@ -324,24 +331,7 @@ async def test_a_supervisor_restarts_on_an_explicit_schedule_and_a_linear_backof
     autojump_clock: trio.testing.MockClock, backoff: otree.Backoff, expected: list[float]
 ) -> None:
     """``Backoff.schedule`` and a linear ``Backoff`` on a supervisor, as on a pool."""
-    starts: list[float] = []
-
-    async def crash_at_once() -> None:
-        starts.append(trio.current_time())
-        raise RuntimeError("boom")
-
-    spec = otree.supervisor(
-        "root",
-        children=[otree.task("worker", crash_at_once)],
-        max_restarts=4,
-        max_seconds=1000.0,
-        backoff=backoff,
-    )
-    base = trio.current_time()
-    with pytest.raises(otree.RestartIntensityExceeded):
-        async with otree.open_supervisor(spec):
-            await trio.sleep_forever()
-    assert [t - base for t in starts] == expected
+    assert await restart_times(backoff, max_restarts=4, max_seconds=1000.0) == expected
 
 
 ################################################################

@@ -950,32 +950,26 @@ async def test_replace_gives_a_queued_jobs_place_to_the_new_payload(
         assert await behind.result() == 20
         events = [e async for e in _until(stream, "job.finished") if e.kind in ("job.dropped", "job.queued")]
     assert recorder.started == [0, 3, 2]
-    assert [(e.kind, e.path, e.reason, e.details) for e in events[3:]] == [
-        (
-            "job.dropped",
-            f"root/jobs/{old.id}",
-            "replaced",
-            {"job_kind": "work", "state": "queued", "replaced_by": new.id},
-        ),
-        (
-            "job.queued",
-            f"root/jobs/{new.id}",
-            "replacing",
-            {"job_kind": "work", "priority": 0, "replaces": old.id},
-        ),
-        (
-            "job.dropped",
-            f"root/jobs/{new.id}",
-            "replaced",
-            {"job_kind": "work", "state": "queued", "replaced_by": newest.id},
-        ),
-        (
-            "job.queued",
-            f"root/jobs/{newest.id}",
-            "replacing",
-            {"job_kind": "work", "priority": 0, "replaces": new.id},
-        ),
-    ]
+
+    def replaced(old: otree.Job, new: otree.Job) -> list[tuple[str, str, str, dict[str, Any]]]:
+        return [
+            (
+                "job.dropped",
+                f"root/jobs/{old.id}",
+                "replaced",
+                {"job_kind": "work", "state": "queued", "replaced_by": new.id},
+            ),
+            (
+                "job.queued",
+                f"root/jobs/{new.id}",
+                "replacing",
+                {"job_kind": "work", "priority": 0, "replaces": old.id},
+            ),
+        ]
+
+    assert [(e.kind, e.path, e.reason, e.details) for e in events[3:]] == replaced(old, new) + replaced(
+        new, newest
+    )
 
 
 async def test_replace_leaves_a_running_job_alone_and_queues_behind_it(

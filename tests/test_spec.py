@@ -563,26 +563,17 @@ def test_pool_queue_policy_defaults_and_values() -> None:
         spec.max_starts_per_second,
         spec.budget_rule,
     ) == ("reject", "keep", "hold", False, None, "le")
-    spec = otree.pool(
-        "jobs",
-        {"w": idle_job},
-        on_full="drop_oldest",
-        on_duplicate_key="replace",
-        on_circuit_open="reject",
-        refuse_dead_keys=True,
-        max_starts_per_second=0.5,
-        budget_rule="lt",
-    )
-    assert spec == otree.PoolSpec(
-        id="jobs",
-        handlers={"w": idle_job},
-        on_full="drop_oldest",
-        on_duplicate_key="replace",
-        on_circuit_open="reject",
-        refuse_dead_keys=True,
-        max_starts_per_second=0.5,
-        budget_rule="lt",
-    )
+    policies: dict[str, Any] = {
+        "on_full": "drop_oldest",
+        "on_duplicate_key": "replace",
+        "on_circuit_open": "reject",
+        "refuse_dead_keys": True,
+        "max_starts_per_second": 0.5,
+        "budget_rule": "lt",
+    }
+    spec = otree.pool("jobs", {"w": idle_job}, **policies)
+    assert {name: getattr(spec, name) for name in policies} == policies
+    assert spec == otree.PoolSpec(id="jobs", handlers={"w": idle_job}, **policies)
     with pytest.raises(otree.SpecError, match="jobs: on_full must be one of"):
         otree.PoolSpec(id="jobs", handlers={"w": idle_job}, on_full="drop_newest")  # type: ignore[arg-type]
 
