@@ -88,9 +88,8 @@ class Job:
         self.priority = priority
         self.estimate = estimate  # micro-dollars
         self.key = key
-        self.place = int(
-            job_id
-        )  # its place in the line: the submission it took over (by replacing) or its own
+        # its place in the line: its own submission, or the one it took over by replacing it
+        self.place = int(job_id)
         self.due = 0.0  # when a retry waiting out its backoff is due (trio time)
         self.attempts = 0
         self.logged = 0  # micro-dollars of this run's spend already in the store's ledger

@@ -1214,3 +1214,51 @@ def test_otree_submit_refused_by_a_queue_policy_is_one_line_and_exit_4(tmp_path:
             4,
             "otree: fleet/jobs: key 'k' is dead-lettered (dead letter 1); requeue or clear it first\n",
         )
+
+
+OLD_SCHEMA = """
+CREATE TABLE jobs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, kind TEXT NOT NULL, payload BLOB NOT NULL,
+    priority INTEGER NOT NULL, estimate INTEGER NOT NULL, key TEXT, attempts INTEGER NOT NULL,
+    interruptions INTEGER NOT NULL, running INTEGER NOT NULL, submitted_at REAL NOT NULL);
+CREATE TABLE dead (
+    id INTEGER PRIMARY KEY, kind TEXT NOT NULL, payload BLOB NOT NULL, priority INTEGER NOT NULL,
+    estimate INTEGER NOT NULL, attempts INTEGER NOT NULL, error TEXT NOT NULL,
+    submitted_at REAL NOT NULL, failed_at REAL NOT NULL);
+CREATE TABLE ledger (day TEXT NOT NULL, job INTEGER NOT NULL, micros INTEGER NOT NULL);
+INSERT INTO jobs VALUES (1, 'w', '"queued before"', 0, 0, 'k', 0, 0, 0, 1.0);
+INSERT INTO dead VALUES (2, 'w', '"died before"', 0, 0, 1, 'RuntimeError: no', 1.0, 2.0);
+"""
+
+
+async def test_a_pool_database_from_before_the_queue_policies_is_upgraded_at_open(tmp_path: Any) -> None:
+    """A database written before ``jobs.place`` and ``dead.key`` existed gets both columns: its
+    queued job and its dead letter come back, and replacing and burying work on it."""
+    import sqlite3
+
+    database = tmp_path / "pools" / "root" / "jobs.sqlite3"
+    database.parent.mkdir(parents=True)
+    with sqlite3.connect(database) as db:
+        db.executescript(OLD_SCHEMA)
+    gate = trio.Event()
+
+    async def work(payload: Any) -> Any:
+        await gate.wait()
+        if payload == "fail":
+            raise RuntimeError("no")
+        return payload
+
+    spec = otree.pool("jobs", {"w": work}, durable=True, on_duplicate_key="replace", max_concurrency=1)
+    async with otree.open_supervisor(otree.supervisor("root", children=[spec]), state_dir=tmp_path) as sup:
+        pool = pool_of(sup)
+        (letter,) = pool.dead_letters()
+        assert (letter.id, letter.payload, letter.key) == ("2", "died before", None)
+        await trio.testing.wait_all_tasks_blocked()
+        assert [info.id for info in pool.which_children()] == ["1"]
+        queued = pool.submit_nowait("w", "queued after", key="q")
+        replacement = pool.submit_nowait("w", "fail", key="q")
+        assert queued.state == "dropped" and replacement.state == "queued"
+        gate.set()
+        with pytest.raises(otree.JobFailed):
+            await replacement.result()
+        assert [letter.key for letter in pool.dead_letters()] == [None, "q"]
