@@ -27,6 +27,8 @@ from typing import TYPE_CHECKING as _TYPE_CHECKING
 if _TYPE_CHECKING:
     from ._errors import AlreadyPresent as AlreadyPresent
     from ._errors import BudgetExceeded as BudgetExceeded
+    from ._errors import CircuitOpen as CircuitOpen
+    from ._errors import DeadLettered as DeadLettered
     from ._errors import JobFailed as JobFailed
     from ._errors import MaxChildren as MaxChildren
     from ._errors import NotFound as NotFound
@@ -74,8 +76,10 @@ __all__ = [
     "BudgetExceeded",
     "ChildInfo",
     "CircuitBreaker",
+    "CircuitOpen",
     "Counts",
     "DeadLetter",
+    "DeadLettered",
     "Event",
     "EventStream",
     "ExitInfo",
@@ -116,6 +120,8 @@ __all__ = [
 _SOURCES = {
     "AlreadyPresent": "._errors",
     "BudgetExceeded": "._errors",
+    "CircuitOpen": "._errors",
+    "DeadLettered": "._errors",
     "JobFailed": "._errors",
     "MaxChildren": "._errors",
     "NotFound": "._errors",

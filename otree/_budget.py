@@ -2,8 +2,9 @@
 
 Money is kept in integer micro-dollars, so sums never drift and the gate's
 comparisons are exact. The rule (DESIGN §10): a job may start when
-``spent < budget`` and ``spent + reserved + estimate <= budget``; a running
-job's estimate is reserved until it ends, then replaced by what it spent.
+``spent < budget`` and ``spent + reserved + estimate <= budget`` (``budget_rule="le"``,
+the default) or ``< budget`` (``"lt"``: reaching the budget is refused too); a
+running job's estimate is reserved until it ends, then replaced by what it spent.
 
 Bounds: an estimate or a daily budget is at most ``MAX_USD`` (a float that large
 still converts to micro-dollars exactly), and a day's spend saturates at
@@ -23,6 +24,7 @@ __all__ = [
     "LEDGER_MAX",
     "MAX_USD",
     "Budget",
+    "BudgetRule",
     "Transition",
     "budget_day",
     "from_micros",
@@ -38,6 +40,7 @@ MAX_USD = 1_000_000_000  # the largest estimate or daily budget
 LEDGER_MAX = 2**63 - 1  # micro-dollars: SQLite's largest INTEGER, where a day's spend saturates
 
 Transition = Literal["warning", "exhausted"]
+BudgetRule = Literal["le", "lt"]  # spent + reserved + estimate <= budget, or < budget
 
 
 def to_micros(usd: float) -> int:
@@ -92,11 +95,22 @@ def seconds_until_midnight(now: dt.datetime, tz: dt.tzinfo) -> float:
 class Budget:
     """Spend of one budget day and the estimates reserved by running jobs."""
 
-    __slots__ = ("_reserved", "_reserved_total", "day", "exhausted", "limit", "spent", "warn_at", "warned")
+    __slots__ = (
+        "_reserved",
+        "_reserved_total",
+        "day",
+        "exhausted",
+        "limit",
+        "rule",
+        "spent",
+        "warn_at",
+        "warned",
+    )
 
-    def __init__(self, daily_budget: float | None, warn_at: float = 0.9) -> None:
+    def __init__(self, daily_budget: float | None, warn_at: float = 0.9, rule: BudgetRule = "le") -> None:
         self.limit = None if daily_budget is None else to_micros(daily_budget)
         self.warn_at = warn_at
+        self.rule = rule
         self.day: dt.date | None = None
         self.spent = 0
         self.warned = False
@@ -128,16 +142,14 @@ class Budget:
             self.exhausted = spent >= self.limit
 
     def can_start(self, estimate: int) -> bool:
-        """Whether a job with this estimate (micro-dollars) may start now."""
-        if self.limit is None:
+        """Whether a job with this estimate (micro-dollars) may start now, and, under
+        ``on_budget_exhausted="reject"``, be submitted: ``spent < limit`` and
+        ``spent + reserved + estimate <= limit`` (``< limit`` under the rule ``"lt"``)."""
+        limit = self.limit
+        if limit is None:
             return True
-        return self.spent < self.limit and self.spent + self._reserved_total + estimate <= self.limit
-
-    def admits(self, estimate: int) -> bool:
-        """Whether a submission with this estimate fits what is left (the ``reject`` check)."""
-        if self.limit is None:
-            return True
-        return self.spent < self.limit and estimate <= self.limit - self.spent - self._reserved_total
+        total = self.spent + self._reserved_total + estimate
+        return self.spent < limit and (total < limit if self.rule == "lt" else total <= limit)
 
     def capped(self, amount: int) -> int:
         """``amount`` cut to what today's ledger can still hold (all of it, short of ``LEDGER_MAX``)."""
@@ -149,12 +161,17 @@ class Budget:
         assert limit is not None, "only a daily budget holds jobs"
         if self.spent >= limit:
             return f"{usd_text(self.spent)} of {usd_text(limit)} spent"
+        needs = f"needs {usd_text(estimate)}"
+        below = ", and budget_rule 'lt' keeps the total below it"  # what holds a job that just fits
         if estimate > limit:
-            return f"needs {usd_text(estimate)}, more than the whole daily budget of {usd_text(limit)}"
-        left = f"needs {usd_text(estimate)}, {usd_text(max(0, limit - self.spent - self.reserved))} left"
+            return f"{needs}, more than the whole daily budget of {usd_text(limit)}"
+        if estimate == limit and self.rule == "lt":
+            return f"{needs}, the whole daily budget{below}"
+        left = max(0, limit - self.spent - self.reserved)
+        text = f"{needs}, {usd_text(left)} left"
         if self.reserved:
-            left += f" ({usd_text(self.reserved)} reserved by running jobs)"
-        return left
+            text += f" ({usd_text(self.reserved)} reserved by running jobs)"
+        return text + (below if estimate == left and self.rule == "lt" else "")
 
     def reserve(self, job: Hashable, estimate: int) -> None:
         """A job starts: hold its estimate."""

@@ -17,7 +17,9 @@ there is one, is chained as ``__cause__``.
     + RestartIntensityExceeded more than max_restarts restarts within max_seconds
   + QueueFull                  a pool's queue holds max_queue jobs
   + BudgetExceeded             a pool's daily budget does not admit the job
-  + JobFailed                  a pool job was dead-lettered (or cancelled)
+  + CircuitOpen                a pool's circuit is open and it rejects submissions
+  + DeadLettered               a submission's key belongs to a dead letter (refuse_dead_keys)
+  + JobFailed                  a pool job was dead-lettered (or cancelled, or dropped)
 
 ``Shutdown`` is not an error: a child raises it to exit with reason ``shutdown``.
 """
@@ -27,6 +29,8 @@ from __future__ import annotations
 __all__ = [
     "AlreadyPresent",
     "BudgetExceeded",
+    "CircuitOpen",
+    "DeadLettered",
     "JobFailed",
     "MaxChildren",
     "NotFound",
@@ -171,8 +175,31 @@ class BudgetExceeded(OtreeError):
         super().__init__(f"{path}: {message}")
 
 
+class CircuitOpen(OtreeError):
+    """The pool's circuit breaker is open and the pool rejects submissions
+    (``on_circuit_open="reject"``); ``half_open_in`` is the rest of its cooldown, in seconds."""
+
+    def __init__(self, path: str, half_open_in: float) -> None:
+        self.path = path
+        self.half_open_in = half_open_in
+        super().__init__(f"{path}: circuit open, half-open in {half_open_in:.1f} s")
+
+
+class DeadLettered(OtreeError):
+    """The submission's key belongs to a dead letter (``refuse_dead_keys=True``): the key is
+    refused until that dead letter is requeued or cleared."""
+
+    def __init__(self, path: str, key: object, dead_letter_id: str) -> None:
+        self.path = path
+        self.key = key
+        self.dead_letter_id = dead_letter_id
+        super().__init__(
+            f"{path}: key {key!r} is dead-lettered (dead letter {dead_letter_id}); requeue or clear it first"
+        )
+
+
 class JobFailed(OtreeError):
-    """A pool job was dead-lettered (its last error chained) or cancelled."""
+    """A pool job was dead-lettered (its last error chained), cancelled or dropped."""
 
     def __init__(self, job_id: str, message: str) -> None:
         self.job_id = job_id

@@ -103,6 +103,7 @@ class DeadLetter(msgspec.Struct, frozen=True):
     error: str
     submitted_at: float
     failed_at: float
+    key: Any = None  # the job's idempotency key (``refuse_dead_keys`` refuses it while the letter stays)
 
 
 class PoolStatus(msgspec.Struct, frozen=True):

@@ -1,4 +1,4 @@
-"""Restart intensity and backoff arithmetic: pure, the clock is passed in, no trio.
+"""Restart intensity, backoff and circuit-breaker arithmetic: pure, the clock is passed in, no trio.
 
 OTP's ``add_restart`` keeps every restart of the last period and walks the list
 on each restart. Here a deque holds them oldest first, so expired entries fall
@@ -8,10 +8,12 @@ than ``max_restarts + 1`` entries because the supervisor gives up at that point.
 
 from __future__ import annotations
 
+import math
 from collections import deque
-from collections.abc import Hashable
+from collections.abc import Hashable, Sequence
+from typing import Literal
 
-__all__ = ["CircuitState", "RestartWindow", "backoff_delay"]
+__all__ = ["CircuitState", "JitterMode", "RestartWindow", "backoff_delay"]
 
 
 class RestartWindow:
@@ -45,18 +47,41 @@ class RestartWindow:
         return len(times)
 
 
-def backoff_delay(
-    attempt: int, *, initial: float, maximum: float, factor: float, jitter: float, unit: float
-) -> float:
-    """Delay before the ``attempt``-th consecutive restart (1-based) of one child.
+JitterMode = Literal["symmetric", "down"]
 
-    ``min(maximum, initial * factor**(attempt-1))``, scaled by ``1 + jitter * (2*unit - 1)``
-    where ``unit`` is a uniform draw in [0, 1) supplied by the caller (so tests can pin it).
+
+def backoff_delay(
+    attempt: int,
+    *,
+    initial: float,
+    maximum: float,
+    factor: float,
+    jitter: float,
+    unit: float,
+    step: float = 0.0,
+    delays: Sequence[float] = (),
+    mode: JitterMode = "symmetric",
+) -> float:
+    """Delay before the ``attempt``-th consecutive restart or retry (1-based).
+
+    The base delay is the ``attempt``-th entry of ``delays`` (an explicit schedule, its
+    last entry repeated) or, without one, ``min(maximum, initial * factor**(attempt-1)
+    + step * (attempt-1))`` (exponential, or linear with ``factor=1`` and a ``step``).
+    ``unit`` is a uniform draw in [0, 1) supplied by the caller (so tests can pin it)
+    that places the delay within the jitter: ``mode="symmetric"`` scales the base by
+    ``1 + jitter * (2*unit - 1)`` (± jitter); ``"down"`` by ``1 - jitter * unit``, so the
+    delay never exceeds the base (``jitter=0.5``: between half and the full delay).
     """
-    try:
-        base = min(maximum, initial * factor ** (attempt - 1))
-    except OverflowError:
-        base = maximum if initial > 0 else 0.0
+    if delays:
+        base = delays[min(attempt, len(delays)) - 1]
+    else:
+        try:
+            growth = initial * factor ** (attempt - 1)
+        except OverflowError:
+            growth = math.inf if initial > 0 else 0.0
+        base = min(maximum, growth + step * (attempt - 1))
+    if mode == "down":
+        return max(0.0, base * (1.0 - jitter * unit))
     return max(0.0, base * (1.0 + jitter * (2.0 * unit - 1.0)))
 
 

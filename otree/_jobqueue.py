@@ -4,8 +4,9 @@ Priorities are small integers, so the line is a FIFO deque per priority plus a
 heap of the priorities in use: a push appends to its deque (O(1); O(log p) when
 its priority is new), a pop takes from the front of the highest deque (O(1)),
 whatever the number of jobs waiting. Cancelling a waiting job marks it dead
-(O(1)); dead entries are dropped as they reach the front, and the line is
-compacted when they outnumber the live ones. Pure: no trio, no I/O.
+(O(1)), and a coalesced job takes over its entry (O(1)); dead entries are
+dropped as they reach the front, and the line is compacted when they outnumber
+the live ones. Pure: no trio, no I/O.
 """
 
 from __future__ import annotations
@@ -101,6 +102,16 @@ class JobQueue(Generic[K, V]):
                 self._buckets[priority] = deque(e for e in bucket if e.alive)
             self._dead = 0
         return entry.value
+
+    def replace(self, key: K, new_key: K, value: V) -> None:
+        """Put ``new_key`` and ``value`` in the place of the queued ``key`` (a coalesced job),
+        in O(1). Raises KeyError if ``key`` is not queued or ``new_key`` is."""
+        if new_key in self._live:
+            raise KeyError(f"{new_key!r} is queued already")
+        entry = self._live.pop(key)
+        entry.key = new_key
+        entry.value = value
+        self._live[new_key] = entry
 
     def __iter__(self) -> Iterator[tuple[K, V]]:
         """Waiting jobs in the order they would be popped (for listings)."""

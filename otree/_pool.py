@@ -1,11 +1,13 @@
 """The pool child: a bounded priority job queue, a concurrency cap, a daily budget gate,
-retries with backoff, dead letters and a circuit breaker (in memory, or durable in SQLite).
+retries with backoff, dead letters, a circuit breaker and the queue policies (a full
+queue, a duplicate key, an open circuit, a dead key, the start rate), in memory or
+durable in SQLite.
 
 Each running job is a temporary child of the pool (a ``RunningChild`` running
 ``await handler(payload)``), so ``current_child().report_cost()`` works in a
 handler and the job shows in the pool's ``which_children``. One task, the
 dispatcher, decides what starts; the decisions are the pure ``JobQueue``,
-``Budget`` and ``CircuitState``.
+``Budget``, ``CircuitState``, ``StartRate`` and ``OldestFirst``.
 """
 
 from __future__ import annotations
@@ -34,10 +36,11 @@ from ._budget import (
     seconds_until_midnight,
     to_micros,
 )
-from ._errors import BudgetExceeded, JobFailed, NotRunning, QueueFull
+from ._errors import BudgetExceeded, CircuitOpen, DeadLettered, JobFailed, NotFound, NotRunning, QueueFull
 from ._info import ChildInfo, DeadLetter, PoolStatus
 from ._intensity import CircuitState
 from ._jobqueue import JobQueue
+from ._policies import OldestFirst, StartRate
 from ._process import ProcessContext, ProcessFailed, run_job_process
 from ._spec import PoolSpec, ProcessSpec, ShutdownValue, process
 from ._store import INTERRUPTIONS_TO_DEAD, Store
@@ -59,6 +62,7 @@ class Job:
         "attempts",
         "cost",
         "dropped",
+        "due",
         "error",
         "estimate",
         "id",
@@ -66,6 +70,7 @@ class Job:
         "kind",
         "logged",
         "payload",
+        "place",
         "priority",
         "run",
         "state",
@@ -83,6 +88,9 @@ class Job:
         self.priority = priority
         self.estimate = estimate  # micro-dollars
         self.key = key
+        # its place in the line: its own submission, or the one it took over by replacing it
+        self.place = int(job_id)
+        self.due = 0.0  # when a retry waiting out its backoff is due (trio time)
         self.attempts = 0
         self.logged = 0  # micro-dollars of this run's spend already in the store's ledger
         self.cost = 0.0
@@ -155,16 +163,23 @@ class Pool:
         self.serving = False
         self.queue: JobQueue[str, Job] = JobQueue()
         self.running: dict[str, Job] = {}
-        self.waiting: list[tuple[float, int, Job]] = []  # a heap of retries waiting out their backoff
+        # a heap of retries waiting out their backoff; a job that left it early (cancelled,
+        # dropped, replaced) stays until due and is skipped then, so ``retrying`` counts the live ones
+        self.waiting: list[tuple[float, int, Job]] = []
+        self.retrying = 0
         self.dead: dict[str, DeadLetter] = {}
+        self._dead_keys: dict[Hashable, dict[str, None]] = {}  # key -> ids of its dead letters
         self._by_key: dict[Hashable, Job] = {}
         self._ids = itertools.count(1)
         self._retries = itertools.count()  # orders retries due at the same time (and spares comparing Jobs)
         self._tz = _zone(spec.budget_tz)
-        self.budget = Budget(spec.daily_budget, spec.budget_warn_at)
+        self.budget = Budget(spec.daily_budget, spec.budget_warn_at, spec.budget_rule)
         self.budget.roll(budget_day(self._now(), self._tz))
         breaker = spec.circuit_breaker
         self.circuit = CircuitState(breaker.failures, breaker.cooldown) if breaker is not None else None
+        self._rate = StartRate(spec.max_starts_per_second) if spec.max_starts_per_second else None
+        self._oldest: OldestFirst[Job] | None = None
+        self._order_for_drops()
         self._wake = trio.Event()
         self._nursery: trio.Nursery | None = None
         self._stopping = False
@@ -191,10 +206,33 @@ class Pool:
             budget.limit = None if spec.daily_budget is None else to_micros(spec.daily_budget)
             budget.warn_at = spec.budget_warn_at
             budget.restore(budget.spent)  # thresholds passed under the new limit do not warn again
+        self.budget.rule = spec.budget_rule
         if spec.circuit_breaker != old.circuit_breaker:
             breaker = spec.circuit_breaker
             self.circuit = CircuitState(breaker.failures, breaker.cooldown) if breaker is not None else None
+        if spec.max_starts_per_second != old.max_starts_per_second:
+            self._rate = StartRate(spec.max_starts_per_second) if spec.max_starts_per_second else None
+        if spec.on_full != old.on_full:
+            self._order_for_drops()
         self._wake.set()
+
+    def _order_for_drops(self) -> None:
+        """Under ``on_full="drop_oldest"``, order the jobs in the line (queued, or waiting for a
+        retry) by place, so the one that has waited longest is found in O(log n)."""
+        self._oldest = None
+        if self.spec.on_full == "drop_oldest":
+            self._oldest = OldestFirst(lambda job: job.state in ("queued", "waiting"))
+            for job in [job for _, job in self.queue] + self.waiting_jobs():
+                self._track(job)
+
+    def _track(self, job: Job) -> None:
+        """``job`` entered the line: the drop order learns its place."""
+        if self._oldest is not None:
+            self._oldest.push(job.place, job, len(self.queue) + self.retrying)
+
+    def waiting_jobs(self) -> list[Job]:
+        """Retries waiting out their backoff, the soonest due first."""
+        return [job for _, _, job in sorted(self.waiting, key=lambda e: e[:2]) if job.state == "waiting"]
 
     # --- submission -----------------------------------------------------------------
 
@@ -215,9 +253,48 @@ class Pool:
 
         Raises:
           ValueError: unknown kind, priority out of range, negative cost, unencodable payload.
-          QueueFull: ``max_queue`` jobs wait already.
+          NotRunning: the pool is not running.
+          DeadLettered: under ``refuse_dead_keys``, the key belongs to a dead letter.
+          CircuitOpen: under ``on_circuit_open="reject"``, the circuit is open.
+          QueueFull: under ``on_full="reject"``, ``max_queue`` jobs wait already.
           BudgetExceeded: under ``"reject"``, the estimate does not fit today's budget.
         """
+        encoded = self._encode(kind, payload, priority, estimated_cost)
+        if not self.serving:
+            raise NotRunning(self.path, "starting" if not self._stopping else "stopping")
+        known = self._key_in_use(kind, key) if key is not None else None
+        if known is not None and self.spec.on_duplicate_key == "keep":
+            return known
+        # on_duplicate_key="replace": a job still in the line gives its place to this one; a
+        # running one is left alone, and this one queues behind it
+        taken_over = known if known is not None and known.state in ("queued", "waiting") else None
+        estimate = self._admit(kind, estimated_cost, adds=taken_over is None)
+        if taken_over is not None:
+            priority = taken_over.priority  # its place in the line includes its priority class
+        store = self.store
+        if store is None:
+            job_id = next(self._ids)
+        elif taken_over is None:
+            stored_key = key if isinstance(key, str) or key is None else str(key)
+            job_id = store.add(
+                kind, encoded, priority=priority, estimate=estimate, key=stored_key, at=time.time()
+            )
+        else:
+            job_id = store.replace(int(taken_over.id), kind, encoded, estimate=estimate, at=time.time())
+        job = Job(self, str(job_id), kind, payload, priority=priority, estimate=estimate, key=key)
+        if key is not None:
+            self._by_key[key] = job
+        if taken_over is None:
+            self.queue.push(job.id, priority, job)
+            self._emit(f"{self.path}/{job.id}", "job.queued", "", job_kind=kind, priority=priority)
+        else:
+            self._take_place(taken_over, job)
+        self._track(job)
+        self._wake.set()
+        return job
+
+    def _encode(self, kind: str, payload: Any, priority: int, estimated_cost: float) -> bytes:
+        """Check a submission's arguments; its payload as JSON. Raises ValueError naming the pool."""
         spec = self.spec
         if kind not in spec.handlers:
             kinds = ", ".join(sorted(spec.handlers))
@@ -234,68 +311,142 @@ class Pool:
                 f"got {estimated_cost!r}"
             )
         try:
-            encoded = msgspec.json.encode(payload)
+            return msgspec.json.encode(payload)
         except (TypeError, ValueError, OverflowError) as exc:
             raise ValueError(f"{self.path}: payload of a {kind!r} job cannot be encoded: {exc}") from None
-        if not self.serving:
-            raise NotRunning(self.path, "starting" if not self._stopping else "stopping")
-        if key is not None:
-            known = self._by_key.get(key)
-            if known is not None:
-                return known
-            if self._store_path is not None and not isinstance(key, str):
-                raise ValueError(f"{self.path}: a durable pool's job keys must be str; got {key!r}")
-        queue = self.queue
-        if len(queue) + len(self.waiting) >= spec.max_queue:
+
+    def _key_in_use(self, kind: str, key: Hashable) -> Job | None:
+        """The unfinished job that holds ``key`` (None: it is free). Raises ValueError for a
+        durable pool's non-str key, ``DeadLettered`` for a dead key under ``refuse_dead_keys``."""
+        if self._store_path is not None and not isinstance(key, str):
+            raise ValueError(f"{self.path}: a durable pool's job keys must be str; got {key!r}")
+        dead = self._dead_keys.get(key) if self.spec.refuse_dead_keys else None
+        if dead:
+            letter = next(iter(dead))
+            self._emit(self.path, "job.rejected", "dead_key", job_kind=kind, dead_letter=letter)
+            raise DeadLettered(self.path, key, letter)
+        return self._by_key.get(key)
+
+    def _admit(self, kind: str, estimated_cost: float, *, adds: bool) -> int:
+        """Refuse a submission the circuit, a full queue or the budget refuses (a ``job.rejected``
+        event and the error), then, under ``drop_oldest``, make room for it (``adds``: it takes a
+        new place in the line). Nothing is dropped for a submission that is refused. Returns the
+        estimate in micro-dollars."""
+        spec = self.spec
+        self._refuse_if_circuit_open(kind)
+        full = adds and len(self.queue) + self.retrying >= spec.max_queue
+        if full and spec.on_full == "reject":
             self._emit(self.path, "job.rejected", "queue_full", job_kind=kind)
             raise QueueFull(self.path, spec.max_queue)
         estimate = to_micros(estimated_cost)
         self._roll()
-        if spec.on_budget_exhausted == "reject" and not self.budget.admits(estimate):
+        if spec.on_budget_exhausted == "reject" and not self.budget.can_start(estimate):
             self._emit(self.path, "job.rejected", "budget", job_kind=kind, estimated_cost=estimated_cost)
             raise BudgetExceeded(
                 self.path, f"the daily budget does not admit an estimate of ${estimated_cost:g}"
             )
-        store = self.store
-        if store is not None:
-            stored_key = key if isinstance(key, str) or key is None else str(key)
-            job_id = store.add(
-                kind, encoded, priority=priority, estimate=estimate, key=stored_key, at=time.time()
-            )
+        if full:
+            self._drop_oldest()
+        return estimate
+
+    def _refuse_if_circuit_open(self, kind: str) -> None:
+        """``on_circuit_open="reject"``: while the circuit is open (cooling down), a submission
+        raises ``CircuitOpen``; a half-open circuit takes submissions (they wait for the trial)."""
+        circuit = self.circuit
+        if self.spec.on_circuit_open != "reject" or circuit is None or circuit.state != "open":
+            return
+        now = trio.current_time()
+        if circuit.holds(now):
+            self._emit(self.path, "job.rejected", "circuit", job_kind=kind)
+            raise CircuitOpen(self.path, circuit.reopen_in(now))
+
+    def _drop_oldest(self) -> None:
+        """``on_full="drop_oldest"``: drop the jobs that have waited longest (queued, or waiting
+        for a retry; never a running one) until a new one fits under ``max_queue``."""
+        oldest = self._oldest
+        assert oldest is not None
+        while len(self.queue) + self.retrying >= self.spec.max_queue:
+            job = oldest.oldest()
+            assert job is not None, "the line holds the jobs it counts"
+            self._leave_line(job)
+            self._forget(job)
+            self._drop(job, "queue_full")
+
+    def _take_place(self, old: Job, job: Job) -> None:
+        """``on_duplicate_key="replace"``: ``job`` takes ``old``'s place, in the queue or in the
+        retry heap (then it is due when ``old`` was), and ``old`` is dropped as ``replaced``."""
+        job.place = old.place
+        if old.state == "queued":
+            self.queue.replace(old.id, job.id, job)
+        else:  # old's heap entry is skipped when due; the count of retries stays
+            job.state = "waiting"
+            job.due = old.due
+            heapq.heappush(self.waiting, (old.due, next(self._retries), job))
+        self._drop(old, "replaced", replaced_by=job.id)
+        path = f"{self.path}/{job.id}"
+        self._emit(path, "job.queued", "replacing", job_kind=job.kind, priority=job.priority, replaces=old.id)
+
+    def _leave_line(self, job: Job) -> None:
+        """``job`` leaves the line before it starts: out of the queue, or (lazily) out of the retry heap."""
+        if job.state == "queued":
+            self.queue.remove(job.id)
         else:
-            job_id = next(self._ids)
-        job = Job(self, str(job_id), kind, payload, priority=priority, estimate=estimate, key=key)
-        if key is not None:
-            self._by_key[key] = job
-        queue.push(job.id, priority, job)
-        self._emit(f"{self.path}/{job.id}", "job.queued", "", job_kind=kind, priority=priority)
-        self._wake.set()
-        return job
+            self.retrying -= 1  # its heap entry is skipped when due
 
     def cancel(self, job: Job) -> None:
-        if job.state == "queued" and self.queue.remove(job.id) is not None:
+        if job.state in ("queued", "waiting"):
+            self._leave_line(job)
             self._forget(job)
             self._finish(job, "cancelled")
             self._wake.set()  # the job behind it may be the new head (and held)
-        elif job.state == "waiting":
-            self.waiting = [w for w in self.waiting if w[2] is not job]
-            heapq.heapify(self.waiting)
-            self._forget(job)
-            self._finish(job, "cancelled")
         elif job.state == "running" and job.run is not None:
             job.state = "cancelled"
             job.run.request_stop(self.spec.job_shutdown, self._job_stopped)
 
     def requeue(self, dead_letter_id: str) -> Job:
-        """Queue a dead letter again (a fresh count of attempts)."""
-        letter = self.dead[dead_letter_id]
+        """Queue a dead letter again (a fresh count of attempts, no key); its key is free again.
+
+        Raises:
+          NotFound: no such dead letter (and what ``submit_nowait`` raises: the letter stays).
+        """
+        letter = self._letter(dead_letter_id)
         job = self.submit_nowait(  # may refuse: the letter stays until it is queued
             letter.kind, letter.payload, priority=letter.priority, estimated_cost=letter.estimated_cost
         )
-        del self.dead[dead_letter_id]
+        self._unbury(letter)
+        return job
+
+    def clear_dead_letter(self, dead_letter_id: str) -> DeadLetter:
+        """Remove a dead letter for good (a ``dead_letter.cleared`` event); its key is free again.
+
+        Raises:
+          NotFound: no such dead letter.
+        """
+        letter = self._letter(dead_letter_id)
+        self._unbury(letter)
+        self._emit(f"{self.path}/{letter.id}", "dead_letter.cleared", "", job_kind=letter.kind)
+        return letter
+
+    def _letter(self, dead_letter_id: str) -> DeadLetter:
+        letter = self.dead.get(dead_letter_id)
+        if letter is None:
+            raise NotFound(self.path, dead_letter_id, list(self.dead), what="dead letter")
+        return letter
+
+    def _unbury(self, letter: DeadLetter) -> None:
+        del self.dead[letter.id]
+        letters = self._dead_keys.get(letter.key) if letter.key is not None else None
+        if letters is not None:
+            letters.pop(letter.id, None)
+            if not letters:
+                del self._dead_keys[letter.key]
         if self.store is not None:
             self.store.unbury(int(letter.id))
-        return job
+
+    def _add_letter(self, letter: DeadLetter) -> None:
+        self.dead[letter.id] = letter
+        if letter.key is not None:
+            self._dead_keys.setdefault(letter.key, {})[letter.id] = None
 
     def _forget(self, job: Job) -> None:
         if self.store is not None:
@@ -338,15 +489,16 @@ class Pool:
             )
             job.attempts = stored.attempts
             job.submitted_at = stored.submitted_at
+            job.place = stored.place
             if stored.key is not None:
                 self._by_key[stored.key] = job
             self.queue.push(job.id, job.priority, job)
+            self._track(job)
             self._emit(
                 f"{self.path}/{job.id}", "job.queued", "recovered", job_kind=job.kind, priority=job.priority
             )
         for row in letters:
-            letter = DeadLetter(*row)
-            self.dead[letter.id] = letter
+            self._add_letter(DeadLetter(*row))
         self.budget.restore(store.spent(str(self.budget.day)))
 
     # --- dispatch ---------------------------------------------------------------------
@@ -412,11 +564,14 @@ class Pool:
         now = trio.current_time()
         while self.waiting and self.waiting[0][0] <= now:
             _, _, job = heapq.heappop(self.waiting)
+            if job.state != "waiting":  # cancelled, dropped or replaced while it waited
+                continue
+            self.retrying -= 1
             job.state = "queued"
             self.queue.push(job.id, job.priority, job)
         look_again = self.waiting[0][0] if self.waiting else math.inf
         self._roll()
-        queue, running, budget = self.queue, self.running, self.budget
+        queue, running, budget, rate = self.queue, self.running, self.budget, self._rate
         limit = self.spec.max_concurrency
         held: tuple[Job, HoldReason] | None = None
         while len(running) < limit:
@@ -435,6 +590,9 @@ class Pool:
                 look_again = min(look_again, now + seconds_until_midnight(self._now(), self._tz))
                 held = (job, "budget")
                 break
+            if rate is not None and not rate.allows(now):  # max_starts_per_second: wake for the token
+                look_again = min(look_again, rate.ready_at())
+                break
             if self.circuit is not None:
                 allowed, entered = self.circuit.allow(now, job.id)
                 if entered:
@@ -445,6 +603,8 @@ class Pool:
                     held = (job, "circuit")
                     break
             queue.pop()
+            if rate is not None:
+                rate.take(now)
             self._start(job, now)
         self._set_hold(held)
         if budget.limit is not None and budget.spent:
@@ -491,7 +651,7 @@ class Pool:
         budget = self.budget
         return PoolStatus(
             queued=len(self.queue),
-            retrying=len(self.waiting),
+            retrying=self.retrying,
             running=len(self.running),
             max_concurrency=spec.max_concurrency,
             max_queue=spec.max_queue,
@@ -582,7 +742,10 @@ class Pool:
             job.state = "waiting"
             if self.store is not None:
                 self.store.waiting(int(job.id))
-            heapq.heappush(self.waiting, (trio.current_time() + delay, next(self._retries), job))
+            job.due = trio.current_time() + delay
+            heapq.heappush(self.waiting, (job.due, next(self._retries), job))
+            self.retrying += 1
+            self._track(job)
             self._emit(run.path, "job.retried", "error", delay=delay, attempt=job.attempts, detail=detail)
             return
         self._bury(job, detail)
@@ -590,7 +753,7 @@ class Pool:
 
     def _bury(self, job: Job, error: str) -> None:
         """Move a job to the dead letters (memory and store) and tell whoever awaits it."""
-        self.dead[job.id] = DeadLetter(
+        letter = DeadLetter(
             id=job.id,
             kind=job.kind,
             payload=job.payload,
@@ -600,7 +763,9 @@ class Pool:
             error=error,
             submitted_at=job.submitted_at,
             failed_at=time.time(),
+            key=job.key,
         )
+        self._add_letter(letter)
         if self.store is not None:
             self.store.bury(int(job.id), error, time.time())
         self._finish(job, "dead")
@@ -644,10 +809,12 @@ class Pool:
             self.store.put_back(int(job.id))
         self._finish(job, "interrupted")
 
-    def _drop(self, job: Job, reason: str) -> None:
+    def _drop(self, job: Job, reason: str, **details: Any) -> None:
         """``job`` is gone without running to its end: one ``job.dropped`` event says why, and
         whoever awaits it hears so."""
-        self._emit(f"{self.path}/{job.id}", "job.dropped", reason, job_kind=job.kind, state=job.state)
+        self._emit(
+            f"{self.path}/{job.id}", "job.dropped", reason, job_kind=job.kind, state=job.state, **details
+        )
         job.dropped = reason
         self._finish(job, "dropped")
 
@@ -657,8 +824,10 @@ class Pool:
             self.queue.remove(job.id)
             self._pool_stopped(job)
         for _, _, job in self.waiting:
-            self._pool_stopped(job)
+            if job.state == "waiting":
+                self._pool_stopped(job)
         self.waiting.clear()
+        self.retrying = 0
 
     async def _stop_running(self) -> None:
         """Stop every running job at once under one ``job_shutdown`` timer (OTP's simple_one_for_one)."""

@@ -23,9 +23,9 @@ from typing import Any, ClassVar, Literal
 import msgspec
 import trio
 
-from ._budget import MAX_USD
+from ._budget import MAX_USD, BudgetRule
 from ._errors import SpecError
-from ._intensity import backoff_delay
+from ._intensity import JitterMode, backoff_delay
 from ._strategy import Restart, Strategy
 
 __all__ = [
@@ -90,11 +90,15 @@ def _check_restart_and_significant(path: str, restart: object, significant: obje
 
 
 class Backoff(msgspec.Struct, frozen=True):
-    """Delay before each automatic restart of the same child (OTP restarts at once).
+    """Delay before each automatic restart of the same child (OTP restarts at once), or
+    before each retry of a pool's job.
 
-    The n-th consecutive restart waits ``min(maximum, initial * factor**(n-1))``,
-    randomised by ``±jitter`` (a fraction); the count resets once the child has
-    run ``reset_after`` seconds.
+    The n-th consecutive restart waits ``min(maximum, initial * factor**(n-1))``
+    (exponential), ``min(maximum, initial + step * (n-1))`` with ``factor=1`` (linear), or
+    the n-th of ``delays`` (an explicit schedule, see ``Backoff.schedule``), randomised by
+    ``jitter`` (a fraction): ``jitter_mode="symmetric"`` ± jitter, ``"down"`` only below
+    the base (``jitter=0.5``: between half and the full delay). The count resets once the
+    child has run ``reset_after`` seconds.
     """
 
     initial: float = 0.1
@@ -102,6 +106,9 @@ class Backoff(msgspec.Struct, frozen=True):
     factor: float = 2.0
     jitter: float = 0.1
     reset_after: float = 60.0
+    step: float = 0.0
+    jitter_mode: JitterMode = "symmetric"
+    delays: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         for field in ("initial", "maximum", "reset_after"):
@@ -112,6 +119,46 @@ class Backoff(msgspec.Struct, frozen=True):
             raise SpecError("backoff", "factor", "must be a number >= 1", self.factor)
         if not _is_number(self.jitter) or not 0 <= self.jitter <= 1:
             raise SpecError("backoff", "jitter", "must be a number in [0, 1]", self.jitter)
+        _check_choice("backoff", "jitter_mode", self.jitter_mode, ("symmetric", "down"))
+        if not _is_number(self.step) or not 0 <= self.step < math.inf:
+            raise SpecError("backoff", "step", "must be a number >= 0", self.step)
+        if self.step and self.factor != 1:
+            raise SpecError("backoff", "step", "must be 0 unless factor is 1 (a linear backoff)", self.step)
+        delays = self.delays
+        if not isinstance(delays, (list, tuple)) or not all(
+            _is_number(d) and 0 <= d < math.inf for d in delays
+        ):
+            raise SpecError("backoff", "delays", "must be a list of seconds >= 0", delays)
+        if delays:  # a schedule decides alone: initial and maximum describe it, nothing grows
+            msgspec.structs.force_setattr(self, "delays", tuple(delays))
+            for field, value in (("initial", delays[0]), ("maximum", max(delays)), ("factor", 1.0)):
+                msgspec.structs.force_setattr(self, field, value)
+            msgspec.structs.force_setattr(self, "step", 0.0)
+
+    @classmethod
+    def schedule(
+        cls,
+        delays: Sequence[float],
+        *,
+        jitter: float = 0.0,
+        jitter_mode: JitterMode = "symmetric",
+        reset_after: float = 60.0,
+    ) -> Backoff:
+        """An explicit schedule: the n-th restart or retry waits ``delays[n-1]``, the last one
+        repeated (``Backoff.schedule([0, 30, 120])``: at once, then 30 s, then 120 s each time).
+        No jitter unless asked for.
+
+        Raises:
+          SpecError: ``delays`` is empty or holds a negative or non-finite number.
+        """
+        if isinstance(delays, (list, tuple)) and not delays:
+            raise SpecError("backoff", "delays", "must be a non-empty list of seconds >= 0", delays)
+        return cls(
+            jitter=jitter,
+            jitter_mode=jitter_mode,
+            reset_after=reset_after,
+            delays=delays,  # type: ignore[arg-type]  # a list is checked and made a tuple
+        )
 
     def delay(self, attempt: int, unit: float) -> float:
         """Seconds before the ``attempt``-th consecutive restart or retry; ``unit`` is a
@@ -123,6 +170,9 @@ class Backoff(msgspec.Struct, frozen=True):
             factor=self.factor,
             jitter=self.jitter,
             unit=unit,
+            step=self.step,
+            delays=self.delays,
+            mode=self.jitter_mode,
         )
 
 
@@ -567,12 +617,19 @@ class PoolSpec(_Spec, frozen=True, kw_only=True):
     now: Callable[[], Any] | None = None
     job_shutdown: ShutdownValue = 5.0
     shutdown: ShutdownValue = "infinity"
+    on_full: Literal["reject", "drop_oldest"] = "reject"
+    on_duplicate_key: Literal["keep", "replace"] = "keep"
+    on_circuit_open: Literal["hold", "reject"] = "hold"
+    refuse_dead_keys: bool = False
+    max_starts_per_second: float | None = None
+    budget_rule: BudgetRule = "le"
 
     def __post_init__(self) -> None:
         path = _check_id(self.id)
         _check_restart_and_significant(path, self.restart, self.significant)
         _check_shutdown(path, self.shutdown)
         _check_shutdown(path, self.job_shutdown)
+        self._check_policies(path)
         if not isinstance(self.handlers, dict) or not self.handlers:
             raise SpecError(
                 path, "handlers", "must be a non-empty dict of kind to async function", self.handlers
@@ -612,6 +669,19 @@ class PoolSpec(_Spec, frozen=True, kw_only=True):
         if self.now is not None and not callable(self.now):
             raise SpecError(path, "now", "must be None or a callable returning an aware datetime", self.now)
 
+    def _check_policies(self, path: str) -> None:
+        """The queue policies: what a full queue, a duplicate key, an open circuit, a dead key,
+        the start rate and the budget comparison do."""
+        _check_choice(path, "on_full", self.on_full, ("reject", "drop_oldest"))
+        _check_choice(path, "on_duplicate_key", self.on_duplicate_key, ("keep", "replace"))
+        _check_choice(path, "on_circuit_open", self.on_circuit_open, ("hold", "reject"))
+        _check_choice(path, "budget_rule", self.budget_rule, ("le", "lt"))
+        if not isinstance(self.refuse_dead_keys, bool):
+            raise SpecError(path, "refuse_dead_keys", "must be True or False", self.refuse_dead_keys)
+        rate = self.max_starts_per_second
+        if rate is not None and (not _is_number(rate) or not 0 < rate < math.inf):
+            raise SpecError(path, "max_starts_per_second", "must be None or a number > 0", rate)
+
 
 def pool(
     id: str,  # noqa: A002 - OTP's name for it
@@ -629,6 +699,12 @@ def pool(
     durable: bool | None = None,
     now: Callable[[], Any] | None = None,
     job_shutdown: ShutdownValue = 5.0,
+    on_full: Literal["reject", "drop_oldest"] = "reject",
+    on_duplicate_key: Literal["keep", "replace"] = "keep",
+    on_circuit_open: Literal["hold", "reject"] = "hold",
+    refuse_dead_keys: bool = False,
+    max_starts_per_second: float | None = None,
+    budget_rule: BudgetRule = "le",
     restart: Restart = "permanent",
     shutdown: ShutdownValue = "infinity",
     significant: bool = False,
@@ -648,6 +724,18 @@ def pool(
         state dir (None: when a state dir is configured, as under ``otree run``).
       now: the wall clock for budget days (a callable returning an aware datetime).
       job_shutdown: grace for running jobs when the pool stops (all at once).
+      on_full: ``"reject"`` (``QueueFull``) or ``"drop_oldest"``: the job that has waited
+        longest is dropped to make room (``job.dropped``, reason ``queue_full``).
+      on_duplicate_key: ``"keep"`` (a key in use returns its job) or ``"replace"``: a new
+        job takes a queued job's place with the new payload (the old one is dropped,
+        reason ``replaced``); behind a running one, it queues.
+      on_circuit_open: ``"hold"`` (queue, and wait for the circuit) or ``"reject"``
+        (``CircuitOpen`` while it is open).
+      refuse_dead_keys: refuse (``DeadLettered``) a key whose job was dead-lettered, until
+        that dead letter is requeued or cleared.
+      max_starts_per_second: None, or the most job starts per second (one per ``1/rate`` s).
+      budget_rule: ``"le"`` (``spent + reserved + estimate <= daily_budget`` admits a job)
+        or ``"lt"`` (``<``: reaching the budget is refused too).
 
     Raises:
       SpecError: a field is invalid.
@@ -667,6 +755,12 @@ def pool(
         durable=durable,
         now=now,
         job_shutdown=job_shutdown,
+        on_full=on_full,
+        on_duplicate_key=on_duplicate_key,
+        on_circuit_open=on_circuit_open,
+        refuse_dead_keys=refuse_dead_keys,
+        max_starts_per_second=max_starts_per_second,
+        budget_rule=budget_rule,
         restart=restart,
         shutdown=shutdown,
         significant=significant,

@@ -67,5 +67,5 @@ def jobs_of(handle: PoolHandle) -> Jobs:
     return Jobs(
         running=[_job_info(job) for job in pool.running.values()],
         queued=[_job_info(job, held if n == 0 else None) for n, (_, job) in enumerate(pool.queue)],
-        retrying=[_job_info(job) for _, _, job in sorted(pool.waiting, key=lambda w: (w[0], w[1]))],
+        retrying=[_job_info(job) for job in pool.waiting_jobs()],
     )

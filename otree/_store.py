@@ -22,15 +22,21 @@ __all__ = ["INTERRUPTIONS_TO_DEAD", "Store", "StoreError", "StoredJob"]
 
 INTERRUPTIONS_TO_DEAD = 3  # a job interrupted this often is probably what kills otree
 
+# columns added since the first schema: (table, column, declaration), added to older files at open
+_ADDED = (
+    ("jobs", "place", "INTEGER"),  # the place in the line a replacing job took over (NULL: its own id)
+    ("dead", "key", "TEXT"),  # the dead job's key (refuse_dead_keys)
+)
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
     id INTEGER PRIMARY KEY AUTOINCREMENT, kind TEXT NOT NULL, payload BLOB NOT NULL,
     priority INTEGER NOT NULL, estimate INTEGER NOT NULL, key TEXT, attempts INTEGER NOT NULL,
-    interruptions INTEGER NOT NULL, running INTEGER NOT NULL, submitted_at REAL NOT NULL);
+    interruptions INTEGER NOT NULL, running INTEGER NOT NULL, submitted_at REAL NOT NULL, place INTEGER);
 CREATE TABLE IF NOT EXISTS dead (
     id INTEGER PRIMARY KEY, kind TEXT NOT NULL, payload BLOB NOT NULL, priority INTEGER NOT NULL,
     estimate INTEGER NOT NULL, attempts INTEGER NOT NULL, error TEXT NOT NULL,
-    submitted_at REAL NOT NULL, failed_at REAL NOT NULL);
+    submitted_at REAL NOT NULL, failed_at REAL NOT NULL, key TEXT);
 CREATE TABLE IF NOT EXISTS ledger (day TEXT NOT NULL, job INTEGER NOT NULL, micros INTEGER NOT NULL);
 CREATE INDEX IF NOT EXISTS ledger_day ON ledger (day);
 """
@@ -49,6 +55,7 @@ class StoredJob(msgspec.Struct, frozen=True, kw_only=True):
     key: str | None
     attempts: int
     submitted_at: float
+    place: int
 
 
 class Store:
@@ -64,6 +71,9 @@ class Store:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(_SCHEMA)
+            for table, column, declaration in _ADDED:
+                if column not in {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}:
+                    self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
             self._db.execute("SELECT count(*) FROM jobs").fetchone()
         except (sqlite3.Error, OSError) as exc:
             raise StoreError(f"pool database {path}: {exc}") from exc
@@ -88,12 +98,23 @@ class Store:
             (),
         )
         rows = self._read(
-            "SELECT id, kind, payload, priority, estimate, key, attempts, submitted_at, interruptions "
-            "FROM jobs ORDER BY id"
+            "SELECT id, kind, payload, priority, estimate, key, attempts, submitted_at, interruptions, "
+            "coalesce(place, id) AS place FROM jobs ORDER BY place, id"
         )
         queued: list[StoredJob] = []
         doomed: list[StoredJob] = []
-        for job_id, kind, payload, priority, estimate, key, attempts, submitted_at, interruptions in rows:
+        for (
+            job_id,
+            kind,
+            payload,
+            priority,
+            estimate,
+            key,
+            attempts,
+            submitted_at,
+            interruptions,
+            place,
+        ) in rows:
             job = StoredJob(
                 id=job_id,
                 kind=kind,
@@ -103,6 +124,7 @@ class Store:
                 key=key,
                 attempts=attempts,
                 submitted_at=submitted_at,
+                place=place,
             )
             (doomed if interruptions >= INTERRUPTIONS_TO_DEAD else queued).append(job)
         return queued, doomed
@@ -124,7 +146,7 @@ class Store:
 
     def dead_letters(self) -> list[tuple[Any, ...]]:
         rows = self._read(
-            "SELECT id, kind, payload, priority, estimate, attempts, error, submitted_at, failed_at "
+            "SELECT id, kind, payload, priority, estimate, attempts, error, submitted_at, failed_at, key "
             "FROM dead ORDER BY id"
         )
         return [(str(r[0]), r[1], self._decode(r[2]), r[3], r[4] / 1e6, *r[5:]) for r in rows]
@@ -136,6 +158,19 @@ class Store:
             "INSERT INTO jobs (kind, payload, priority, estimate, key, attempts, interruptions, running, "
             "submitted_at) VALUES (?, ?, ?, ?, ?, 0, 0, 0, ?)",
             (kind, payload, priority, estimate, key, at),
+        )
+
+    def replace(self, job: int, kind: str, payload: bytes, *, estimate: int, at: float) -> int:
+        """A new job takes ``job``'s place (its priority, key and place in the line) with a new
+        payload, and ``job`` is deleted: one transaction, so a crash keeps one of the two."""
+        return self._transaction(
+            (
+                "INSERT INTO jobs (kind, payload, priority, estimate, key, attempts, interruptions, running, "
+                "submitted_at, place) SELECT ?, ?, priority, ?, key, 0, 0, 0, ?, coalesce(place, id) "
+                "FROM jobs WHERE id = ?",
+                (kind, payload, estimate, at, job),
+            ),
+            ("DELETE FROM jobs WHERE id = ?", (job,)),
         )
 
     def started(self, job: int) -> None:
@@ -157,21 +192,31 @@ class Store:
 
     def bury(self, job: int, error: str, at: float) -> None:
         """Move a job to the dead letters."""
+        self._transaction(
+            (
+                "INSERT INTO dead (id, kind, payload, priority, estimate, attempts, error, submitted_at, "
+                "failed_at, key) SELECT id, kind, payload, priority, estimate, attempts, ?, submitted_at, ?, "
+                "key FROM jobs WHERE id = ?",
+                (error, at, job),
+            ),
+            ("DELETE FROM jobs WHERE id = ?", (job,)),
+        )
+
+    def _transaction(self, first: tuple[str, tuple[Any, ...]], *more: tuple[str, tuple[Any, ...]]) -> int:
+        """Run the statements in one transaction; the row id the first one inserted."""
         try:
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                self._db.execute(
-                    "INSERT INTO dead SELECT id, kind, payload, priority, estimate, attempts, ?, "
-                    "submitted_at, ? FROM jobs WHERE id = ?",
-                    (error, at, job),
-                )
-                self._db.execute("DELETE FROM jobs WHERE id = ?", (job,))
+                row = self._db.execute(*first).lastrowid or 0
+                for statement in more:
+                    self._db.execute(*statement)
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
             self._db.execute("COMMIT")
         except sqlite3.Error as exc:
             raise StoreError(f"pool database {self.path}: {exc}") from exc
+        return row
 
     def unbury(self, job: int) -> None:
         self._write("DELETE FROM dead WHERE id = ?", (job,))

@@ -983,13 +983,14 @@ class PoolHandle(_Handle):
         return list(self._pool().dead.values())
 
     async def requeue(self, dead_letter_id: str) -> Job:
-        """Queue a dead letter again."""
-        try:
-            job = self._pool().requeue(dead_letter_id)
-        except KeyError:
-            raise NotFound(self.path, dead_letter_id, list(self._pool().dead), what="dead letter") from None
+        """Queue a dead letter again (``NotFound`` if there is no such letter)."""
+        job = self._pool().requeue(dead_letter_id)
         await trio.lowlevel.checkpoint()
         return job
+
+    def clear_dead_letter(self, dead_letter_id: str) -> DeadLetter:
+        """Remove a dead letter for good, freeing its key (``NotFound`` if there is no such letter)."""
+        return self._pool().clear_dead_letter(dead_letter_id)
 
     def queued(self) -> list[Job]:
         """Waiting jobs in the order they would start."""

@@ -15,6 +15,7 @@ from otree._budget import (
     LEDGER_MAX,
     MAX_USD,
     Budget,
+    BudgetRule,
     budget_day,
     local_zone,
     seconds_until_midnight,
@@ -31,19 +32,26 @@ DAY = dt.date(2026, 11, 22)
     limit=st.integers(1, 10_000),
     jobs=st.lists(st.tuples(st.integers(0, 3000), st.integers(0, 3000)), max_size=60),
     order=st.randoms(use_true_random=False),
+    rule=st.sampled_from(["le", "lt"]),
 )
-def test_budget_reservations_never_start_jobs_beyond_the_limit(limit: int, jobs: list, order) -> None:  # type: ignore[no-untyped-def,type-arg]
+def test_budget_reservations_never_start_jobs_beyond_the_limit(limit: int, jobs: list, order, rule) -> None:  # type: ignore[no-untyped-def,type-arg]
     """Start what the gate admits, end jobs in random order: what is started never exceeds the budget
-    on the estimates, and spend exceeds it only through jobs that overspent their estimate."""
-    budget = Budget(limit / 1000)
+    on the estimates (never reaches it under the rule "lt"), and spend exceeds it only through
+    jobs that overspent their estimate."""
+    budget = Budget(limit / 1000, rule=rule)
     budget.roll(DAY)
     running: dict[int, tuple[int, int]] = {}
     for key, (estimate, actual) in enumerate(jobs):
         estimate_m, actual_m = estimate * 1000, actual * 1000
+        total = budget.spent + budget.reserved + estimate_m
+        assert budget.can_start(estimate_m) == (
+            budget.spent < budget.limit and (total < budget.limit if rule == "lt" else total <= budget.limit)  # type: ignore[operator]
+        )
         if budget.can_start(estimate_m):
             budget.reserve(key, estimate_m)
             running[key] = (estimate_m, actual_m)
-            assert budget.spent + budget.reserved <= budget.limit  # type: ignore[operator]
+            committed = budget.spent + budget.reserved
+            assert committed < budget.limit if rule == "lt" else committed <= budget.limit  # type: ignore[operator]
         if running and order.random() < 0.5:
             done = order.choice(sorted(running))
             before = budget.spent
@@ -61,7 +69,26 @@ def test_budget_start_rule_allows_equal_and_refuses_after_overspend() -> None:
     assert budget.can_start(to_micros(0.4))
     assert budget.settle("a", to_micros(1.2)) == ["warning", "exhausted"]  # spent more than estimated
     assert not budget.can_start(0)  # spent >= budget: nothing starts today
-    assert not budget.admits(0)
+
+
+def test_budget_rule_lt_refuses_a_job_that_would_reach_the_budget() -> None:
+    budget = Budget(1.0, rule="lt")
+    budget.roll(DAY)
+    assert not budget.can_start(to_micros(1.0))  # reaching the budget is refused
+    assert budget.can_start(to_micros(1.0) - 1)
+    budget.reserve("a", to_micros(0.6))
+    assert not budget.can_start(to_micros(0.4))  # 0.6 + 0.4 == 1.0
+    assert budget.can_start(to_micros(0.4) - 1)
+    assert budget.shortfall(to_micros(0.4)) == (
+        "needs $0.40, $0.40 left ($0.60 reserved by running jobs), "
+        "and budget_rule 'lt' keeps the total below it"
+    )
+    assert (
+        budget.shortfall(to_micros(1.0))
+        == "needs $1.00, the whole daily budget, and budget_rule 'lt' keeps the total below it"
+    )
+    budget.rule = "le"
+    assert budget.can_start(to_micros(0.4))
 
 
 def test_budget_warns_once_a_day_and_resets_at_the_next_day() -> None:
@@ -77,7 +104,7 @@ def test_budget_warns_once_a_day_and_resets_at_the_next_day() -> None:
 def test_budget_without_a_limit_admits_everything() -> None:
     budget = Budget(None)
     budget.roll(DAY)
-    assert budget.can_start(10**12) and budget.admits(10**12)
+    assert budget.can_start(10**12)
     assert budget.settle("a", 10**12) == []
 
 
@@ -224,13 +251,15 @@ micros = st.integers(0, to_micros(MAX_USD))
             st.tuples(st.just("report"), st.one_of(micros, st.integers(0, 2**80))),
         ),
         max_size=24,
-    )
+    ),
+    rule=st.sampled_from(["le", "lt"]),
 )
-def test_budget_arithmetic_at_the_bound_fits_the_ledger(ops: list[tuple[str, int]]) -> None:
+def test_budget_arithmetic_at_the_bound_fits_the_ledger(ops: list[tuple[str, int]], rule: BudgetRule) -> None:
     """A budget of MAX_USD, estimates up to it, reported spend of any size: what starts never
-    passes the budget on its estimates, an estimate of exactly what is left starts, the day's
+    passes the budget on its estimates (nor reaches it under "lt"), an estimate of exactly what
+    is left starts under "le" and not under "lt" (where a micro-dollar less does), the day's
     spend saturates at LEDGER_MAX, and the SQLite ledger holds it and sums to the same."""
-    budget = Budget(MAX_USD)
+    budget = Budget(MAX_USD, rule=rule)
     budget.roll(DAY)
     limit = to_micros(MAX_USD)
     reported: list[int] = []
@@ -249,10 +278,14 @@ def test_budget_arithmetic_at_the_bound_fits_the_ledger(ops: list[tuple[str, int
                     estimate = limit - budget.spent - budget.reserved
                     if budget.spent >= limit or estimate < 0:  # nothing is left (an overspend)
                         continue
-                    assert budget.can_start(estimate) and budget.admits(estimate)
+                    assert budget.can_start(estimate) == (rule == "le")
+                    if rule == "lt" and estimate:
+                        estimate -= 1
+                        assert budget.can_start(estimate)
                 if budget.can_start(estimate):
                     budget.reserve(key, estimate)
-                    assert budget.spent + budget.reserved <= limit
+                    committed = budget.spent + budget.reserved
+                    assert committed < limit if rule == "lt" else committed <= limit
             assert budget.reserved >= 0
             assert budget.spent == store.spent(str(DAY)) == min(LEDGER_MAX, sum(reported))
         finally:

@@ -30,6 +30,8 @@ ERRORS = [
     otree.RestartIntensityExceeded,
     otree.QueueFull,
     otree.BudgetExceeded,
+    otree.CircuitOpen,
+    otree.DeadLettered,
     otree.JobFailed,
 ]
 
@@ -138,6 +140,15 @@ def test_only_restart_intensity_exceeded_subclasses_supervisor_failed() -> None:
     others = [cls for cls in ERRORS if cls not in (otree.SupervisorFailed, otree.RestartIntensityExceeded)]
     for cls in others:
         assert not issubclass(cls, otree.SupervisorFailed), cls
+
+
+def test_the_pool_policy_refusals_name_the_pool_and_why() -> None:
+    assert str(otree.CircuitOpen("app/jobs", 3.21)) == "app/jobs: circuit open, half-open in 3.2 s"
+    error = otree.DeadLettered("app/jobs", "order-7", "12")
+    assert (error.path, error.key, error.dead_letter_id) == ("app/jobs", "order-7", "12")
+    assert str(error) == (
+        "app/jobs: key 'order-7' is dead-lettered (dead letter 12); requeue or clear it first"
+    )
 
 
 def test_shutdown_is_not_an_otree_error() -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Awaitable, Callable, Sequence
 from itertools import accumulate
+from typing import Any
 
 import pytest
 import trio
@@ -285,9 +286,8 @@ def test_supervisor_gives_up_at_the_brute_force_crash_index(
 ################################################################
 
 
-async def test_backoff_delays_restarts_and_counts_them_when_decided(
-    autojump_clock: trio.testing.MockClock,
-) -> None:
+async def restart_times(backoff: otree.Backoff, max_restarts: int, max_seconds: float) -> list[float]:
+    """When a child that crashes at once started, from the tree's start until its supervisor gave up."""
     starts: list[float] = []
 
     async def crash_at_once() -> None:
@@ -297,18 +297,41 @@ async def test_backoff_delays_restarts_and_counts_them_when_decided(
     spec = otree.supervisor(
         "root",
         children=[otree.task("worker", crash_at_once)],
-        max_restarts=3,
-        max_seconds=100.0,
-        backoff=otree.Backoff(initial=1.0, maximum=3.0, factor=2.0, jitter=0.0),
+        max_restarts=max_restarts,
+        max_seconds=max_seconds,
+        backoff=backoff,
     )
     base = trio.current_time()
     with pytest.raises(otree.RestartIntensityExceeded):
         async with otree.open_supervisor(spec):
             await trio.sleep_forever()
+    return [t - base for t in starts]
+
+
+async def test_backoff_delays_restarts_and_counts_them_when_decided(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    base = trio.current_time()
+    backoff = otree.Backoff(initial=1.0, maximum=3.0, factor=2.0, jitter=0.0)
     # Restarts decided at 0, 1, 3 (counted at once), started after 1, 2, 3 s;
     # the fourth restart, decided at 6, exceeds 3 in 100 s.
-    assert [t - base for t in starts] == [0.0, 1.0, 3.0, 6.0]
+    assert await restart_times(backoff, max_restarts=3, max_seconds=100.0) == [0.0, 1.0, 3.0, 6.0]
     assert trio.current_time() - base == 6.0
+
+
+@pytest.mark.parametrize(
+    ("backoff", "expected"),
+    [
+        (otree.Backoff.schedule([0, 5, 20]), [0.0, 0.0, 5.0, 25.0, 45.0]),
+        (otree.Backoff(initial=1.0, factor=1, step=2.0, maximum=4.0, jitter=0.0), [0.0, 1.0, 4.0, 8.0, 12.0]),
+    ],
+    ids=["schedule", "linear"],
+)
+async def test_a_supervisor_restarts_on_an_explicit_schedule_and_a_linear_backoff(
+    autojump_clock: trio.testing.MockClock, backoff: otree.Backoff, expected: list[float]
+) -> None:
+    """``Backoff.schedule`` and a linear ``Backoff`` on a supervisor, as on a pool."""
+    assert await restart_times(backoff, max_restarts=4, max_seconds=1000.0) == expected
 
 
 ################################################################
@@ -397,3 +420,90 @@ def test_backoff_delay_huge_product_without_pow_overflow_is_capped() -> None:
 @pytest.mark.parametrize("attempt", [1_025, 10**6])
 def test_backoff_delay_zero_initial_stays_zero_for_huge_attempt(attempt: int) -> None:
     assert delay(attempt, initial=0.0) == 0.0
+
+
+@settings(max_examples=200)
+@given(
+    delays=st.lists(st.floats(0.0, 1e6), min_size=1, max_size=8),
+    attempt=st.integers(1, 10**6),
+)
+def test_backoff_schedule_is_the_nth_delay_then_the_last_repeated(delays: list[float], attempt: int) -> None:
+    got = backoff_delay(
+        attempt, initial=0.1, maximum=30.0, factor=2.0, jitter=0.0, unit=0.5, delays=tuple(delays)
+    )
+    assert got == delays[min(attempt, len(delays)) - 1]
+
+
+@given(delays=st.lists(st.floats(0.0, 1e6), min_size=1, max_size=8))
+def test_backoff_schedule_is_monotone_when_its_delays_are(delays: list[float]) -> None:
+    schedule = tuple(sorted(delays))
+    got = [
+        backoff_delay(n, initial=0, maximum=0, factor=1, jitter=0.0, unit=0.0, delays=schedule)
+        for n in range(1, len(schedule) + 3)
+    ]
+    assert got == sorted(got)
+    assert got[-1] == got[-2] == schedule[-1]
+
+
+@given(
+    initial=st.floats(0.0, 100.0),
+    step=st.floats(0.0, 100.0),
+    maximum=st.floats(0.0, 1e4),
+    attempts=st.lists(st.integers(1, 10**9), min_size=2, max_size=10),
+)
+def test_linear_backoff_grows_by_step_is_monotone_and_capped(
+    initial: float, step: float, maximum: float, attempts: list[int]
+) -> None:
+    def linear(n: int) -> float:
+        return backoff_delay(n, initial=initial, maximum=maximum, factor=1.0, jitter=0.0, unit=0.9, step=step)
+
+    for n in attempts:
+        assert linear(n) == pytest.approx(min(maximum, initial + step * (n - 1)))
+        assert 0.0 <= linear(n) <= maximum
+    ordered = sorted(attempts)
+    assert [linear(n) for n in ordered] == sorted(linear(n) for n in ordered)
+
+
+@given(
+    initial=st.floats(1e-6, 100.0),
+    maximum=st.floats(0.0, 1e4),
+    factor=st.floats(1.0, 10.0),
+    attempts=st.lists(st.integers(1, 5000), min_size=2, max_size=10),
+)
+def test_exponential_backoff_is_monotone_and_capped(
+    initial: float, maximum: float, factor: float, attempts: list[int]
+) -> None:
+    ordered = sorted(attempts)
+    got = [delay(n, initial=initial, maximum=maximum, factor=factor) for n in ordered]
+    assert got == sorted(got)
+    assert all(0.0 <= d <= maximum for d in got)
+
+
+@given(
+    attempt=st.integers(1, 100),
+    jitter=st.floats(0.0, 1.0),
+    unit=st.floats(0.0, 1.0, exclude_max=True),
+    step=st.sampled_from([0.0, 0.7]),
+)
+def test_backoff_down_jitter_stays_between_its_fraction_and_the_base(
+    attempt: int, jitter: float, unit: float, step: float
+) -> None:
+    """``jitter_mode="down"`` never waits longer than the base delay (nor the maximum), and no
+    less than ``1 - jitter`` of it: with ``jitter=0.5``, between half and the full delay."""
+    factor = 1.0 if step else 2.0
+    base = backoff_delay(attempt, initial=0.1, maximum=30.0, factor=factor, jitter=0.0, unit=unit, step=step)
+    got = backoff_delay(
+        attempt, initial=0.1, maximum=30.0, factor=factor, jitter=jitter, unit=unit, step=step, mode="down"
+    )
+    assert base * (1 - jitter) - 1e-9 <= got <= base <= 30.0
+    half = backoff_delay(
+        attempt, initial=0.1, maximum=30.0, factor=factor, jitter=0.5, unit=unit, step=step, mode="down"
+    )
+    assert base / 2 - 1e-9 <= half <= base
+
+
+def test_backoff_down_jitter_draw_ends() -> None:
+    kwargs: dict[str, Any] = dict(initial=1.0, maximum=30.0, factor=2.0, jitter=0.5, mode="down")
+    assert backoff_delay(3, unit=0.0, **kwargs) == 4.0  # the full delay
+    assert backoff_delay(3, unit=math.nextafter(1.0, 0.0), **kwargs) == pytest.approx(2.0)  # half of it
+    assert otree.Backoff(initial=1.0, jitter=0.5, jitter_mode="down").delay(3, 0.5) == 3.0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 import trio
@@ -861,3 +861,431 @@ async def test_a_job_that_finishes_while_its_pool_stops_is_done_not_run_again(
         status = pool_of(sup).status()
         assert status.queued + status.retrying + status.running == 0
     assert runs == [1]  # not run again after the restart
+
+
+# --- queue policies --------------------------------------------------------------------------------
+
+
+async def test_drop_oldest_drops_the_job_that_waited_longest_never_a_running_one(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A full queue under ``on_full="drop_oldest"`` drops the jobs submitted first that are still
+    waiting (a retry waiting out its backoff included), whatever their priority; submit raises
+    nothing; the running job is left alone."""
+    recorder = Recorder()
+    backoff = otree.Backoff(initial=50.0, jitter=0.0)
+    tree = tree_of(recorder, max_queue=3, on_full="drop_oldest", max_attempts=2, backoff=backoff)
+    async with otree.open_supervisor(tree) as sup:
+        pool = pool_of(sup)
+        stream = pool.events()
+        retrying = pool.submit_nowait("work", {"n": 0, "fail": True, "sleep": 0}, priority=9)
+        await trio.sleep(0.5)  # it failed: it waits out its backoff until t=50
+        running = pool.submit_nowait("work", {"n": 1, "sleep": 100})
+        await trio.testing.wait_all_tasks_blocked()
+        queued = [pool.submit_nowait("work", {"n": n}) for n in (2, 3)]
+        assert (retrying.state, running.state) == ("waiting", "running")
+        newer = [pool.submit_nowait("work", {"n": 4}, priority=5), await pool.submit("work", {"n": 5})]
+        assert retrying.state == queued[0].state == "dropped"
+        assert [job.id for job in pool.queued()] == [newer[0].id, queued[1].id, newer[1].id]
+        status = pool.status()
+        assert (status.queued, status.retrying, status.running) == (3, 0, 1)
+        for job in (retrying, queued[0]):
+            with pytest.raises(otree.JobFailed, match=f"job {job.id}: dropped: queue_full"):
+                await job.result()
+        assert [await job.result() for job in (running, queued[1], *newer)] == [10, 30, 40, 50]
+        dropped = [e async for e in _until(stream, "job.finished") if e.kind == "job.dropped"]
+    assert trio.current_time() > 50  # the dropped retry's time came and went: it did not run again
+    assert recorder.started == [0, 1, 4, 3, 5]
+    assert [(e.path, e.reason, e.details) for e in dropped] == [
+        (f"root/jobs/{retrying.id}", "queue_full", {"job_kind": "work", "state": "waiting"}),
+        (f"root/jobs/{queued[0].id}", "queue_full", {"job_kind": "work", "state": "queued"}),
+    ]
+
+
+async def test_drop_oldest_refuses_nothing_else_and_drops_nothing_for_a_refused_submission(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    recorder = Recorder()
+
+    def spec(on_full: Literal["reject", "drop_oldest"]) -> otree.PoolSpec:
+        return otree.pool(
+            "jobs", {"work": recorder.work}, max_queue=1, on_full=on_full, daily_budget=1.0, now=clock
+        )
+
+    async with otree.open_supervisor(otree.supervisor("root", children=[spec("drop_oldest")])) as sup:
+        pool = pool_of(sup)
+        running = pool.submit_nowait("work", {"n": 0, "sleep": 10})
+        await trio.testing.wait_all_tasks_blocked()
+        waiting = pool.submit_nowait("work", {"n": 1})
+        with pytest.raises(otree.BudgetExceeded):
+            pool.submit_nowait("work", {"n": 2}, estimated_cost=2.0)
+        assert (running.state, waiting.state) == ("running", "queued")  # the refused one made no room
+        pool._pool().reconfigure(spec("reject"))  # a reload: a full queue refuses again
+        with pytest.raises(otree.QueueFull):
+            pool.submit_nowait("work", {"n": 3})
+        assert waiting.state == "queued"
+        pool._pool().reconfigure(spec("drop_oldest"))  # and back: the jobs queued meanwhile are known
+        newest = pool.submit_nowait("work", {"n": 4})
+        assert (waiting.state, newest.state) == ("dropped", "queued")
+        assert await newest.result() == 40
+
+
+async def test_drop_oldest_in_a_durable_pool_removes_the_dropped_job_from_the_store(tmp_path: Any) -> None:
+    async def idle(payload: Any) -> None:
+        await trio.sleep_forever()
+
+    def tree() -> otree.SupervisorSpec:
+        pool = otree.pool("jobs", {"w": idle}, max_queue=2, on_full="drop_oldest", durable=True)
+        return otree.supervisor("root", children=[pool])
+
+    async with otree.open_supervisor(tree(), state_dir=tmp_path) as sup:
+        pool = pool_of(sup)
+        jobs = [pool.submit_nowait("w", 0)]
+        await trio.testing.wait_all_tasks_blocked()
+        jobs += [pool.submit_nowait("w", n) for n in range(1, 4)]  # 0 runs; 1 is dropped for 3
+        assert [job.state for job in jobs] == ["running", "dropped", "queued", "queued"]
+    async with otree.open_supervisor(tree(), state_dir=tmp_path) as sup:
+        pool = pool_of(sup)
+        await trio.testing.wait_all_tasks_blocked()
+        assert [info.id for info in pool.which_children()] == [jobs[0].id]  # interrupted: runs again
+        assert [job.payload for job in pool.queued()] == [2, 3]
+
+
+async def test_replace_gives_a_queued_jobs_place_to_the_new_payload(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """``on_duplicate_key="replace"``: the queued job's handle is dropped (reason ``replaced``);
+    the new submission is a new job, with its own id and payload, in the old one's place and
+    priority class."""
+    recorder = Recorder()
+    tree = tree_of(recorder, on_duplicate_key="replace")
+    async with otree.open_supervisor(tree) as sup:
+        pool = pool_of(sup)
+        stream = pool.events()
+        pool.submit_nowait("work", {"n": 0, "sleep": 10})
+        await trio.testing.wait_all_tasks_blocked()
+        old = pool.submit_nowait("work", {"n": 1}, key="k")
+        behind = pool.submit_nowait("work", {"n": 2})
+        new = pool.submit_nowait("work", {"n": 3}, key="k", priority=7)
+        assert (new.id, new.key, new.priority, new.state) == ("4", "k", 0, "queued")
+        assert [job.id for job in pool.queued()] == [new.id, behind.id]
+        assert pool.submit_nowait("work", {"n": 3}, key="k") is not new  # each submission replaces
+        newest = pool.queued()[0]
+        with pytest.raises(otree.JobFailed, match=f"job {old.id}: dropped: replaced"):
+            await old.result()
+        assert await newest.result() == 30
+        assert await behind.result() == 20
+        events = [e async for e in _until(stream, "job.finished") if e.kind in ("job.dropped", "job.queued")]
+    assert recorder.started == [0, 3, 2]
+
+    def replaced(old: otree.Job, new: otree.Job) -> list[tuple[str, str, str, dict[str, Any]]]:
+        return [
+            (
+                "job.dropped",
+                f"root/jobs/{old.id}",
+                "replaced",
+                {"job_kind": "work", "state": "queued", "replaced_by": new.id},
+            ),
+            (
+                "job.queued",
+                f"root/jobs/{new.id}",
+                "replacing",
+                {"job_kind": "work", "priority": 0, "replaces": old.id},
+            ),
+        ]
+
+    assert [(e.kind, e.path, e.reason, e.details) for e in events[3:]] == replaced(old, new) + replaced(
+        new, newest
+    )
+
+
+async def test_replace_leaves_a_running_job_alone_and_queues_behind_it(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    recorder = Recorder()
+    async with otree.open_supervisor(tree_of(recorder, on_duplicate_key="replace")) as sup:
+        pool = pool_of(sup)
+        running = pool.submit_nowait("work", {"n": 1, "sleep": 5}, key="k")
+        await trio.testing.wait_all_tasks_blocked()
+        behind = pool.submit_nowait("work", {"n": 2}, key="k")
+        assert (running.state, behind.state) == ("running", "queued")
+        last = pool.submit_nowait("work", {"n": 3}, key="k")  # replaces the queued one, not the running one
+        assert behind.state == "dropped" and running.state == "running"
+        assert [await running.result(), await last.result()] == [10, 30]
+    assert recorder.started == [1, 3]
+
+
+async def test_replace_of_a_job_waiting_for_its_retry_takes_its_retry_time(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    recorder = Recorder()
+    backoff = otree.Backoff(initial=10.0, jitter=0.0)
+    tree = tree_of(recorder, on_duplicate_key="replace", max_attempts=3, backoff=backoff)
+    async with otree.open_supervisor(tree) as sup:
+        pool = pool_of(sup)
+        failing = pool.submit_nowait("work", {"n": 1, "fail": True, "sleep": 0}, key="k")
+        await trio.sleep(1)
+        assert failing.state == "waiting"
+        fixed = pool.submit_nowait("work", {"n": 2, "sleep": 0}, key="k")
+        assert (fixed.state, fixed.attempts) == ("waiting", 0)
+        assert (pool.status().queued, pool.status().retrying) == (0, 1)
+        assert await fixed.result() == 20
+        assert trio.current_time() == pytest.approx(10.0)  # when the replaced retry was due
+        assert fixed.attempts == 1
+        with pytest.raises(otree.JobFailed, match="dropped: replaced"):
+            await failing.result()
+    assert recorder.started == [1, 2]
+
+
+async def test_a_durable_replacement_keeps_its_place_across_a_restart(tmp_path: Any) -> None:
+    async def idle(payload: Any) -> None:
+        await trio.sleep_forever()
+
+    def tree() -> otree.SupervisorSpec:
+        pool = otree.pool("jobs", {"w": idle}, on_duplicate_key="replace", durable=True)
+        return otree.supervisor("root", children=[pool])
+
+    async with otree.open_supervisor(tree(), state_dir=tmp_path) as sup:
+        pool = pool_of(sup)
+        pool.submit_nowait("w", "blocker")
+        await trio.testing.wait_all_tasks_blocked()
+        pool.submit_nowait("w", "first", key="k")
+        pool.submit_nowait("w", "second")
+        new = pool.submit_nowait("w", "first, again", key="k")
+        assert [job.payload for job in pool.queued()] == ["first, again", "second"]
+    async with otree.open_supervisor(tree(), state_dir=tmp_path) as sup:
+        pool = pool_of(sup)
+        await trio.testing.wait_all_tasks_blocked()
+        assert [(job.id, job.payload) for job in pool.queued()] == [(new.id, "first, again"), ("3", "second")]
+        assert pool.submit_nowait("w", "third", key="k").payload == "third"  # the key survived too
+        assert [job.payload for job in pool.queued()] == ["third", "second"]
+
+
+async def test_on_circuit_open_reject_refuses_submissions_while_the_circuit_is_open(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    recorder = Recorder()
+    breaker = otree.CircuitBreaker(failures=1, cooldown=30.0)
+    tree = tree_of(recorder, circuit_breaker=breaker, on_circuit_open="reject")
+    async with otree.open_supervisor(tree) as sup:
+        pool = pool_of(sup)
+        stream = pool.events()
+        with pytest.raises(otree.JobFailed):
+            await pool.submit_nowait("work", {"n": 0, "fail": True, "sleep": 0}).result()
+        await trio.sleep(10)
+        with pytest.raises(otree.CircuitOpen, match=r"root/jobs: circuit open, half-open in 20\.0 s") as info:
+            await pool.submit("work", {"n": 1})
+        assert info.value.half_open_in == pytest.approx(20.0)
+        assert pool.queued() == []
+        await trio.sleep(20)  # the cooldown is over: the next submission is the trial
+        trial = pool.submit_nowait("work", {"n": 2, "sleep": 5})
+        await trio.sleep(1)
+        assert pool.status().circuit == "half_open"
+        assert pool.submit_nowait("work", {"n": 3}).state == "queued"  # half-open: it waits for the trial
+        assert await trial.result() == 20
+        rejected = [e async for e in _until(stream, "circuit.closed") if e.kind == "job.rejected"]
+    assert [(e.path, e.reason, e.details) for e in rejected] == [
+        ("root/jobs", "circuit", {"job_kind": "work"})
+    ]
+
+
+async def test_refuse_dead_keys_refuses_a_dead_key_until_it_is_cleared_or_requeued(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    recorder = Recorder()
+    async with otree.open_supervisor(tree_of(recorder, refuse_dead_keys=True)) as sup:
+        pool = pool_of(sup)
+        stream = pool.events()
+        with pytest.raises(otree.JobFailed):
+            await pool.submit_nowait("work", {"n": 0, "fail": True, "sleep": 0}, key="order-7").result()
+        (letter,) = pool.dead_letters()
+        assert letter.key == "order-7"
+        with pytest.raises(
+            otree.DeadLettered, match=f"key 'order-7' is dead-lettered \\(dead letter {letter.id}\\)"
+        ):
+            pool.submit_nowait("work", {"n": 1}, key="order-7")
+        assert pool.submit_nowait("work", {"n": 2, "sleep": 0}, key="order-8").state == "queued"
+        assert pool.clear_dead_letter(letter.id) == letter
+        assert pool.dead_letters() == []
+        with pytest.raises(
+            otree.NotFound, match=f"root/jobs: no dead letter {letter.id} \\(dead letters: none\\)"
+        ):
+            pool.clear_dead_letter(letter.id)
+        with pytest.raises(otree.JobFailed):  # the key is free again: it dies again
+            await pool.submit_nowait("work", {"n": 3, "fail": True, "sleep": 0}, key="order-7").result()
+        (letter,) = pool.dead_letters()
+        with pytest.raises(otree.DeadLettered):
+            pool.submit_nowait("work", {"n": 4}, key="order-7")
+        await pool.requeue(letter.id)  # requeued without its key: the key is free again
+        assert await pool.submit_nowait("work", {"n": 5, "sleep": 0}, key="order-7").result() == 50
+        events = [
+            e
+            async for e in _until(stream, "job.finished")
+            if e.kind in ("job.rejected", "dead_letter.cleared")
+        ]
+    assert [(e.kind, e.reason, e.details) for e in events[:2]] == [
+        ("job.rejected", "dead_key", {"job_kind": "work", "dead_letter": "1"}),
+        ("dead_letter.cleared", "", {"job_kind": "work"}),
+    ]
+    assert events[1].path == "root/jobs/1"
+
+
+async def test_without_refuse_dead_keys_a_dead_key_is_accepted(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    recorder = Recorder()
+    async with otree.open_supervisor(tree_of(recorder)) as sup:
+        pool = pool_of(sup)
+        with pytest.raises(otree.JobFailed):
+            await pool.submit_nowait("work", {"n": 0, "fail": True, "sleep": 0}, key="k").result()
+        assert await pool.submit_nowait("work", {"n": 1, "sleep": 0}, key="k").result() == 10
+
+
+async def test_a_durable_pool_refuses_a_dead_key_after_a_restart(tmp_path: Any) -> None:
+    async def fails(payload: Any) -> None:
+        raise RuntimeError("poison")
+
+    def tree() -> otree.SupervisorSpec:
+        pool = otree.pool("jobs", {"f": fails}, refuse_dead_keys=True, durable=True)
+        return otree.supervisor("root", children=[pool])
+
+    async with otree.open_supervisor(tree(), state_dir=tmp_path) as sup:
+        with pytest.raises(otree.JobFailed):
+            await pool_of(sup).submit_nowait("f", key="poison-1").result()
+    async with otree.open_supervisor(tree(), state_dir=tmp_path) as sup:
+        pool = pool_of(sup)
+        assert [letter.key for letter in pool.dead_letters()] == ["poison-1"]
+        with pytest.raises(otree.DeadLettered):
+            pool.submit_nowait("f", key="poison-1")
+        pool.clear_dead_letter("1")
+    async with otree.open_supervisor(tree(), state_dir=tmp_path) as sup:
+        pool = pool_of(sup)
+        assert pool.dead_letters() == []  # cleared for good
+        assert pool.submit_nowait("f", key="poison-1").key == "poison-1"
+
+
+async def test_max_starts_per_second_spaces_the_starts_one_per_tick(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    starts: list[float] = []
+
+    async def note(payload: Any) -> None:
+        starts.append(trio.current_time())
+
+    spec = otree.pool("jobs", {"n": note}, max_concurrency=10, max_starts_per_second=2)
+    async with otree.open_supervisor(otree.supervisor("root", children=[spec])) as sup:
+        pool = pool_of(sup)
+        t0 = trio.current_time()
+        jobs = [pool.submit_nowait("n", n) for n in range(5)]
+        for job in jobs:
+            await job.result()
+        await trio.sleep(10)  # the bucket refills, but holds one token: no burst after a pause
+        more = [pool.submit_nowait("n", n) for n in range(2)]
+        for job in more:
+            await job.result()
+    assert [round(t - t0, 6) for t in starts] == [0.0, 0.5, 1.0, 1.5, 2.0, 12.0, 12.5]
+
+
+async def test_budget_rule_lt_refuses_an_estimate_that_would_reach_the_budget(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    recorder = Recorder()
+    async with otree.open_supervisor(tree_of(recorder, daily_budget=1.0, budget_rule="lt")) as sup:
+        pool = pool_of(sup)
+        with pytest.raises(otree.BudgetExceeded):
+            pool.submit_nowait("work", {"n": 0}, estimated_cost=1.0)
+        assert await pool.submit_nowait("work", {"n": 1, "sleep": 0}, estimated_cost=0.99).result() == 10
+    async with otree.open_supervisor(tree_of(recorder, daily_budget=1.0)) as sup:  # "le": equal is allowed
+        assert (
+            await pool_of(sup).submit_nowait("work", {"n": 2, "sleep": 0}, estimated_cost=1.0).result() == 20
+        )
+
+
+async def test_a_pool_retries_on_an_explicit_backoff_schedule(autojump_clock: trio.testing.MockClock) -> None:
+    recorder = Recorder()
+    tree = tree_of(recorder, max_attempts=5, backoff=otree.Backoff.schedule([0, 30, 120]))
+    async with otree.open_supervisor(tree) as sup:
+        pool = pool_of(sup)
+        stream = pool.events()
+        with pytest.raises(otree.JobFailed, match="dead-lettered after 5 attempts"):
+            await pool.submit_nowait("work", {"n": 0, "fail": True, "sleep": 0}).result()
+        delays = [
+            e.details["delay"] async for e in _until(stream, "job.dead_lettered") if e.kind == "job.retried"
+        ]
+    assert delays == [0, 30, 120, 120]
+    assert trio.current_time() == pytest.approx(270)
+
+
+def test_otree_submit_refused_by_a_queue_policy_is_one_line_and_exit_4(tmp_path: Any) -> None:
+    """``CircuitOpen`` and ``DeadLettered`` through ``otree run``'s control socket: one
+    ``otree: ...`` line each, exit 4."""
+    from .otree_subprocess import is_text_event, otree_process, run_otree, write_tree
+
+    file = write_tree(
+        tmp_path,
+        "import otree\n\n\nasync def fail(payload):\n    raise RuntimeError('nope')\n\n\n"
+        "tree = otree.supervisor('fleet', children=[otree.pool('jobs', {'fail': fail}, "
+        "circuit_breaker=otree.CircuitBreaker(failures=1, cooldown=600), on_circuit_open='reject', "
+        "refuse_dead_keys=True)])\n",
+    )
+    with otree_process(["run", str(file)], tmp_path) as tree:
+        tree.wait_for(is_text_event("fleet", "control.listening"))
+        assert run_otree(["submit", "jobs", "fail", "--key", "k"], tmp_path).returncode == 0
+        tree.wait_for(is_text_event("fleet/jobs", "circuit.opened"))
+        refused = run_otree(["submit", "jobs", "fail"], tmp_path)
+        assert refused.returncode == 4
+        assert refused.stderr.startswith("otree: fleet/jobs: circuit open, half-open in 59")
+        assert refused.stderr.count("\n") == 1
+        refused = run_otree(["submit", "jobs", "fail", "--key", "k"], tmp_path)
+        assert (refused.returncode, refused.stderr) == (
+            4,
+            "otree: fleet/jobs: key 'k' is dead-lettered (dead letter 1); requeue or clear it first\n",
+        )
+
+
+OLD_SCHEMA = """
+CREATE TABLE jobs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, kind TEXT NOT NULL, payload BLOB NOT NULL,
+    priority INTEGER NOT NULL, estimate INTEGER NOT NULL, key TEXT, attempts INTEGER NOT NULL,
+    interruptions INTEGER NOT NULL, running INTEGER NOT NULL, submitted_at REAL NOT NULL);
+CREATE TABLE dead (
+    id INTEGER PRIMARY KEY, kind TEXT NOT NULL, payload BLOB NOT NULL, priority INTEGER NOT NULL,
+    estimate INTEGER NOT NULL, attempts INTEGER NOT NULL, error TEXT NOT NULL,
+    submitted_at REAL NOT NULL, failed_at REAL NOT NULL);
+CREATE TABLE ledger (day TEXT NOT NULL, job INTEGER NOT NULL, micros INTEGER NOT NULL);
+INSERT INTO jobs VALUES (1, 'w', '"queued before"', 0, 0, 'k', 0, 0, 0, 1.0);
+INSERT INTO dead VALUES (2, 'w', '"died before"', 0, 0, 1, 'RuntimeError: no', 1.0, 2.0);
+"""
+
+
+async def test_a_pool_database_from_before_the_queue_policies_is_upgraded_at_open(tmp_path: Any) -> None:
+    """A database written before ``jobs.place`` and ``dead.key`` existed gets both columns: its
+    queued job and its dead letter come back, and replacing and burying work on it."""
+    import sqlite3
+
+    database = tmp_path / "pools" / "root" / "jobs.sqlite3"
+    database.parent.mkdir(parents=True)
+    with sqlite3.connect(database) as db:
+        db.executescript(OLD_SCHEMA)
+    gate = trio.Event()
+
+    async def work(payload: Any) -> Any:
+        await gate.wait()
+        if payload == "fail":
+            raise RuntimeError("no")
+        return payload
+
+    spec = otree.pool("jobs", {"w": work}, durable=True, on_duplicate_key="replace", max_concurrency=1)
+    async with otree.open_supervisor(otree.supervisor("root", children=[spec]), state_dir=tmp_path) as sup:
+        pool = pool_of(sup)
+        (letter,) = pool.dead_letters()
+        assert (letter.id, letter.payload, letter.key) == ("2", "died before", None)
+        await trio.testing.wait_all_tasks_blocked()
+        assert [info.id for info in pool.which_children()] == ["1"]
+        queued = pool.submit_nowait("w", "queued after", key="q")
+        replacement = pool.submit_nowait("w", "fail", key="q")
+        assert queued.state == "dropped" and replacement.state == "queued"
+        gate.set()
+        with pytest.raises(otree.JobFailed):
+            await replacement.result()
+        assert [letter.key for letter in pool.dead_letters()] == [None, "q"]

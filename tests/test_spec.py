@@ -480,6 +480,104 @@ def test_backoff_defaults_and_bounds() -> None:
     assert otree.Backoff(jitter=0).jitter == 0
 
 
+@pytest.mark.parametrize(("value", "shown"), [(-1, "-1"), (math.inf, "inf"), (math.nan, "nan"), ("2", "'2'")])
+def test_backoff_step_not_a_number(value: object, shown: str) -> None:
+    error = spec_error(otree.Backoff, factor=1, step=value)
+    assert str(error) == f"backoff: step must be a number >= 0; got {shown}"
+
+
+def test_backoff_step_needs_factor_one() -> None:
+    error = spec_error(otree.Backoff, step=5)
+    assert str(error) == "backoff: step must be 0 unless factor is 1 (a linear backoff); got 5"
+    assert otree.Backoff(initial=1, factor=1, step=5).step == 5
+
+
+def test_backoff_jitter_mode() -> None:
+    error = spec_error(otree.Backoff, jitter_mode="up")
+    assert str(error) == "backoff: jitter_mode must be one of 'symmetric', 'down'; got 'up'"
+    assert otree.Backoff().jitter_mode == "symmetric"
+
+
+@pytest.mark.parametrize(
+    ("delays", "shown"), [([1, -1], "[1, -1]"), ([math.inf], "[inf]"), ("30", "'30'"), ([None], "[None]")]
+)
+def test_backoff_schedule_bad_delays(delays: object, shown: str) -> None:
+    error = spec_error(otree.Backoff.schedule, delays)
+    assert str(error) == f"backoff: delays must be a list of seconds >= 0; got {shown}"
+
+
+def test_backoff_schedule_empty() -> None:
+    error = spec_error(otree.Backoff.schedule, [])
+    assert str(error) == "backoff: delays must be a non-empty list of seconds >= 0; got []"
+
+
+def test_backoff_schedule_is_described_by_its_first_and_largest_delay() -> None:
+    backoff = otree.Backoff.schedule([0, 120, 30], reset_after=10)
+    assert (backoff.delays, backoff.initial, backoff.maximum, backoff.factor, backoff.jitter) == (
+        (0, 120, 30),
+        0,
+        120,
+        1.0,
+        0.0,
+    )
+    assert backoff.reset_after == 10
+    # a schedule decides alone: the other growth fields are set to describe it
+    assert otree.Backoff(delays=[0, 120, 30], initial=5, jitter=0.0) == otree.Backoff.schedule([0, 120, 30])  # type: ignore[arg-type]
+    assert otree.pool("jobs", {"w": idle_job}, backoff=backoff).backoff is backoff
+
+
+async def idle_job(payload: object) -> None:
+    await trio.sleep_forever()
+
+
+# --- pool queue policies ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "rule"),
+    [
+        ("on_full", "x", "must be one of 'reject', 'drop_oldest'"),
+        ("on_duplicate_key", "merge", "must be one of 'keep', 'replace'"),
+        ("on_circuit_open", None, "must be one of 'hold', 'reject'"),
+        ("budget_rule", "<=", "must be one of 'le', 'lt'"),
+        ("refuse_dead_keys", 1, "must be True or False"),
+        ("max_starts_per_second", 0, "must be None or a number > 0"),
+        ("max_starts_per_second", math.inf, "must be None or a number > 0"),
+        ("max_starts_per_second", "5", "must be None or a number > 0"),
+        ("max_starts_per_second", True, "must be None or a number > 0"),
+    ],
+)
+def test_pool_queue_policy_errors(field: str, value: object, rule: str) -> None:
+    error = spec_error(otree.pool, "jobs", {"w": idle_job}, **{field: value})
+    assert str(error) == f"jobs: {field} {rule}; got {value!r}"
+    assert (error.path, error.field) == ("jobs", field)
+
+
+def test_pool_queue_policy_defaults_and_values() -> None:
+    spec = otree.pool("jobs", {"w": idle_job})
+    assert (
+        spec.on_full,
+        spec.on_duplicate_key,
+        spec.on_circuit_open,
+        spec.refuse_dead_keys,
+        spec.max_starts_per_second,
+        spec.budget_rule,
+    ) == ("reject", "keep", "hold", False, None, "le")
+    policies: dict[str, Any] = {
+        "on_full": "drop_oldest",
+        "on_duplicate_key": "replace",
+        "on_circuit_open": "reject",
+        "refuse_dead_keys": True,
+        "max_starts_per_second": 0.5,
+        "budget_rule": "lt",
+    }
+    spec = otree.pool("jobs", {"w": idle_job}, **policies)
+    assert {name: getattr(spec, name) for name in policies} == policies
+    assert spec == otree.PoolSpec(id="jobs", handlers={"w": idle_job}, **policies)
+    with pytest.raises(otree.SpecError, match="jobs: on_full must be one of"):
+        otree.PoolSpec(id="jobs", handlers={"w": idle_job}, on_full="drop_newest")  # type: ignore[arg-type]
+
+
 # --- specs by hand, frozen, defaults ------------------------------------------------
 
 
