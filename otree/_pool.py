@@ -126,7 +126,8 @@ class Job:
             raise JobFailed(self.id, "interrupted: the pool stopped; it runs again when the pool starts")
         if self.state == "dropped":
             raise JobFailed(self.id, f"dropped: {self.dropped}")
-        raise JobFailed(self.id, f"dead-lettered after {self.attempts} attempts") from self.error
+        tries = "1 attempt" if self.attempts == 1 else f"{self.attempts} attempts"
+        raise JobFailed(self.id, f"dead-lettered after {tries}") from self.error
 
     def cancel(self) -> None:
         """Remove a waiting job from the queue, or stop a running one; nothing for a finished job."""

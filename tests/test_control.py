@@ -677,7 +677,7 @@ def test_submit_wait_prints_the_result_of_a_job_longer_than_the_timeout(
 def test_submit_wait_of_a_dead_lettered_job_is_one_line_and_exit_6(tree: Tree) -> None:
     failed = run_otree(["submit", "jobs", "fail", "[1, 2]", "--wait"], tree.directory)
     assert (failed.returncode, failed.stdout) == (6, "")
-    assert failed.stderr == "otree: fleet/jobs: job 1: dead-lettered after 1 attempts: RuntimeError: nope\n"
+    assert failed.stderr == "otree: fleet/jobs: job 1: dead-lettered after 1 attempt: RuntimeError: nope\n"
 
 
 def test_submit_wait_when_the_tree_stops_says_the_job_is_kept(tree: Tree) -> None:
