@@ -53,9 +53,10 @@ def run_otree(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedPro
     )
 
 
-def follow_events(cwd: Path, *args: str) -> subprocess.Popen[str]:
-    """``otree events --follow --json ARGS``, running, its stdout and stderr piped."""
-    return subprocess.Popen(
+@contextmanager
+def follow_events(cwd: Path, *args: str) -> Iterator[subprocess.Popen[str]]:
+    """``otree events --follow --json ARGS``, running (stdout and stderr piped) until the block ends."""
+    follower = subprocess.Popen(
         [sys.executable, "-m", "otree", "events", "--follow", "--json", *args],
         cwd=cwd,
         env=subprocess_env(cwd),
@@ -64,6 +65,14 @@ def follow_events(cwd: Path, *args: str) -> subprocess.Popen[str]:
         stderr=subprocess.PIPE,
         text=True,
     )
+    try:
+        yield follower
+    finally:
+        follower.terminate()
+        follower.wait(timeout=DEADLINE)
+        for pipe in (follower.stdout, follower.stderr):
+            if pipe is not None:
+                pipe.close()
 
 
 class OtreeProcess:

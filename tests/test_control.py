@@ -304,8 +304,7 @@ def test_events_from_the_log(tree: Tree, capsys: pytest.CaptureFixture[str]) -> 
 
 
 def test_events_follow_has_no_gap_and_no_duplicate(tree: Tree, capsys: pytest.CaptureFixture[str]) -> None:
-    follower = follow_events(tree.directory)
-    try:
+    with follow_events(tree.directory) as follower:
         assert follower.stdout is not None
         history = []
         for line in follower.stdout:  # the history ends with control.listening; then it is live
@@ -322,12 +321,6 @@ def test_events_follow_has_no_gap_and_no_duplicate(tree: Tree, capsys: pytest.Ca
         seen = [(e["time"], e["path"], e["kind"]) for e in history + live]
         assert len(seen) == len(set(seen))
         assert [e["kind"] for e in history][:1] == ["child.started"]
-    finally:
-        follower.terminate()
-        follower.wait(timeout=DEADLINE)
-        for pipe in (follower.stdout, follower.stderr):
-            if pipe is not None:
-                pipe.close()
 
 
 # --- log level, stop-tree, lock, no tree --------------------------------------------------------
@@ -791,8 +784,7 @@ def test_waits_that_are_the_command_s_purpose_are_not_cut_by_the_timeout(tmp_pat
     file = write_tree(tmp_path, SLOW_STOP)
     with otree_process(["run", str(file)], tmp_path) as process:
         process.wait_for(is_text_event("slow", "control.listening"))
-        follower = follow_events(tmp_path, "--timeout", "0.5")
-        try:
+        with follow_events(tmp_path, "--timeout", "0.5") as follower:
             assert follower.stdout is not None
             for line in follower.stdout:  # the history ends with control.listening; then it is live
                 if json.loads(line)["kind"] == "control.listening":
@@ -807,12 +799,6 @@ def test_waits_that_are_the_command_s_purpose_are_not_cut_by_the_timeout(tmp_pat
                     assert (event["path"], event["details"]["by"]) == ("slow/deaf", "operator")
                     break
             assert follower.poll() is None
-        finally:
-            follower.terminate()
-            follower.wait(timeout=DEADLINE)
-            for pipe in (follower.stdout, follower.stderr):
-                if pipe is not None:
-                    pipe.close()
 
 
 # --- the client against a tree that is stuck or breaks the connection ---------------------------
