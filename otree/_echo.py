@@ -12,6 +12,7 @@ json``, which is read by programs rather than people.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Collection
 from typing import TextIO
@@ -79,6 +80,10 @@ class Repeats:
         run.held += 1
         return False
 
+    def tracking(self) -> bool:
+        """Whether any (path, kind, reason) is being watched (so summaries may fall due)."""
+        return bool(self._runs)
+
     def due(self, now: float, *, final: bool = False) -> list[Summary]:
         """The summaries whose window has ended (all that hold a count when ``final``), oldest key first."""
         summaries = []
@@ -103,6 +108,7 @@ class EventEcho(logging.StreamHandler[TextIO]):
         self.json = fmt == "json"
         self.clock = clock  # of the summaries' windows
         self._repeats = Repeats(() if self.json else REPEATED_KINDS, REPEAT_WINDOW)
+        self._idle: trio.Event | None = None  # set when the sleeping ticker has something to watch
 
     def set_level(self, name: str) -> None:
         """Set what the ``otree`` logger builds and this prints (``otree log-level``)."""
@@ -116,6 +122,8 @@ class EventEcho(logging.StreamHandler[TextIO]):
         event = getattr(record, "otree_event", None)
         if event is None or self._repeats.admit(event, self.clock()):
             super().emit(record)
+        if self._idle is not None and self._repeats.tracking():
+            self._idle.set()
 
     def format(self, record: logging.LogRecord) -> str:
         event = getattr(record, "otree_event", None)
@@ -137,9 +145,17 @@ class EventEcho(logging.StreamHandler[TextIO]):
             self.handle(logging.makeLogRecord({"msg": f"{line} in the last {summary.seconds:.0f}s"}))
 
     async def serve(self) -> None:
-        """Print the summaries as they fall due (for as long as the tree runs)."""
+        """Print the summaries as they fall due (for as long as the tree runs).
+
+        Ticks every ``_TICK`` seconds (on whole ticks of trio's clock) only while some
+        repeat is watched: a tree that prints no summarised kind is never woken by it.
+        """
         while True:
-            await trio.sleep(_TICK)
+            if not self._repeats.tracking():
+                self._idle = trio.Event()
+                await self._idle.wait()
+                self._idle = None
+            await trio.sleep_until((math.floor(trio.current_time() / _TICK) + 1) * _TICK)
             self._summarise()
 
     def close(self) -> None:

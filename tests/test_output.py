@@ -322,6 +322,31 @@ async def test_echo_summarises_a_flood_on_the_mock_clock(autojump_clock: trio.te
     ]
 
 
+async def test_echo_wakes_only_while_it_watches_a_repeat(
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An idle tree is never woken by the summaries' ticker; a burst wakes it until its window ends."""
+    echo = EventEcho(io.StringIO(), "text", clock=trio.current_time)
+    ticks: list[float] = []
+    summarise = echo._summarise
+
+    def counted(*, final: bool = False) -> None:
+        ticks.append(trio.current_time())
+        summarise(final=final)
+
+    monkeypatch.setattr(echo, "_summarise", counted)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(echo.serve)
+        echo.handle(record(Event(0.0, "root/a", "child.started", "", {})))  # never summarised
+        await trio.sleep(3600)
+        assert ticks == []
+        echo.handle(record(rejected()))  # at 3600: watched for one window
+        await trio.sleep(3600)
+        nursery.cancel_scope.cancel()
+    assert ticks == [3600.0 + n for n in range(1, 11)]  # whole ticks until the window is over
+    echo.close()
+
+
 def test_echo_json_prints_every_event() -> None:
     out = io.StringIO()
     echo = EventEcho(out, "json")
