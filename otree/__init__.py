@@ -43,6 +43,8 @@ if _TYPE_CHECKING:
     from ._errors import StartError as StartError
     from ._errors import SupervisorFailed as SupervisorFailed
     from ._events import EventStream as EventStream
+    from ._handles import PoolHandle as PoolHandle
+    from ._handles import SupervisorHandle as SupervisorHandle
     from ._info import ChildInfo as ChildInfo
     from ._info import Counts as Counts
     from ._info import DeadLetter as DeadLetter
@@ -53,6 +55,8 @@ if _TYPE_CHECKING:
     from ._pool import ProcessJob as ProcessJob
     from ._pool import process_job as process_job
     from ._reaper import adopt_orphans as adopt_orphans
+    from ._run import open_supervisor as open_supervisor
+    from ._run import run as run
     from ._spec import Backoff as Backoff
     from ._spec import CircuitBreaker as CircuitBreaker
     from ._spec import PoolSpec as PoolSpec
@@ -63,10 +67,6 @@ if _TYPE_CHECKING:
     from ._spec import process as process
     from ._spec import supervisor as supervisor
     from ._spec import task as task
-    from ._supervisor import PoolHandle as PoolHandle
-    from ._supervisor import SupervisorHandle as SupervisorHandle
-    from ._supervisor import open_supervisor as open_supervisor
-    from ._supervisor import run as run
     from ._task import RunningChild as RunningChild
     from ._task import current_child as current_child
 
@@ -156,10 +156,10 @@ _SOURCES = {
     "process": "._spec",
     "supervisor": "._spec",
     "task": "._spec",
-    "PoolHandle": "._supervisor",
-    "SupervisorHandle": "._supervisor",
-    "open_supervisor": "._supervisor",
-    "run": "._supervisor",
+    "PoolHandle": "._handles",
+    "SupervisorHandle": "._handles",
+    "open_supervisor": "._run",
+    "run": "._run",
     "RunningChild": "._task",
     "current_child": "._task",
 }

@@ -34,6 +34,7 @@ import trio
 
 from ._errors import JobFailed, NotFound, NotRunning, OtreeError, Restarting, Running
 from ._eventlog import EventLog
+from ._handles import PoolHandle, SupervisorHandle
 from ._info import ChildInfo, Status, StatusNode
 from ._logfiles import EventFilter
 from ._paths import check_private_dir
@@ -54,7 +55,7 @@ from ._protocol import (
 )
 from ._reaper import kill_group
 from ._status import jobs_of, status_of
-from ._supervisor import PoolHandle, SupervisorHandle, _flatten
+from ._supervisor import _flatten
 from ._task import describe
 
 __all__ = ["ControlServer", "peer_allowed", "prepare_socket_dir"]

@@ -28,14 +28,16 @@ import trio
 from ._control import ControlServer
 from ._echo import EventEcho
 from ._errors import OtreeError
+from ._handles import HANDLES, SupervisorHandle
 from ._info import Event
 from ._loader import LoadError, load_tree
 from ._output import OutputLosses
 from ._paths import check_state_dir, control_socket, lock_file
 from ._protocol import EXIT_INTERRUPTED
+from ._run import open_tree, reload_tree
 from ._sdnotify import SystemdNotifier
 from ._spec import SupervisorSpec
-from ._supervisor import SupervisorHandle, Tree, open_tree, reload_tree
+from ._supervisor import Tree
 
 __all__ = ["Daemon", "StateLocked", "lock_state"]
 
@@ -90,7 +92,7 @@ class Daemon:
         self.systemd = SystemdNotifier.from_environment()
         self.exit_code = 0
         # made before it starts, so a signal during the start reaches it (and its event log)
-        self._tree = Tree(tree, state, durable=True, event_log=True)
+        self._tree = Tree(tree, state, durable=True, event_log=True, handles=HANDLES)
         self._sup: SupervisorHandle | None = None  # once the tree is up
         self._body = trio.CancelScope()  # cancelled to begin the orderly stop
         self._stopping = False

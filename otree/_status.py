@@ -11,9 +11,10 @@ import time
 import trio
 
 from ._budget import from_micros
+from ._handles import PoolHandle, SupervisorHandle
 from ._info import ChildInfo, JobInfo, Jobs, Status, StatusNode
 from ._pool import Job
-from ._supervisor import PoolHandle, SupervisorHandle, _Supervisor
+from ._supervisor import _Supervisor
 
 __all__ = ["jobs_of", "status_of"]
 

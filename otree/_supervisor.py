@@ -1,4 +1,4 @@
-"""The supervisor runtime: start order, the restart loop, termination, the handle API.
+"""The supervisor runtime: start order, the restart loop, termination.
 
 One supervisor is one trio task (the body of its children's nursery) that
 serves one ordered queue of operations: API calls, child exits and restart
@@ -10,6 +10,10 @@ nothing but their own supervisor stops them. Stopping a list of children is a
 chain: the supervisor asks the last one to stop, and each child, as it exits,
 asks the one before it, so children stop strictly one at a time in reverse
 start order without a round trip through the supervisor for each.
+
+The handles user code holds are built on this runtime (``_handles``); the
+runtime makes them only through the factories its tree is given, so it does
+not import them.
 """
 
 from __future__ import annotations
@@ -19,8 +23,9 @@ import os
 import random
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,17 +41,15 @@ from ._errors import (
     RestartIntensityExceeded,
     Running,
     Shutdown,
-    SpecError,
     StartError,
 )
 from ._eventlog import EventLog
-from ._events import EventBus, EventStream, level_of
-from ._info import ChildInfo, ChildState, Counts, DeadLetter, Event, ExitInfo, PoolStatus
+from ._events import EventBus, level_of
+from ._info import ChildInfo, ChildState, Event, ExitInfo
 from ._intensity import RestartWindow
 from ._logfiles import LOG_NAME
 from ._paths import check_state_dir, pool_database
-from ._paths import state_dir as default_state_dir
-from ._pool import Job, Pool
+from ._pool import Pool
 from ._process import ProcessContext, ProcessRun, run_process
 from ._reaper import Reaper
 from ._reload import plan_reload, same_settings
@@ -54,7 +57,7 @@ from ._spec import ChildSpec, PoolSpec, ProcessSpec, SupervisorSpec, TaskSpec, t
 from ._strategy import affected_children, should_restart
 from ._task import RunningChild
 
-__all__ = ["PoolHandle", "SupervisorHandle", "Tree", "open_supervisor", "open_tree", "reload_tree", "run"]
+__all__ = ["Handles", "Tree"]
 
 
 ################################################################
@@ -189,10 +192,22 @@ def _flatten() -> Iterator[None]:
         raise chosen from chosen.__cause__
 
 
+@dataclass(frozen=True, slots=True)
+class Handles:
+    """How the runtime makes the handle of a supervisor or pool from its ids below the root
+    (what ``current_child().supervisor`` returns); ``_handles.HANDLES`` is the one there is."""
+
+    supervisor: Callable[[Tree, tuple[str, ...]], object]
+    pool: Callable[[Tree, tuple[str, ...]], object]
+
+
 class Tree:
     """What the supervisors of one tree share: the event bus, process services, the root's fate."""
 
-    def __init__(self, spec: SupervisorSpec, state_dir: Path, *, durable: bool, event_log: bool) -> None:
+    def __init__(
+        self, spec: SupervisorSpec, state_dir: Path, *, durable: bool, event_log: bool, handles: Handles
+    ) -> None:
+        self.handles = handles
         self.bus = EventBus()
         self.log: EventLog | None = None
         if event_log:
@@ -479,7 +494,7 @@ class _Supervisor:
                 child.path,
                 self._emit,
                 store_path=store_path,
-                handle=lambda: PoolHandle(self.tree, ids),
+                handle=lambda: self.tree.handles.pool(self.tree, ids),
                 processes=self.tree.processes,
             )
             run.on_stop = pool.request_stop
@@ -520,9 +535,9 @@ class _Supervisor:
 
     # --- exits and restarts -----------------------------------------------------
 
-    def handle(self) -> SupervisorHandle:
+    def handle(self) -> object:
         """A handle naming this supervisor (what ``current_child().supervisor`` returns)."""
-        return SupervisorHandle(self.tree, tuple(self.path.split("/")[1:]))
+        return self.tree.handles.supervisor(self.tree, tuple(self.path.split("/")[1:]))
 
     def cost_reported(self, run: RunningChild) -> None:
         """A child reported spend: a supervisor only keeps it on the run (for its exit event)."""
@@ -803,300 +818,3 @@ class _Supervisor:
             exit=child.exit,
             status=proc.status if proc is not None else None,
         )
-
-
-################################################################
-# The public handle
-################################################################
-
-
-class _Handle:
-    """What the handles share: a tree and a path of ids from its root, resolved on each call."""
-
-    __slots__ = ("_ids", "_tree", "path")
-
-    def __init__(self, tree: Tree, ids: tuple[str, ...]) -> None:
-        self._tree = tree
-        self._ids = ids
-        self.path = "/".join((tree.root.path, *ids))
-
-    def __repr__(self) -> str:
-        return f"<otree.{type(self).__name__} {self.path}>"
-
-    def events(self, *, buffer: int = 10_000) -> EventStream:
-        """Live events of this supervisor or pool and all below it, from now on."""
-        return self._tree.bus.subscribe(self.path, buffer)
-
-
-class SupervisorHandle(_Handle):
-    """A running supervisor, named by its path in the tree.
-
-    The handle resolves its path on every call, so a handle of a nested
-    supervisor stays valid across that supervisor's restarts. Calls that
-    change the tree go through the supervisor's queue, in order, as OTP's do.
-    """
-
-    __slots__ = ()
-
-    def _sup(self) -> _Supervisor:
-        sup = self._tree.root
-        for child_id in self._ids:
-            child = sup._get(child_id)
-            if child.nested is None or child.run is None:
-                raise NotRunning(child.path, child.state)
-            sup = child.nested
-        return sup
-
-    async def start_child(self, spec: ChildSpec) -> ChildInfo:
-        """Add and start a child at the end of the start order.
-
-        Raises:
-          AlreadyPresent: the id is held already (``running`` tells which kind).
-          MaxChildren: the supervisor holds ``max_children`` specs.
-          SpecError: ``spec`` is not a child spec or does not fit this supervisor.
-          StartError: it failed to start; nothing is stored (cause chained).
-        """
-        sup = self._sup()
-        sup.spec.check_child(spec, (), sup.path)
-        info: ChildInfo = await sup.call(sup.op_start_child, spec)
-        return info
-
-    async def terminate_child(self, child_id: str) -> None:
-        """Stop a child and keep its spec (a temporary child's spec is dropped).
-
-        A stopped child is left as it is; a restarting one stops retrying.
-        """
-        sup = self._sup()
-        await sup.call(sup.op_terminate_child, child_id)
-
-    async def restart_child(self, child_id: str) -> ChildInfo:
-        """Start a stopped child again (OTP's meaning: not counted as a restart).
-
-        Raises:
-          Running, Restarting: the child is not stopped.
-          StartError: it failed to start; the spec is kept, stopped.
-        """
-        sup = self._sup()
-        info: ChildInfo = await sup.call(sup.op_restart_child, child_id)
-        return info
-
-    async def delete_child(self, child_id: str) -> None:
-        """Forget a stopped child's spec.
-
-        Raises:
-          Running, Restarting: the child is not stopped.
-        """
-        sup = self._sup()
-        await sup.call(sup.op_delete_child, child_id)
-
-    def which_children(self) -> list[ChildInfo]:
-        """Every child, newest first (as OTP)."""
-        sup = self._sup()
-        return [sup.info(child) for child in reversed(sup.children.values())]
-
-    def count_children(self) -> Counts:
-        """Specs held, children running, and specs that are supervisors / workers."""
-        children = self._sup().children.values()
-        # a pool supervises its jobs (OTP's simple_one_for_one): it counts as a supervisor
-        supervisors = sum(1 for c in children if c.spec.kind in ("supervisor", "pool"))
-        return Counts(
-            specs=len(children),
-            active=sum(1 for c in children if c.run is not None and c.state != "restarting"),
-            supervisors=supervisors,
-            workers=len(children) - supervisors,
-        )
-
-    def get_childspec(self, child_id: str) -> ChildSpec:
-        """The spec of a child."""
-        return self._sup()._get(child_id).spec
-
-    def child(self, child_id: str) -> SupervisorHandle | PoolHandle:
-        """The handle of the nested supervisor or pool ``child_id``.
-
-        Raises:
-          NotFound: no such child.
-          TypeError: the child is a worker (task or process).
-        """
-        return self.find(child_id)
-
-    def find(self, path: str) -> SupervisorHandle | PoolHandle:
-        """The handle of a nested supervisor or pool by a path relative to this one (``"db/jobs"``)."""
-        ids = tuple(part for part in path.split("/") if part)
-        sup = self._sup()
-        for depth, child_id in enumerate(ids):
-            child = sup._get(child_id)
-            last = depth == len(ids) - 1
-            if child.spec.kind == "pool" and last:
-                return PoolHandle(self._tree, self._ids + ids)
-            if child.spec.kind != "supervisor":
-                raise TypeError(f"{child.path} is a {child.spec.kind}, not a supervisor or pool")
-            if last:
-                break
-            if child.nested is None or child.run is None:
-                raise NotRunning(child.path, child.state)
-            sup = child.nested
-        return SupervisorHandle(self._tree, self._ids + ids)
-
-
-class PoolHandle(_Handle):
-    """A running pool child, named by its path; resolved on every call, like SupervisorHandle."""
-
-    __slots__ = ()
-
-    def _pool(self) -> Pool:
-        parent = SupervisorHandle(self._tree, self._ids[:-1])._sup()
-        child = parent._get(self._ids[-1])
-        if child.pool is None or child.run is None:
-            raise NotRunning(child.path, child.state)
-        return child.pool
-
-    def submit_nowait(
-        self,
-        kind: str,
-        payload: Any = None,
-        *,
-        priority: int = 0,
-        estimated_cost: float = 0.0,
-        key: Any = None,
-    ) -> Job:
-        """Queue a job at once (never waits); see ``Pool.submit_nowait`` for the errors."""
-        return self._pool().submit_nowait(
-            kind, payload, priority=priority, estimated_cost=estimated_cost, key=key
-        )
-
-    async def submit(
-        self,
-        kind: str,
-        payload: Any = None,
-        *,
-        priority: int = 0,
-        estimated_cost: float = 0.0,
-        key: Any = None,
-    ) -> Job:
-        """Queue a job. Raises ``QueueFull`` at once when the queue is full (never waits)."""
-        job = self.submit_nowait(kind, payload, priority=priority, estimated_cost=estimated_cost, key=key)
-        await trio.lowlevel.checkpoint()
-        return job
-
-    def dead_letters(self) -> list[DeadLetter]:
-        """Jobs that used all their attempts, oldest first."""
-        return list(self._pool().dead.values())
-
-    async def requeue(self, dead_letter_id: str) -> Job:
-        """Queue a dead letter again (``NotFound`` if there is no such letter)."""
-        job = self._pool().requeue(dead_letter_id)
-        await trio.lowlevel.checkpoint()
-        return job
-
-    def clear_dead_letter(self, dead_letter_id: str) -> DeadLetter:
-        """Remove a dead letter for good, freeing its key (``NotFound`` if there is no such letter)."""
-        return self._pool().clear_dead_letter(dead_letter_id)
-
-    def queued(self) -> list[Job]:
-        """Waiting jobs in the order they would start."""
-        return [job for _, job in self._pool().queue]
-
-    def which_children(self) -> list[ChildInfo]:
-        """Running jobs, newest first."""
-        return self._pool().which_children()
-
-    def status(self) -> PoolStatus:
-        """The queue, concurrency, budget and circuit now; ``held`` says what keeps the head job
-        from starting (``budget: needs $0.10, $0.08 left, resets 00:00 UTC``), None if nothing."""
-        return self._pool().status()
-
-
-################################################################
-# Running a tree
-################################################################
-
-
-def _check_root(spec: object) -> SupervisorSpec:
-    if not isinstance(spec, SupervisorSpec):
-        raise SpecError("<tree>", "root", "must be a supervisor spec (otree.supervisor(...))", spec)
-    return spec
-
-
-@asynccontextmanager
-async def open_supervisor(
-    spec: SupervisorSpec,
-    *,
-    state_dir: str | os.PathLike[str] | None = None,
-    event_log: bool | None = None,
-) -> AsyncIterator[SupervisorHandle]:
-    """Run a supervision tree for the duration of the block.
-
-    Returns once every child is ready; leaving the block stops the whole tree
-    in reverse order. If the tree shuts itself down (auto_shutdown) the block
-    is cancelled and the context manager exits quietly; if the root gives up,
-    the block is cancelled and ``RestartIntensityExceeded`` is raised.
-
-    ``state_dir`` (default ``$OTREE_STATE_DIR`` or the platform's user state dir)
-    holds the process children's logs and the pools' databases; pools are durable
-    by default when a state dir is given (the argument or the environment variable),
-    and so is the event log (``<state dir>/events.jsonl``); ``event_log`` forces it
-    on or off.
-
-    Raises:
-      StartError: a child failed to start (the started ones were stopped).
-      RestartIntensityExceeded: the root gave up (the child's exception chained).
-    """
-    explicit = state_dir is not None or bool(os.environ.get("OTREE_STATE_DIR"))
-    tree = Tree(
-        _check_root(spec),
-        default_state_dir(state_dir),
-        durable=explicit,
-        event_log=explicit if event_log is None else event_log,
-    )
-    async with open_tree(tree) as handle:
-        yield handle
-
-
-@asynccontextmanager
-async def open_tree(tree: Tree) -> AsyncIterator[SupervisorHandle]:
-    """``open_supervisor`` for a tree made beforehand (``otree run`` needs it before it is up)."""
-    body_error: BaseException | None = None
-    spec = tree.root.spec
-    with _flatten(), tree.closing_log():
-        async with trio.open_nursery() as nursery:
-            tree.services = nursery
-            nursery.start_soon(tree.serve, name=f"otree supervisor {spec.id}")
-            await tree.settled.wait()
-            if tree.ready:
-                try:
-                    with tree.body_scope:
-                        yield SupervisorHandle(tree, ())
-                except BaseException as exc:  # noqa: BLE001 - re-raised once the tree has stopped
-                    body_error = exc
-                tree.root.request_stop()
-    if body_error is not None:
-        raise body_error
-    if tree.outcome is not None:
-        raise tree.outcome
-
-
-async def reload_tree(handle: SupervisorHandle, spec: SupervisorSpec) -> dict[str, list[str]]:
-    """Apply a reloaded tree below ``handle``; the paths changed, removed, added, and failures."""
-    sup = handle._sup()
-    summary: dict[str, list[str]] = await sup.call(sup.op_reload, spec)
-    return summary
-
-
-async def run(
-    spec: SupervisorSpec,
-    *,
-    state_dir: str | os.PathLike[str] | None = None,
-    event_log: bool | None = None,
-    task_status: trio.TaskStatus[SupervisorHandle] = trio.TASK_STATUS_IGNORED,
-) -> None:
-    """Run a tree until it shuts itself down, gives up, or the caller is cancelled.
-
-    With ``nursery.start(otree.run, tree)`` the handle is returned once the tree is up.
-    Cancelling it stops the tree in order first, then honours the cancellation.
-
-    Raises:
-      StartError, RestartIntensityExceeded: as ``open_supervisor``.
-    """
-    async with open_supervisor(spec, state_dir=state_dir, event_log=event_log) as sup:
-        task_status.started(sup)
-        await trio.sleep_forever()

@@ -160,8 +160,16 @@ def test_shutdown_is_not_an_otree_error() -> None:
 
 def test_the_client_commands_do_not_import_the_runtime() -> None:
     # `otree status` is a round trip: it must not pay for importing trio, the supervisor or sqlite3
-    heavy = ("trio", "sqlite3", "otree._supervisor")
+    heavy = ("trio", "sqlite3", "otree._supervisor", "otree._handles", "otree._run")
     code = f"import sys, otree._cli; print(sorted(m for m in {heavy!r} if m in sys.modules))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
+
+
+def test_the_runtime_does_not_import_the_api_built_on_it() -> None:
+    # one-way graph: the handles and entry points import the runtime, never the reverse
+    api = ("otree._handles", "otree._run")
+    code = f"import sys, otree._supervisor; print(sorted(m for m in {api!r} if m in sys.modules))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
 

@@ -10,7 +10,7 @@ import trio
 
 import otree
 from otree._reload import plan_reload, same_value
-from otree._supervisor import reload_tree
+from otree._run import reload_tree
 
 from .helpers import Log, crash_after, states, worker
 

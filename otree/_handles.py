@@ -1,0 +1,222 @@
+"""The handles: what user code holds on a running supervisor or pool.
+
+A handle is a tree and a path of ids from its root, resolved on every call,
+so it stays valid across the restarts of what it names. It works through the
+supervisors' queues and records; the runtime (``_supervisor``) makes handles
+only through the ``HANDLES`` factories it is given, so it never imports this
+module and the import graph stays one way.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import trio
+
+from ._errors import NotRunning
+from ._events import EventStream
+from ._info import ChildInfo, Counts, DeadLetter, PoolStatus
+from ._pool import Job, Pool
+from ._spec import ChildSpec
+from ._supervisor import Handles, Tree, _Supervisor
+
+__all__ = ["HANDLES", "PoolHandle", "SupervisorHandle"]
+
+
+class _Handle:
+    """What the handles share: a tree and a path of ids from its root, resolved on each call."""
+
+    __slots__ = ("_ids", "_tree", "path")
+
+    def __init__(self, tree: Tree, ids: tuple[str, ...]) -> None:
+        self._tree = tree
+        self._ids = ids
+        self.path = "/".join((tree.root.path, *ids))
+
+    def __repr__(self) -> str:
+        return f"<otree.{type(self).__name__} {self.path}>"
+
+    def events(self, *, buffer: int = 10_000) -> EventStream:
+        """Live events of this supervisor or pool and all below it, from now on."""
+        return self._tree.bus.subscribe(self.path, buffer)
+
+
+class SupervisorHandle(_Handle):
+    """A running supervisor, named by its path in the tree.
+
+    The handle resolves its path on every call, so a handle of a nested
+    supervisor stays valid across that supervisor's restarts. Calls that
+    change the tree go through the supervisor's queue, in order, as OTP's do.
+    """
+
+    __slots__ = ()
+
+    def _sup(self) -> _Supervisor:
+        sup = self._tree.root
+        for child_id in self._ids:
+            child = sup._get(child_id)
+            if child.nested is None or child.run is None:
+                raise NotRunning(child.path, child.state)
+            sup = child.nested
+        return sup
+
+    async def start_child(self, spec: ChildSpec) -> ChildInfo:
+        """Add and start a child at the end of the start order.
+
+        Raises:
+          AlreadyPresent: the id is held already (``running`` tells which kind).
+          MaxChildren: the supervisor holds ``max_children`` specs.
+          SpecError: ``spec`` is not a child spec or does not fit this supervisor.
+          StartError: it failed to start; nothing is stored (cause chained).
+        """
+        sup = self._sup()
+        sup.spec.check_child(spec, (), sup.path)
+        info: ChildInfo = await sup.call(sup.op_start_child, spec)
+        return info
+
+    async def terminate_child(self, child_id: str) -> None:
+        """Stop a child and keep its spec (a temporary child's spec is dropped).
+
+        A stopped child is left as it is; a restarting one stops retrying.
+        """
+        sup = self._sup()
+        await sup.call(sup.op_terminate_child, child_id)
+
+    async def restart_child(self, child_id: str) -> ChildInfo:
+        """Start a stopped child again (OTP's meaning: not counted as a restart).
+
+        Raises:
+          Running, Restarting: the child is not stopped.
+          StartError: it failed to start; the spec is kept, stopped.
+        """
+        sup = self._sup()
+        info: ChildInfo = await sup.call(sup.op_restart_child, child_id)
+        return info
+
+    async def delete_child(self, child_id: str) -> None:
+        """Forget a stopped child's spec.
+
+        Raises:
+          Running, Restarting: the child is not stopped.
+        """
+        sup = self._sup()
+        await sup.call(sup.op_delete_child, child_id)
+
+    def which_children(self) -> list[ChildInfo]:
+        """Every child, newest first (as OTP)."""
+        sup = self._sup()
+        return [sup.info(child) for child in reversed(sup.children.values())]
+
+    def count_children(self) -> Counts:
+        """Specs held, children running, and specs that are supervisors / workers."""
+        children = self._sup().children.values()
+        # a pool supervises its jobs (OTP's simple_one_for_one): it counts as a supervisor
+        supervisors = sum(1 for c in children if c.spec.kind in ("supervisor", "pool"))
+        return Counts(
+            specs=len(children),
+            active=sum(1 for c in children if c.run is not None and c.state != "restarting"),
+            supervisors=supervisors,
+            workers=len(children) - supervisors,
+        )
+
+    def get_childspec(self, child_id: str) -> ChildSpec:
+        """The spec of a child."""
+        return self._sup()._get(child_id).spec
+
+    def child(self, child_id: str) -> SupervisorHandle | PoolHandle:
+        """The handle of the nested supervisor or pool ``child_id``.
+
+        Raises:
+          NotFound: no such child.
+          TypeError: the child is a worker (task or process).
+        """
+        return self.find(child_id)
+
+    def find(self, path: str) -> SupervisorHandle | PoolHandle:
+        """The handle of a nested supervisor or pool by a path relative to this one (``"db/jobs"``)."""
+        ids = tuple(part for part in path.split("/") if part)
+        sup = self._sup()
+        for depth, child_id in enumerate(ids):
+            child = sup._get(child_id)
+            last = depth == len(ids) - 1
+            if child.spec.kind == "pool" and last:
+                return PoolHandle(self._tree, self._ids + ids)
+            if child.spec.kind != "supervisor":
+                raise TypeError(f"{child.path} is a {child.spec.kind}, not a supervisor or pool")
+            if last:
+                break
+            if child.nested is None or child.run is None:
+                raise NotRunning(child.path, child.state)
+            sup = child.nested
+        return SupervisorHandle(self._tree, self._ids + ids)
+
+
+class PoolHandle(_Handle):
+    """A running pool child, named by its path; resolved on every call, like SupervisorHandle."""
+
+    __slots__ = ()
+
+    def _pool(self) -> Pool:
+        parent = SupervisorHandle(self._tree, self._ids[:-1])._sup()
+        child = parent._get(self._ids[-1])
+        if child.pool is None or child.run is None:
+            raise NotRunning(child.path, child.state)
+        return child.pool
+
+    def submit_nowait(
+        self,
+        kind: str,
+        payload: Any = None,
+        *,
+        priority: int = 0,
+        estimated_cost: float = 0.0,
+        key: Any = None,
+    ) -> Job:
+        """Queue a job at once (never waits); see ``Pool.submit_nowait`` for the errors."""
+        return self._pool().submit_nowait(
+            kind, payload, priority=priority, estimated_cost=estimated_cost, key=key
+        )
+
+    async def submit(
+        self,
+        kind: str,
+        payload: Any = None,
+        *,
+        priority: int = 0,
+        estimated_cost: float = 0.0,
+        key: Any = None,
+    ) -> Job:
+        """Queue a job. Raises ``QueueFull`` at once when the queue is full (never waits)."""
+        job = self.submit_nowait(kind, payload, priority=priority, estimated_cost=estimated_cost, key=key)
+        await trio.lowlevel.checkpoint()
+        return job
+
+    def dead_letters(self) -> list[DeadLetter]:
+        """Jobs that used all their attempts, oldest first."""
+        return list(self._pool().dead.values())
+
+    async def requeue(self, dead_letter_id: str) -> Job:
+        """Queue a dead letter again (``NotFound`` if there is no such letter)."""
+        job = self._pool().requeue(dead_letter_id)
+        await trio.lowlevel.checkpoint()
+        return job
+
+    def clear_dead_letter(self, dead_letter_id: str) -> DeadLetter:
+        """Remove a dead letter for good, freeing its key (``NotFound`` if there is no such letter)."""
+        return self._pool().clear_dead_letter(dead_letter_id)
+
+    def queued(self) -> list[Job]:
+        """Waiting jobs in the order they would start."""
+        return [job for _, job in self._pool().queue]
+
+    def which_children(self) -> list[ChildInfo]:
+        """Running jobs, newest first."""
+        return self._pool().which_children()
+
+    def status(self) -> PoolStatus:
+        """The queue, concurrency, budget and circuit now; ``held`` says what keeps the head job
+        from starting (``budget: needs $0.10, $0.08 left, resets 00:00 UTC``), None if nothing."""
+        return self._pool().status()
+
+
+HANDLES = Handles(supervisor=SupervisorHandle, pool=PoolHandle)
