@@ -488,6 +488,8 @@ class _Supervisor:
             nested = _Supervisor(spec, child.path, self.tree, run)
             run.on_stop = nested.request_stop
             fn, args, takes_status = nested.serve_child, (), True
+        if isinstance(spec, (TaskSpec, ProcessSpec)) and spec.max_runtime is not None:
+            run.runtime_limit = (spec.max_runtime, spec.shutdown)
         if self.spec.backoff is not None:
             run.started_mono = trio.current_time()
         child.run = run
@@ -958,10 +960,11 @@ class PoolHandle(_Handle):
         priority: int = 0,
         estimated_cost: float = 0.0,
         key: Any = None,
+        max_runtime: float | None = None,
     ) -> Job:
         """Queue a job at once (never waits); see ``Pool.submit_nowait`` for the errors."""
         return self._pool().submit_nowait(
-            kind, payload, priority=priority, estimated_cost=estimated_cost, key=key
+            kind, payload, priority=priority, estimated_cost=estimated_cost, key=key, max_runtime=max_runtime
         )
 
     async def submit(
@@ -972,9 +975,12 @@ class PoolHandle(_Handle):
         priority: int = 0,
         estimated_cost: float = 0.0,
         key: Any = None,
+        max_runtime: float | None = None,
     ) -> Job:
         """Queue a job. Raises ``QueueFull`` at once when the queue is full (never waits)."""
-        job = self.submit_nowait(kind, payload, priority=priority, estimated_cost=estimated_cost, key=key)
+        job = self.submit_nowait(
+            kind, payload, priority=priority, estimated_cost=estimated_cost, key=key, max_runtime=max_runtime
+        )
         await trio.lowlevel.checkpoint()
         return job
 
