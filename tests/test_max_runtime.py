@@ -298,3 +298,23 @@ async def test_a_process_past_max_runtime_gets_sigterm_then_sigkill_and_exits_er
         assert marked(marker) == []  # the whole group
     log = (child_log_dir(state, "t/p") / "stdout.log").read_text()
     assert log.splitlines() == ["up", "TERM"]
+
+
+async def test_a_process_job_past_max_runtime_is_stopped_and_dead_lettered(
+    marker: str, tmp_path: Path
+) -> None:
+    handler = otree.process_job(
+        [sys.executable, "-c", "import time; time.sleep(1000)"],
+        env={"OTREE_TEST_MARKER": marker},
+        shutdown=0.2,
+    )
+    pool = otree.pool("jobs", {"tool": handler}, max_runtime={"tool": 0.5}, durable=False)
+    async with otree.open_supervisor(otree.supervisor("root", children=[pool]), state_dir=tmp_path) as sup:
+        jobs = sup.child("jobs")
+        assert isinstance(jobs, otree.PoolHandle)
+        job = await jobs.submit("tool", {})
+        with pytest.raises(otree.JobFailed) as failed:
+            await job.result()
+        assert str(failed.value.__cause__) == "max_runtime: still running after 0.5s"
+        assert [letter.error for letter in jobs.dead_letters()] == ["max_runtime"]
+        assert marked(marker) == []
