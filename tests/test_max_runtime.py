@@ -1,18 +1,14 @@
 """max_runtime: a task or process child, or a pool job, stopped once it has run too long.
 
-Task children and jobs run on trio's MockClock; one real process child checks the
-group's SIGTERM, then SIGKILL after the grace.
+Task children and jobs run on trio's MockClock; real processes check a process child's
+group getting SIGTERM, then SIGKILL after the grace, and a process job's stop.
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
 import signal
 import sys
 import time
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,13 +18,9 @@ import trio.testing
 
 import otree
 from otree._paths import child_log_dir
+from tests.test_process import first, marked_pids, marker
 
-
-async def first(stream: otree.EventStream, kind: str, path: str | None = None) -> otree.Event:
-    async for event in stream:
-        if event.kind == kind and (path is None or event.path == path):
-            return event
-    raise AssertionError(f"no {kind} event")
+__all__ = ["marker"]  # a fixture, imported for pytest
 
 
 async def forever() -> None:
@@ -241,29 +233,6 @@ async def test_a_job_without_a_limit_runs_as_long_as_it_takes(autojump_clock: tr
 # --- a real process child --------------------------------------------------------------------------
 
 
-def marked(marker: str) -> list[int]:
-    """Live processes whose environment holds ``OTREE_TEST_MARKER=marker`` (a zombie's is empty)."""
-    needle = f"OTREE_TEST_MARKER={marker}".encode()
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            with contextlib.suppress(OSError):
-                if needle in Path(f"/proc/{entry}/environ").read_bytes():
-                    found.append(int(entry))
-    return found
-
-
-@pytest.fixture
-def marker() -> Iterator[str]:
-    value = uuid.uuid4().hex
-    yield value
-    left = marked(value)
-    for pid in left:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    assert left == [], f"processes left running: {left}"
-
-
 async def test_a_process_past_max_runtime_gets_sigterm_then_sigkill_and_exits_error(
     marker: str, tmp_path: Path
 ) -> None:
@@ -288,14 +257,14 @@ async def test_a_process_past_max_runtime_gets_sigterm_then_sigkill_and_exits_er
     tree = otree.supervisor("t", children=[spec])
     async with otree.open_supervisor(tree, state_dir=state) as sup:
         stream = sup.events()
-        assert len(marked(marker)) == 2  # the child and its sleep (ready: up for 0.3 s)
+        assert len(marked_pids(marker)) == 2  # the child and its sleep (ready: up for 0.3 s)
         before = time.monotonic()
         event = await first(stream, "child.exited")
         took = time.monotonic() - before
         assert (event.reason, event.details["detail"]) == ("error", "max_runtime")
         assert event.details["signal"] == signal.SIGKILL
-        assert 0.5 <= took < 3.0  # the rest of its second, then the grace, then SIGKILL
-        assert marked(marker) == []  # the whole group
+        assert 1.0 <= took < 5.0  # the rest of its second (0.7 s), the grace (0.5 s), then SIGKILL
+        assert marked_pids(marker) == []  # the whole group
     log = (child_log_dir(state, "t/p") / "stdout.log").read_text()
     assert log.splitlines() == ["up", "TERM"]
 
@@ -317,4 +286,4 @@ async def test_a_process_job_past_max_runtime_is_stopped_and_dead_lettered(
             await job.result()
         assert str(failed.value.__cause__) == "max_runtime: still running after 0.5s"
         assert [letter.error for letter in jobs.dead_letters()] == ["max_runtime"]
-        assert marked(marker) == []
+        assert marked_pids(marker) == []
