@@ -6,6 +6,7 @@ group getting SIGTERM, then SIGKILL after the grace, and a process job's stop.
 
 from __future__ import annotations
 
+import math
 import signal
 import sys
 import time
@@ -207,12 +208,14 @@ async def test_a_job_past_its_kinds_max_runtime_is_retried_then_dead_lettered(
 
 
 async def test_max_runtime_per_submit_overrides_the_kinds(autojump_clock: trio.testing.MockClock) -> None:
-    async with otree.open_supervisor(pool_tree(max_runtime=5, max_concurrency=3)) as sup:
+    async with otree.open_supervisor(pool_tree(max_runtime=5, max_concurrency=4)) as sup:
         pool = pool_of(sup)
         longer = await pool.submit("work", {"sleep": 20}, max_runtime=30)
         shorter = await pool.submit("work", {"sleep": 3}, max_runtime=1)
         by_kind = await pool.submit("work", {"sleep": 20})
+        unlimited = await pool.submit("work", {"sleep": 20}, max_runtime=math.inf)
         assert await longer.result() == "done"
+        assert await unlimited.result() == "done"
         assert trio.current_time() == 20.0
         for job in (shorter, by_kind):
             with pytest.raises(otree.JobFailed) as failed:
