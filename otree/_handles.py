@@ -171,10 +171,11 @@ class PoolHandle(_Handle):
         priority: int = 0,
         estimated_cost: float = 0.0,
         key: Any = None,
+        max_runtime: float | None = None,
     ) -> Job:
         """Queue a job at once (never waits); see ``Pool.submit_nowait`` for the errors."""
         return self._pool().submit_nowait(
-            kind, payload, priority=priority, estimated_cost=estimated_cost, key=key
+            kind, payload, priority=priority, estimated_cost=estimated_cost, key=key, max_runtime=max_runtime
         )
 
     async def submit(
@@ -185,9 +186,12 @@ class PoolHandle(_Handle):
         priority: int = 0,
         estimated_cost: float = 0.0,
         key: Any = None,
+        max_runtime: float | None = None,
     ) -> Job:
         """Queue a job. Raises ``QueueFull`` at once when the queue is full (never waits)."""
-        job = self.submit_nowait(kind, payload, priority=priority, estimated_cost=estimated_cost, key=key)
+        job = self.submit_nowait(
+            kind, payload, priority=priority, estimated_cost=estimated_cost, key=key, max_runtime=max_runtime
+        )
         await trio.lowlevel.checkpoint()
         return job
 

@@ -42,7 +42,7 @@ from ._intensity import CircuitState
 from ._jobqueue import JobQueue
 from ._policies import OldestFirst, StartRate
 from ._process import ProcessContext, ProcessFailed, run_job_process
-from ._spec import PoolSpec, ProcessSpec, ShutdownValue, process
+from ._spec import PoolSpec, ProcessSpec, ShutdownValue, process, valid_max_runtime
 from ._store import INTERRUPTIONS_TO_DEAD, Store
 from ._task import RunningChild, current_child
 
@@ -69,6 +69,7 @@ class Job:
         "key",
         "kind",
         "logged",
+        "max_runtime",
         "payload",
         "place",
         "priority",
@@ -100,6 +101,7 @@ class Job:
         self.value: Any = None
         self.error: BaseException | None = None
         self.dropped = ""  # why the pool dropped it (the reason of its job.dropped event)
+        self.max_runtime: float | None = None  # its own limit per attempt (None: its kind's)
         self._done: trio.Event | None = None  # created only if someone awaits the result
 
     def __repr__(self) -> str:
@@ -249,11 +251,13 @@ class Pool:
         priority: int = 0,
         estimated_cost: float = 0.0,
         key: Hashable = None,
+        max_runtime: float | None = None,
     ) -> Job:
-        """Queue a job at once; never waits.
+        """Queue a job at once; never waits. ``max_runtime`` (seconds per attempt) overrides its kind's.
 
         Raises:
-          ValueError: unknown kind, priority out of range, negative cost, unencodable payload.
+          ValueError: unknown kind, priority out of range, negative cost, bad max_runtime,
+            unencodable payload.
           NotRunning: the pool is not running.
           DeadLettered: under ``refuse_dead_keys``, the key belongs to a dead letter.
           CircuitOpen: under ``on_circuit_open="reject"``, the circuit is open.
@@ -261,6 +265,8 @@ class Pool:
           BudgetExceeded: under ``"reject"``, the estimate does not fit today's budget.
         """
         encoded = self._encode(kind, payload, priority, estimated_cost)
+        if not valid_max_runtime(max_runtime):
+            raise ValueError(f"{self.path}: max_runtime must be a number > 0 or None; got {max_runtime!r}")
         if not self.serving:
             raise NotRunning(self.path, "starting" if not self._stopping else "stopping")
         known = self._key_in_use(kind, key) if key is not None else None
@@ -283,6 +289,7 @@ class Pool:
         else:
             job_id = store.replace(int(taken_over.id), kind, encoded, estimate=estimate, at=time.time())
         job = Job(self, str(job_id), kind, payload, priority=priority, estimate=estimate, key=key)
+        job.max_runtime = max_runtime
         if key is not None:
             self._by_key[key] = job
         if taken_over is None:
@@ -675,6 +682,9 @@ class Pool:
         run = RunningChild(self, job, f"{self.path}/{job.id}")
         run.ready = True
         run.started_mono = now
+        limit = job.max_runtime if job.max_runtime is not None else self.spec.runtime_of(job.kind)
+        if limit is not None:
+            run.runtime_limit = (limit, self.spec.job_shutdown)
         job.run = run
         self.running[job.id] = job
         self._emit(run.path, "job.started", "", job_kind=job.kind, attempt=job.attempts)

@@ -81,6 +81,16 @@ def _check_shutdown(path: str, value: object) -> None:
         raise SpecError(path, "shutdown", 'must be >= 0, "brutal_kill" or "infinity"', value)
 
 
+def valid_max_runtime(value: object) -> bool:
+    """Whether ``value`` is a ``max_runtime``: seconds > 0, or None (no limit)."""
+    return value is None or (_is_number(value) and value > 0)  # type: ignore[operator]
+
+
+def _check_max_runtime(path: str, value: object, field: str = "max_runtime") -> None:
+    if not valid_max_runtime(value):
+        raise SpecError(path, field, "must be a number > 0 or None", value)
+
+
 def _check_restart_and_significant(path: str, restart: object, significant: object) -> None:
     _check_choice(path, "restart", restart, _RESTARTS)
     if not isinstance(significant, bool):
@@ -197,11 +207,13 @@ class TaskSpec(_Spec, frozen=True, kw_only=True):
     fn: Callable[..., Awaitable[Any]]
     args: tuple[Any, ...] = ()
     shutdown: ShutdownValue = 5.0
+    max_runtime: float | None = None
 
     def __post_init__(self) -> None:
         path = _check_id(self.id)
         _check_restart_and_significant(path, self.restart, self.significant)
         _check_shutdown(path, self.shutdown)
+        _check_max_runtime(path, self.max_runtime)
         _check_task_fn(path, self.fn, self.args)
 
 
@@ -283,6 +295,7 @@ class ProcessSpec(_Spec, frozen=True, kw_only=True):
     ready: float | Literal["spawn", "notify"] = "spawn"
     start_timeout: float | None = None
     stall_timeout: float | None = None
+    max_runtime: float | None = None
     stdout: Stream = "log"
     stderr: Stream = "log"
     log_max_bytes: int = 10 * 1024 * 1024
@@ -295,6 +308,7 @@ class ProcessSpec(_Spec, frozen=True, kw_only=True):
         path = _check_id(self.id)
         _check_restart_and_significant(path, self.restart, self.significant)
         _check_shutdown(path, self.shutdown)
+        _check_max_runtime(path, self.max_runtime)
         _check_user_and_rlimits(path, self.user, self.rlimits)
         if (
             not isinstance(self.argv, tuple)
@@ -410,6 +424,7 @@ def process(
     ready: float | Literal["spawn", "notify"] = "spawn",
     start_timeout: float | None = None,
     stall_timeout: float | None = None,
+    max_runtime: float | None = None,
     stdout: Stream = "log",
     stderr: Stream = "log",
     log_max_bytes: int = 10 * 1024 * 1024,
@@ -429,6 +444,8 @@ def process(
         "notify", N + 30 s for N); a child not ready in time has failed to start.
       stall_timeout: stop it (an ``error`` exit, detail ``stalled``) after this long
         without output on a captured stream or ``WATCHDOG=1``.
+      max_runtime: None, or stop each run (an ``error`` exit, detail ``max_runtime``) this
+        many seconds after it started: the stop signal, then SIGKILL after ``shutdown``.
       stdout, stderr: ``"log"`` (a size-rotated file under the state dir), ``"inherit"``, ``"null"``.
       log_max_bytes, log_backups: rotation size and how many old files to keep.
       log_timestamps: start each line of the log files (and of the stderr tail) with the
@@ -455,6 +472,7 @@ def process(
         ready=ready,
         start_timeout=start_timeout,
         stall_timeout=stall_timeout,
+        max_runtime=max_runtime,
         stdout=stdout,
         stderr=stderr,
         log_max_bytes=log_max_bytes,
@@ -522,6 +540,7 @@ def task(
     restart: Restart = "permanent",
     shutdown: ShutdownValue = 5.0,
     significant: bool = False,
+    max_runtime: float | None = None,
 ) -> TaskSpec:
     """A trio task child running ``await fn(*args)``.
 
@@ -533,11 +552,21 @@ def task(
       restart: ``"permanent"`` (default), ``"transient"`` or ``"temporary"``.
       shutdown: seconds of grace (default 5.0), ``"brutal_kill"`` or ``"infinity"``.
       significant: whether its own exit may shut the supervisor down (auto_shutdown).
+      max_runtime: None, or stop each run (an ``error`` exit, detail ``max_runtime``) this
+        many seconds after it started, like any stop (see ``shutdown``).
 
     Raises:
       SpecError: a field is invalid.
     """
-    return TaskSpec(id=id, fn=fn, args=args, restart=restart, shutdown=shutdown, significant=significant)
+    return TaskSpec(
+        id=id,
+        fn=fn,
+        args=args,
+        restart=restart,
+        shutdown=shutdown,
+        significant=significant,
+        max_runtime=max_runtime,
+    )
 
 
 def supervisor(
@@ -623,6 +652,7 @@ class PoolSpec(_Spec, frozen=True, kw_only=True):
     refuse_dead_keys: bool = False
     max_starts_per_second: float | None = None
     budget_rule: BudgetRule = "le"
+    max_runtime: float | dict[str, float | None] | None = None
 
     def __post_init__(self) -> None:
         path = _check_id(self.id)
@@ -639,6 +669,7 @@ class PoolSpec(_Spec, frozen=True, kw_only=True):
                 raise SpecError(path, "handlers", "must have non-empty str kinds", kind)
             if not callable(handler) or _is_sync(handler):
                 raise SpecError(path, f"handlers[{kind!r}]", "must be an async function", handler)
+        self._check_max_runtime(path)
         for field in ("max_concurrency", "max_queue", "max_attempts"):
             value = getattr(self, field)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -668,6 +699,22 @@ class PoolSpec(_Spec, frozen=True, kw_only=True):
             raise SpecError(path, "durable", "must be None, True or False", self.durable)
         if self.now is not None and not callable(self.now):
             raise SpecError(path, "now", "must be None or a callable returning an aware datetime", self.now)
+
+    def _check_max_runtime(self, path: str) -> None:
+        """``max_runtime``: seconds for every kind, or a dict of handler kind to seconds (or None)."""
+        limits = self.max_runtime
+        if not isinstance(limits, dict):
+            _check_max_runtime(path, limits)
+            return
+        for kind, seconds in limits.items():
+            if kind not in self.handlers:
+                raise SpecError(path, "max_runtime", "must name kinds of handlers", kind)
+            _check_max_runtime(path, seconds, f"max_runtime[{kind!r}]")
+
+    def runtime_of(self, kind: str) -> float | None:
+        """The ``max_runtime`` of a ``kind`` job (None: no limit)."""
+        limits = self.max_runtime
+        return limits.get(kind) if isinstance(limits, dict) else limits
 
     def _check_policies(self, path: str) -> None:
         """The queue policies: what a full queue, a duplicate key, an open circuit, a dead key,
@@ -705,6 +752,7 @@ def pool(
     refuse_dead_keys: bool = False,
     max_starts_per_second: float | None = None,
     budget_rule: BudgetRule = "le",
+    max_runtime: float | dict[str, float | None] | None = None,
     restart: Restart = "permanent",
     shutdown: ShutdownValue = "infinity",
     significant: bool = False,
@@ -736,6 +784,10 @@ def pool(
       max_starts_per_second: None, or the most job starts per second (one per ``1/rate`` s).
       budget_rule: ``"le"`` (``spent + reserved + estimate <= daily_budget`` admits a job)
         or ``"lt"`` (``<``: reaching the budget is refused too).
+      max_runtime: None, seconds, or a dict of kind to seconds: an attempt still running
+        that long after it started is stopped (as a cancel, within ``job_shutdown``) and fails
+        with detail ``max_runtime`` (retried or dead-lettered as any failure);
+        ``submit(..., max_runtime=)`` overrides it for one job.
 
     Raises:
       SpecError: a field is invalid.
@@ -761,6 +813,7 @@ def pool(
         refuse_dead_keys=refuse_dead_keys,
         max_starts_per_second=max_starts_per_second,
         budget_rule=budget_rule,
+        max_runtime=dict(max_runtime) if isinstance(max_runtime, dict) else max_runtime,
         restart=restart,
         shutdown=shutdown,
         significant=significant,

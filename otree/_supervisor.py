@@ -503,6 +503,8 @@ class _Supervisor:
             nested = _Supervisor(spec, child.path, self.tree, run)
             run.on_stop = nested.request_stop
             fn, args, takes_status = nested.serve_child, (), True
+        if isinstance(spec, (TaskSpec, ProcessSpec)) and spec.max_runtime is not None:
+            run.runtime_limit = (spec.max_runtime, spec.shutdown)
         if self.spec.backoff is not None:
             run.started_mono = trio.current_time()
         child.run = run

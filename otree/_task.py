@@ -14,6 +14,7 @@ on ``exit(Pid, shutdown)``.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
@@ -25,7 +26,16 @@ from ._errors import RestartIntensityExceeded, Shutdown
 from ._info import ExitInfo
 from ._strategy import ExitReason
 
-__all__ = ["RunningChild", "current_child", "describe"]
+__all__ = ["RunningChild", "TimeLimitExceeded", "current_child", "describe"]
+
+
+class TimeLimitExceeded(TimeoutError):
+    """A run was stopped for running too long: its exit is an ``error`` with ``exit_detail``
+    (``max_runtime``); whatever the run raised while it stopped is chained."""
+
+    def __init__(self, exit_detail: str, message: str) -> None:
+        self.exit_detail = exit_detail
+        super().__init__(message)
 
 
 class _Owner(Protocol):
@@ -84,6 +94,7 @@ class RunningChild:
         "cost",
         "error",
         "exit",
+        "fault",
         "on_stop",
         "owner",
         "path",
@@ -91,6 +102,7 @@ class RunningChild:
         "ready",
         "result",
         "returned",
+        "runtime_limit",
         "scope",
         "started_mono",
         "stop_mode",
@@ -119,6 +131,9 @@ class RunningChild:
         self.result: Any = None  # what the function returned (a pool job's result)
         self.returned = False  # the function returned (so ``result`` is its value), even under a stop
         self.started_mono = 0.0  # trio time of the start, set where backoff needs it
+        # max_runtime: seconds this run may last and the grace of the stop past them
+        self.runtime_limit: tuple[float, float | str] | None = None
+        self.fault: TimeLimitExceeded | None = None  # why it was stopped as misbehaving (an error exit)
 
     # --- what a child sees -------------------------------------------------
 
@@ -187,6 +202,19 @@ class RunningChild:
         May be called again to make a stop brutal (``shutdown="brutal_kill"``).
         """
         self.stopper = stopper
+        self._stop(shutdown)
+
+    def fail_stop(self, fault: TimeLimitExceeded, shutdown: float | str) -> None:
+        """Stop this run because it misbehaved (it ran past ``max_runtime``): a stop like any other
+        (its grace, or at once for a task that never looked at ``stopping``), but it ends as an
+        ``error`` exit with ``fault``'s detail and is reported as the run's own exit, so the usual
+        restart (or retry) rules apply. A stop already in progress is left alone."""
+        if self.stop_mode:
+            return
+        self.fault = fault
+        self._stop(shutdown)
+
+    def _stop(self, shutdown: float | str) -> None:
         if shutdown == "brutal_kill":
             kill_at = -math.inf
         elif shutdown == "infinity":
@@ -212,6 +240,8 @@ class RunningChild:
         self, fn: Callable[..., Awaitable[Any]], args: tuple[Any, ...], takes_status: bool
     ) -> None:
         """Run the child's function and report how it ended to the supervisor."""
+        if self.runtime_limit is not None:
+            fn = functools.partial(self._limited, fn)
         try:
             with self.scope:
                 if takes_status:
@@ -221,6 +251,9 @@ class RunningChild:
                 self.returned = True
         except Exception as exc:  # noqa: BLE001 - a child's exception is its exit reason
             self.error = exc
+        if self.fault is not None:
+            self.fault.__cause__ = self.error
+            self.error = self.fault
         self.exit = self._classify(self.returned)
         if self._ready_waiter is not None and not self.ready:
             self._ready_waiter.set()  # a failed start: the waiting supervisor handles it
@@ -230,6 +263,29 @@ class RunningChild:
             self.stopper(self)
         else:
             self.owner.run_exited(self)
+
+    async def _limited(self, fn: Callable[..., Awaitable[Any]], *args: Any, **kwargs: Any) -> Any:
+        """``await fn(...)``, stopped as misbehaving once it has run ``runtime_limit`` seconds."""
+        result: Any = None
+        error: Exception | None = None
+        async with trio.open_nursery() as limiter:
+            limiter.start_soon(self._stop_at_limit)
+            try:
+                result = await fn(*args, **kwargs)
+            except Exception as exc:  # noqa: BLE001 - raised below, outside the nursery (no group)
+                error = exc
+            limiter.cancel_scope.cancel()
+        if error is not None:
+            raise error
+        return result
+
+    async def _stop_at_limit(self) -> None:
+        assert self.runtime_limit is not None
+        seconds, grace = self.runtime_limit
+        await trio.sleep(seconds)
+        self.fail_stop(
+            TimeLimitExceeded("max_runtime", f"max_runtime: still running after {seconds:g}s"), grace
+        )
 
     def _classify(self, returned: bool) -> ExitInfo:
         reason, detail = self._reason(returned)
@@ -252,6 +308,8 @@ class RunningChild:
             if self.stop_mode:
                 return "shutdown", "killed"
             return "error", "cancelled"
+        if isinstance(exc, TimeLimitExceeded) and exc is self.fault:
+            return "error", exc.exit_detail
         if isinstance(exc, Shutdown):
             return "shutdown", exc.reason
         if isinstance(exc, RestartIntensityExceeded) and self.on_stop is not None:
