@@ -944,6 +944,8 @@ class ProcessJob(msgspec.Struct, frozen=True):
             raise TypeError("a process_job handler runs only as a pool's job")
         encoded = msgspec.json.encode(payload)
         out = await run_job_process(self.template, encoded, run, pool.processes(), pool._emit)
+        if run.stop_mode and run.proc.exit_code != 0:  # stopped (a cancel, the pool's stop): not done
+            raise ProcessFailed("shutdown", "stopped before it was done")
         try:
             return msgspec.json.decode(out)
         except msgspec.DecodeError:
