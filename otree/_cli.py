@@ -26,11 +26,11 @@ import msgspec
 
 from ._childlogs import NoLog, find_log, follow, last_lines
 from ._client import DEFAULT_TIMEOUT, ControlError, NoTree, call, submit_and_wait, subscribe
-from ._info import ChildInfo, DeadLetter, Event, Jobs, Status
+from ._info import ChildInfo, DeadLetter, Event, JobInfo, Jobs, Status
 from ._logfiles import EventFilter, LogMark, read_events
 from ._paths import control_socket, state_dir
 from ._protocol import EXIT_INTERRUPTED, EXIT_NO_TREE, EXIT_REFUSED, EXIT_USAGE
-from ._render import format_event, render_dead_letters, render_jobs, render_status
+from ._render import format_event, render_dead_letters, render_job, render_jobs, render_status
 
 __all__ = ["main"]
 
@@ -79,7 +79,7 @@ def _child_command(args: argparse.Namespace) -> int:
 
 def _signal(args: argparse.Namespace) -> int:
     tree = _Target(args)
-    sent = tree.call("signal", path=args.path, signal=parse_signal(args.signal))
+    sent = tree.call("signal", path=args.path, signal=parse_signal(args.signal), job=args.job)
     return tree.show(sent, lambda: f"{sent['path']}: {sent['signal']} sent to process group {sent['pid']}")
 
 
@@ -145,6 +145,18 @@ def _jobs(args: argparse.Namespace) -> int:
     tree = _Target(args)
     jobs = msgspec.convert(tree.call("jobs", pool=args.pool), Jobs)
     return tree.show(jobs, lambda: render_jobs(jobs))
+
+
+def _job(args: argparse.Namespace) -> int:
+    tree = _Target(args)
+    job = msgspec.convert(tree.call("job", pool=args.pool, id=args.id), JobInfo)
+    return tree.show(job, lambda: render_job(job))
+
+
+def _cancel(args: argparse.Namespace) -> int:
+    tree = _Target(args)
+    job = tree.call("cancel", pool=args.pool, id=args.id)
+    return tree.show(job, lambda: f"{args.pool}: job {job['id']} {job['state']}")
 
 
 def _dead_letters(args: argparse.Namespace) -> int:
@@ -356,6 +368,13 @@ def _add_control_commands(commands: argparse._SubParsersAction[argparse.Argument
         help="then wait for the job to end and print its result (no time limit)",
     )
     control("jobs", "list a pool's running and waiting jobs", _jobs).add_argument("pool", metavar="POOL")
+    for name, help_text, handler in (
+        ("job", "show a running, waiting or recently finished job", _job),
+        ("cancel", "cancel a job: out of the queue, or stopped if it runs", _cancel),
+    ):
+        command = control(name, help_text, handler)
+        command.add_argument("pool", metavar="POOL")
+        command.add_argument("id", metavar="JOB_ID")
     dead = control("dead-letters", "list a pool's dead letters", _dead_letters)
     dead.add_argument("pool", metavar="POOL")
     dead.add_argument("--requeue", metavar="ID", default=None, help="queue this dead letter again")
@@ -369,9 +388,12 @@ def _add_control_commands(commands: argparse._SubParsersAction[argparse.Argument
         "level", metavar="LEVEL"
     )
     control("stop-tree", "stop the whole tree in order (as SIGTERM)", _stop_tree)
-    sender = control("signal", "send a signal to a process child's process group", _signal)
-    sender.add_argument("path", metavar="PATH")
+    sender = control("signal", "send a signal to a process child's (or process job's) process group", _signal)
+    sender.add_argument("path", metavar="PATH", help="a process child, or with --job the pool")
     sender.add_argument("signal", metavar="SIGNAL", help="a name (TERM, SIGUSR1, hup) or a number")
+    sender.add_argument(
+        "--job", metavar="JOB_ID", default=None, help="this running process job of the pool PATH"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -38,7 +38,7 @@ from ._handles import PoolHandle, SupervisorHandle
 from ._info import ChildInfo, Status, StatusNode
 from ._logfiles import EventFilter
 from ._paths import check_private_dir
-from ._pool import Job
+from ._pool import Job, ProcessJob
 from ._protocol import (
     EXIT_JOB_FAILED,
     EXIT_JOB_PENDING,
@@ -54,7 +54,7 @@ from ._protocol import (
     encode,
 )
 from ._reaper import kill_group
-from ._status import jobs_of, status_of
+from ._status import job_of, jobs_of, status_of
 from ._supervisor import _flatten
 from ._task import describe
 
@@ -130,6 +130,7 @@ class _PathArgs(msgspec.Struct, forbid_unknown_fields=True):
 class _SignalArgs(msgspec.Struct, forbid_unknown_fields=True):
     path: str
     signal: int
+    job: str | None = None  # then ``path`` is a pool, and the signal goes to this job's process group
 
 
 class _SubmitArgs(msgspec.Struct, forbid_unknown_fields=True):
@@ -146,7 +147,7 @@ class _PoolArgs(msgspec.Struct, forbid_unknown_fields=True):
     pool: str
 
 
-class _RequeueArgs(msgspec.Struct, forbid_unknown_fields=True):
+class _JobArgs(msgspec.Struct, forbid_unknown_fields=True):
     pool: str
     id: str
 
@@ -406,18 +407,34 @@ class ControlServer:
         """Send a signal to a process child's process group (the child and what it started in it)."""
         if args.signal not in signal.valid_signals():
             raise _Refused(f"{args.signal} is not a signal number", EXIT_USAGE)
-        _, info = self._child(args.path)
-        if info.kind != "process":
-            raise _Refused(f"{info.path} is a {info.kind}: only a process child takes a signal")
-        if info.pid is None:
-            raise NotRunning(info.path, info.state)
+        if args.job is not None:
+            path, pid = self._job_process(args.path, args.job)
+            kind = "job.signalled"
+        else:
+            _, info = self._child(args.path)
+            if info.kind != "process":
+                raise _Refused(f"{info.path} is a {info.kind}: only a process child takes a signal")
+            if info.pid is None:
+                raise NotRunning(info.path, info.state)
+            path, pid, kind = info.path, info.pid, "child.signalled"
         # the leader is not reaped while its pid is shown, so its group (pgid = pid: it is a
         # session leader) cannot be anybody else's yet
-        if not kill_group(info.pid, args.signal):
-            raise _Refused(f"{info.path}: no member of its process group {info.pid} could be signalled")
+        if not kill_group(pid, args.signal):
+            raise _Refused(f"{path}: no member of its process group {pid} could be signalled")
         name = _signal_name(args.signal)
-        self.emit(info.path, "child.signalled", name, {**_OPERATOR, "pid": info.pid})
-        return {"path": info.path, "pid": info.pid, "signal": name}
+        self.emit(path, kind, name, {**_OPERATOR, "pid": pid})
+        return {"path": path, "pid": pid, "signal": name}
+
+    def _job_process(self, pool_path: str, job_id: str) -> tuple[str, int]:
+        """The path and pid of a pool's running process job (what ``signal --job`` reaches)."""
+        pool = self._pool(pool_path, "signal --job")
+        job = pool.job(job_id)
+        if not isinstance(pool._pool().spec.handlers.get(job.kind), ProcessJob):
+            raise _Refused(f"job {job.id} of {pool.path} is a task job: only a process job takes a signal")
+        pid = job.pid
+        if pid is None:
+            raise _Refused(f"job {job.id} of {pool.path} is not running ({job.state})")
+        return f"{pool.path}/{job.id}", pid
 
     async def _queue(self, args: _SubmitArgs) -> tuple[PoolHandle, Job]:
         pool = self._pool(args.pool, "submit")
@@ -436,7 +453,19 @@ class ControlServer:
     async def _dead_letters(self, args: _PoolArgs) -> Any:
         return self._pool(args.pool, "dead-letters").dead_letters()
 
-    async def _requeue(self, args: _RequeueArgs) -> Any:
+    async def _job(self, args: _JobArgs) -> Any:
+        return job_of(self._pool(args.pool, "job"), args.id)
+
+    async def _cancel(self, args: _JobArgs) -> Any:
+        pool = self._pool(args.pool, "cancel")
+        job = pool.job(args.id)
+        if job.finished:
+            raise _Refused(f"job {job.id} of {pool.path} already finished ({job.state})")
+        with self._by_operator(f"{pool.path}/{job.id}"):
+            await pool.cancel(job.id)
+        return _queued(job)
+
+    async def _requeue(self, args: _JobArgs) -> Any:
         return _queued(await self._pool(args.pool, "requeue").requeue(args.id))
 
     async def _reload(self, args: _NoArgs) -> Any:
@@ -569,7 +598,9 @@ _OPS: dict[str, tuple[Callable[[ControlServer, Any], Awaitable[Any]], type[msgsp
     "submit": (ControlServer._submit, _SubmitArgs),
     "jobs": (ControlServer._jobs, _PoolArgs),
     "dead_letters": (ControlServer._dead_letters, _PoolArgs),
-    "requeue": (ControlServer._requeue, _RequeueArgs),
+    "requeue": (ControlServer._requeue, _JobArgs),
+    "job": (ControlServer._job, _JobArgs),
+    "cancel": (ControlServer._cancel, _JobArgs),
     "reload": (ControlServer._reload, _NoArgs),
     "log_level": (ControlServer._log_level, _LevelArgs),
     "stop_tree": (ControlServer._stop_tree, _NoArgs),

@@ -9,11 +9,12 @@ module and the import graph stays one way.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import trio
 
-from ._errors import NotRunning
+from ._errors import JobFailed, NotRunning
 from ._events import EventStream
 from ._info import ChildInfo, Counts, DeadLetter, PoolStatus
 from ._pool import Job, Pool
@@ -208,6 +209,21 @@ class PoolHandle(_Handle):
     def clear_dead_letter(self, dead_letter_id: str) -> DeadLetter:
         """Remove a dead letter for good, freeing its key (``NotFound`` if there is no such letter)."""
         return self._pool().clear_dead_letter(dead_letter_id)
+
+    def job(self, job_id: str) -> Job:
+        """A running, waiting or recently finished job (the pool keeps the last 1,000 finished
+        in memory) by id; ``NotFound`` naming the pool if there is none."""
+        return self._pool().find(job_id)
+
+    async def cancel(self, job_id: str) -> Job:
+        """Cancel a job and wait until it is gone: a waiting one at once, a running one stopped
+        like a child within the pool's ``job_shutdown`` (one that returned before the stop
+        reached it ends ``done``). A finished job is left as it is. ``NotFound`` if there is none."""
+        job = self.job(job_id)
+        job.cancel()
+        with contextlib.suppress(JobFailed):
+            await job.result()
+        return job
 
     def queued(self) -> list[Job]:
         """Waiting jobs in the order they would start."""

@@ -144,7 +144,9 @@ class Status(msgspec.Struct, frozen=True):
 
 
 class JobInfo(msgspec.Struct, frozen=True):
-    """One job of a listing; ``held`` is set on the head job when the budget or the circuit holds it."""
+    """One job of a listing; ``held`` is set on the head job when the budget or the circuit holds it,
+    ``pid`` on a running process job. ``otree job`` adds how it ended: ``result`` (a job that is
+    ``done``) or ``error`` (why it is dead, cancelled, dropped or interrupted)."""
 
     id: str
     kind: str
@@ -155,6 +157,11 @@ class JobInfo(msgspec.Struct, frozen=True):
     cost: float
     submitted_at: float
     held: str | None = None
+    pid: int | None = None
+    started_at: float | None = None
+    ended_at: float | None = None
+    result: Any = None
+    error: str | None = None
 
 
 class Jobs(msgspec.Struct, frozen=True):

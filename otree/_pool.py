@@ -19,6 +19,7 @@ import math
 import random
 import time
 import zoneinfo
+from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from pathlib import Path
 from typing import Any, Literal
@@ -51,6 +52,7 @@ __all__ = ["Job", "Pool", "ProcessJob", "process_job"]
 JobState = Literal["queued", "waiting", "running", "done", "dead", "cancelled", "interrupted", "dropped"]
 HoldReason = Literal["budget", "circuit"]
 PRIORITY_RANGE = range(-1000, 1001)
+HISTORY = 1000  # finished jobs a pool remembers (in memory) for ``otree job``
 
 
 class Job:
@@ -63,6 +65,7 @@ class Job:
         "cost",
         "dropped",
         "due",
+        "ended_at",
         "error",
         "estimate",
         "id",
@@ -74,6 +77,7 @@ class Job:
         "place",
         "priority",
         "run",
+        "started_at",
         "state",
         "submitted_at",
         "value",
@@ -97,6 +101,8 @@ class Job:
         self.cost = 0.0
         self.state: JobState = "queued"
         self.submitted_at = time.time()
+        self.started_at: float | None = None  # wall time its last attempt started
+        self.ended_at: float | None = None  # wall time it finished (any way)
         self.run: RunningChild | None = None
         self.value: Any = None
         self.error: BaseException | None = None
@@ -114,26 +120,45 @@ class Job:
           JobFailed: the job was dead-lettered (its last error chained), cancelled, dropped
             (naming why), or interrupted by a stop of its durable pool.
         """
-        if self.state in ("queued", "waiting", "running"):
+        if not self.finished:  # a cancelled job still stopping may yet end done
             if self._done is None:
                 self._done = trio.Event()
             await self._done.wait()
         else:
             await trio.lowlevel.checkpoint()  # an async call always checkpoints (trio's rule)
-        if self.state == "done":
+        why = self.why()
+        if why is None:
             return self.value
+        raise JobFailed(self.id, why) from self.error if self.state == "dead" else None
+
+    def why(self) -> str | None:
+        """Why a finished job has no result (None: it is done, or not finished)."""
+        if self.state in ("done", "queued", "waiting", "running"):
+            return None
         if self.state == "cancelled":
-            raise JobFailed(self.id, "cancelled")
+            return "cancelled"
         if self.state == "interrupted":
-            raise JobFailed(self.id, "interrupted: the pool stopped; it runs again when the pool starts")
+            return "interrupted: the pool stopped; it runs again when the pool starts"
         if self.state == "dropped":
-            raise JobFailed(self.id, f"dropped: {self.dropped}")
+            return f"dropped: {self.dropped}"
         tries = "1 attempt" if self.attempts == 1 else f"{self.attempts} attempts"
-        raise JobFailed(self.id, f"dead-lettered after {tries}") from self.error
+        return f"dead-lettered after {tries}"
 
     def cancel(self) -> None:
-        """Remove a waiting job from the queue, or stop a running one; nothing for a finished job."""
+        """Remove a waiting job from the queue, or stop a running one (within the pool's
+        ``job_shutdown``); one ``job.cancelled`` event once it is gone; nothing for a finished job."""
         self._pool.cancel(self)
+
+    @property
+    def finished(self) -> bool:
+        """Whether it has ended for good (a cancelled job still stopping has not)."""
+        return self.state not in ("queued", "waiting", "running") and self.run is None
+
+    @property
+    def pid(self) -> int | None:
+        """The process of a running process job (None for a task job, or between attempts)."""
+        proc = self.run.proc if self.run is not None else None
+        return proc.pid if proc is not None else None
 
 
 def _zone(name: str) -> dt.tzinfo:
@@ -189,6 +214,7 @@ class Pool:
         self._stop_requested = False
         self._kill_at = math.inf  # the pool's own stop deadline (trio time)
         self.held: tuple[Job, HoldReason] | None = None  # the head job the budget or circuit holds
+        self.history: OrderedDict[str, Job] = OrderedDict()  # the last HISTORY finished jobs, oldest first
 
     def reconfigure(self, spec: PoolSpec) -> None:
         """Apply a reloaded spec in place: queued jobs, today's spend and dead letters are kept.
@@ -402,14 +428,45 @@ class Pool:
             self.retrying -= 1  # its heap entry is skipped when due
 
     def cancel(self, job: Job) -> None:
+        """``job.cancel()``: a queued or waiting job leaves the line at once; a running one is
+        stopped within ``job_shutdown`` (its ``job.cancelled`` comes once it has exited).
+        Neither a failure nor a retry: the circuit and the retry count do not see it."""
         if job.state in ("queued", "waiting"):
+            was = job.state
             self._leave_line(job)
-            self._forget(job)
-            self._finish(job, "cancelled")
+            self._cancelled(job, was)
             self._wake.set()  # the job behind it may be the new head (and held)
         elif job.state == "running" and job.run is not None:
             job.state = "cancelled"
-            job.run.request_stop(self.spec.job_shutdown, self._job_stopped)
+            job.run.request_stop(self._job_grace(), self._job_stopped)
+
+    def _cancelled(self, job: Job, was: str) -> None:
+        """A cancelled job is gone (out of a durable pool's store too): one ``job.cancelled`` event."""
+        self._forget(job)
+        self._finish(job, "cancelled")
+        path = f"{self.path}/{job.id}"
+        self._emit(path, "job.cancelled", "", job_kind=job.kind, state=was, attempts=job.attempts)
+
+    def find(self, job_id: str) -> Job:
+        """A running, waiting or recently finished job (the last ``HISTORY``) by id.
+
+        Raises:
+          NotFound: no such job here (naming the pool and what it holds).
+        """
+        job = self.running.get(job_id) or self.history.get(job_id)
+        if job is None:
+            job = next((job for job in self.waiting_jobs() if job.id == job_id), None)
+        if job is None and job_id in self.queue:
+            job = next(job for _, job in self.queue if job.id == job_id)
+        if job is None:
+            held = (
+                f"{len(self.running)} running",
+                f"{len(self.queue)} queued",
+                f"{self.retrying} retrying",
+                f"{len(self.history)} recent finished",
+            )
+            raise NotFound(self.path, job_id, list(held), what="job")
+        return job
 
     def requeue(self, dead_letter_id: str) -> Job:
         """Queue a dead letter again (a fresh count of attempts, no key); its key is free again.
@@ -676,6 +733,7 @@ class Pool:
         handler = self.spec.handlers[job.kind]
         job.attempts += 1
         job.state = "running"
+        job.started_at = time.time()
         if self.store is not None:
             self.store.started(int(job.id))
         self.budget.reserve(job.id, job.estimate)
@@ -797,14 +855,18 @@ class Pool:
         if self.circuit is not None:
             self.circuit.abandon(job.id)  # a stopped job says nothing about the service
         if job.state == "cancelled":  # job.cancel(): it is gone
-            self._forget(job)
-            self._finish(job, "cancelled")
+            self._cancelled(job, "running")
         else:
             self._pool_stopped(job)
         self._wake.set()
 
     def _finish(self, job: Job, state: JobState) -> None:
         job.state = state
+        job.ended_at = time.time()
+        history = self.history
+        history[job.id] = job
+        if len(history) > HISTORY:
+            history.popitem(last=False)
         if job.key is not None and self._by_key.get(job.key) is job:
             del self._by_key[job.key]
         if job._done is not None:
@@ -860,7 +922,7 @@ class Pool:
                 path=f"{self.path}/{job.id}",
                 kind="job",
                 state="running",
-                pid=None,
+                pid=job.pid,
                 restarts=job.attempts - 1,
                 started_at=None,
                 exit=None,
@@ -882,6 +944,8 @@ class ProcessJob(msgspec.Struct, frozen=True):
             raise TypeError("a process_job handler runs only as a pool's job")
         encoded = msgspec.json.encode(payload)
         out = await run_job_process(self.template, encoded, run, pool.processes(), pool._emit)
+        if run.stop_mode and run.proc.exit_code != 0:  # stopped (a cancel, the pool's stop): not done
+            raise ProcessFailed("shutdown", "stopped before it was done")
         try:
             return msgspec.json.decode(out)
         except msgspec.DecodeError:

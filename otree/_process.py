@@ -135,6 +135,7 @@ def _above(limit: int, current: int) -> bool:
 
 class _Run(Protocol):
     path: str
+    proc: Any  # where ``otree jobs`` and ``otree signal --job`` find a job process's pid
 
     @property
     def stopping(self) -> trio.Event: ...
@@ -373,7 +374,7 @@ async def run_job_process(
     Raises ProcessFailed (with the stderr tail in its message) on an error exit;
     with ``log_timestamps`` the tail's lines are stamped (never the result).
     """
-    proc = ProcessRun()
+    proc = run.proc = ProcessRun()
     stdout = _Capture(RESULT_LIMIT)
     sinks: dict[str, _Sink | int | None] = {"stdout": stdout, "stderr": _Capture(0)}
     stamped = ("stderr",) if spec.log_timestamps else ()

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 
 from ._info import ChildInfo, DeadLetter, Event, JobInfo, Jobs, PoolStatus, Status, StatusNode
 
-__all__ = ["format_event", "render_dead_letters", "render_jobs", "render_status"]
+__all__ = ["format_event", "render_dead_letters", "render_job", "render_jobs", "render_status"]
 
 # Details that the one-line text form leaves out (``detail`` already says Type: message).
 _VERBOSE = frozenset({"detail", "exception", "message", "traceback"})
@@ -126,6 +127,8 @@ def render_status(status: Status) -> str:
 
 def _job_line(job: JobInfo) -> str:
     words = [f"{job.id:>6}", f"{job.kind:<12}", f"{job.state:<9}", f"priority {job.priority}"]
+    if job.pid is not None:
+        words.append(f"pid {job.pid}")
     if job.attempts:
         words.append(f"attempts {job.attempts}")
     if job.estimated_cost:
@@ -146,12 +149,31 @@ def render_jobs(jobs: Jobs) -> str:
     return "\n".join(lines)
 
 
+def _stamp(stamp: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(stamp))
+
+
+def render_job(job: JobInfo) -> str:
+    """One job: its listing line, then when it was submitted, started and ended, and its
+    result or why it has none."""
+    lines = [_job_line(job).strip(), f"submitted {_stamp(job.submitted_at)}"]
+    if job.started_at is not None:
+        lines.append(f"started   {_stamp(job.started_at)}")
+    if job.ended_at is not None:
+        lines.append(f"ended     {_stamp(job.ended_at)}")
+    if job.error is not None:
+        lines.append(f"error: {job.error}")
+    elif job.state == "done":
+        lines.append(f"result: {json.dumps(job.result)}")
+    return "\n".join(lines)
+
+
 def render_dead_letters(letters: list[DeadLetter]) -> str:
     """One line per dead letter, oldest first."""
     if not letters:
         return "no dead letters"
     return "\n".join(
         f"{letter.id:>6} {letter.kind:<12} attempts {letter.attempts} "
-        f"failed {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(letter.failed_at))}: {letter.error}"
+        f"failed {_stamp(letter.failed_at)}: {letter.error}"
         for letter in letters
     )

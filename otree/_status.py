@@ -7,7 +7,9 @@ awaiting), so a status of a large tree is a consistent snapshot.
 from __future__ import annotations
 
 import time
+from typing import Any
 
+import msgspec
 import trio
 
 from ._budget import from_micros
@@ -15,8 +17,9 @@ from ._handles import PoolHandle, SupervisorHandle
 from ._info import ChildInfo, JobInfo, Jobs, Status, StatusNode
 from ._pool import Job
 from ._supervisor import _Supervisor
+from ._task import describe
 
-__all__ = ["jobs_of", "status_of"]
+__all__ = ["job_of", "jobs_of", "status_of"]
 
 
 def _supervisor_node(sup: _Supervisor, info: ChildInfo) -> StatusNode:
@@ -47,7 +50,7 @@ def status_of(handle: SupervisorHandle | PoolHandle, info: ChildInfo) -> Status:
     return Status(time.time(), root)
 
 
-def _job_info(job: Job, held: str | None = None) -> JobInfo:
+def _job_info(job: Job, held: str | None = None, *, result: Any = None, error: str | None = None) -> JobInfo:
     return JobInfo(
         id=job.id,
         kind=job.kind,
@@ -58,7 +61,27 @@ def _job_info(job: Job, held: str | None = None) -> JobInfo:
         cost=job.cost,
         submitted_at=job.submitted_at,
         held=held,
+        pid=job.pid,
+        started_at=job.started_at,
+        ended_at=job.ended_at,
+        result=result,
+        error=error,
     )
+
+
+def job_of(handle: PoolHandle, job_id: str) -> JobInfo:
+    """One running, waiting or recently finished job, with its result or why it has none
+    (a result msgpack cannot carry is its repr). Raises NotFound naming the pool."""
+    job = handle.job(job_id)
+    result = job.value if job.state == "done" else None
+    try:
+        msgspec.msgpack.encode(result)
+    except TypeError:
+        result = repr(result)
+    error = job.why()
+    if job.error is not None and job.state in ("dead", "waiting"):  # its last failure
+        error = f"{error}: {describe(job.error)}" if error else describe(job.error)
+    return _job_info(job, result=result, error=error)
 
 
 def jobs_of(handle: PoolHandle) -> Jobs:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import select
@@ -1019,3 +1020,93 @@ def test_signal_reaches_a_process_child_s_group(
         capsys.readouterr()
     assert main(["logs", "fleet/worker", "-n", "1"]) == 0  # no tree needed
     assert capsys.readouterr().out in ("helper got SIGUSR1\n", "leader got SIGUSR1\n")
+
+
+# --- steering one job: otree job, cancel, signal --job -------------------------------------
+
+TOOL_TREE = """\
+import sys
+
+import otree
+
+TOOL = '''
+import os, pathlib, signal, sys, time
+sys.stdin.read()
+signal.signal(signal.SIGUSR1, lambda *_: (print('"got usr1"', flush=True), sys.exit(0)))
+pathlib.Path(os.environ["OTREE_TEST_READY"], str(os.getpid())).touch()  # it takes USR1 from now on
+time.sleep(60)
+'''
+
+tool = otree.process_job([sys.executable, "-c", TOOL])
+tree = otree.supervisor("fleet", children=[otree.pool("tools", {"tool": tool}, max_concurrency=2)])
+"""
+
+
+def _job_json(tree: Tree, capsys: pytest.CaptureFixture[str], job_id: str) -> dict[str, Any]:
+    code, out, err = tree.cli(capsys, "job", "--json", "tools", job_id)
+    assert code == 0, err
+    job: dict[str, Any] = json.loads(out)
+    return job
+
+
+def _running_pid(tree: Tree, capsys: pytest.CaptureFixture[str], job_id: str) -> int:
+    """The pid of a process job once it runs and has set up its USR1 handler (polled, with a deadline)."""
+    deadline = time.monotonic() + DEADLINE
+    while (pid := _job_json(tree, capsys, job_id)["pid"]) is None or not (
+        tree.directory / "ready" / str(pid)
+    ).exists():
+        assert time.monotonic() < deadline, f"job {job_id} never showed a pid"
+        time.sleep(0.05)
+    assert isinstance(pid, int)
+    return pid
+
+
+def test_job_cancel_and_signal_job_steer_a_running_process_job(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("OTREE_STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.setenv("OTREE_TEST_READY", str(tmp_path / "ready"))
+    (tmp_path / "ready").mkdir()
+    file = write_tree(tmp_path, TOOL_TREE)
+    pids: list[int] = []
+    try:
+        with otree_process(["run", str(file)], tmp_path) as process:
+            tree = Tree(tmp_path, process, file)
+            tree.wait_event("fleet", "control.listening")
+            for _ in range(2):
+                assert tree.cli(capsys, "submit", "tools", "tool")[0] == 0
+            pids = [_running_pid(tree, capsys, job_id) for job_id in ("1", "2")]
+            code, out, _ = tree.cli(capsys, "jobs", "tools")
+            assert f" pid {pids[0]} " in out and f" pid {pids[1]} " in out
+            # signal --job: the job's process group gets it (the tool answers USR1 by finishing)
+            code, out, err = tree.cli(capsys, "signal", "tools", "USR1", "--job", "1")
+            assert (code, out) == (0, f"fleet/tools/1: SIGUSR1 sent to process group {pids[0]}\n"), err
+            tree.wait_event("fleet/tools/1", "job.finished")
+            done = _job_json(tree, capsys, "1")
+            assert (done["state"], done["result"], done["pid"], done["attempts"]) == (
+                "done",
+                "got usr1",
+                None,
+                1,
+            )
+            # cancel: stopped like a child, one job.cancelled, and the whole group is gone
+            assert tree.cli(capsys, "cancel", "tools", "2") == (0, "tools: job 2 cancelled\n", "")
+            tree.wait_event("fleet/tools/2", "job.cancelled")
+            with pytest.raises(ProcessLookupError):
+                os.killpg(pids[1], 0)
+            code, out, _ = tree.cli(capsys, "job", "tools", "2")
+            assert code == 0 and out.split()[:3] == ["2", "tool", "cancelled"] and "error: cancelled" in out
+            for args, error in (
+                (("cancel", "tools", "2"), "job 2 of fleet/tools already finished (cancelled)"),
+                (("cancel", "tools", "9"), "fleet/tools: no job 9 (jobs: 0 running, 0 queued, 0 retrying, "),
+                (("job", "tools", "9"), "fleet/tools: no job 9 (jobs: "),
+                (("signal", "tools", "USR1", "--job", "1"), "job 1 of fleet/tools is not running (done)"),
+            ):
+                code, out, err = tree.cli(capsys, *args)
+                assert (code, out) == (4, ""), err
+                assert err.startswith(f"otree: {error}") and err.count("\n") == 1
+            assert not any(e in line for line in process.lines for e in ("job.retried", "job.dead_lettered"))
+    finally:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)

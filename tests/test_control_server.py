@@ -145,7 +145,11 @@ async def test_foreign_uid_is_refused_and_logged(tmp_path: Path, monkeypatch: py
         (struct.pack(">I", 2 << 20), False, "frame of 2097152 bytes is over the limit of 1048576"),
         (struct.pack(">I", 100) + b"0123456789", True, "truncated frame"),
         (encode(Request(2, "status")), False, "unsupported protocol version 2 (this otree speaks 1)"),
-        (encode(Request(VERSION, "nope")), False, "unknown request 'nope' (known: dead_letters, delete,"),
+        (
+            encode(Request(VERSION, "nope")),
+            False,
+            "unknown request 'nope' (known: cancel, dead_letters, delete,",
+        ),
         (
             encode(Request(VERSION, "status", {"path": 5})),
             False,
@@ -520,3 +524,81 @@ async def test_a_tree_that_stops_under_a_waiter_says_so(tmp_path: Path) -> None:
         "the tree is stopping before root/jobs: job 1 ended "
         "(a durable pool keeps it: it runs when the pool starts again)",
     )
+
+
+async def test_cancel_stops_a_running_job_by_an_operator_and_refuses_what_it_cannot_cancel(
+    tmp_path: Path,
+) -> None:
+    gate = Gate()
+    async with serving(tmp_path, [gate.pool()]) as served:
+        pool = served.sup.find("jobs")
+        assert isinstance(pool, otree.PoolHandle)
+        job = pool.submit_nowait("gated", 1)
+        done = pool.submit_nowait("quick", 2)
+        await done.result()
+        events = served.sup.events()
+        with trio.fail_after(5):
+            reply = await served.request("cancel", pool="jobs", id=job.id)
+        assert (reply.ok, reply.result) == (True, {"id": "1", "state": "cancelled"})
+        event = await next_event(events, "job.cancelled")
+        assert (event.path, event.details["state"], event.details["by"]) == (
+            "root/jobs/1",
+            "running",
+            "operator",
+        )
+        for job_id, error in (
+            ("1", "job 1 of root/jobs already finished (cancelled)"),
+            ("2", "job 2 of root/jobs already finished (done)"),
+            ("99", "root/jobs: no job 99 (jobs: 0 running, 0 queued, 0 retrying, 2 recent finished)"),
+        ):
+            reply = await served.request("cancel", pool="jobs", id=job_id)
+            assert (reply.ok, reply.error, reply.code) == (False, error, 4)
+
+
+async def test_job_shows_a_live_or_finished_job(tmp_path: Path) -> None:
+    gate = Gate()
+    async with serving(tmp_path, [gate.pool()]) as served:
+        pool = served.sup.find("jobs")
+        assert isinstance(pool, otree.PoolHandle)
+        await pool.submit_nowait("quick", {"x": [1]}).result()
+        pool.submit_nowait("gated", 2, priority=3)
+        await trio.testing.wait_all_tasks_blocked()
+        reply = await served.request("job", pool="jobs", id="1")
+        assert reply.ok, reply.error
+        assert {k: reply.result[k] for k in ("id", "kind", "state", "attempts", "result", "error")} == {
+            "id": "1",
+            "kind": "quick",
+            "state": "done",
+            "attempts": 1,
+            "result": {"x": [1]},
+            "error": None,
+        }
+        live = (await served.request("job", pool="jobs", id="2")).result
+        assert (live["state"], live["priority"], live["pid"], live["ended_at"]) == ("running", 3, None, None)
+        reply = await served.request("job", pool="", id="1")
+        assert (reply.ok, reply.error) == (False, "root is a supervisor: job needs a pool")
+        gate.open.set()
+
+
+async def test_signal_job_refuses_a_task_job_and_a_job_not_running(tmp_path: Path) -> None:
+    import sys
+
+    gate = Gate()
+    pool = otree.pool(
+        "jobs",
+        {"gated": gate.gated, "tool": otree.process_job([sys.executable, "-c", "pass"])},
+        max_concurrency=1,
+    )
+    async with serving(tmp_path, [pool]) as served:
+        handle = served.sup.find("jobs")
+        assert isinstance(handle, otree.PoolHandle)
+        handle.submit_nowait("gated")
+        handle.submit_nowait("tool")
+        await trio.testing.wait_all_tasks_blocked()
+        for job_id, error in (
+            ("1", "job 1 of root/jobs is a task job: only a process job takes a signal"),
+            ("2", "job 2 of root/jobs is not running (queued)"),
+        ):
+            reply = await served.request("signal", path="jobs", signal=10, job=job_id)
+            assert (reply.ok, reply.error, reply.code) == (False, error, 4)
+        gate.open.set()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 from typing import Any, Literal
@@ -1289,3 +1290,133 @@ async def test_a_pool_database_from_before_the_queue_policies_is_upgraded_at_ope
         with pytest.raises(otree.JobFailed):
             await replacement.result()
         assert [letter.key for letter in pool.dead_letters()] == [None, "q"]
+
+
+async def test_cancel_is_one_job_cancelled_event_neither_a_failure_nor_a_retry(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    recorder = Recorder()
+    breaker = otree.CircuitBreaker(failures=1, cooldown=60.0)
+    tree = tree_of(recorder, max_concurrency=1, max_attempts=3, circuit_breaker=breaker)
+    async with otree.open_supervisor(tree) as sup:
+        pool = pool_of(sup)
+        stream = sup.events()
+        running = pool.submit_nowait("work", {"n": 1, "sleep": 100})
+        queued = pool.submit_nowait("work", {"n": 2, "sleep": 0})
+        await trio.sleep(1)
+        assert (running.state, queued.state) == ("running", "queued")
+        assert (await pool.cancel("2")) is queued
+        assert (await pool.cancel("1")) is running
+        assert trio.current_time() < 2  # a task that never looks at stopping is cancelled at once
+        for job in (running, queued):
+            with pytest.raises(otree.JobFailed, match="cancelled"):
+                await job.result()
+        assert running.attempts == 1 and pool.dead_letters() == []
+        assert sup.find("jobs")._pool().circuit.state == "closed"  # type: ignore[union-attr]
+        after = pool.submit_nowait("work", {"n": 3, "sleep": 0})
+        assert await after.result() == 30  # the circuit did not open: a cancel is not a failure
+        events = [e async for e in _until(stream, "job.finished")]
+        cancelled = {e.path: e.details["state"] for e in events if e.kind == "job.cancelled"}
+        assert cancelled == {"root/jobs/2": "queued", "root/jobs/1": "running"}
+        assert not [e for e in events if e.kind in ("job.retried", "job.dead_lettered", "circuit.open")]
+        running.cancel()  # a finished job: nothing happens
+        assert running.state == "cancelled"
+
+
+async def test_a_cancelled_job_of_a_durable_pool_is_gone_from_its_store(tmp_path: Any) -> None:
+    gate = trio.Event()
+
+    async def wait(payload: Any) -> None:
+        await gate.wait()
+
+    tree = otree.supervisor(
+        "root", children=[otree.pool("jobs", {"w": wait}, durable=True, max_concurrency=1)]
+    )
+    async with otree.open_supervisor(tree, state_dir=tmp_path) as sup:
+        pool = pool_of(sup)
+        pool.submit_nowait("w")
+        pool.submit_nowait("w")
+        pool.submit_nowait("w")
+        await trio.testing.wait_all_tasks_blocked()
+        await pool.cancel("1")  # running
+        await pool.cancel("3")  # queued
+        await trio.testing.wait_all_tasks_blocked()
+        assert [info.id for info in pool.which_children()] == ["2"]
+        await sup.terminate_child("jobs")
+        await sup.restart_child("jobs")
+        await trio.testing.wait_all_tasks_blocked()
+        again = pool_of(sup)
+        # only the job not cancelled came back (and runs again)
+        assert ([info.id for info in again.which_children()], again.queued()) == (["2"], [])
+        gate.set()
+
+
+async def test_a_pool_remembers_its_last_finished_jobs_with_how_they_ended(
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from otree import _pool
+    from otree._render import render_job
+    from otree._status import job_of
+
+    monkeypatch.setattr(_pool, "HISTORY", 3)
+    recorder = Recorder()
+    async with otree.open_supervisor(tree_of(recorder, max_concurrency=1)) as sup:
+        pool = pool_of(sup)
+        jobs = [pool.submit_nowait("work", {"n": n, "sleep": 1, "cost": 0.25}) for n in range(4)]
+        failing = pool.submit_nowait("work", {"n": 4, "sleep": 0, "fail": True})
+        waiting = pool.submit_nowait("work", {"n": 5, "sleep": 10})
+        for job in jobs:
+            await job.result()
+        with pytest.raises(otree.JobFailed):
+            await failing.result()
+        await trio.testing.wait_all_tasks_blocked()
+        assert job_of(pool, "6").state == "running"  # a live job too
+        with pytest.raises(otree.NotFound) as missing:
+            pool.job("2")  # the oldest finished ones are forgotten
+        assert str(missing.value) == (
+            "root/jobs: no job 2 (jobs: 1 running, 0 queued, 0 retrying, 3 recent finished)"
+        )
+        done = job_of(pool, "4")
+        assert (done.state, done.result, done.error, done.attempts, done.cost) == ("done", 30, None, 1, 0.25)
+        assert done.started_at is not None and done.ended_at is not None
+        dead = job_of(pool, "5")
+        assert (dead.state, dead.result) == ("dead", None)
+        assert dead.error == "dead-lettered after 1 attempt: RuntimeError: job 4 failed"
+        text = render_job(dead)
+        assert text.splitlines()[0].split()[:3] == ["5", "work", "dead"]
+        assert text.splitlines()[-1] == "error: dead-lettered after 1 attempt: RuntimeError: job 4 failed"
+        assert render_job(done).splitlines()[-1] == "result: 30"
+        waiting.cancel()
+
+
+async def test_a_running_process_job_shows_its_pid_and_a_cancel_stops_its_group(tmp_path: Any) -> None:
+    import os
+    import sys
+
+    from otree._status import job_of
+
+    code = "import sys, time\nsys.stdin.read()\nprint('up', flush=True)\ntime.sleep(60)\n"
+    handler = otree.process_job([sys.executable, "-c", code], shutdown=5.0)
+    tree = otree.supervisor("root", children=[otree.pool("jobs", {"p": handler})])
+    async with otree.open_supervisor(tree, state_dir=tmp_path) as sup:
+        pool = pool_of(sup)
+        job = pool.submit_nowait("p", {})
+        pid = None
+        try:
+            with trio.fail_after(10):
+                while job.pid is None:
+                    await trio.sleep(0.01)
+            pid = job.pid
+            assert os.getpgid(pid) == pid  # the leader of its own group
+            assert [info.pid for info in pool.which_children()] == [pid]
+            assert [info.pid for info in jobs_of(pool).running] == [pid]
+            assert f" pid {pid} " in render_jobs(jobs_of(pool))
+            assert job_of(pool, job.id).pid == pid
+            await pool.cancel(job.id)
+            assert job.state == "cancelled" and job.pid is None
+            with pytest.raises(ProcessLookupError):
+                os.killpg(pid, 0)  # the whole group is gone
+        finally:
+            if pid is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(pid, 9)
