@@ -18,6 +18,7 @@ not import them.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import random
@@ -53,7 +54,7 @@ from ._pool import Pool
 from ._process import ProcessContext, ProcessRun, run_process
 from ._reaper import Reaper
 from ._reload import plan_reload, same_settings
-from ._spec import ChildSpec, PoolSpec, ProcessSpec, SupervisorSpec, TaskSpec, takes_task_status
+from ._spec import ChildSpec, OnExit, PoolSpec, ProcessSpec, SupervisorSpec, TaskSpec, takes_task_status
 from ._strategy import affected_children, should_restart
 from ._task import RunningChild
 
@@ -475,6 +476,7 @@ class _Supervisor:
         assert self._nursery is not None
         spec = child.spec
         run = RunningChild(self, child, child.path)
+        run.previous_exit = child.exit
         nested = None
         pool = None
         if isinstance(spec, TaskSpec):
@@ -524,6 +526,7 @@ class _Supervisor:
             child.exit = run.exit
             child.error = run.error
             self._emit_end("child.start_failed", child, run)
+            self._call_on_exit(child)
             raise _StartFailed(run)
         if child.run is run and child.state in ("starting", "restarting"):
             child.state = "running"
@@ -556,10 +559,35 @@ class _Supervisor:
         child.error = run.error
         self._emit_end("child.stopped" if stopped else "child.exited", child, run)
         assert run.exit is not None
+        self._call_on_exit(child)
         if stopped and (run.error is not None or (run.stop_mode == "grace" and run.exit.detail == "killed")):
             self._emit_end("child.shutdown_error", child, run)
         if child.spec.restart == "temporary" and self.children.get(child.spec.id) is child:
             del self.children[child.spec.id]
+
+    def _call_on_exit(self, child: _Child) -> None:
+        """Start the child's ``on_exit`` hook beside the children: it never delays a restart."""
+        hook = child.spec.on_exit
+        if hook is not None and child.exit is not None:
+            assert self._nursery is not None
+            self._nursery.start_soon(self._on_exit, hook, child.path, child.exit, name=f"{child.path} on_exit")
+
+    async def _on_exit(self, hook: OnExit, path: str, exit_info: ExitInfo) -> None:
+        """Run an ``on_exit`` hook; its exception is an event, never the supervisor's."""
+        try:
+            await hook(path, exit_info)
+        except Exception as exc:  # noqa: BLE001 - a hook's failure is reported, not raised
+            self.tree.bus.publish(
+                Event(
+                    time.time(),
+                    path,
+                    "child.on_exit_failed",
+                    "error",
+                    {"exception": type(exc).__name__, "message": str(exc), "exit": exit_info.reason},
+                ),
+                logging.WARNING,
+                exc,
+            )
 
     async def _child_exited(self, run: RunningChild) -> None:
         child = run.child
@@ -567,13 +595,27 @@ class _Supervisor:
             return  # a stale exit: the child was stopped or replaced meanwhile
         self._settle(child, run, stopped=False)
         assert run.exit is not None
-        if should_restart(child.spec.restart, run.exit.reason):
+        if self._restarts(child.spec, run):
             backoff = self.spec.backoff
             if backoff is not None and trio.current_time() - run.started_mono >= backoff.reset_after:
                 child.consecutive = 0
             await self._restart(child)
         elif child.spec.significant:
             self._check_auto_shutdown()
+
+    @staticmethod
+    def _restarts(spec: ChildSpec, run: RunningChild) -> bool:
+        """Whether this exit restarts the child: by the code it exited with by itself, then its type."""
+        assert run.exit is not None
+        if not isinstance(spec, ProcessSpec) or not run.proc.own_exit:
+            return should_restart(spec.restart, run.exit.reason)
+        return should_restart(
+            spec.restart,
+            run.exit.reason,
+            run.exit.exit_code,
+            restart_codes=spec.restart_exit_codes,
+            no_restart_codes=spec.no_restart_exit_codes,
+        )
 
     def _check_auto_shutdown(self) -> None:
         mode = self.spec.auto_shutdown
