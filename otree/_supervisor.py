@@ -28,7 +28,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import trio
 
@@ -475,8 +475,7 @@ class _Supervisor:
         """
         assert self._nursery is not None
         spec = child.spec
-        run = RunningChild(self, child, child.path)
-        run.previous_exit = child.exit
+        run = RunningChild(self, child, child.path, previous_exit=child.exit)
         nested = None
         pool = None
         if isinstance(spec, TaskSpec):
@@ -521,16 +520,20 @@ class _Supervisor:
         if not takes_status:
             run.ready = True
         elif not await run.wait_ready():
-            child.run = None
-            child.state = before
-            child.exit = run.exit
-            child.error = run.error
-            self._emit_end("child.start_failed", child, run)
-            self._call_on_exit(child)
-            raise _StartFailed(run)
+            self._start_failed(child, run, before)
         if child.run is run and child.state in ("starting", "restarting"):
             child.state = "running"
         self._emit(child.path, "child.ready")
+
+    def _start_failed(self, child: _Child, run: RunningChild, before: ChildState) -> NoReturn:
+        """``run`` ended before it was ready: the child is back as it was, with that exit."""
+        child.run = None
+        child.state = before
+        child.exit = run.exit
+        child.error = run.error
+        self._emit_end("child.start_failed", child, run)
+        self._call_on_exit(child)
+        raise _StartFailed(run)
 
     def _start_error(self, child: _Child, run: RunningChild) -> StartError:
         assert run.exit is not None
@@ -570,7 +573,8 @@ class _Supervisor:
         hook = child.spec.on_exit
         if hook is not None and child.exit is not None:
             assert self._nursery is not None
-            self._nursery.start_soon(self._on_exit, hook, child.path, child.exit, name=f"{child.path} on_exit")
+            name = f"{child.path} on_exit"
+            self._nursery.start_soon(self._on_exit, hook, child.path, child.exit, name=name)
 
     async def _on_exit(self, hook: OnExit, path: str, exit_info: ExitInfo) -> None:
         """Run an ``on_exit`` hook; its exception is an event, never the supervisor's."""

@@ -112,7 +112,9 @@ class RunningChild:
         "stopper",
     )
 
-    def __init__(self, owner: _Owner, child: Any, path: str) -> None:
+    def __init__(
+        self, owner: _Owner, child: Any, path: str, *, previous_exit: ExitInfo | None = None
+    ) -> None:
         self.owner = owner
         self.child = child
         self.path = path
@@ -138,7 +140,7 @@ class RunningChild:
         self.runtime_limit: tuple[float, float | str] | None = None
         self.fault: TimeLimitExceeded | None = None  # why it was stopped as misbehaving (an error exit)
         # how the child's last run ended (None on its first run): resume, or start fresh
-        self.previous_exit: ExitInfo | None = None
+        self.previous_exit = previous_exit
 
     # --- what a child sees -------------------------------------------------
 
