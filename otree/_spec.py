@@ -27,7 +27,7 @@ from ._budget import MAX_USD, BudgetRule
 from ._errors import SpecError
 from ._info import ExitInfo
 from ._intensity import JitterMode, backoff_delay
-from ._strategy import Restart, Strategy
+from ._strategy import Restart, Strategy, should_restart
 
 __all__ = [
     "AutoShutdown",
@@ -217,6 +217,11 @@ class _Spec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tru
     significant: bool = False
     on_exit: OnExit | None = None
 
+    def restarts_after(self, exit_info: ExitInfo, *, own_exit: bool) -> bool:
+        """Whether this exit restarts the child, by its restart type (``own_exit``: a process
+        exited by itself, so its exit codes may decide first)."""
+        return should_restart(self.restart, exit_info.reason)
+
 
 class TaskSpec(_Spec, frozen=True, kw_only=True):
     """A trio task child: ``await fn(*args)``, with ``task_status`` if ``fn`` takes it."""
@@ -367,6 +372,18 @@ class ProcessSpec(_Spec, frozen=True, kw_only=True):
             raise SpecError(path, "log_backups", "must be an integer >= 0", self.log_backups)
         if not isinstance(self.log_timestamps, bool):
             raise SpecError(path, "log_timestamps", "must be True or False", self.log_timestamps)
+
+    def restarts_after(self, exit_info: ExitInfo, *, own_exit: bool) -> bool:
+        """As for any child, but an exit the process made by itself is decided by its code first."""
+        if not own_exit:
+            return should_restart(self.restart, exit_info.reason)
+        return should_restart(
+            self.restart,
+            exit_info.reason,
+            exit_info.exit_code,
+            restart_codes=self.restart_exit_codes,
+            no_restart_codes=self.no_restart_exit_codes,
+        )
 
     def _check_exit_codes(self, path: str) -> None:
         """Exit codes 0-255; a code cannot both force and prevent a restart; a temporary

@@ -18,7 +18,6 @@ not import them.
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 import random
@@ -49,13 +48,14 @@ from ._events import EventBus, level_of
 from ._info import ChildInfo, ChildState, Event, ExitInfo
 from ._intensity import RestartWindow
 from ._logfiles import LOG_NAME
+from ._onexit import run_on_exit
 from ._paths import check_state_dir, pool_database
 from ._pool import Pool
 from ._process import ProcessContext, ProcessRun, run_process
 from ._reaper import Reaper
 from ._reload import plan_reload, same_settings
-from ._spec import ChildSpec, OnExit, PoolSpec, ProcessSpec, SupervisorSpec, TaskSpec, takes_task_status
-from ._strategy import affected_children, should_restart
+from ._spec import ChildSpec, PoolSpec, ProcessSpec, SupervisorSpec, TaskSpec, takes_task_status
+from ._strategy import affected_children
 from ._task import RunningChild
 
 __all__ = ["Handles", "Tree"]
@@ -574,24 +574,7 @@ class _Supervisor:
         if hook is not None and child.exit is not None:
             assert self._nursery is not None
             name = f"{child.path} on_exit"
-            self._nursery.start_soon(self._on_exit, hook, child.path, child.exit, name=name)
-
-    async def _on_exit(self, hook: OnExit, path: str, exit_info: ExitInfo) -> None:
-        """Run an ``on_exit`` hook; its exception is an event, never the supervisor's."""
-        try:
-            await hook(path, exit_info)
-        except Exception as exc:  # noqa: BLE001 - a hook's failure is reported, not raised
-            self.tree.bus.publish(
-                Event(
-                    time.time(),
-                    path,
-                    "child.on_exit_failed",
-                    "error",
-                    {"exception": type(exc).__name__, "message": str(exc), "exit": exit_info.reason},
-                ),
-                logging.WARNING,
-                exc,
-            )
+            self._nursery.start_soon(run_on_exit, self.tree.bus, hook, child.path, child.exit, name=name)
 
     async def _child_exited(self, run: RunningChild) -> None:
         child = run.child
@@ -599,27 +582,13 @@ class _Supervisor:
             return  # a stale exit: the child was stopped or replaced meanwhile
         self._settle(child, run, stopped=False)
         assert run.exit is not None
-        if self._restarts(child.spec, run):
+        if child.spec.restarts_after(run.exit, own_exit=run.proc is not None and run.proc.own_exit):
             backoff = self.spec.backoff
             if backoff is not None and trio.current_time() - run.started_mono >= backoff.reset_after:
                 child.consecutive = 0
             await self._restart(child)
         elif child.spec.significant:
             self._check_auto_shutdown()
-
-    @staticmethod
-    def _restarts(spec: ChildSpec, run: RunningChild) -> bool:
-        """Whether this exit restarts the child: by the code it exited with by itself, then its type."""
-        assert run.exit is not None
-        if not isinstance(spec, ProcessSpec) or not run.proc.own_exit:
-            return should_restart(spec.restart, run.exit.reason)
-        return should_restart(
-            spec.restart,
-            run.exit.reason,
-            run.exit.exit_code,
-            restart_codes=spec.restart_exit_codes,
-            no_restart_codes=spec.no_restart_exit_codes,
-        )
 
     def _check_auto_shutdown(self) -> None:
         mode = self.spec.auto_shutdown
