@@ -253,6 +253,7 @@ class SupervisorSpec(_Spec, frozen=True, kw_only=True):
     auto_shutdown: AutoShutdown = "never"
     backoff: Backoff | None = None
     shutdown: ShutdownValue = "infinity"
+    persist_intensity: bool = False
 
     def __post_init__(self) -> None:
         path = _check_id(self.id)
@@ -274,6 +275,8 @@ class SupervisorSpec(_Spec, frozen=True, kw_only=True):
             raise SpecError(path, "max_children", "must be None or an integer >= 0", limit)
         if self.backoff is not None and not isinstance(self.backoff, Backoff):
             raise SpecError(path, "backoff", "must be None or an otree.Backoff", self.backoff)
+        if not isinstance(self.persist_intensity, bool):
+            raise SpecError(path, "persist_intensity", "must be True or False", self.persist_intensity)
         if not isinstance(self.children, (list, tuple)):
             raise SpecError(path, "children", "must be a list of child specs", self.children)
         msgspec.structs.force_setattr(self, "children", tuple(self.children))
@@ -655,6 +658,7 @@ def supervisor(
     max_children: int | None = None,
     auto_shutdown: AutoShutdown = "never",
     backoff: Backoff | None = None,
+    persist_intensity: bool = False,
     restart: Restart = "permanent",
     shutdown: ShutdownValue = "infinity",
     significant: bool = False,
@@ -669,6 +673,8 @@ def supervisor(
       max_children: None, or the most specs it may hold (running or stopped).
       auto_shutdown: ``"never"`` (default), ``"any_significant"``, ``"all_significant"``.
       backoff: None (restart at once, as OTP) or an ``otree.Backoff``.
+      persist_intensity: keep the restart window in the state dir, so restarts counted
+        before otree itself was restarted (even by ``kill -9``) still count.
       restart, shutdown, significant, on_exit: as for ``task``; shutdown defaults to ``"infinity"``.
 
     Raises:
@@ -685,6 +691,7 @@ def supervisor(
         max_children=max_children,
         auto_shutdown=auto_shutdown,
         backoff=backoff,
+        persist_intensity=persist_intensity,
         restart=restart,
         shutdown=shutdown,
         significant=significant,

@@ -57,6 +57,7 @@ from ._reload import plan_reload, same_settings
 from ._spec import ChildSpec, PoolSpec, ProcessSpec, SupervisorSpec, TaskSpec, takes_task_status
 from ._strategy import affected_children
 from ._task import RunningChild
+from ._windowfile import load_window, save_window, window_file
 
 __all__ = ["Handles", "Tree"]
 
@@ -303,6 +304,8 @@ class _Supervisor:
         self.run = run
         self.children: dict[str, _Child] = {}  # in start order
         self.window = RestartWindow(spec.max_restarts, spec.max_seconds)
+        if spec.persist_intensity:
+            self._window_problem(load_window(window_file(tree.state_dir, path), self.window))
         self.state: ChildState = "starting"
         self._ops: deque[_Op] = deque()
         self._parked: trio.lowlevel.Task | None = None  # the supervisor's task, waiting for an op
@@ -602,7 +605,10 @@ class _Supervisor:
     async def _restart(self, child: _Child) -> None:
         """Count one restart, then restart ``child`` and its group by the strategy."""
         now = trio.current_time()
-        if not self.window.add_restart(now):
+        within = self.window.add_restart(now)
+        if self.spec.persist_intensity:
+            self._window_problem(save_window(window_file(self.tree.state_dir, self.path), self.window))
+        if not within:
             child.state = "stopped"
             child.pending = None
             error = RestartIntensityExceeded(
@@ -638,6 +644,11 @@ class _Supervisor:
             self._timers.start_soon(self._wake_after, delay, child, token)
         else:
             await self._start_group(child)
+
+    def _window_problem(self, problem: str) -> None:
+        """A restart window that could not be read or kept: counted afresh, and said so."""
+        if problem:
+            self._emit(self.path, "supervisor.intensity_not_persisted", "error", detail=problem)
 
     def _group(self, child: _Child) -> list[str]:
         if self.spec.strategy == "one_for_one":  # spare listing every id on the hot path

@@ -7,7 +7,9 @@ processes (the ``marker`` fixture of test_process kills and reports any left beh
 
 from __future__ import annotations
 
+import json
 import math
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -319,3 +321,59 @@ async def test_codes_decide_only_an_exit_the_process_made_by_itself(marker: str,
             4,
         )
         assert sup.which_children()[0].restarts == 1
+
+
+# --- persist_intensity --------------------------------------------------------------------------------
+
+
+def test_persist_intensity_must_be_a_bool() -> None:
+    with pytest.raises(otree.SpecError) as error:
+        otree.supervisor("s", persist_intensity="yes")  # type: ignore[arg-type]
+    assert str(error.value) == "s: persist_intensity must be True or False; got 'yes'"
+
+
+def crash_loop(persist: bool) -> otree.SupervisorSpec:
+    """Its child crashes 1 s after each start; more than 2 restarts in 100 s is too many."""
+    child = otree.task("a", crash_after, Log(), "a", 1.0)
+    return otree.supervisor(
+        "loop", max_restarts=2, max_seconds=100, persist_intensity=persist, children=[child]
+    )
+
+
+@pytest.mark.parametrize("persist", [True, False])
+async def test_a_crash_loop_is_still_one_after_otree_restarts(
+    autojump_clock: trio.testing.MockClock, tmp_path: Path, persist: bool
+) -> None:
+    window = tmp_path / "intensity" / "loop.json"
+    async with otree.open_supervisor(crash_loop(persist), state_dir=tmp_path) as sup:
+        await trio.sleep(2.5)
+        assert sup.which_children()[0].restarts == 2
+        if persist:  # written at each restart, not at exit: a kill -9 now loses nothing
+            assert len(json.loads(window.read_bytes())) == 2
+            assert stat.S_IMODE(window.stat().st_mode) == 0o600
+            assert stat.S_IMODE(window.parent.stat().st_mode) == 0o700
+    assert window.exists() is persist
+    if persist:
+        with pytest.raises(otree.RestartIntensityExceeded):
+            async with otree.open_supervisor(crash_loop(persist), state_dir=tmp_path):
+                await trio.sleep(1.5)  # the first crash of this run is the third in the window
+    else:
+        async with otree.open_supervisor(crash_loop(persist), state_dir=tmp_path) as sup:
+            await trio.sleep(2.5)
+            assert sup.which_children()[0].restarts == 2
+
+
+async def test_an_unreadable_window_is_an_event_and_counting_starts_afresh(
+    autojump_clock: trio.testing.MockClock, tmp_path: Path
+) -> None:
+    window = tmp_path / "intensity" / "loop.json"
+    window.parent.mkdir(parents=True)
+    window.write_text("[1, 2")
+    async with otree.open_supervisor(crash_loop(True), state_dir=tmp_path) as sup:
+        await trio.sleep(2.5)
+        assert sup.which_children()[0].restarts == 2
+    logged = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines()]
+    [problem] = [e for e in logged if e["kind"] == "supervisor.intensity_not_persisted"]
+    assert (problem["path"], problem["reason"]) == ("loop", "error")
+    assert problem["details"]["detail"].startswith(f"{window}: ")
+    assert len(json.loads(window.read_bytes())) == 2  # rewritten whole at the next restart
