@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import stat
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
 
@@ -134,11 +135,17 @@ RECORD = (
 )
 
 
-async def exit_then_settle(sup: otree.SupervisorHandle, path: str) -> otree.Event:
-    """The child's first ``child.exited`` event, once the supervisor has acted on it."""
-    event = await first(sup.events(), "child.exited", path)
+def alone(child: otree.ProcessSpec, tmp_path: Path) -> AbstractAsyncContextManager[otree.SupervisorHandle]:
+    """A tree ``t`` of just ``child``."""
+    return otree.open_supervisor(otree.supervisor("t", children=[child]), state_dir=tmp_path / "s")
+
+
+async def exit_then_settle(sup: otree.SupervisorHandle) -> tuple[otree.Event, otree.ChildInfo]:
+    """The only child's first ``child.exited`` event, and the child once the supervisor acted on it."""
+    event = await first(sup.events(), "child.exited", "t/p")
     await trio.testing.wait_all_tasks_blocked()
-    return event
+    [info] = sup.which_children()
+    return event, info
 
 
 async def test_an_ok_exit_code_is_normal_and_a_transient_child_stays_stopped(
@@ -148,24 +155,18 @@ async def test_an_ok_exit_code_is_normal_and_a_transient_child_stays_stopped(
     child = proc(
         "p", RECORD, marker, restart="transient", ok_exit_codes=[3], env={"CODE": "3", "OUT": str(out)}
     )
-    async with otree.open_supervisor(
-        otree.supervisor("t", children=[child]), state_dir=tmp_path / "s"
-    ) as sup:
-        event = await exit_then_settle(sup, "t/p")
+    async with alone(child, tmp_path) as sup:
+        event, info = await exit_then_settle(sup)
         assert (event.reason, event.details["exit_code"]) == ("normal", 3)
-        [info] = sup.which_children()
         assert (info.state, info.restarts, info.exit) == ("stopped", 0, otree.ExitInfo("normal", "", 3, None))
     assert not out.exists()
 
 
 async def test_a_no_restart_code_leaves_a_permanent_child_stopped(marker: str, tmp_path: Path) -> None:
     child = proc("p", "import sys; sys.exit(4)", marker, no_restart_exit_codes=[4])
-    async with otree.open_supervisor(
-        otree.supervisor("t", children=[child]), state_dir=tmp_path / "s"
-    ) as sup:
-        event = await exit_then_settle(sup, "t/p")
+    async with alone(child, tmp_path) as sup:
+        event, info = await exit_then_settle(sup)
         assert (event.reason, event.details["exit_code"]) == ("error", 4)
-        [info] = sup.which_children()
         assert (info.state, info.restarts) == ("stopped", 0)
 
 
@@ -182,9 +183,7 @@ async def test_a_restart_code_restarts_a_transient_child_whose_exit_is_normal_an
         restart_exit_codes=[5],
         env={"CODE": "5", "OUT": str(out)},
     )
-    async with otree.open_supervisor(
-        otree.supervisor("t", children=[child]), state_dir=tmp_path / "s"
-    ) as sup:
+    async with alone(child, tmp_path) as sup:
         seen = await collect(sup.events(), lambda e: e.kind == "child.exited" and e.details["exit_code"] == 0)
         exits = [(e.reason, e.details["exit_code"]) for e in seen if e.kind == "child.exited"]
         assert exits == [("normal", 5), ("normal", 0)]
@@ -197,9 +196,7 @@ async def test_a_restart_code_restarts_a_transient_child_whose_exit_is_normal_an
 async def test_a_crashed_process_is_told_its_error_exit(marker: str, tmp_path: Path) -> None:
     out = tmp_path / "out"
     child = proc("p", RECORD + "import time; time.sleep(1000)\n", marker, env={"CODE": "3", "OUT": str(out)})
-    async with otree.open_supervisor(
-        otree.supervisor("t", children=[child]), state_dir=tmp_path / "s"
-    ) as sup:
+    async with alone(child, tmp_path) as sup:
         stream = sup.events()
         await first(stream, "child.exited", "t/p")
         await first(stream, "child.ready", "t/p")
@@ -311,16 +308,14 @@ async def test_codes_decide_only_an_exit_the_process_made_by_itself(marker: str,
         "time.sleep(1000)\n"
     )
     child = proc("p", code, marker, max_runtime=0.5, no_restart_exit_codes=[4], ok_exit_codes=[4])
-    async with otree.open_supervisor(
-        otree.supervisor("t", children=[child]), state_dir=tmp_path / "s"
-    ) as sup:
-        event = await exit_then_settle(sup, "t/p")
+    async with alone(child, tmp_path) as sup:
+        event, info = await exit_then_settle(sup)
         assert (event.reason, event.details["detail"], event.details["exit_code"]) == (
             "error",
             "max_runtime",
             4,
         )
-        assert sup.which_children()[0].restarts == 1
+        assert info.restarts == 1
 
 
 # --- persist_intensity --------------------------------------------------------------------------------
