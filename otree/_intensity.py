@@ -46,6 +46,21 @@ class RestartWindow:
             times.popleft()
         return len(times)
 
+    def wall_times(self, now: float, wall_now: float) -> list[float]:
+        """The restarts still counting at ``now``, as wall-clock times (to outlive this process)."""
+        self.in_window(now)
+        return [wall_now - (now - t) for t in self._times]
+
+    def restore(self, wall_times: Sequence[float], now: float, wall_now: float) -> None:
+        """Count restarts an earlier otree recorded as wall-clock times, on this clock.
+
+        Those out of the window are dropped; one that the wall clock puts in the future
+        (it was set back) counts as now; at most ``max_restarts + 1`` are kept.
+        """
+        times = sorted(min(now, now - (wall_now - wall)) for wall in wall_times)
+        kept = [t for t in times if now - t <= self.max_seconds][-(self.max_restarts + 1) :]
+        self._times = deque(sorted([*self._times, *kept]))
+
 
 JitterMode = Literal["symmetric", "down"]
 

@@ -26,6 +26,7 @@ import trio
 from trio_util import wait_any
 
 from ._appevents import parse_notify_event
+from ._info import ExitInfo
 from ._notify import NotifySockets
 from ._paths import child_log_dir, ensure_private_dir
 from ._reaper import ChildSetup, Guard, Reaper, kill_group, spawn
@@ -136,6 +137,7 @@ def _above(limit: int, current: int) -> bool:
 class _Run(Protocol):
     path: str
     proc: Any  # where ``otree jobs`` and ``otree signal --job`` find a job process's pid
+    previous_exit: ExitInfo | None
 
     @property
     def stopping(self) -> trio.Event: ...
@@ -146,7 +148,7 @@ class _Run(Protocol):
 class ProcessRun:
     """What one run of a process child shows: pid, STATUS= text, the stderr tail, how it ended."""
 
-    __slots__ = ("exit_code", "last_activity", "pid", "signal", "status", "tail")
+    __slots__ = ("exit_code", "last_activity", "own_exit", "pid", "signal", "status", "tail")
 
     def __init__(self) -> None:
         self.pid: int | None = None
@@ -155,6 +157,8 @@ class ProcessRun:
         self.last_activity = trio.current_time()
         self.exit_code: int | None = None
         self.signal: int | None = None
+        # it exited by itself (otree neither signalled it nor judged it stalled or not ready)
+        self.own_exit = False
 
 
 class _RotatingLog:
@@ -201,12 +205,41 @@ class _RotatingLog:
 # --- the runner --------------------------------------------------------------------------------
 
 
-def _environment(spec: ProcessSpec, notify: Path, user: pwd.struct_passwd | None) -> dict[str, str]:
+# Exit details that name a kind of stop, passed on in OTREE_PREVIOUS_EXIT (others are free text).
+_EXIT_KEYWORDS = frozenset({"max_runtime", "stalled", "idle", "start_timeout", "killed"})
+
+
+def previous_exit_value(exit_info: ExitInfo) -> str:
+    """``OTREE_PREVIOUS_EXIT``: ``reason[:keyword][:status]``, colon-separated.
+
+    ``keyword`` is the detail when it is one of ``_EXIT_KEYWORDS``; ``status`` is the exit
+    code (digits) or the signal's name (``SIGKILL``). ``normal:0``, ``error:3``,
+    ``error:stalled:SIGKILL``, ``shutdown``.
+    """
+    parts: list[str] = [exit_info.reason]
+    if exit_info.detail in _EXIT_KEYWORDS:
+        parts.append(exit_info.detail)
+    if exit_info.exit_code is not None:
+        parts.append(str(exit_info.exit_code))
+    elif exit_info.signal is not None:
+        try:
+            parts.append(signal.Signals(exit_info.signal).name)
+        except ValueError:
+            parts.append(f"SIG{exit_info.signal}")
+    return ":".join(parts)
+
+
+def _environment(
+    spec: ProcessSpec, notify: Path, user: pwd.struct_passwd | None, previous: ExitInfo | None
+) -> dict[str, str]:
     env = dict(os.environ) if spec.inherit_env else {}
     if user is not None:  # its own home and name, not otree's (``env`` may still set them)
         env.update(HOME=user.pw_dir, USER=user.pw_name, LOGNAME=user.pw_name)
     env.update(spec.env or {})
     env["NOTIFY_SOCKET"] = os.fspath(notify)
+    env.pop("OTREE_PREVIOUS_EXIT", None)  # never otree's own, nor a stale one
+    if previous is not None:
+        env["OTREE_PREVIOUS_EXIT"] = previous_exit_value(previous)
     return env
 
 
@@ -453,7 +486,7 @@ async def _run(
                 ctx.register,
                 setup,
                 ctx.guard,
-                env=_environment(spec, notify_path, user),
+                env=_environment(spec, notify_path, user, run.previous_exit),
                 cwd=spec.cwd,
                 stdin=targets["stdin"],
                 stdout=targets["stdout"],
@@ -591,7 +624,10 @@ class _Watch:
         if self.stalled.is_set() and not stop_requested:
             raise ProcessFailed("stalled", f"no output or WATCHDOG=1 for {self.spec.stall_timeout:g}s")
         returncode = self.popen.returncode
-        if not self.signalled and not stop_requested and returncode != 0:
+        if self.signalled or stop_requested:
+            return
+        self.proc.own_exit = True
+        if returncode != 0 and returncode not in self.spec.ok_exit_codes:
             raise ProcessFailed(_describe_exit(returncode))
 
 

@@ -25,8 +25,9 @@ import trio
 
 from ._budget import MAX_USD, BudgetRule
 from ._errors import SpecError
+from ._info import ExitInfo
 from ._intensity import JitterMode, backoff_delay
-from ._strategy import Restart, Strategy
+from ._strategy import Restart, Strategy, should_restart
 
 __all__ = [
     "AutoShutdown",
@@ -43,6 +44,8 @@ __all__ = [
     "task",
 ]
 
+# Called after each exit of a child with its path and how it ended.
+OnExit = Callable[[str, ExitInfo], Awaitable[Any]]
 AutoShutdown = Literal["never", "any_significant", "all_significant"]
 # Seconds of grace before a stop turns into a kill, or one of OTP's two words.
 ShutdownValue = float | Literal["brutal_kill", "infinity"]
@@ -97,6 +100,20 @@ def _check_restart_and_significant(path: str, restart: object, significant: obje
         raise SpecError(path, "significant", "must be True or False", significant)
     if significant and restart == "permanent":
         raise SpecError(path, "significant=True", "requires restart 'transient' or 'temporary'", restart)
+
+
+def _check_on_exit(path: str, on_exit: object) -> None:
+    if on_exit is not None and (not callable(on_exit) or _is_sync(on_exit)):
+        raise SpecError(path, "on_exit", "must be None or an async function (path, ExitInfo)", on_exit)
+
+
+def _exit_codes(path: str, field: str, codes: object) -> tuple[int, ...]:
+    """``codes`` as a sorted tuple of exit codes 0-255 (each once)."""
+    if not isinstance(codes, (list, tuple, set, frozenset)) or not all(
+        isinstance(c, int) and not isinstance(c, bool) and 0 <= c <= 255 for c in codes
+    ):
+        raise SpecError(path, field, "must be a list of exit codes (integers 0-255)", codes)
+    return tuple(sorted(set(codes)))
 
 
 class Backoff(msgspec.Struct, frozen=True):
@@ -198,6 +215,12 @@ class _Spec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tru
     id: str
     restart: Restart = "permanent"
     significant: bool = False
+    on_exit: OnExit | None = None
+
+    def restarts_after(self, exit_info: ExitInfo, *, own_exit: bool) -> bool:
+        """Whether this exit restarts the child, by its restart type (``own_exit``: a process
+        exited by itself, so its exit codes may decide first)."""
+        return should_restart(self.restart, exit_info.reason)
 
 
 class TaskSpec(_Spec, frozen=True, kw_only=True):
@@ -212,6 +235,7 @@ class TaskSpec(_Spec, frozen=True, kw_only=True):
     def __post_init__(self) -> None:
         path = _check_id(self.id)
         _check_restart_and_significant(path, self.restart, self.significant)
+        _check_on_exit(path, self.on_exit)
         _check_shutdown(path, self.shutdown)
         _check_max_runtime(path, self.max_runtime)
         _check_task_fn(path, self.fn, self.args)
@@ -229,10 +253,12 @@ class SupervisorSpec(_Spec, frozen=True, kw_only=True):
     auto_shutdown: AutoShutdown = "never"
     backoff: Backoff | None = None
     shutdown: ShutdownValue = "infinity"
+    persist_intensity: bool = False
 
     def __post_init__(self) -> None:
         path = _check_id(self.id)
         _check_restart_and_significant(path, self.restart, self.significant)
+        _check_on_exit(path, self.on_exit)
         _check_shutdown(path, self.shutdown)
         _check_choice(path, "strategy", self.strategy, _STRATEGIES)
         _check_choice(path, "auto_shutdown", self.auto_shutdown, _AUTO_SHUTDOWNS)
@@ -249,6 +275,8 @@ class SupervisorSpec(_Spec, frozen=True, kw_only=True):
             raise SpecError(path, "max_children", "must be None or an integer >= 0", limit)
         if self.backoff is not None and not isinstance(self.backoff, Backoff):
             raise SpecError(path, "backoff", "must be None or an otree.Backoff", self.backoff)
+        if not isinstance(self.persist_intensity, bool):
+            raise SpecError(path, "persist_intensity", "must be True or False", self.persist_intensity)
         if not isinstance(self.children, (list, tuple)):
             raise SpecError(path, "children", "must be a list of child specs", self.children)
         msgspec.structs.force_setattr(self, "children", tuple(self.children))
@@ -303,10 +331,15 @@ class ProcessSpec(_Spec, frozen=True, kw_only=True):
     log_timestamps: bool = False
     user: str | None = None
     rlimits: dict[str, tuple[int, int]] | None = None
+    ok_exit_codes: tuple[int, ...] = ()
+    restart_exit_codes: tuple[int, ...] = ()
+    no_restart_exit_codes: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         path = _check_id(self.id)
         _check_restart_and_significant(path, self.restart, self.significant)
+        _check_on_exit(path, self.on_exit)
+        self._check_exit_codes(path)
         _check_shutdown(path, self.shutdown)
         _check_max_runtime(path, self.max_runtime)
         _check_user_and_rlimits(path, self.user, self.rlimits)
@@ -342,6 +375,33 @@ class ProcessSpec(_Spec, frozen=True, kw_only=True):
             raise SpecError(path, "log_backups", "must be an integer >= 0", self.log_backups)
         if not isinstance(self.log_timestamps, bool):
             raise SpecError(path, "log_timestamps", "must be True or False", self.log_timestamps)
+
+    def restarts_after(self, exit_info: ExitInfo, *, own_exit: bool) -> bool:
+        """As for any child, but an exit the process made by itself is decided by its code first."""
+        if not own_exit:
+            return should_restart(self.restart, exit_info.reason)
+        return should_restart(
+            self.restart,
+            exit_info.reason,
+            exit_info.exit_code,
+            restart_codes=self.restart_exit_codes,
+            no_restart_codes=self.no_restart_exit_codes,
+        )
+
+    def _check_exit_codes(self, path: str) -> None:
+        """Exit codes 0-255; a code cannot both force and prevent a restart; a temporary
+        child is never restarted, so it cannot be forced to."""
+        for field in ("ok_exit_codes", "restart_exit_codes", "no_restart_exit_codes"):
+            msgspec.structs.force_setattr(self, field, _exit_codes(path, field, getattr(self, field)))
+        both = set(self.restart_exit_codes) & set(self.no_restart_exit_codes)
+        if both:
+            raise SpecError(
+                path, "restart_exit_codes", "must not share codes with no_restart_exit_codes", sorted(both)
+            )
+        if self.restart_exit_codes and self.restart == "temporary":
+            raise SpecError(
+                path, "restart_exit_codes", "requires restart 'permanent' or 'transient'", self.restart
+            )
 
     def effective_start_timeout(self) -> float:
         """``start_timeout``, or its default: none for "spawn", 30 s for "notify", N + 30 s for N."""
@@ -420,6 +480,7 @@ def process(
     restart: Literal["permanent", "transient", "temporary"] = "permanent",
     shutdown: ShutdownValue = 5.0,
     significant: bool = False,
+    on_exit: OnExit | None = None,
     stop_signal: int = signal.SIGTERM,
     ready: float | Literal["spawn", "notify"] = "spawn",
     start_timeout: float | None = None,
@@ -432,6 +493,9 @@ def process(
     log_timestamps: bool = False,
     user: str | None = None,
     rlimits: dict[str, Any] | None = None,
+    ok_exit_codes: Sequence[int] = (),
+    restart_exit_codes: Sequence[int] = (),
+    no_restart_exit_codes: Sequence[int] = (),
 ) -> ProcessSpec:
     """An OS process child: ``argv`` run directly (never through a shell) in its own process group.
 
@@ -455,6 +519,12 @@ def process(
       rlimits: resource limits set before it runs, ``{"nofile": 1024, "as": (soft, hard)}``
         (names as ``RLIMIT_*`` in lower case; None for unlimited); raising a hard limit
         needs root.
+      ok_exit_codes: exit codes that count as ``normal``, like 0 (systemd's SuccessExitStatus).
+      restart_exit_codes, no_restart_exit_codes: decide the restart by the code the process
+        exited with by itself, before the restart type: a code in ``no_restart_exit_codes``
+        is never restarted (RestartPreventExitStatus), one in ``restart_exit_codes`` always
+        is (RestartForceExitStatus; not for a temporary child). Disjoint; codes 0-255.
+      on_exit: as for ``task``.
 
     Raises:
       SpecError: a field is invalid.
@@ -468,6 +538,7 @@ def process(
         restart=restart,
         shutdown=shutdown,
         significant=significant,
+        on_exit=on_exit,
         stop_signal=stop_signal,
         ready=ready,
         start_timeout=start_timeout,
@@ -480,6 +551,9 @@ def process(
         log_timestamps=log_timestamps,
         user=user,
         rlimits=_rlimits(rlimits),
+        ok_exit_codes=ok_exit_codes,  # type: ignore[arg-type]  # checked and made a sorted tuple
+        restart_exit_codes=restart_exit_codes,  # type: ignore[arg-type]
+        no_restart_exit_codes=no_restart_exit_codes,  # type: ignore[arg-type]
     )
 
 
@@ -540,6 +614,7 @@ def task(
     restart: Restart = "permanent",
     shutdown: ShutdownValue = 5.0,
     significant: bool = False,
+    on_exit: OnExit | None = None,
     max_runtime: float | None = None,
 ) -> TaskSpec:
     """A trio task child running ``await fn(*args)``.
@@ -554,6 +629,9 @@ def task(
       significant: whether its own exit may shut the supervisor down (auto_shutdown).
       max_runtime: None, or stop each run (an ``error`` exit, detail ``max_runtime``) this
         many seconds after it started, like any stop (see ``shutdown``).
+      on_exit: None, or an async function ``(path, ExitInfo)`` called after each exit of the
+        child (a start failure, a crash, a stop) in its supervisor's nursery; it does not
+        delay the restart, and an exception in it is a ``child.on_exit_failed`` event.
 
     Raises:
       SpecError: a field is invalid.
@@ -565,6 +643,7 @@ def task(
         restart=restart,
         shutdown=shutdown,
         significant=significant,
+        on_exit=on_exit,
         max_runtime=max_runtime,
     )
 
@@ -579,9 +658,11 @@ def supervisor(
     max_children: int | None = None,
     auto_shutdown: AutoShutdown = "never",
     backoff: Backoff | None = None,
+    persist_intensity: bool = False,
     restart: Restart = "permanent",
     shutdown: ShutdownValue = "infinity",
     significant: bool = False,
+    on_exit: OnExit | None = None,
 ) -> SupervisorSpec:
     """A supervisor of ``children``, started in list order and stopped in reverse.
 
@@ -592,7 +673,9 @@ def supervisor(
       max_children: None, or the most specs it may hold (running or stopped).
       auto_shutdown: ``"never"`` (default), ``"any_significant"``, ``"all_significant"``.
       backoff: None (restart at once, as OTP) or an ``otree.Backoff``.
-      restart, shutdown, significant: as for ``task``; shutdown defaults to ``"infinity"``.
+      persist_intensity: keep the restart window in the state dir, so restarts counted
+        before otree itself was restarted (even by ``kill -9``) still count.
+      restart, shutdown, significant, on_exit: as for ``task``; shutdown defaults to ``"infinity"``.
 
     Raises:
       SpecError: a field or a child is invalid.
@@ -608,9 +691,11 @@ def supervisor(
         max_children=max_children,
         auto_shutdown=auto_shutdown,
         backoff=backoff,
+        persist_intensity=persist_intensity,
         restart=restart,
         shutdown=shutdown,
         significant=significant,
+        on_exit=on_exit,
     )
 
 
@@ -657,6 +742,7 @@ class PoolSpec(_Spec, frozen=True, kw_only=True):
     def __post_init__(self) -> None:
         path = _check_id(self.id)
         _check_restart_and_significant(path, self.restart, self.significant)
+        _check_on_exit(path, self.on_exit)
         _check_shutdown(path, self.shutdown)
         _check_shutdown(path, self.job_shutdown)
         self._check_policies(path)
@@ -756,6 +842,7 @@ def pool(
     restart: Restart = "permanent",
     shutdown: ShutdownValue = "infinity",
     significant: bool = False,
+    on_exit: OnExit | None = None,
 ) -> PoolSpec:
     """A pool child: jobs by priority (FIFO within one), at most ``max_concurrency`` at once.
 
@@ -788,6 +875,7 @@ def pool(
         that long after it started is stopped (as a cancel, within ``job_shutdown``) and fails
         with detail ``max_runtime`` (retried or dead-lettered as any failure);
         ``submit(..., max_runtime=)`` overrides it for one job.
+      on_exit: as for ``task``.
 
     Raises:
       SpecError: a field is invalid.
@@ -817,6 +905,7 @@ def pool(
         restart=restart,
         shutdown=shutdown,
         significant=significant,
+        on_exit=on_exit,
     )
 
 

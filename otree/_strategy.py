@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Literal
 
 __all__ = ["ExitReason", "Restart", "Strategy", "affected_children", "should_restart"]
@@ -12,11 +12,27 @@ Strategy = Literal["one_for_one", "one_for_all", "rest_for_one"]
 ExitReason = Literal["normal", "shutdown", "error"]
 
 
-def should_restart(restart: Restart, reason: ExitReason) -> bool:
+def should_restart(
+    restart: Restart,
+    reason: ExitReason,
+    exit_code: int | None = None,
+    *,
+    restart_codes: Collection[int] = (),
+    no_restart_codes: Collection[int] = (),
+) -> bool:
     """Whether a child of this restart type is restarted after exiting for ``reason``.
 
     permanent: always; transient: only after an ``error``; temporary: never.
+    ``exit_code`` is the code a process exited with by itself (None for a task, a
+    signal, or a process otree stopped): a code in ``no_restart_codes`` is never
+    restarted (systemd's RestartPreventExitStatus), then a code in ``restart_codes``
+    always is (RestartForceExitStatus), whatever the restart type and reason.
     """
+    if exit_code is not None:
+        if exit_code in no_restart_codes:
+            return False
+        if exit_code in restart_codes:
+            return True
     if restart == "permanent":
         return True
     if restart == "transient":

@@ -27,7 +27,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import trio
 
@@ -48,14 +48,16 @@ from ._events import EventBus, level_of
 from ._info import ChildInfo, ChildState, Event, ExitInfo
 from ._intensity import RestartWindow
 from ._logfiles import LOG_NAME
+from ._onexit import run_on_exit
 from ._paths import check_state_dir, pool_database
 from ._pool import Pool
 from ._process import ProcessContext, ProcessRun, run_process
 from ._reaper import Reaper
 from ._reload import plan_reload, same_settings
 from ._spec import ChildSpec, PoolSpec, ProcessSpec, SupervisorSpec, TaskSpec, takes_task_status
-from ._strategy import affected_children, should_restart
+from ._strategy import affected_children
 from ._task import RunningChild
+from ._windowfile import load_window, save_window, window_file
 
 __all__ = ["Handles", "Tree"]
 
@@ -302,6 +304,8 @@ class _Supervisor:
         self.run = run
         self.children: dict[str, _Child] = {}  # in start order
         self.window = RestartWindow(spec.max_restarts, spec.max_seconds)
+        if spec.persist_intensity:
+            self._window_problem(load_window(window_file(tree.state_dir, path), self.window))
         self.state: ChildState = "starting"
         self._ops: deque[_Op] = deque()
         self._parked: trio.lowlevel.Task | None = None  # the supervisor's task, waiting for an op
@@ -474,7 +478,7 @@ class _Supervisor:
         """
         assert self._nursery is not None
         spec = child.spec
-        run = RunningChild(self, child, child.path)
+        run = RunningChild(self, child, child.path, previous_exit=child.exit)
         nested = None
         pool = None
         if isinstance(spec, TaskSpec):
@@ -519,15 +523,20 @@ class _Supervisor:
         if not takes_status:
             run.ready = True
         elif not await run.wait_ready():
-            child.run = None
-            child.state = before
-            child.exit = run.exit
-            child.error = run.error
-            self._emit_end("child.start_failed", child, run)
-            raise _StartFailed(run)
+            self._start_failed(child, run, before)
         if child.run is run and child.state in ("starting", "restarting"):
             child.state = "running"
         self._emit(child.path, "child.ready")
+
+    def _start_failed(self, child: _Child, run: RunningChild, before: ChildState) -> NoReturn:
+        """``run`` ended before it was ready: the child is back as it was, with that exit."""
+        child.run = None
+        child.state = before
+        child.exit = run.exit
+        child.error = run.error
+        self._emit_end("child.start_failed", child, run)
+        self._call_on_exit(child)
+        raise _StartFailed(run)
 
     def _start_error(self, child: _Child, run: RunningChild) -> StartError:
         assert run.exit is not None
@@ -556,10 +565,19 @@ class _Supervisor:
         child.error = run.error
         self._emit_end("child.stopped" if stopped else "child.exited", child, run)
         assert run.exit is not None
+        self._call_on_exit(child)
         if stopped and (run.error is not None or (run.stop_mode == "grace" and run.exit.detail == "killed")):
             self._emit_end("child.shutdown_error", child, run)
         if child.spec.restart == "temporary" and self.children.get(child.spec.id) is child:
             del self.children[child.spec.id]
+
+    def _call_on_exit(self, child: _Child) -> None:
+        """Start the child's ``on_exit`` hook beside the children: it never delays a restart."""
+        hook = child.spec.on_exit
+        if hook is not None and child.exit is not None:
+            assert self._nursery is not None
+            name = f"{child.path} on_exit"
+            self._nursery.start_soon(run_on_exit, self.tree.bus, hook, child.path, child.exit, name=name)
 
     async def _child_exited(self, run: RunningChild) -> None:
         child = run.child
@@ -567,7 +585,7 @@ class _Supervisor:
             return  # a stale exit: the child was stopped or replaced meanwhile
         self._settle(child, run, stopped=False)
         assert run.exit is not None
-        if should_restart(child.spec.restart, run.exit.reason):
+        if child.spec.restarts_after(run.exit, own_exit=run.proc is not None and run.proc.own_exit):
             backoff = self.spec.backoff
             if backoff is not None and trio.current_time() - run.started_mono >= backoff.reset_after:
                 child.consecutive = 0
@@ -587,7 +605,10 @@ class _Supervisor:
     async def _restart(self, child: _Child) -> None:
         """Count one restart, then restart ``child`` and its group by the strategy."""
         now = trio.current_time()
-        if not self.window.add_restart(now):
+        within = self.window.add_restart(now)
+        if self.spec.persist_intensity:
+            self._window_problem(save_window(window_file(self.tree.state_dir, self.path), self.window))
+        if not within:
             child.state = "stopped"
             child.pending = None
             error = RestartIntensityExceeded(
@@ -623,6 +644,11 @@ class _Supervisor:
             self._timers.start_soon(self._wake_after, delay, child, token)
         else:
             await self._start_group(child)
+
+    def _window_problem(self, problem: str) -> None:
+        """A restart window that could not be read or kept: counted afresh, and said so."""
+        if problem:
+            self._emit(self.path, "supervisor.intensity_not_persisted", "error", detail=problem)
 
     def _group(self, child: _Child) -> list[str]:
         if self.spec.strategy == "one_for_one":  # spare listing every id on the hot path

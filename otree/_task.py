@@ -84,6 +84,8 @@ class RunningChild:
     Attributes:
       path: the child's path in the tree, e.g. ``"fleet/alice"``.
       cost: spend reported by this run through ``report_cost``.
+      previous_exit: how the child's previous run ended (an ``ExitInfo``), None on its
+        first run: the "resume or start fresh" decision.
     """
 
     __slots__ = (
@@ -98,6 +100,7 @@ class RunningChild:
         "on_stop",
         "owner",
         "path",
+        "previous_exit",
         "proc",
         "ready",
         "result",
@@ -109,7 +112,9 @@ class RunningChild:
         "stopper",
     )
 
-    def __init__(self, owner: _Owner, child: Any, path: str) -> None:
+    def __init__(
+        self, owner: _Owner, child: Any, path: str, *, previous_exit: ExitInfo | None = None
+    ) -> None:
         self.owner = owner
         self.child = child
         self.path = path
@@ -134,6 +139,8 @@ class RunningChild:
         # max_runtime: seconds this run may last and the grace of the stop past them
         self.runtime_limit: tuple[float, float | str] | None = None
         self.fault: TimeLimitExceeded | None = None  # why it was stopped as misbehaving (an error exit)
+        # how the child's last run ended (None on its first run): resume, or start fresh
+        self.previous_exit = previous_exit
 
     # --- what a child sees -------------------------------------------------
 

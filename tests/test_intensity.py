@@ -507,3 +507,28 @@ def test_backoff_down_jitter_draw_ends() -> None:
     assert backoff_delay(3, unit=0.0, **kwargs) == 4.0  # the full delay
     assert backoff_delay(3, unit=math.nextafter(1.0, 0.0), **kwargs) == pytest.approx(2.0)  # half of it
     assert otree.Backoff(initial=1.0, jitter=0.5, jitter_mode="down").delay(3, 0.5) == 3.0
+
+
+# --- persisted windows (persist_intensity) ----------------------------------------------------
+
+
+def test_a_window_round_trips_through_wall_clock_times() -> None:
+    window = RestartWindow(3, 10.0)
+    for t in (1.0, 5.0, 8.0):
+        window.add_restart(t)
+    walls = window.wall_times(now=12.0, wall_now=1000.0)
+    assert walls == [993.0, 996.0]  # the restart at 1.0 has left the window
+    again = RestartWindow(3, 10.0)
+    again.restore(walls, now=500.0, wall_now=1001.0)  # a new process: its own monotonic clock
+    assert again.in_window(500.0) == 2
+    assert again.in_window(503.5) == 1  # 993 was 8 s before: it left at 502
+    assert again.add_restart(504.0) and again.add_restart(504.5)
+    assert not again.add_restart(505.0)
+
+
+def test_restore_drops_old_times_clamps_future_ones_and_keeps_at_most_max_plus_one() -> None:
+    window = RestartWindow(2, 10.0)
+    window.restore([0.0, 85.0, 95.0, 96.0, 99.0, 150.0], now=7.0, wall_now=100.0)
+    assert window.in_window(7.0) == 3  # 96, 99 and 150 of 95, 96, 99, 150: the newest three
+    assert window.in_window(15.5) == 2  # 96 (at 3.0) left; 99 (6.0) and 150, clamped to 7.0, count
+    assert window.in_window(17.5) == 0  # and leaves 10 s later, not 10 s after 150

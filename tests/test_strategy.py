@@ -111,3 +111,30 @@ def test_affected_children_invariants(case: tuple[list[str], str], strategy: Str
     # Every child before the failed one is spared unless the strategy is one_for_all.
     if strategy != "one_for_all":
         assert not set(result) & set(ids[: ids.index(failed)])
+
+
+# Exit codes decide before the restart type (systemd: RestartPreventExitStatus, then
+# RestartForceExitStatus); an exit without a code of its own falls back to the table.
+@pytest.mark.parametrize(("restart", "reason", "_expected"), RESTART_TABLE)
+def test_should_restart_no_code_follows_the_restart_type(
+    restart: Restart, reason: ExitReason, _expected: bool
+) -> None:
+    assert should_restart(restart, reason, None, restart_codes={3}, no_restart_codes={4}) is _expected
+
+
+@pytest.mark.parametrize("restart", ["permanent", "transient"])
+@pytest.mark.parametrize("reason", ["normal", "error"])
+def test_no_restart_code_prevents_and_restart_code_forces(restart: Restart, reason: ExitReason) -> None:
+    assert should_restart(restart, reason, 4, restart_codes={3}, no_restart_codes={4}) is False
+    assert should_restart(restart, reason, 3, restart_codes={3}, no_restart_codes={4}) is True
+
+
+def test_a_code_in_neither_set_follows_the_restart_type() -> None:
+    assert should_restart("transient", "normal", 0, restart_codes={3}, no_restart_codes={4}) is False
+    assert should_restart("transient", "error", 1, restart_codes={3}, no_restart_codes={4}) is True
+    assert should_restart("permanent", "normal", 0, restart_codes={3}, no_restart_codes={4}) is True
+
+
+def test_prevent_wins_over_force() -> None:
+    """The spec keeps the sets disjoint; the decision still has one defined order."""
+    assert should_restart("permanent", "error", 5, restart_codes={5}, no_restart_codes={5}) is False
