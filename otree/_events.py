@@ -34,6 +34,7 @@ _LEVELS = {
     "child.shutdown_error": logging.WARNING,
     "child.start_failed": logging.WARNING,
     "job.dropped": logging.WARNING,  # work that will not be done
+    "supervisor.intensity_not_persisted": logging.WARNING,  # a crash loop may be forgotten
     "notify.ignored": logging.DEBUG,
 }
 
