@@ -10,14 +10,14 @@ module and the import graph stays one way.
 from __future__ import annotations
 
 import contextlib
-from typing import Any
+from typing import Any, Unpack
 
 import trio
 
 from ._errors import JobFailed, NotRunning
 from ._events import EventStream
 from ._info import ChildInfo, Counts, DeadLetter, PoolStatus
-from ._pool import Job, Pool
+from ._pool import Job, Pool, SubmitOptions
 from ._spec import ChildSpec
 from ._supervisor import Handles, Tree, _Supervisor
 
@@ -164,35 +164,13 @@ class PoolHandle(_Handle):
             raise NotRunning(child.path, child.state)
         return child.pool
 
-    def submit_nowait(
-        self,
-        kind: str,
-        payload: Any = None,
-        *,
-        priority: int = 0,
-        estimated_cost: float = 0.0,
-        key: Any = None,
-        max_runtime: float | None = None,
-    ) -> Job:
-        """Queue a job at once (never waits); see ``Pool.submit_nowait`` for the errors."""
-        return self._pool().submit_nowait(
-            kind, payload, priority=priority, estimated_cost=estimated_cost, key=key, max_runtime=max_runtime
-        )
+    def submit_nowait(self, kind: str, payload: Any = None, **options: Unpack[SubmitOptions]) -> Job:
+        """Queue a job at once (never waits); see ``Pool.submit_nowait`` for the options and errors."""
+        return self._pool().submit_nowait(kind, payload, **options)
 
-    async def submit(
-        self,
-        kind: str,
-        payload: Any = None,
-        *,
-        priority: int = 0,
-        estimated_cost: float = 0.0,
-        key: Any = None,
-        max_runtime: float | None = None,
-    ) -> Job:
+    async def submit(self, kind: str, payload: Any = None, **options: Unpack[SubmitOptions]) -> Job:
         """Queue a job. Raises ``QueueFull`` at once when the queue is full (never waits)."""
-        job = self.submit_nowait(
-            kind, payload, priority=priority, estimated_cost=estimated_cost, key=key, max_runtime=max_runtime
-        )
+        job = self.submit_nowait(kind, payload, **options)
         await trio.lowlevel.checkpoint()
         return job
 

@@ -22,7 +22,7 @@ import zoneinfo
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypedDict
 
 import msgspec
 import trio
@@ -47,11 +47,23 @@ from ._spec import PoolSpec, ProcessSpec, ShutdownValue, process, valid_max_runt
 from ._store import INTERRUPTIONS_TO_DEAD, Store
 from ._task import RunningChild, current_child
 
-__all__ = ["Job", "Pool", "ProcessJob", "process_job"]
+__all__ = ["Job", "Pool", "ProcessJob", "SubmitOptions", "process_job"]
 
 JobState = Literal["queued", "waiting", "running", "done", "dead", "cancelled", "interrupted", "dropped"]
 HoldReason = Literal["budget", "circuit"]
 PRIORITY_RANGE = range(-1000, 1001)
+
+
+class SubmitOptions(TypedDict, total=False):
+    """The keywords of a submission (``Pool.submit_nowait`` says what each does), for the
+    handle's methods that pass them on."""
+
+    priority: int
+    estimated_cost: float
+    key: Hashable
+    max_runtime: float | None
+
+
 HISTORY = 1000  # finished jobs a pool remembers (in memory) for ``otree job``
 
 
