@@ -9,10 +9,13 @@ is read to its end, then the files rotated after it, then the new one.
 from __future__ import annotations
 
 import os
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
+
+from ._paths import ID_PATTERN
 
 __all__ = ["FOLLOW_POLL", "NoLog", "find_log", "follow", "last_lines"]
 
@@ -37,6 +40,9 @@ def find_log(state: Path, path: str, stream: str) -> Path:
     ids = [part for part in path.split("/") if part]
     if not ids:
         raise NoLog(f"{path!r} names no child")
+    strange = next((part for part in ids if not re.fullmatch(ID_PATTERN, part)), None)
+    if strange is not None:  # such as ".." (never a child's id): nothing outside the logs is read
+        raise NoLog(f"{path!r} is not a child path: {strange!r} does not match {ID_PATTERN}")
     roots = sorted(entry.name for entry in _entries(logs) if entry.is_dir() and entry.name != ids[0])
     candidates = [logs.joinpath(*ids), *(logs.joinpath(root, *ids) for root in roots)]
     found = [candidate / name for candidate in candidates if (candidate / name).is_file()]

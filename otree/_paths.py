@@ -19,6 +19,7 @@ from pathlib import Path
 import platformdirs
 
 __all__ = [
+    "ID_PATTERN",
     "check_private_dir",
     "check_state_dir",
     "child_log_dir",
@@ -43,6 +44,10 @@ def ensure_private_dir(path: Path) -> Path:
         ensure_private_dir(path.parent)
         path.mkdir(mode=0o700, exist_ok=True)
     return path
+
+
+# A child's id; also a folder name under ``logs/`` (so never ``.`` nor ``..``, nor with a slash).
+ID_PATTERN = "[A-Za-z0-9][A-Za-z0-9_.-]*"
 
 
 def child_log_dir(state: Path, child_path: str) -> Path:

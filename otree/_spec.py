@@ -27,6 +27,7 @@ from ._budget import MAX_USD, BudgetRule
 from ._errors import SpecError
 from ._info import ExitInfo
 from ._intensity import JitterMode, backoff_delay
+from ._paths import ID_PATTERN
 from ._strategy import Restart, Strategy, should_restart
 
 __all__ = [
@@ -50,7 +51,6 @@ AutoShutdown = Literal["never", "any_significant", "all_significant"]
 # Seconds of grace before a stop turns into a kill, or one of OTP's two words.
 ShutdownValue = float | Literal["brutal_kill", "infinity"]
 
-ID_PATTERN = "[A-Za-z0-9][A-Za-z0-9_.-]*"
 _ID_RE = re.compile(ID_PATTERN)
 _RESTARTS = ("permanent", "transient", "temporary")
 _STRATEGIES = ("one_for_one", "one_for_all", "rest_for_one")

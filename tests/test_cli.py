@@ -650,6 +650,12 @@ def test_logs_of_what_has_none_say_so(tmp_path: Path, capsys: pytest.CaptureFixt
         "(give the whole path)\n"
     )
     assert logs(capsys, tmp_path, "fleet/indexer")[0] == 0
+    (tmp_path / "stdout.log").write_text("not a child's log\n")  # <state dir>/logs/.. holds one
+    assert logs(capsys, tmp_path, "..") == (
+        4,
+        "",
+        "otree: '..' is not a child path: '..' does not match [A-Za-z0-9][A-Za-z0-9_.-]*\n",
+    )
 
 
 class LineReader:
