@@ -13,6 +13,7 @@ import shlex
 import sys
 from typing import TextIO
 
+import msgspec
 import trio
 
 from ._control import prepare_socket_dir
@@ -23,7 +24,7 @@ from ._output import OutputLosses, guard_output
 from ._paths import control_socket, state_dir
 from ._protocol import EXIT_REFUSED, EXIT_USAGE
 from ._reaper import Reaper, adopt_orphans
-from ._spec import ChildSpec, ProcessSpec, SupervisorSpec
+from ._spec import Backoff, ChildSpec, ProcessSpec, SupervisorSpec
 
 __all__ = ["tree_command"]
 
@@ -85,7 +86,27 @@ def _run(args: argparse.Namespace, tree: SupervisorSpec, losses: OutputLosses) -
     return 0
 
 
+# Shown on every line, or in a form of their own (a child's code and children are not settings).
+_NOT_SETTINGS = frozenset(
+    {
+        "id",
+        "restart",
+        "shutdown",
+        "strategy",
+        "max_restarts",
+        "max_seconds",
+        "fn",
+        "args",
+        "children",
+        "handlers",
+        "argv",
+    }
+)
+
+
 def _describe(spec: ChildSpec) -> str:
+    """One line: id, kind, restart, shutdown, a supervisor's intensity, a process's argv, then
+    every other setting that is not its default (``otree check`` shows what the file says)."""
     fields = [spec.id, spec.kind, f"restart={spec.restart}", f"shutdown={spec.shutdown}"]
     if isinstance(spec, SupervisorSpec):
         fields += [
@@ -93,21 +114,39 @@ def _describe(spec: ChildSpec) -> str:
             f"max_restarts={spec.max_restarts}",
             f"max_seconds={spec.max_seconds:g}",
         ]
-        if spec.max_children is not None:
-            fields.append(f"max_children={spec.max_children}")
-        if spec.auto_shutdown != "never":
-            fields.append(f"auto_shutdown={spec.auto_shutdown}")
-        if spec.backoff is not None:
-            fields.append(f"backoff={spec.backoff.initial:g}..{spec.backoff.maximum:g}s")
     elif isinstance(spec, ProcessSpec):
-        fields += [f"ready={spec.ready}", f"argv={shlex.join(spec.argv)}"]
-        if spec.user is not None:
-            fields.append(f"user={spec.user}")
-        if spec.stall_timeout is not None:
-            fields.append(f"stall_timeout={spec.stall_timeout:g}")
-    if spec.significant:
-        fields.append("significant")
+        fields.append(f"argv={shlex.join(spec.argv)}")
+    names = type(spec).__struct_fields__
+    defaults = type(spec).__struct_defaults__  # those of the last fields (specs have no factories)
+    for name, default in zip(
+        names, (msgspec.NODEFAULT,) * (len(names) - len(defaults)) + defaults, strict=True
+    ):
+        value = getattr(spec, name)
+        if name not in _NOT_SETTINGS and value != default:
+            fields.append(name if value is True else f"{name}={_shown(name, value)}")
     return "  ".join(fields)
+
+
+def _shown(name: str, value: object) -> str:
+    """A setting's value in one word: seconds as ``%g``, lists joined, code by name, the
+    environment by its names only (its values may be secrets)."""
+    if isinstance(value, Backoff):
+        if value.delays:
+            return "[" + ",".join(f"{delay:g}" for delay in value.delays) + "]s"
+        return f"{value.initial:g}..{value.maximum:g}s"
+    if isinstance(value, msgspec.Struct):
+        return ",".join(f"{key}={_shown(key, item)}" for key, item in msgspec.structs.asdict(value).items())
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, dict):
+        if name == "env":
+            return ",".join(value)
+        return ",".join(f"{key}:{_shown(key, item)}" for key, item in value.items())
+    if isinstance(value, (tuple, list)):
+        return ",".join(_shown(name, item) for item in value)
+    if callable(value):
+        return getattr(value, "__qualname__", repr(value))
+    return str(value)
 
 
 def _print_tree(spec: ChildSpec, depth: int, out: TextIO) -> None:

@@ -255,6 +255,41 @@ def test_check_prints_tree(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     assert "significant" not in alice
 
 
+SETTINGS_TREE = """\
+import otree
+
+async def work(payload):
+    return payload
+
+async def told(path, exit):
+    pass
+
+tree = otree.supervisor("fleet", persist_intensity=True, children=[
+    otree.task("alice", work, None, max_runtime=30.0, on_exit=told),
+    otree.process("tool", ["./tool", "--fast"], env={"API_KEY": "secret", "MODEL": "small"},
+                  ok_exit_codes=(3, 4), log_timestamps=True),
+    otree.pool("jobs", {"work": work}, on_full="drop_oldest", max_starts_per_second=2.5,
+               backoff=otree.Backoff.schedule([0, 30, 120])),
+])
+"""
+
+
+def test_check_shows_every_setting_that_is_not_its_default(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["check", str(write_tree(tmp_path, SETTINGS_TREE))]) == 0
+    fleet, alice, tool, jobs = (fields for _, fields in map(tokens, capsys.readouterr().out.splitlines()))
+    assert "persist_intensity" in fleet
+    assert (field(alice, "max_runtime"), field(alice, "on_exit")) == ("30", "told")
+    assert field(tool, "env") == "API_KEY,MODEL"  # the names only: the values may be secrets
+    assert "secret" not in " ".join(tool)
+    assert (field(tool, "ok_exit_codes"), "log_timestamps" in tool) == ("3,4", True)
+    assert not [word for word in tool if word.startswith(("stdout=", "ready=", "inherit_env="))]  # defaults
+    assert field(jobs, "on_full") == "drop_oldest"
+    assert field(jobs, "max_starts_per_second") == "2.5"
+    assert field(jobs, "backoff") == "[0,30,120]s"
+
+
 def test_check_attr_picks_another_name(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = write_tree(tmp_path, RICH_TREE)
     assert main(["check", str(path), "--attr", "other"]) == 0
