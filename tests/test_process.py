@@ -566,8 +566,8 @@ def test_check_prints_process_children_with_argv(tmp_path: Path, capsys: pytest.
     assert main(["check", str(tree)]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[1] == (
-        "  p  process  restart=permanent  shutdown=5.0  ready=notify  "
-        "argv=agent --model 'a b'  stall_timeout=30"
+        "  p  process  restart=permanent  shutdown=5.0  argv=agent --model 'a b'  "
+        "ready=notify  stall_timeout=30"
     )
 
 
