@@ -322,10 +322,18 @@ class Pool:
         elif taken_over is None:
             stored_key = key if isinstance(key, str) or key is None else str(key)
             job_id = store.add(
-                kind, encoded, priority=priority, estimate=estimate, key=stored_key, at=time.time()
+                kind,
+                encoded,
+                priority=priority,
+                estimate=estimate,
+                key=stored_key,
+                at=time.time(),
+                max_runtime=max_runtime,
             )
         else:
-            job_id = store.replace(int(taken_over.id), kind, encoded, estimate=estimate, at=time.time())
+            job_id = store.replace(
+                int(taken_over.id), kind, encoded, estimate=estimate, at=time.time(), max_runtime=max_runtime
+            )
         job = Job(self, str(job_id), kind, payload, priority=priority, estimate=estimate, key=key)
         job.max_runtime = max_runtime
         if key is not None:
@@ -481,7 +489,8 @@ class Pool:
         return job
 
     def requeue(self, dead_letter_id: str) -> Job:
-        """Queue a dead letter again (a fresh count of attempts, no key); its key is free again.
+        """Queue a dead letter again (a fresh count of attempts, no key, its kind's max_runtime); its key
+        is free again.
 
         Raises:
           NotFound: no such dead letter (and what ``submit_nowait`` raises: the letter stays).
@@ -567,6 +576,7 @@ class Pool:
             job.attempts = stored.attempts
             job.submitted_at = stored.submitted_at
             job.place = stored.place
+            job.max_runtime = stored.max_runtime
             if stored.key is not None:
                 self._by_key[stored.key] = job
             self.queue.push(job.id, job.priority, job)

@@ -1420,3 +1420,37 @@ async def test_a_running_process_job_shows_its_pid_and_a_cancel_stops_its_group(
             if pid is not None:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(pid, 9)
+
+
+async def test_a_durable_pool_keeps_a_jobs_own_max_runtime_across_a_restart(
+    tmp_path: Any, autojump_clock: trio.testing.MockClock
+) -> None:
+    gate = trio.Event()
+
+    async def work(payload: dict[str, Any]) -> str:
+        if payload.get("block"):
+            await gate.wait()
+        await trio.sleep(payload.get("sleep", 0))
+        return "done"
+
+    def tree() -> otree.SupervisorSpec:
+        pool = otree.pool("jobs", {"w": work}, max_concurrency=1, max_attempts=1, durable=True)
+        return otree.supervisor("root", children=[pool])
+
+    async with otree.open_supervisor(tree(), state_dir=tmp_path) as sup:
+        pool = pool_of(sup)
+        pool.submit_nowait("w", {"block": True})  # holds the only slot: the next one stays queued
+        limited = pool.submit_nowait("w", {"sleep": 100}, max_runtime=5)
+        await trio.testing.wait_all_tasks_blocked()
+        assert pool.job(limited.id).state == "queued"
+    gate.set()
+    async with otree.open_supervisor(tree(), state_dir=tmp_path) as sup:
+        pool = pool_of(sup)
+        recovered = pool.job(limited.id)
+        assert recovered.max_runtime == 5
+        started = trio.current_time()
+        with pytest.raises(otree.JobFailed) as failed:
+            await recovered.result()
+        assert isinstance(failed.value.__cause__, TimeoutError)
+        assert trio.current_time() - started == 5.0
+        assert [letter.error for letter in pool.dead_letters()] == ["max_runtime"]
