@@ -634,13 +634,15 @@ def test_logs_of_what_has_none_say_so(tmp_path: Path, capsys: pytest.CaptureFixt
     assert logs(capsys, tmp_path, "alice") == (
         4,
         "",
-        f'otree: no stdout log of alice in {logs_dir} (only a process child with stdout="log" has one; '
+        f'otree: no stdout log of alice in {logs_dir} (only a process child with stdout="log", or a '
+        "process job with logs=True, has one; "
         "stdout logs there: none)\n",
     )
     log_writer(tmp_path, "fleet/team/worker").close()
     log_writer(tmp_path, "fleet/indexer").close()
     assert logs(capsys, tmp_path, "team")[2] == (
-        f'otree: no stdout log of team in {logs_dir} (only a process child with stdout="log" has one; '
+        f'otree: no stdout log of team in {logs_dir} (only a process child with stdout="log", or a '
+        "process job with logs=True, has one; "
         "stdout logs there: fleet/indexer, fleet/team/worker)\n"
     )
     assert logs(capsys, tmp_path, "indexer", "--stderr")[0] == 4  # it has a stdout log only
