@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import json
+import sqlite3
 from typing import Any, Literal
 
 import pytest
@@ -17,6 +18,7 @@ import otree
 from otree._budget import LEDGER_MAX
 from otree._render import render_jobs, render_status
 from otree._status import jobs_of, status_of
+from otree._store import Store
 
 T0 = dt.datetime(2026, 11, 22, 23, 0, tzinfo=dt.UTC)
 
@@ -1454,3 +1456,25 @@ async def test_a_durable_pool_keeps_a_jobs_own_max_runtime_across_a_restart(
         assert isinstance(failed.value.__cause__, TimeoutError)
         assert trio.current_time() - started == 5.0
         assert [letter.error for letter in pool.dead_letters()] == ["max_runtime"]
+
+
+def test_an_older_pool_database_gains_the_max_runtime_column_when_opened(tmp_path: Any) -> None:
+    path = tmp_path / "jobs.sqlite3"
+    old = sqlite3.connect(path)
+    old.executescript(
+        "CREATE TABLE jobs (id INTEGER PRIMARY KEY AUTOINCREMENT, kind TEXT NOT NULL, payload BLOB NOT NULL, "
+        "priority INTEGER NOT NULL, estimate INTEGER NOT NULL, key TEXT, attempts INTEGER NOT NULL, "
+        "interruptions INTEGER NOT NULL, running INTEGER NOT NULL, submitted_at REAL NOT NULL, "
+        "place INTEGER);"
+        "INSERT INTO jobs (kind, payload, priority, estimate, key, attempts, interruptions, running, "
+        "submitted_at) VALUES ('w', '1', 0, 0, NULL, 0, 0, 0, 1.0);"
+    )
+    old.commit()
+    old.close()
+    store = Store(path)
+    try:
+        added = store.add("w", b"2", priority=0, estimate=0, key=None, at=2.0, max_runtime=30.0)
+        queued, _ = store.recover()
+        assert [(job.id, job.max_runtime) for job in queued] == [(1, None), (added, 30.0)]
+    finally:
+        store.close()
