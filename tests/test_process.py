@@ -836,3 +836,36 @@ async def test_a_process_job_without_logs_writes_none(marker: str, state: Path) 
 def test_process_job_logs_is_checked_in_the_spec() -> None:
     with pytest.raises(otree.SpecError, match="job: logs must be True or False; got 'yes'"):
         otree.process_job(["true"], logs="yes")  # type: ignore[arg-type]
+
+
+WAIT_FOR_FILE = """
+import json, os, sys, time
+gate = json.load(sys.stdin)
+print("started", flush=True)
+while gate and not os.path.exists(gate):
+    time.sleep(0.01)
+"""
+
+
+async def test_a_running_jobs_logs_are_never_pruned(
+    marker: str, state: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_pool, "JOB_LOGS_KEPT", 1)
+    handler = otree.process_job([PY, "-c", WAIT_FOR_FILE], env={"OTREE_TEST_MARKER": marker}, logs=True)
+    tree = otree.supervisor("t", children=[otree.pool("jobs", {"run": handler}, max_concurrency=2)])
+    gate = tmp_path / "gate"
+    jobs = state / "logs" / "t" / "jobs" / "jobs"
+    async with otree.open_supervisor(tree, state_dir=state) as sup:
+        pool = sup.child("jobs")
+        assert isinstance(pool, otree.PoolHandle)
+        with trio.fail_after(10):
+            held = pool.submit_nowait("run", str(gate))
+            while not (jobs / "1" / "stdout.log").is_file() or not (jobs / "1" / "stdout.log").read_bytes():
+                await trio.sleep(0.01)
+            await pool.submit_nowait("run", "").result()  # beyond the bound, but job 1 still runs
+            assert sorted(entry.name for entry in jobs.iterdir()) == ["1", "2"]
+            gate.touch()
+            await held.result()
+            await pool.submit_nowait("run", "").result()
+    assert sorted(entry.name for entry in jobs.iterdir()) == ["3"]
+    assert (jobs / "3" / "stdout.log").read_bytes() == b"started\n"
