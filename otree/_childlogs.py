@@ -1,7 +1,8 @@
 """A process child's log files as ``otree logs`` reads them: straight from the state dir, free of trio.
 
 No tree needs to run: the files are ``<state dir>/logs/<child path as nested
-folders>/stdout.log`` (and ``stderr.log``), rotated to ``.1`` (newest) ... ``.N``
+folders>/stdout.log`` (and ``stderr.log``; a logged process job's are in
+``<pool path>/jobs/<job id>/``), rotated to ``.1`` (newest) ... ``.N``
 by the writer in ``_process``. Following survives rotation: the file being read
 is read to its end, then the files rotated after it, then the new one.
 """
@@ -29,7 +30,8 @@ class NoLog(Exception):
 
 
 def find_log(state: Path, path: str, stream: str) -> Path:
-    """The log file of the child at ``path`` (with or without the root's id), for ``stream``.
+    """The log file of the child at ``path`` (with or without the root's id), for ``stream``;
+    or of the logged process job ``path`` names as ``POOL/JOB_ID``.
 
     Raises:
       NoLog: none (not a process child, its stream is not ``"log"``, or it never
@@ -44,7 +46,10 @@ def find_log(state: Path, path: str, stream: str) -> Path:
     if strange is not None:  # such as ".." (never a child's id): nothing outside the logs is read
         raise NoLog(f"{path!r} is not a child path: {strange!r} does not match {ID_PATTERN}")
     roots = sorted(entry.name for entry in _entries(logs) if entry.is_dir() and entry.name != ids[0])
-    candidates = [logs.joinpath(*ids), *(logs.joinpath(root, *ids) for root in roots)]
+    # ``POOL/JOB_ID`` names a logged process job too: its logs are under ``<pool>/jobs/<id>``
+    spellings = [ids, [*ids[:-1], "jobs", ids[-1]]] if ids[-1].isdigit() and len(ids) > 1 else [ids]
+    bases = [logs, *(logs / root for root in roots)]
+    candidates = [base.joinpath(*spelling) for base in bases for spelling in spellings]
     found = [candidate / name for candidate in candidates if (candidate / name).is_file()]
     if len(found) == 1:
         return found[0]
@@ -54,7 +59,8 @@ def find_log(state: Path, path: str, stream: str) -> Path:
     known = sorted(str(log.parent.relative_to(logs)) for log in logs.rglob(name)) if logs.is_dir() else []
     listed = ", ".join(known[:_SHOWN]) + (", ..." if len(known) > _SHOWN else "") if known else "none"
     raise NoLog(
-        f'no {stream} log of {path} in {logs} (only a process child with {stream}="log" has one; '
+        f'no {stream} log of {path} in {logs} (only a process child with {stream}="log", or a '
+        "process job with logs=True, has one; "
         f"{stream} logs there: {listed})"
     )
 

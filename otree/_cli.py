@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import math
 import os
 import re
 import signal
@@ -123,6 +124,8 @@ def _submit(args: argparse.Namespace) -> int:
     job = dict(
         pool=args.pool, kind=args.kind, payload=payload, priority=args.priority, cost=args.cost, key=args.key
     )
+    if args.max_runtime is not None:  # sent only when given: a tree from before the option still answers
+        job["max_runtime"] = _max_runtime(args.max_runtime)
     if not args.wait:
         queued = tree.call("submit", **job)
         return tree.show(queued, lambda: f"{args.pool}: job {queued['id']} {queued['state']}")
@@ -266,6 +269,17 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _max_runtime(text: str) -> float:
+    """``--max-runtime``'s seconds: a finite number above 0 (JSON has no infinity to lift a limit)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise _Usage(f"--max-runtime {text!r}: give a number of seconds above 0")
+    return value
+
+
 def _count(text: str) -> int:
     try:
         value = int(text)
@@ -362,6 +376,12 @@ def _add_control_commands(commands: argparse._SubParsersAction[argparse.Argument
     submit.add_argument("--priority", type=int, default=0)
     submit.add_argument("--cost", type=float, default=0.0, help="estimated cost in USD")
     submit.add_argument("--key", default=None, help="idempotency key: the same key is not queued twice")
+    submit.add_argument(
+        "--max-runtime",
+        metavar="SECONDS",
+        default=None,
+        help="seconds each attempt may run (overrides the kind's max_runtime)",
+    )
     submit.add_argument(
         "--wait",
         action="store_true",

@@ -140,6 +140,7 @@ class _SubmitArgs(msgspec.Struct, forbid_unknown_fields=True):
     priority: int = 0
     cost: float = 0.0
     key: str | None = None
+    max_runtime: float | None = None  # seconds per attempt; None: its kind's limit
     wait: bool = False  # then reply with the job's id, and again with its outcome once it has ended
 
 
@@ -439,7 +440,12 @@ class ControlServer:
     async def _queue(self, args: _SubmitArgs) -> tuple[PoolHandle, Job]:
         pool = self._pool(args.pool, "submit")
         job = await pool.submit(
-            args.kind, args.payload, priority=args.priority, estimated_cost=args.cost, key=args.key
+            args.kind,
+            args.payload,
+            priority=args.priority,
+            estimated_cost=args.cost,
+            key=args.key,
+            max_runtime=args.max_runtime,
         )
         return pool, job
 

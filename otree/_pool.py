@@ -17,6 +17,7 @@ import heapq
 import itertools
 import math
 import random
+import shutil
 import time
 import zoneinfo
 from collections import OrderedDict
@@ -37,10 +38,20 @@ from ._budget import (
     seconds_until_midnight,
     to_micros,
 )
-from ._errors import BudgetExceeded, CircuitOpen, DeadLettered, JobFailed, NotFound, NotRunning, QueueFull
+from ._errors import (
+    BudgetExceeded,
+    CircuitOpen,
+    DeadLettered,
+    JobFailed,
+    NotFound,
+    NotRunning,
+    QueueFull,
+    SpecError,
+)
 from ._info import ChildInfo, DeadLetter, PoolStatus
 from ._intensity import CircuitState
 from ._jobqueue import JobQueue
+from ._paths import child_log_dir, ensure_private_dir
 from ._policies import OldestFirst, StartRate
 from ._process import ProcessContext, ProcessFailed, run_job_process
 from ._spec import PoolSpec, ProcessSpec, ShutdownValue, process, valid_max_runtime
@@ -322,10 +333,18 @@ class Pool:
         elif taken_over is None:
             stored_key = key if isinstance(key, str) or key is None else str(key)
             job_id = store.add(
-                kind, encoded, priority=priority, estimate=estimate, key=stored_key, at=time.time()
+                kind,
+                encoded,
+                priority=priority,
+                estimate=estimate,
+                key=stored_key,
+                at=time.time(),
+                max_runtime=max_runtime,
             )
         else:
-            job_id = store.replace(int(taken_over.id), kind, encoded, estimate=estimate, at=time.time())
+            job_id = store.replace(
+                int(taken_over.id), kind, encoded, estimate=estimate, at=time.time(), max_runtime=max_runtime
+            )
         job = Job(self, str(job_id), kind, payload, priority=priority, estimate=estimate, key=key)
         job.max_runtime = max_runtime
         if key is not None:
@@ -481,7 +500,8 @@ class Pool:
         return job
 
     def requeue(self, dead_letter_id: str) -> Job:
-        """Queue a dead letter again (a fresh count of attempts, no key); its key is free again.
+        """Queue a dead letter again (a fresh count of attempts, no key, its kind's max_runtime); its key
+        is free again.
 
         Raises:
           NotFound: no such dead letter (and what ``submit_nowait`` raises: the letter stays).
@@ -567,6 +587,7 @@ class Pool:
             job.attempts = stored.attempts
             job.submitted_at = stored.submitted_at
             job.place = stored.place
+            job.max_runtime = stored.max_runtime
             if stored.key is not None:
                 self._by_key[stored.key] = job
             self.queue.push(job.id, job.priority, job)
@@ -944,10 +965,29 @@ class Pool:
         ]
 
 
+JOB_LOGS_KEPT = 100  # per pool: the logs of the newest jobs (by id) are kept, and of running ones
+
+
+def _job_log_dir(pool: Pool, job_id: str) -> Path:
+    """``<state dir>/logs/<pool path>/jobs/<job id>``, after removing the folders of the pool's
+    oldest jobs (by id) beyond ``JOB_LOGS_KEPT``; a running job's folder is never removed."""
+    jobs = child_log_dir(pool.processes().state_dir, pool.path) / "jobs"
+    try:
+        entries = [entry for entry in jobs.iterdir() if entry.name.isdigit() and entry.name != job_id]
+    except FileNotFoundError:
+        entries = []
+    entries.sort(key=lambda entry: int(entry.name))
+    removable = [entry for entry in entries if entry.name not in pool.running]
+    for entry in removable[: max(0, len(entries) + 1 - JOB_LOGS_KEPT)]:
+        shutil.rmtree(entry, ignore_errors=True)
+    return ensure_private_dir(jobs / job_id)
+
+
 class ProcessJob(msgspec.Struct, frozen=True):
     """A pool handler that runs each job as a process child (see ``otree.process_job``)."""
 
     template: ProcessSpec
+    logs: bool = False  # each run's stdout and stderr also to <state dir>/logs/<pool path>/jobs/<id>/
 
     async def __call__(self, payload: Any) -> Any:
         run = current_child()
@@ -955,7 +995,10 @@ class ProcessJob(msgspec.Struct, frozen=True):
         if not isinstance(pool, Pool):
             raise TypeError("a process_job handler runs only as a pool's job")
         encoded = msgspec.json.encode(payload)
-        out = await run_job_process(self.template, encoded, run, pool.processes(), pool._emit)
+        log_dir = _job_log_dir(pool, run.path.rpartition("/")[2]) if self.logs else None
+        out = await run_job_process(
+            self.template, encoded, run, pool.processes(), pool._emit, log_dir=log_dir
+        )
         if run.stop_mode and run.proc.exit_code != 0:  # stopped (a cancel, the pool's stop): not done
             raise ProcessFailed("shutdown", "stopped before it was done")
         try:
@@ -976,6 +1019,7 @@ def process_job(
     log_timestamps: bool = False,
     user: str | None = None,
     rlimits: dict[str, Any] | None = None,
+    logs: bool = False,
 ) -> ProcessJob:
     """A pool handler that runs each job as a process, with every process-child guarantee.
 
@@ -984,10 +1028,15 @@ def process_job(
     stderr tail; ``OTREE_COST=<usd>`` on ``$NOTIFY_SOCKET`` reports spend. ``user`` and
     ``rlimits`` as for ``otree.process``: a tool run for an agent as an unprivileged user.
     ``log_timestamps``: each line of the stderr tail starts with its UTC time.
+    ``logs``: each run's whole stdout and stderr are also written to
+    ``<state dir>/logs/<pool path>/jobs/<job id>/stdout.log`` and ``stderr.log`` (the
+    newest ``JOB_LOGS_KEPT`` jobs of the pool keep theirs).
 
     Raises:
       SpecError: a field is invalid.
     """
+    if not isinstance(logs, bool):
+        raise SpecError("job", "logs", "must be True or False", logs)
     template = process(
         "job",
         argv,
@@ -1001,4 +1050,4 @@ def process_job(
         user=user,
         rlimits=rlimits,
     )
-    return ProcessJob(template=template)
+    return ProcessJob(template=template, logs=logs)

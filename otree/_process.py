@@ -375,6 +375,21 @@ class _Capture:
         pass
 
 
+class _Tee:
+    """Writes each chunk to every sink: a logged job's stdout is both its result and its log."""
+
+    def __init__(self, *sinks: _Sink) -> None:
+        self.sinks = sinks
+
+    def write(self, data: bytes) -> None:
+        for sink in self.sinks:
+            sink.write(data)
+
+    def close(self) -> None:
+        for sink in self.sinks:
+            sink.close()
+
+
 async def run_process(
     spec: ProcessSpec,
     run: _Run,
@@ -400,16 +415,32 @@ async def run_process(
 
 
 async def run_job_process(
-    spec: ProcessSpec, payload: bytes, run: _Run, ctx: ProcessContext, emit: Callable[..., None]
+    spec: ProcessSpec,
+    payload: bytes,
+    run: _Run,
+    ctx: ProcessContext,
+    emit: Callable[..., None],
+    *,
+    log_dir: Path | None = None,
 ) -> bytes:
     """Run a pool job as a process: ``payload`` on stdin, its stdout (at most 1 MiB) returned.
 
+    With ``log_dir``, its whole stdout and stderr are also appended to ``stdout.log`` and
+    ``stderr.log`` there (rotated as a process child's logs are).
     Raises ProcessFailed (with the stderr tail in its message) on an error exit;
     with ``log_timestamps`` the tail's lines are stamped (never the result).
     """
     proc = run.proc = ProcessRun()
     stdout = _Capture(RESULT_LIMIT)
     sinks: dict[str, _Sink | int | None] = {"stdout": stdout, "stderr": _Capture(0)}
+    if log_dir is not None:
+        stdout_log = _RotatingLog(log_dir / "stdout.log", spec.log_max_bytes, spec.log_backups)
+        try:
+            stderr_log = _RotatingLog(log_dir / "stderr.log", spec.log_max_bytes, spec.log_backups)
+        except BaseException:
+            stdout_log.close()
+            raise
+        sinks = {"stdout": _Tee(stdout, stdout_log), "stderr": stderr_log}
     stamped = ("stderr",) if spec.log_timestamps else ()
     try:
         await _run(

@@ -26,13 +26,15 @@ INTERRUPTIONS_TO_DEAD = 3  # a job interrupted this often is probably what kills
 _ADDED = (
     ("jobs", "place", "INTEGER"),  # the place in the line a replacing job took over (NULL: its own id)
     ("dead", "key", "TEXT"),  # the dead job's key (refuse_dead_keys)
+    ("jobs", "max_runtime", "REAL"),  # the job's own limit per attempt (NULL: its kind's)
 )
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
     id INTEGER PRIMARY KEY AUTOINCREMENT, kind TEXT NOT NULL, payload BLOB NOT NULL,
     priority INTEGER NOT NULL, estimate INTEGER NOT NULL, key TEXT, attempts INTEGER NOT NULL,
-    interruptions INTEGER NOT NULL, running INTEGER NOT NULL, submitted_at REAL NOT NULL, place INTEGER);
+    interruptions INTEGER NOT NULL, running INTEGER NOT NULL, submitted_at REAL NOT NULL, place INTEGER,
+    max_runtime REAL);
 CREATE TABLE IF NOT EXISTS dead (
     id INTEGER PRIMARY KEY, kind TEXT NOT NULL, payload BLOB NOT NULL, priority INTEGER NOT NULL,
     estimate INTEGER NOT NULL, attempts INTEGER NOT NULL, error TEXT NOT NULL,
@@ -56,6 +58,7 @@ class StoredJob(msgspec.Struct, frozen=True, kw_only=True):
     attempts: int
     submitted_at: float
     place: int
+    max_runtime: float | None
 
 
 class Store:
@@ -99,7 +102,7 @@ class Store:
         )
         rows = self._read(
             "SELECT id, kind, payload, priority, estimate, key, attempts, submitted_at, interruptions, "
-            "coalesce(place, id) AS place FROM jobs ORDER BY place, id"
+            "coalesce(place, id) AS place, max_runtime FROM jobs ORDER BY place, id"
         )
         queued: list[StoredJob] = []
         doomed: list[StoredJob] = []
@@ -114,6 +117,7 @@ class Store:
             submitted_at,
             interruptions,
             place,
+            max_runtime,
         ) in rows:
             job = StoredJob(
                 id=job_id,
@@ -125,6 +129,7 @@ class Store:
                 attempts=attempts,
                 submitted_at=submitted_at,
                 place=place,
+                max_runtime=max_runtime,
             )
             (doomed if interruptions >= INTERRUPTIONS_TO_DEAD else queued).append(job)
         return queued, doomed
@@ -152,23 +157,33 @@ class Store:
         return [(str(r[0]), r[1], self._decode(r[2]), r[3], r[4] / 1e6, *r[5:]) for r in rows]
 
     def add(
-        self, kind: str, payload: bytes, *, priority: int, estimate: int, key: str | None, at: float
+        self,
+        kind: str,
+        payload: bytes,
+        *,
+        priority: int,
+        estimate: int,
+        key: str | None,
+        at: float,
+        max_runtime: float | None,
     ) -> int:
         return self._write(
             "INSERT INTO jobs (kind, payload, priority, estimate, key, attempts, interruptions, running, "
-            "submitted_at) VALUES (?, ?, ?, ?, ?, 0, 0, 0, ?)",
-            (kind, payload, priority, estimate, key, at),
+            "submitted_at, max_runtime) VALUES (?, ?, ?, ?, ?, 0, 0, 0, ?, ?)",
+            (kind, payload, priority, estimate, key, at, max_runtime),
         )
 
-    def replace(self, job: int, kind: str, payload: bytes, *, estimate: int, at: float) -> int:
+    def replace(
+        self, job: int, kind: str, payload: bytes, *, estimate: int, at: float, max_runtime: float | None
+    ) -> int:
         """A new job takes ``job``'s place (its priority, key and place in the line) with a new
         payload, and ``job`` is deleted: one transaction, so a crash keeps one of the two."""
         return self._transaction(
             (
                 "INSERT INTO jobs (kind, payload, priority, estimate, key, attempts, interruptions, running, "
-                "submitted_at, place) SELECT ?, ?, priority, ?, key, 0, 0, 0, ?, coalesce(place, id) "
-                "FROM jobs WHERE id = ?",
-                (kind, payload, estimate, at, job),
+                "submitted_at, place, max_runtime) "
+                "SELECT ?, ?, priority, ?, key, 0, 0, 0, ?, coalesce(place, id), ? FROM jobs WHERE id = ?",
+                (kind, payload, estimate, at, max_runtime, job),
             ),
             ("DELETE FROM jobs WHERE id = ?", (job,)),
         )

@@ -669,13 +669,15 @@ def test_logs_of_what_has_none_say_so(tmp_path: Path, capsys: pytest.CaptureFixt
     assert logs(capsys, tmp_path, "alice") == (
         4,
         "",
-        f'otree: no stdout log of alice in {logs_dir} (only a process child with stdout="log" has one; '
+        f'otree: no stdout log of alice in {logs_dir} (only a process child with stdout="log", or a '
+        "process job with logs=True, has one; "
         "stdout logs there: none)\n",
     )
     log_writer(tmp_path, "fleet/team/worker").close()
     log_writer(tmp_path, "fleet/indexer").close()
     assert logs(capsys, tmp_path, "team")[2] == (
-        f'otree: no stdout log of team in {logs_dir} (only a process child with stdout="log" has one; '
+        f'otree: no stdout log of team in {logs_dir} (only a process child with stdout="log", or a '
+        "process job with logs=True, has one; "
         "stdout logs there: fleet/indexer, fleet/team/worker)\n"
     )
     assert logs(capsys, tmp_path, "indexer", "--stderr")[0] == 4  # it has a stdout log only
@@ -778,3 +780,29 @@ def test_ctrl_c_while_submit_waits_names_the_job_that_goes_on(
         "",
         "otree: stopped waiting for job 7 of jobs; the job goes on (otree jobs jobs)\n",
     )
+
+
+def test_submit_max_runtime_is_sent_in_seconds_and_only_when_given(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sent: list[dict[str, Any]] = []
+
+    def call(self: Any, op: str, **request: Any) -> Any:
+        sent.append({"op": op, **request})
+        return {"id": "1", "state": "queued"}
+
+    monkeypatch.setattr(_cli._Target, "call", call)
+    base = ["submit", "--state-dir", str(tmp_path), "jobs", "work"]
+    assert main([*base, "--max-runtime", "1.5"]) == 0
+    assert main(base) == 0
+    assert capsys.readouterr().out == "jobs: job 1 queued\njobs: job 1 queued\n"
+    assert [(request["op"], request.get("max_runtime", "absent")) for request in sent] == [
+        ("submit", 1.5),
+        ("submit", "absent"),
+    ]
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "inf", "soon"])
+def test_a_bad_submit_max_runtime_is_one_usage_line(capsys: pytest.CaptureFixture[str], value: str) -> None:
+    line = check_error(capsys, ["submit", "jobs", "work", "--max-runtime", value])
+    assert line == f"otree: --max-runtime {value!r}: give a number of seconds above 0"

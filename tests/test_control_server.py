@@ -602,3 +602,22 @@ async def test_signal_job_refuses_a_task_job_and_a_job_not_running(tmp_path: Pat
             reply = await served.request("signal", path="jobs", signal=10, job=job_id)
             assert (reply.ok, reply.error, reply.code) == (False, error, 4)
         gate.open.set()
+
+
+async def test_submit_passes_max_runtime_to_the_pool_and_a_bad_one_is_refused(tmp_path: Path) -> None:
+    gate = Gate()  # never opened: only the limit ends the job
+    async with serving(tmp_path, [gate.pool()]) as served:
+        pool = served.sup.find("jobs")
+        assert isinstance(pool, otree.PoolHandle)
+        with trio.fail_after(5):
+            reply = await served.request("submit", pool="jobs", kind="gated", max_runtime=0.05)
+            assert reply.ok, reply
+            with pytest.raises(otree.JobFailed) as failed:
+                await pool.job(reply.result["id"]).result()
+        assert isinstance(failed.value.__cause__, TimeoutError)
+        for value, code, error in (
+            (-1, 4, "root/jobs: max_runtime must be a number > 0 or None; got -1.0"),
+            ("soon", 2, "bad arguments for submit: Expected `float | null`, got `str` - at `$.max_runtime`"),
+        ):
+            reply = await served.request("submit", pool="jobs", kind="quick", max_runtime=value)
+            assert (reply.ok, reply.code, reply.error) == (False, code, error)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import json
+import sqlite3
 from typing import Any, Literal
 
 import pytest
@@ -17,6 +18,7 @@ import otree
 from otree._budget import LEDGER_MAX
 from otree._render import render_jobs, render_status
 from otree._status import jobs_of, status_of
+from otree._store import Store
 
 T0 = dt.datetime(2026, 11, 22, 23, 0, tzinfo=dt.UTC)
 
@@ -1420,3 +1422,59 @@ async def test_a_running_process_job_shows_its_pid_and_a_cancel_stops_its_group(
             if pid is not None:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(pid, 9)
+
+
+async def test_a_durable_pool_keeps_a_jobs_own_max_runtime_across_a_restart(
+    tmp_path: Any, autojump_clock: trio.testing.MockClock
+) -> None:
+    gate = trio.Event()
+
+    async def work(payload: dict[str, Any]) -> str:
+        if payload.get("block"):
+            await gate.wait()
+        await trio.sleep(payload.get("sleep", 0))
+        return "done"
+
+    def tree() -> otree.SupervisorSpec:
+        pool = otree.pool("jobs", {"w": work}, max_concurrency=1, max_attempts=1, durable=True)
+        return otree.supervisor("root", children=[pool])
+
+    async with otree.open_supervisor(tree(), state_dir=tmp_path) as sup:
+        pool = pool_of(sup)
+        pool.submit_nowait("w", {"block": True})  # holds the only slot: the next one stays queued
+        limited = pool.submit_nowait("w", {"sleep": 100}, max_runtime=5)
+        await trio.testing.wait_all_tasks_blocked()
+        assert pool.job(limited.id).state == "queued"
+    gate.set()
+    async with otree.open_supervisor(tree(), state_dir=tmp_path) as sup:
+        pool = pool_of(sup)
+        recovered = pool.job(limited.id)
+        assert recovered.max_runtime == 5
+        started = trio.current_time()
+        with pytest.raises(otree.JobFailed) as failed:
+            await recovered.result()
+        assert isinstance(failed.value.__cause__, TimeoutError)
+        assert trio.current_time() - started == 5.0
+        assert [letter.error for letter in pool.dead_letters()] == ["max_runtime"]
+
+
+def test_an_older_pool_database_gains_the_max_runtime_column_when_opened(tmp_path: Any) -> None:
+    path = tmp_path / "jobs.sqlite3"
+    old = sqlite3.connect(path)
+    old.executescript(
+        "CREATE TABLE jobs (id INTEGER PRIMARY KEY AUTOINCREMENT, kind TEXT NOT NULL, payload BLOB NOT NULL, "
+        "priority INTEGER NOT NULL, estimate INTEGER NOT NULL, key TEXT, attempts INTEGER NOT NULL, "
+        "interruptions INTEGER NOT NULL, running INTEGER NOT NULL, submitted_at REAL NOT NULL, "
+        "place INTEGER);"
+        "INSERT INTO jobs (kind, payload, priority, estimate, key, attempts, interruptions, running, "
+        "submitted_at) VALUES ('w', '1', 0, 0, NULL, 0, 0, 0, 1.0);"
+    )
+    old.commit()
+    old.close()
+    store = Store(path)
+    try:
+        added = store.add("w", b"2", priority=0, estimate=0, key=None, at=2.0, max_runtime=30.0)
+        queued, _ = store.recover()
+        assert [(job.id, job.max_runtime) for job in queued] == [(1, None), (added, 30.0)]
+    finally:
+        store.close()

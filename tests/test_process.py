@@ -28,6 +28,8 @@ import pytest
 import trio
 
 import otree
+from otree import _pool
+from otree._childlogs import find_log
 
 PY = sys.executable
 
@@ -782,3 +784,88 @@ def test_a_nofile_limit_above_the_kernels_is_refused_in_otree() -> None:
         pytest.skip("no /proc/sys/fs/nr_open")
     with pytest.raises(ValueError, match=r"rlimits\['nofile'\]: hard limit .* above the kernel's fs.nr_open"):
         child_setup(otree.process("p", ["true"], rlimits={"nofile": _NR_OPEN + 1}))
+
+
+# --- per-run logs of process jobs -------------------------------------------------------------------
+
+JOB_LOGGING = """
+import json, sys
+size = json.load(sys.stdin)
+sys.stdout.write("x" * size)
+sys.stdout.flush()
+sys.stderr.write(f"wrote {size}\\n")
+"""
+
+
+async def test_a_logged_process_job_tees_its_whole_output_to_its_own_private_files(
+    marker: str, state: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_pool, "JOB_LOGS_KEPT", 2)
+    handler = otree.process_job([PY, "-c", JOB_LOGGING], env={"OTREE_TEST_MARKER": marker}, logs=True)
+    tree = otree.supervisor("t", children=[otree.pool("jobs", {"run": handler})])
+    big = 3 << 19  # 1.5 MiB: more than the result keeps
+    async with otree.open_supervisor(tree, state_dir=state) as sup:
+        pool = sup.child("jobs")
+        assert isinstance(pool, otree.PoolHandle)
+        assert await pool.submit_nowait("run", big).result() == "x" * (1 << 20)  # the result stays bounded
+        job_dir = state / "logs" / "t" / "jobs" / "jobs" / "1"
+        assert (job_dir / "stdout.log").read_bytes() == b"x" * big  # the log has all of it
+        assert (job_dir / "stderr.log").read_bytes() == f"wrote {big}\n".encode()
+        for path in (job_dir / "stdout.log", job_dir / "stderr.log"):
+            assert path.stat().st_mode & 0o777 == 0o600, path
+        for path in (job_dir, job_dir.parent):
+            assert path.stat().st_mode & 0o777 == 0o700, path
+        assert find_log(state, "t/jobs/1", "stderr") == job_dir / "stderr.log"  # otree logs POOL/JOB_ID
+        assert find_log(state, "jobs/1", "stdout") == job_dir / "stdout.log"
+        for size in (1, 2):
+            assert await pool.submit_nowait("run", size).result() == "x" * size
+    kept = sorted(entry.name for entry in (state / "logs" / "t" / "jobs" / "jobs").iterdir())
+    assert kept == ["2", "3"]  # the oldest job's logs went once more than JOB_LOGS_KEPT jobs ran
+
+
+async def test_a_process_job_without_logs_writes_none(marker: str, state: Path) -> None:
+    handler = otree.process_job([PY, "-c", JOB_LOGGING], env={"OTREE_TEST_MARKER": marker})
+    tree = otree.supervisor("t", children=[otree.pool("jobs", {"run": handler})])
+    async with otree.open_supervisor(tree, state_dir=state) as sup:
+        pool = sup.child("jobs")
+        assert isinstance(pool, otree.PoolHandle)
+        assert await pool.submit_nowait("run", 3).result() == "xxx"
+    assert not (state / "logs").exists()
+
+
+def test_process_job_logs_is_checked_in_the_spec() -> None:
+    with pytest.raises(otree.SpecError, match="job: logs must be True or False; got 'yes'"):
+        otree.process_job(["true"], logs="yes")  # type: ignore[arg-type]
+
+
+WAIT_FOR_FILE = """
+import json, os, sys, time
+gate = json.load(sys.stdin)
+print("started", flush=True)
+while gate and not os.path.exists(gate):
+    time.sleep(0.01)
+"""
+
+
+async def test_a_running_jobs_logs_are_never_pruned(
+    marker: str, state: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_pool, "JOB_LOGS_KEPT", 1)
+    handler = otree.process_job([PY, "-c", WAIT_FOR_FILE], env={"OTREE_TEST_MARKER": marker}, logs=True)
+    tree = otree.supervisor("t", children=[otree.pool("jobs", {"run": handler}, max_concurrency=2)])
+    gate = tmp_path / "gate"
+    jobs = state / "logs" / "t" / "jobs" / "jobs"
+    async with otree.open_supervisor(tree, state_dir=state) as sup:
+        pool = sup.child("jobs")
+        assert isinstance(pool, otree.PoolHandle)
+        with trio.fail_after(10):
+            held = pool.submit_nowait("run", str(gate))
+            while not (jobs / "1" / "stdout.log").is_file() or not (jobs / "1" / "stdout.log").read_bytes():
+                await trio.sleep(0.01)
+            await pool.submit_nowait("run", "").result()  # beyond the bound, but job 1 still runs
+            assert sorted(entry.name for entry in jobs.iterdir()) == ["1", "2"]
+            gate.touch()
+            await held.result()
+            await pool.submit_nowait("run", "").result()
+    assert sorted(entry.name for entry in jobs.iterdir()) == ["3"]
+    assert (jobs / "3" / "stdout.log").read_bytes() == b"started\n"
