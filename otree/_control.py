@@ -50,6 +50,7 @@ from ._protocol import (
     FrameReader,
     Reply,
     Request,
+    carriable,
     decode_request,
     encode,
 )
@@ -589,10 +590,7 @@ class ControlServer:
                 why += " (the tree is stopping)"
             code = EXIT_JOB_PENDING if job.state == "interrupted" else EXIT_JOB_FAILED
             return _error_frame(why.replace("\n", " "), code)
-        try:
-            return encode(Reply(VERSION, True, {**_queued(job), "result": value}))
-        except TypeError:  # a value msgpack cannot hold (an arbitrary object): its repr
-            return encode(Reply(VERSION, True, {**_queued(job), "result": repr(value)}))
+        return encode(Reply(VERSION, True, {**_queued(job), "result": carriable(value)}))
 
 
 _OPS: dict[str, tuple[Callable[[ControlServer, Any], Awaitable[Any]], type[msgspec.Struct]]] = {

@@ -32,6 +32,7 @@ __all__ = [
     "FrameReader",
     "Reply",
     "Request",
+    "carriable",
     "decode_reply",
     "decode_request",
     "encode",
@@ -97,6 +98,18 @@ def encode(message: Request | Reply) -> bytes:
     except OverflowError:
         body = _encoder.encode(_big_ints_as_text(msgspec.to_builtins(message)))
     return _HEADER.pack(len(body)) + body
+
+
+def carriable(value: Any) -> Any:
+    """``value`` as a reply can carry it: itself, or its repr when msgpack cannot hold it
+    (a job's result may be any object)."""
+    try:
+        _encoder.encode(value)
+    except TypeError:
+        return repr(value)
+    except OverflowError:  # a big integer: ``encode`` sends it as text
+        pass
+    return value
 
 
 def _big_ints_as_text(value: Any) -> Any:

@@ -9,13 +9,13 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import msgspec
 import trio
 
 from ._budget import from_micros
 from ._handles import PoolHandle, SupervisorHandle
 from ._info import ChildInfo, JobInfo, Jobs, Status, StatusNode
 from ._pool import Job
+from ._protocol import carriable
 from ._supervisor import _Supervisor
 from ._task import describe
 
@@ -73,11 +73,7 @@ def job_of(handle: PoolHandle, job_id: str) -> JobInfo:
     """One running, waiting or recently finished job, with its result or why it has none
     (a result msgpack cannot carry is its repr). Raises NotFound naming the pool."""
     job = handle.job(job_id)
-    result = job.value if job.state == "done" else None
-    try:
-        msgspec.msgpack.encode(result)
-    except TypeError:
-        result = repr(result)
+    result = carriable(job.value) if job.state == "done" else None
     error = job.why()
     if job.error is not None and job.state in ("dead", "waiting"):  # its last failure
         error = f"{error}: {describe(job.error)}" if error else describe(job.error)
