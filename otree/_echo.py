@@ -21,8 +21,7 @@ import msgspec
 import trio
 
 from ._info import Event
-from ._render import _clock as time_of_day
-from ._render import format_event
+from ._render import format_event, time_of_day
 
 __all__ = ["REPEATED_KINDS", "REPEAT_WINDOW", "EventEcho", "Repeats", "Summary"]
 

@@ -8,19 +8,20 @@ from collections.abc import Iterator
 
 from ._info import ChildInfo, DeadLetter, Event, JobInfo, Jobs, PoolStatus, Status, StatusNode
 
-__all__ = ["format_event", "render_dead_letters", "render_job", "render_jobs", "render_status"]
+__all__ = ["format_event", "render_dead_letters", "render_job", "render_jobs", "render_status", "time_of_day"]
 
 # Details that the one-line text form leaves out (``detail`` already says Type: message).
 _VERBOSE = frozenset({"detail", "exception", "message", "traceback"})
 
 
-def _clock(stamp: float) -> str:
+def time_of_day(stamp: float) -> str:
+    """``14:05:33.753``: how an event line (and a summary of repeats) is stamped."""
     return time.strftime("%H:%M:%S", time.localtime(stamp)) + f".{int(stamp % 1 * 1000):03d}"
 
 
 def format_event(event: Event, *, date: bool = False) -> str:
     """One line: time, path, kind, reason, then the detail and other plain details."""
-    stamp = _clock(event.time)
+    stamp = time_of_day(event.time)
     if date:
         stamp = time.strftime("%Y-%m-%d ", time.localtime(event.time)) + stamp
     parts = [stamp, event.path, event.kind]
