@@ -19,7 +19,12 @@ import pytest
 from .otree_subprocess import REPO, OtreeProcess, event_of, is_text_event, otree_process, run_otree
 
 SUPERVISORS = REPO / "supervisors"
-DEMOS = {"fleet": "fleet", "cli_agents": "agents", "agent_fleet": "fleet"}  # file -> root id
+DEMOS = {
+    "fleet": "fleet",
+    "cli_agents": "agents",
+    "agent_fleet": "fleet",
+    "job_daemon": "daemon",
+}  # file -> root id
 RUN_FOR = 60.0  # seconds each demo runs in the long test
 STOP_DEADLINE = 20.0  # seconds a demo may take to stop after SIGINT
 # One line of `otree run`'s text events: time, path, dotted kind.
@@ -115,7 +120,7 @@ def check_what_it_showed(name: str, counts: Counter[tuple[str, str]], root: dict
     elif name == "cli_agents":
         assert kinds_below(counts, "agents/", "child.restarting") > 0
         assert kinds_below(counts, "agents/", "child.exited") > 0
-    else:
+    elif name == "agent_fleet":
         assert kinds_below(counts, "fleet/turns/", "job.finished") > 10
         assert kinds_below(counts, "fleet/turns/", "job.retried") > 0
         # the feeder backs off while refused: the old one asked every 0.3 s, 200 times a minute
@@ -125,6 +130,8 @@ def check_what_it_showed(name: str, counts: Counter[tuple[str, str]], root: dict
         # the day's end, a budget.reset
         assert counts["fleet/turns", "budget.warning"] + counts["fleet/turns", "budget.reset"] > 0
         assert [child["info"]["restarts"] for child in root["children"]] == [0, 0]
+    else:  # a ready tree (tests/test_recipes.py drives each behaviour): left alone, it restarts nothing
+        assert kinds_below(counts, "", "child.restarting") == 0
 
 
 @pytest.mark.slow

@@ -1,0 +1,263 @@
+"""The ready trees of ``supervisors/`` (docs/recipes.md): each behaviour of its system's row in the
+issue's table, driven through ``otree run`` and the CLI on short times (``OTREE_DEMO_SPEED``)."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+from .otree_subprocess import REPO, OtreeProcess, is_text_event, run_otree
+
+SUPERVISORS = REPO / "supervisors"
+T = TypeVar("T")
+SPEED = "100"
+DEADLINE = 15.0
+
+
+@pytest.fixture
+def demo_env(monkeypatch: pytest.MonkeyPatch) -> Callable[..., None]:
+    """Set the environment a ready tree reads: its speed, and any overrides given."""
+
+    def setenv(**overrides: str) -> None:
+        monkeypatch.setenv("OTREE_DEMO_SPEED", SPEED)
+        for name, value in overrides.items():
+            monkeypatch.setenv(name, value)
+
+    return setenv
+
+
+class Tree:
+    """A ready tree under ``otree run`` in ``cwd``, and the CLI aimed at it."""
+
+    def __init__(self, name: str, root: str, cwd: Path) -> None:
+        self.cwd = cwd
+        self.process = OtreeProcess(["run", str(SUPERVISORS / f"{name}.py")], cwd)
+        self.process.wait_for(is_text_event(root, "supervisor.started"))
+
+    def cli(self, *args: str) -> tuple[int, str, str]:
+        done = run_otree(list(args), self.cwd)
+        return done.returncode, done.stdout, done.stderr
+
+    def json(self, *args: str) -> Any:
+        code, out, err = self.cli(*args, "--json")
+        assert code == 0, (args, out, err)
+        return json.loads(out)
+
+    def submit(self, argv: list[str], *options: str, cost: float = 0.0) -> str:
+        payload = json.dumps({"argv": argv, "cost": cost})
+        reply = self.json("submit", "jobs", "run", payload, *options)
+        return str(reply["id"])
+
+    def running(self, count: int, pool: str = "jobs") -> list[dict[str, Any]]:
+        """The pool's running jobs, once there are ``count`` of them."""
+
+        def probe() -> list[dict[str, Any]] | None:
+            jobs: list[dict[str, Any]] = self.json("jobs", pool)["running"]
+            return jobs if len(jobs) == count else None
+
+        return wait(probe, f"{count} running jobs in {pool}")
+
+    def info(self, path: str) -> Any:
+        """The status ``info`` of the node at ``path`` (None: not in the tree)."""
+        nodes = [self.json("status")["root"]]
+        while nodes:
+            node = nodes.pop()
+            if node["info"]["path"] == path:
+                return node["info"]
+            nodes.extend(node["children"])
+        return None
+
+    def events(self) -> list[dict[str, Any]]:
+        code, out, err = self.cli("events", "--json")
+        assert code == 0, err
+        return [json.loads(line) for line in out.splitlines()]
+
+    def wait_event(self, path: str, kind: str, reason: str | None = None, after: int = 0) -> dict[str, Any]:
+        """The first event of ``kind`` at ``path`` (and ``reason``) past the ``after``-th event."""
+        return wait(
+            lambda: next(
+                (
+                    e
+                    for e in self.events()[after:]
+                    if e["path"] == path and e["kind"] == kind and reason in (None, e["reason"])
+                ),
+                None,
+            ),
+            f"{kind} at {path}",
+        )
+
+    def stop(self) -> int:
+        self.process.proc.send_signal(signal.SIGTERM)
+        return self.process.finish(timeout=DEADLINE)
+
+
+def wait(probe: Callable[[], T | None], what: str, timeout: float = DEADLINE) -> T:
+    """Poll ``probe`` until it gives something (an OS process is not on trio's clock)."""
+    deadline = time.monotonic() + timeout
+    while (found := probe()) is None:
+        assert time.monotonic() < deadline, f"no {what} within {timeout}s"
+        time.sleep(0.02)
+    return found
+
+
+@pytest.fixture
+def run_tree(tmp_path: Path) -> Iterator[Callable[[str, str], Tree]]:
+    trees: list[Tree] = []
+
+    def start(name: str, root: str) -> Tree:
+        trees.append(Tree(name, root, tmp_path))
+        return trees[-1]
+
+    yield start
+    for tree in trees:
+        tree.process.stop()
+
+
+def group_of(pid: int) -> set[int]:
+    """Live (not zombie) processes in ``pid``'s process group."""
+    members = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[2]) == pid and fields[0] != "Z":
+                members.add(int(entry.name))
+    return members
+
+
+def children_of(pid: int) -> dict[int, tuple[str, str]]:
+    """``{child pid: (state, command line)}`` of ``pid``'s children, zombies included."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                found[int(entry.name)] = (fields[0], cmdline)
+    return found
+
+
+SLEEP = ["sleep", "30"]
+
+
+# --- daemon job supervisor ---------------------------------------------------------------------
+
+
+def test_job_daemon_cap_queue_priority_and_group_kill(demo_env: Callable[..., None], run_tree: Any) -> None:
+    """Cap 4; 20 may wait and the 21st is refused; the higher priority starts first; a cancelled
+    job's whole process group is killed; a stop drops (and reports) every queued job."""
+    demo_env()
+    tree = run_tree("job_daemon", "daemon")
+    family = tree.submit(["sh", "-c", "sleep 300 & sleep 300"])
+    blockers = [tree.submit(SLEEP) for _ in range(3)]
+    running = tree.running(4)
+    low = [tree.submit(["true"]) for _ in range(19)]
+    urgent = tree.submit(SLEEP, "--priority", "5")
+    listing = tree.json("jobs", "jobs")
+    assert len(listing["running"]) == 4 and len(listing["queued"]) == 20
+    code, _, err = tree.cli("submit", "jobs", "run", json.dumps({"argv": ["true"]}))
+    assert code == 4 and err.count("\n") == 1 and "full" in err, err
+
+    leader = next(job["pid"] for job in running if job["id"] == family)
+    wait(lambda: True if len(group_of(leader)) == 3 else None, "sh and its two sleeps")
+    assert tree.cli("cancel", "jobs", family)[0] == 0
+    wait(lambda: True if not group_of(leader) else None, "the whole group gone")
+    tree.wait_event(f"daemon/jobs/{urgent}", "job.started")  # its slot went to the urgent job
+
+    assert tree.stop() == 0
+    events = tree.events()
+    assert not [e for e in events if e["kind"] == "job.started" and e["path"].rsplit("/", 1)[1] in low]
+    dropped = {e["path"].rsplit("/", 1)[1]: e["reason"] for e in events if e["kind"] == "job.dropped"}
+    stopped = low + blockers + [urgent]
+    assert {job: dropped.get(job) for job in stopped} == dict.fromkeys(stopped, "pool_stopped")
+
+
+def test_job_daemon_budget_and_breaker(demo_env: Callable[..., None], run_tree: Any) -> None:
+    """The daily budget warns at 90 % and refuses a job once spent + estimate would reach the limit;
+    five failures open the breaker for 120 s (1.2 s here), and submissions are refused meanwhile."""
+    demo_env(OTREE_DAILY_BUDGET="1")
+    tree = run_tree("job_daemon", "daemon")
+
+    def run(argv: list[str], cost: float) -> tuple[int, str, str]:
+        payload = json.dumps({"argv": argv, "cost": cost})
+        return tree.cli("submit", "jobs", "run", payload, "--cost", str(cost), "--wait")
+
+    assert run(["true"], 0.5)[0] == 0
+    assert not [e for e in tree.events() if e["kind"] == "budget.warning"]
+    assert run(["true"], 0.45)[0] == 0  # $0.95 of $1: past 90 %
+    tree.wait_event("daemon/jobs", "budget.warning")
+    code, _, err = run(["true"], 0.05)  # 0.95 + 0.05 reaches the limit: refused
+    assert code == 4 and err.count("\n") == 1 and "budget" in err, err
+    assert run(["true"], 0.04)[0] == 0  # 0.99 stays below it
+
+    for _ in range(5):
+        assert run(["false"], 0)[0] == 6
+    opened = tree.wait_event("daemon/jobs", "circuit.opened")
+    code, _, err = run(["true"], 0)
+    assert code == 4 and err.count("\n") == 1 and "circuit" in err, err
+    assert "circuit open" in tree.cli("status")[1]
+    wait(lambda: True if run(["true"], 0)[0] == 0 else None, "a submission taken after the cooldown")
+    circuit = [e for e in tree.events() if e["kind"].startswith("circuit.")]
+    assert [e["kind"] for e in circuit] == ["circuit.opened", "circuit.half_open", "circuit.closed"]
+    assert circuit[1]["time"] - opened["time"] >= 1.2  # 120 s at a hundredfold speed; the trial closed it
+    assert tree.stop() == 0
+
+
+def test_job_daemon_loop_gives_up_orphans_reaped_and_stop_grace(
+    demo_env: Callable[..., None], run_tree: Any
+) -> None:
+    """``loops/poller`` dying three times within 5 min (3 s here) fails ``loops`` for good while jobs
+    go on; a grandchild a job leaves behind is reaped by otree; a stop gives a job that ignores
+    SIGTERM its 30 s grace (0.3 s here), then kills it."""
+    demo_env()
+    tree = run_tree("job_daemon", "daemon")
+    for death in range(3):
+        old = tree.info("daemon/loops/poller")["pid"]
+        assert tree.cli("signal", "loops/poller", "KILL")[0] == 0
+        if death < 2:
+            wait(
+                lambda: True if tree.info("daemon/loops/poller")["pid"] not in (None, old) else None,  # noqa: B023
+                "a poller",
+            )
+    tree.wait_event("daemon/loops", "supervisor.intensity_exceeded")
+    wait(lambda: True if tree.info("daemon/loops") is None else None, "loops gone for good")
+    assert tree.info("daemon")["state"] == "running"
+
+    otree_pid = tree.process.proc.pid
+    assert (
+        tree.cli(
+            "submit",
+            "jobs",
+            "run",
+            json.dumps({"argv": ["sh", "-c", "setsid sleep 0.731 >/dev/null 2>&1 &"]}),
+            "--wait",
+        )[0]
+        == 0
+    )
+    orphan = wait(
+        lambda: next((p for p, (_, cmd) in children_of(otree_pid).items() if cmd == "sleep 0.731"), None),
+        "the orphan under otree",
+    )
+    wait(lambda: True if orphan not in children_of(otree_pid) else None, "the orphan reaped")
+
+    stubborn = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(300)"
+    job = tree.submit(["python3", "-c", stubborn])
+    leader = tree.running(1)[0]["pid"]
+    wait(lambda: True if len(group_of(leader)) == 1 else None, "the stubborn job")
+    began = time.monotonic()
+    assert tree.stop() == 0
+    assert 0.3 <= time.monotonic() - began < 5
+    assert not group_of(leader)
+    stopped = [e for e in tree.events() if e["path"] == f"daemon/jobs/{job}"][-1]
+    assert stopped["kind"] == "job.dropped", stopped
