@@ -404,8 +404,8 @@ def _add_control_commands(commands: argparse._SubParsersAction[argparse.Argument
     events.add_argument("--kind", default=None, help="only kinds matching this glob (e.g. 'child.*')")
     events.add_argument("--since", default=None, help="only events since T (10m, 2h, 1d, ISO time, epoch)")
     control("reload", "re-read the tree file and apply the changes", _reload)
-    control("log-level", "set the running tree's log level", _log_level).add_argument(
-        "level", metavar="LEVEL"
+    control("log-level", "show the running tree's log level, or set it", _log_level).add_argument(
+        "level", metavar="LEVEL", nargs="?", default=None
     )
     control("stop-tree", "stop the whole tree in order (as SIGTERM)", _stop_tree)
     sender = control("signal", "send a signal to a process child's (or process job's) process group", _signal)

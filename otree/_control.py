@@ -161,7 +161,7 @@ class _EventsArgs(msgspec.Struct, forbid_unknown_fields=True):
 
 
 class _LevelArgs(msgspec.Struct, forbid_unknown_fields=True):
-    level: str
+    level: str | None = None  # None: only tell the level in force
 
 
 class _NoArgs(msgspec.Struct, forbid_unknown_fields=True):
@@ -174,7 +174,7 @@ class ControlServer:
 
     ``reload`` re-reads the tree file and returns a summary (raising ``ValueError``
     with the reason when the file does not load); ``set_level`` changes the log
-    level; ``stop_tree`` begins an orderly shutdown; ``root_info`` is the root's
+    level and ``level`` tells it; ``stop_tree`` begins an orderly shutdown; ``root_info`` is the root's
     own status line.
     """
 
@@ -183,6 +183,7 @@ class ControlServer:
     log: EventLog | None
     reload: Callable[[], Awaitable[dict[str, list[str]]]]
     set_level: Callable[[str], None]
+    level: Callable[[], str]
     stop_tree: Callable[[], None]
     emit: Callable[[str, str, str, dict[str, Any]], None]  # the tree's EventBus.emit
     output_lost: Callable[[], dict[str, int]] = dict  # writes ``otree run``'s own output dropped
@@ -483,8 +484,9 @@ class ControlServer:
             raise _Refused(f"reload refused, the running tree is untouched: {error}") from None
 
     async def _log_level(self, args: _LevelArgs) -> Any:
-        self.set_level(args.level)
-        return {"level": args.level.upper()}
+        if args.level is not None:
+            self.set_level(args.level)
+        return {"level": self.level()}
 
     async def _stop_tree(self, args: _NoArgs) -> Any:
         self.root._tree.bus.attribute(self.root.path, _OPERATOR)  # for the whole stop: never ended

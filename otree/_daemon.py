@@ -155,6 +155,7 @@ class Daemon:
             log=self._tree.log,
             reload=self.reload,
             set_level=self.echo.set_level,
+            level=self.echo.level_name,
             stop_tree=self.stop,
             emit=self._tree.bus.emit,
             output_lost=self.losses.counts.copy,

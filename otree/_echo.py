@@ -117,6 +117,10 @@ class EventEcho(logging.StreamHandler[TextIO]):
         _log.setLevel(level)
         self.setLevel(level)
 
+    def level_name(self) -> str:
+        """The level in force, by name."""
+        return logging.getLevelName(self.level)
+
     def emit(self, record: logging.LogRecord) -> None:
         event = getattr(record, "otree_event", None)
         if event is None or self._repeats.admit(event, self.clock()):

@@ -328,7 +328,9 @@ def test_events_follow_has_no_gap_and_no_duplicate(tree: Tree, capsys: pytest.Ca
 
 
 def test_log_level(tree: Tree, capsys: pytest.CaptureFixture[str]) -> None:
+    assert tree.cli(capsys, "log-level") == (0, "log level INFO\n", "")
     assert tree.cli(capsys, "log-level", "warning") == (0, "log level WARNING\n", "")
+    assert tree.cli(capsys, "log-level") == (0, "log level WARNING\n", "")
     tree.cli(capsys, "stop", "alice")  # an INFO event: not printed any more
     tree.cli(capsys, "stop", "db/cache")
     code, _, err = tree.cli(capsys, "log-level", "loud")

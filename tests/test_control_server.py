@@ -73,6 +73,7 @@ async def serving(
             log=sup._tree.log,
             reload=reload,
             set_level=lambda level: None,
+            level=lambda: "INFO",
             stop_tree=stop_tree,
             emit=sup._tree.bus.emit,
         )
@@ -118,6 +119,7 @@ async def test_runtime_dir_others_can_enter_is_refused(tmp_path: Path) -> None:
             log=None,
             reload=None,  # type: ignore[arg-type]
             set_level=lambda level: None,
+            level=lambda: "INFO",
             stop_tree=lambda: None,
             emit=lambda *event: None,
         )
