@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -12,7 +14,7 @@ from typing import Any, TypeVar
 
 import pytest
 
-from .otree_subprocess import REPO, OtreeProcess, is_text_event, run_otree
+from .otree_subprocess import REPO, OtreeProcess, is_text_event, run_otree, subprocess_env
 
 SUPERVISORS = REPO / "supervisors"
 T = TypeVar("T")
@@ -261,3 +263,104 @@ def test_job_daemon_loop_gives_up_orphans_reaped_and_stop_grace(
     assert not group_of(leader)
     stopped = [e for e in tree.events() if e["path"] == f"daemon/jobs/{job}"][-1]
     assert stopped["kind"] == "job.dropped", stopped
+
+
+# --- turn runner -------------------------------------------------------------------------------
+
+
+def turn(agent: str, **options: Any) -> str:
+    return json.dumps({"agent": agent, **options})
+
+
+def test_turn_runner_one_turn_per_agent_stdin_pid_logs_and_stall(
+    demo_env: Callable[..., None], run_tree: Any
+) -> None:
+    """One turn per agent at a time, agents in parallel; the turn on stdin then EOF (the reply
+    comes back); the running turn's pid; its own log; a stall watchdog of 600 s (3 s here) that
+    any output resets: a turn that talks for longer lives, a silent one is stopped."""
+    demo_env(OTREE_DEMO_SPEED="200")
+    tree = run_tree("turn_runner", "runner")
+
+    def submit(agent: str, *options: str, **payload: Any) -> str:
+        return str(
+            tree.json("submit", "turns", "turn", turn(agent, **payload), "--lane", agent, *options)["id"]
+        )
+
+    chatty = submit("ada", steps=10, pause=0.4)  # 4 s of turn, never 3 s silent
+    ada_next = submit("ada", steps=1, pause=0)
+    bob = submit("bob", steps=1, pause=4)  # silent for 4 s after its first line
+    running = tree.running(2, pool="turns")
+    assert {job["id"]: job["lane"] for job in running} == {chatty: "ada", bob: "bob"}
+    assert [job["id"] for job in tree.json("jobs", "turns")["queued"]] == [ada_next]
+    for job in running:
+        assert Path(f"/proc/{job['pid']}").exists()
+
+    tree.wait_event(f"runner/turns/{bob}", "job.dead_lettered")
+    assert "stalled" in tree.json("job", "turns", bob)["error"]
+    code, out, err = tree.cli(
+        "submit", "turns", "turn", turn("cy", steps=1, pause=0), "--lane", "cy", "--wait"
+    )
+    assert code == 0 and json.loads(out) == {"agent": "cy", "reply": "done"}, (out, err)
+    tree.wait_event(f"runner/turns/{ada_next}", "job.finished")
+    ada = [
+        e
+        for e in tree.events()
+        if e["kind"] == "job.started" and e["path"].endswith(("/" + chatty, "/" + ada_next))
+    ]
+    finished = tree.wait_event(f"runner/turns/{chatty}", "job.finished")
+    assert ada[1]["time"] >= finished["time"]  # ada's next turn began only after the chatty one ended
+    code, out, _ = tree.cli("logs", f"turns/{chatty}", "--stderr")
+    assert code == 0 and "ada: step 9" in out
+    assert tree.stop() == 0
+
+
+def test_turn_runner_abort_worker_death_and_grace(demo_env: Callable[..., None], run_tree: Any) -> None:
+    """An operator aborts one turn (its lane goes on); a worker killed under a submitter waiting
+    for it tells that submitter how it died; a stop is SIGTERM then SIGKILL 2 s later."""
+    demo_env()
+    tree = run_tree("turn_runner", "runner")
+    aborted = str(tree.json("submit", "turns", "turn", turn("ada", steps=100), "--lane", "ada")["id"])
+    following = str(
+        tree.json("submit", "turns", "turn", turn("ada", steps=1, pause=0), "--lane", "ada")["id"]
+    )
+    tree.running(1, pool="turns")
+    assert tree.cli("cancel", "turns", aborted)[0] == 0
+    tree.wait_event(f"runner/turns/{aborted}", "job.cancelled")
+    tree.wait_event(f"runner/turns/{following}", "job.finished")
+
+    waiter = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "otree",
+            "submit",
+            "turns",
+            "turn",
+            turn("bob", steps=100),
+            "--lane",
+            "bob",
+            "--wait",
+        ],
+        cwd=tree.cwd,
+        env=subprocess_env(tree.cwd),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        victim = tree.running(1, pool="turns")[0]
+        assert tree.cli("signal", "turns", "KILL", "--job", victim["id"])[0] == 0
+        out, err = waiter.communicate(timeout=DEADLINE)
+    finally:
+        waiter.kill()
+        waiter.wait()
+    assert waiter.returncode == 6 and "SIGKILL" in err and err.count("\n") == 1, (out, err)
+
+    stubborn = turn("cy", steps=1, pause=60, ignore_sigterm=True)
+    tree.json("submit", "turns", "turn", stubborn, "--lane", "cy")
+    leader = tree.running(1, pool="turns")[0]["pid"]
+    wait(lambda: True if group_of(leader) else None, "the stubborn turn")
+    began = time.monotonic()
+    assert tree.stop() == 0
+    assert 2.0 <= time.monotonic() - began < 6.0
+    assert not group_of(leader)
