@@ -117,7 +117,8 @@ class Line(Generic[K, V]):
         self.free: JobQueue[K, V] = JobQueue(self._turns)  # the jobs without a lane
         self._lanes: dict[str, _Lane[K, V]] = {}
         self._lane_of: dict[K, _Lane[K, V]] = {}  # queued jobs of lanes (a due pinned retry included)
-        self._ready: list[tuple[Rank, int, _Lane[K, V]]] = []  # lanes not held, by the rank of their head
+        # lanes not held, by the rank of their head: (-priority, turn, tie, lane), flat for quick compares
+        self._ready: list[tuple[int, int, int, _Lane[K, V]]] = []
         self._timers: list[tuple[float, int, _Lane[K, V]]] = []  # lanes whose breaker's cooldown ends then
         self._ties = itertools.count()
         self.concurrency = concurrency
@@ -176,11 +177,11 @@ class Line(Generic[K, V]):
     def _best_lane(self) -> _Lane[K, V] | None:
         """The lane whose head starts next, if it ranks before the front of the jobs without a lane."""
         ready = self._ready
-        while ready and ready[0][2].token != ready[0][1]:
+        while ready and ready[0][3].token != ready[0][2]:
             heapq.heappop(ready)  # a lane that moved (a new head) or is held
         if not ready:
             return None
-        lane = ready[0][2]
+        lane = ready[0][3]
         free = self.free.front_rank()
         return lane if free is None or lane.rank < free else None
 
@@ -327,9 +328,9 @@ class Line(Generic[K, V]):
         tie = next(self._ties)
         lane.token, lane.rank = tie, rank
         ready = self._ready
-        heapq.heappush(ready, (rank, tie, lane))
+        heapq.heappush(ready, (rank[0], rank[1], tie, lane))
         if len(ready) > 2 * len(self._lanes) + _SLACK:
-            self._ready = [entry for entry in ready if entry[2].token == entry[1]]
+            self._ready = [entry for entry in ready if entry[3].token == entry[2]]
             heapq.heapify(self._ready)
 
     # --- reading -------------------------------------------------------------------------
