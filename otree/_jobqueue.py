@@ -98,18 +98,21 @@ class JobQueue(Generic[K, V]):
 
     def pop(self) -> tuple[K, V]:
         """Take the next job. Raises IndexError when empty."""
-        key, value, _ = self.pop_ranked()
-        return key, value
+        bucket = self._front()
+        if bucket is None:
+            raise IndexError("pop from an empty JobQueue")
+        entry = bucket.popleft()
+        del self._live[entry.key]
+        return entry.key, entry.value
 
     def pop_ranked(self) -> tuple[K, V, Rank]:
         """Take the next job, with the rank it had. Raises IndexError when empty."""
         bucket = self._front()
         if bucket is None:
             raise IndexError("pop from an empty JobQueue")
-        rank = (self._priorities[0], bucket[0].turn)
         entry = bucket.popleft()
         del self._live[entry.key]
-        return entry.key, entry.value, rank
+        return entry.key, entry.value, (self._priorities[0], entry.turn)
 
     def remove(self, key: K) -> V | None:
         """Take ``key`` out of the line (a cancelled job); its value, or None if not queued."""

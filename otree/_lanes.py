@@ -187,6 +187,8 @@ class Line(Generic[K, V]):
 
     def peek(self) -> tuple[K, V] | None:
         """The job that starts next, without taking it (None: nothing may start)."""
+        if not self._ready:  # no lane may start a job (or there are none): as without lanes
+            return self.free.peek()
         lane = self._best_lane()
         return lane.head() if lane is not None else self.free.peek()
 
@@ -194,7 +196,7 @@ class Line(Generic[K, V]):
         """Take the job ``peek`` gives, which starts at ``now``: its lane counts it running and,
         with a breaker, lets it through (a half-open one as its trial). Returns the job and the
         state its lane's breaker entered (``"half_open"``, or None). IndexError when empty."""
-        lane = self._best_lane()
+        lane = self._best_lane() if self._ready else None
         if lane is None:
             key, value = self.free.pop()
             return key, value, None
