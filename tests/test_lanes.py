@@ -4,7 +4,6 @@ holding only their lane, the budget and the pool's breaker still holding everyth
 
 from __future__ import annotations
 
-import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -747,35 +746,6 @@ async def test_a_durable_pool_keeps_lanes_across_a_restart(
         assert letter.lane == "c"
         again = await pool.requeue(letter.id)
         assert again.lane == "c"
-
-
-def test_an_older_pool_database_gains_the_lane_columns_when_opened(tmp_path: Path) -> None:
-    from otree._store import Store
-
-    path = tmp_path / "jobs.sqlite3"
-    old = sqlite3.connect(path)
-    old.executescript(
-        "CREATE TABLE jobs (id INTEGER PRIMARY KEY AUTOINCREMENT, kind TEXT NOT NULL, payload BLOB NOT NULL, "
-        "priority INTEGER NOT NULL, estimate INTEGER NOT NULL, key TEXT, attempts INTEGER NOT NULL, "
-        "interruptions INTEGER NOT NULL, running INTEGER NOT NULL, submitted_at REAL NOT NULL);"
-        "CREATE TABLE dead (id INTEGER PRIMARY KEY, kind TEXT NOT NULL, payload BLOB NOT NULL, "
-        "priority INTEGER NOT NULL, estimate INTEGER NOT NULL, attempts INTEGER NOT NULL, "
-        "error TEXT NOT NULL, submitted_at REAL NOT NULL, failed_at REAL NOT NULL);"
-        "INSERT INTO jobs (kind, payload, priority, estimate, key, attempts, interruptions, running, "
-        "submitted_at) VALUES ('w', '1', 0, 0, NULL, 0, 0, 0, 1.0);"
-    )
-    old.commit()
-    old.close()
-    store = Store(path)
-    try:
-        store.add("w", b"2", priority=0, estimate=0, key=None, at=2.0, max_runtime=None, lane="agent-7")
-        queued, _ = store.recover()
-        assert [(job.payload, job.lane) for job in queued] == [(1, None), (2, "agent-7")]
-        store.started(2)
-        store.bury(2, "boom", 3.0)
-        assert store.dead_letters()[0][-1] == "agent-7"
-    finally:
-        store.close()
 
 
 async def test_a_reload_changes_the_lane_settings_in_place(autojump_clock: trio.testing.MockClock) -> None:
