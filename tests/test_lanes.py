@@ -18,6 +18,7 @@ from otree._intensity import CircuitState
 from otree._lanes import Line
 from otree._render import render_jobs, render_status
 from otree._status import jobs_of, status_of
+from tests.test_control_server import Gate, serving
 
 # --- the pure line against a model ------------------------------------------------------------
 
@@ -777,3 +778,19 @@ async def test_lanes_share_the_start_rate_and_otree_check_shows_the_settings(
         for job in jobs:
             await job.result()
     assert trio.current_time() == pytest.approx(2.0)  # one start per second, whatever the lane
+
+
+async def test_a_submit_over_the_control_socket_carries_the_lane(tmp_path: Path) -> None:
+    """What ``otree submit --lane`` sends: the job runs in that lane; a bad lane is the pool's
+    one-line refusal (exit 4)."""
+    gate = Gate()
+    async with serving(tmp_path, [gate.pool()]) as served:
+        pool = served.sup.find("jobs")
+        assert isinstance(pool, otree.PoolHandle)
+        reply = await served.request("submit", pool="jobs", kind="quick", lane="agent-7")
+        assert reply.ok, reply
+        assert pool.job(reply.result["id"]).lane == "agent-7"
+        reply = await served.request("submit", pool="jobs", kind="quick", lane="")
+        assert (reply.ok, reply.code) == (False, 4)
+        assert reply.error == "root/jobs: lane must be None or a str of 1 to 256 printable characters; got ''"
+        gate.open.set()
