@@ -50,6 +50,7 @@ if _TYPE_CHECKING:
     from ._info import DeadLetter as DeadLetter
     from ._info import Event as Event
     from ._info import ExitInfo as ExitInfo
+    from ._info import LaneStatus as LaneStatus
     from ._info import PoolStatus as PoolStatus
     from ._pool import Job as Job
     from ._pool import ProcessJob as ProcessJob
@@ -85,6 +86,7 @@ __all__ = [
     "ExitInfo",
     "Job",
     "JobFailed",
+    "LaneStatus",
     "MaxChildren",
     "NotFound",
     "NotRunning",
@@ -141,6 +143,7 @@ _SOURCES = {
     "DeadLetter": "._info",
     "Event": "._info",
     "ExitInfo": "._info",
+    "LaneStatus": "._info",
     "PoolStatus": "._info",
     "Job": "._pool",
     "ProcessJob": "._pool",

@@ -126,6 +126,8 @@ def _submit(args: argparse.Namespace) -> int:
     )
     if args.max_runtime is not None:  # sent only when given: a tree from before the option still answers
         job["max_runtime"] = _max_runtime(args.max_runtime)
+    if args.lane is not None:  # the same
+        job["lane"] = args.lane
     if not args.wait:
         queued = tree.call("submit", **job)
         return tree.show(queued, lambda: f"{args.pool}: job {queued['id']} {queued['state']}")
@@ -381,6 +383,9 @@ def _add_control_commands(commands: argparse._SubParsersAction[argparse.Argument
         metavar="SECONDS",
         default=None,
         help="seconds each attempt may run (overrides the kind's max_runtime)",
+    )
+    submit.add_argument(
+        "--lane", default=None, help="the lane it runs in (lane_concurrency, lane_circuit_breaker)"
     )
     submit.add_argument(
         "--wait",

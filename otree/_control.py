@@ -142,6 +142,7 @@ class _SubmitArgs(msgspec.Struct, forbid_unknown_fields=True):
     cost: float = 0.0
     key: str | None = None
     max_runtime: float | None = None  # seconds per attempt; None: its kind's limit
+    lane: str | None = None  # the lane it runs in (None: none)
     wait: bool = False  # then reply with the job's id, and again with its outcome once it has ended
 
 
@@ -448,6 +449,7 @@ class ControlServer:
             estimated_cost=args.cost,
             key=args.key,
             max_runtime=args.max_runtime,
+            lane=args.lane,
         )
         return pool, job
 

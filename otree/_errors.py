@@ -176,13 +176,16 @@ class BudgetExceeded(OtreeError):
 
 
 class CircuitOpen(OtreeError):
-    """The pool's circuit breaker is open and the pool rejects submissions
-    (``on_circuit_open="reject"``); ``half_open_in`` is the rest of its cooldown, in seconds."""
+    """The pool's circuit breaker, or the breaker of the submission's ``lane``, is open and the
+    pool rejects submissions (``on_circuit_open="reject"``); ``half_open_in`` is the rest of its
+    cooldown, in seconds."""
 
-    def __init__(self, path: str, half_open_in: float) -> None:
+    def __init__(self, path: str, half_open_in: float, lane: str | None = None) -> None:
         self.path = path
         self.half_open_in = half_open_in
-        super().__init__(f"{path}: circuit open, half-open in {half_open_in:.1f} s")
+        self.lane = lane
+        which = "circuit" if lane is None else f"lane {lane!r}: circuit"
+        super().__init__(f"{path}: {which} open, half-open in {half_open_in:.1f} s")
 
 
 class DeadLettered(OtreeError):

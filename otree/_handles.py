@@ -16,7 +16,7 @@ import trio
 
 from ._errors import JobFailed, NotRunning
 from ._events import EventStream
-from ._info import ChildInfo, Counts, DeadLetter, PoolStatus
+from ._info import ChildInfo, Counts, DeadLetter, LaneStatus, PoolStatus
 from ._pool import Job, Pool, SubmitOptions
 from ._spec import ChildSpec
 from ._supervisor import Handles, Tree, _Supervisor
@@ -215,6 +215,11 @@ class PoolHandle(_Handle):
         """The queue, concurrency, budget and circuit now; ``held`` says what keeps the head job
         from starting (``budget: needs $0.10, $0.08 left, resets 00:00 UTC``), None if nothing."""
         return self._pool().status()
+
+    def lane(self, name: str) -> LaneStatus:
+        """A lane's queued and running jobs, its own breaker's state and what holds it, now;
+        ``NotFound`` naming the pool if it knows no such lane."""
+        return self._pool().lane(name)
 
 
 HANDLES = Handles(supervisor=SupervisorHandle, pool=PoolHandle)

@@ -104,6 +104,7 @@ class DeadLetter(msgspec.Struct, frozen=True):
     submitted_at: float
     failed_at: float
     key: Any = None  # the job's idempotency key (``refuse_dead_keys`` refuses it while the letter stays)
+    lane: str | None = None  # the job's lane (``requeue`` queues it in that lane again)
 
 
 class PoolStatus(msgspec.Struct, frozen=True):
@@ -119,6 +120,19 @@ class PoolStatus(msgspec.Struct, frozen=True):
     daily_budget: float | None
     spent_today: float
     reserved: float
+    circuit: str | None
+    held: str | None = None
+    lanes: int = 0  # lanes known: with jobs, or a lane breaker that remembers failures
+    lanes_held: int = 0  # lanes whose own state (full, circuit, a FIFO retry) holds their queued jobs
+
+
+class LaneStatus(msgspec.Struct, frozen=True):
+    """One lane of a pool (``pool.lane(name)``): its queued and running jobs, its own circuit
+    breaker's state (None without ``lane_circuit_breaker``) and what holds it, None if nothing."""
+
+    lane: str
+    queued: int
+    running: int
     circuit: str | None
     held: str | None = None
 
@@ -162,6 +176,7 @@ class JobInfo(msgspec.Struct, frozen=True):
     ended_at: float | None = None
     result: Any = None
     error: str | None = None
+    lane: str | None = None
 
 
 class Jobs(msgspec.Struct, frozen=True):

@@ -149,6 +149,11 @@ class CircuitState:
             return now - self._opened_at < self.cooldown
         return self.state == "half_open" and self._trial is not None
 
+    @property
+    def pristine(self) -> bool:
+        """Closed with no failure counted: a new breaker would be the same (it can be forgotten)."""
+        return self.state == "closed" and self._failures_in_row == 0 and self._trial is None
+
     def reopen_in(self, now: float) -> float:
         """Seconds until an open circuit lets a trial through (0 unless open)."""
         return max(0.0, self._opened_at + self.cooldown - now) if self.state == "open" else 0.0

@@ -6,37 +6,45 @@ its priority is new), a pop takes from the front of the highest deque (O(1)),
 whatever the number of jobs waiting. Cancelling a waiting job marks it dead
 (O(1)), and a coalesced job takes over its entry (O(1)); dead entries are
 dropped as they reach the front, and the line is compacted when they outnumber
-the live ones. Pure: no trio, no I/O.
+the live ones. Each entry also carries its turn, drawn from a counter that several
+queues may share, so the fronts of different queues (a pool's lanes) can be compared:
+``(-priority, turn)`` is a job's rank, lowest first. Pure: no trio, no I/O.
 """
 
 from __future__ import annotations
 
 import heapq
+import itertools
 from collections import deque
 from collections.abc import Hashable, Iterator
 from typing import Generic, TypeVar
 
-__all__ = ["JobQueue"]
+__all__ = ["JobQueue", "Rank"]
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
 
 _COMPACT_AT = 1024  # dead entries tolerated before a rebuild is considered
 
+Rank = tuple[int, int]  # (-priority, turn): the lower starts first
+
 
 class _Entry(Generic[K, V]):
-    __slots__ = ("alive", "key", "value")
+    __slots__ = ("alive", "key", "turn", "value")
 
-    def __init__(self, key: K, value: V) -> None:
+    def __init__(self, key: K, value: V, turn: int) -> None:
         self.key = key
         self.value = value
+        self.turn = turn
         self.alive = True
 
 
 class JobQueue(Generic[K, V]):
-    """Waiting jobs by key; ``pop`` gives the highest priority, oldest first."""
+    """Waiting jobs by key; ``pop`` gives the highest priority, oldest first. ``turns`` numbers
+    the pushes (share one counter between queues whose fronts are compared)."""
 
-    def __init__(self) -> None:
+    def __init__(self, turns: Iterator[int] | None = None) -> None:
+        self._turns = turns if turns is not None else itertools.count()
         self._buckets: dict[int, deque[_Entry[K, V]]] = {}
         self._priorities: list[int] = []  # a heap of -priority, one per bucket
         self._live: dict[K, _Entry[K, V]] = {}
@@ -52,7 +60,7 @@ class JobQueue(Generic[K, V]):
         """Queue ``value`` at the back of its priority class. ``key`` must not be queued already."""
         if key in self._live:
             raise KeyError(f"{key!r} is queued already")
-        entry = _Entry(key, value)
+        entry = _Entry(key, value, next(self._turns))
         self._live[key] = entry
         bucket = self._buckets.get(priority)
         if bucket is None:
@@ -81,6 +89,13 @@ class JobQueue(Generic[K, V]):
             return None
         return bucket[0].key, bucket[0].value
 
+    def front_rank(self) -> Rank | None:
+        """The rank of the next job (None if the queue is empty)."""
+        bucket = self._front()
+        if bucket is None:
+            return None
+        return self._priorities[0], bucket[0].turn
+
     def pop(self) -> tuple[K, V]:
         """Take the next job. Raises IndexError when empty."""
         bucket = self._front()
@@ -89,6 +104,15 @@ class JobQueue(Generic[K, V]):
         entry = bucket.popleft()
         del self._live[entry.key]
         return entry.key, entry.value
+
+    def pop_ranked(self) -> tuple[K, V, Rank]:
+        """Take the next job, with the rank it had. Raises IndexError when empty."""
+        bucket = self._front()
+        if bucket is None:
+            raise IndexError("pop from an empty JobQueue")
+        entry = bucket.popleft()
+        del self._live[entry.key]
+        return entry.key, entry.value, (self._priorities[0], entry.turn)
 
     def remove(self, key: K) -> V | None:
         """Take ``key`` out of the line (a cancelled job); its value, or None if not queued."""
@@ -115,7 +139,12 @@ class JobQueue(Generic[K, V]):
 
     def __iter__(self) -> Iterator[tuple[K, V]]:
         """Waiting jobs in the order they would be popped (for listings)."""
+        for _, key, value in self.ranked():
+            yield key, value
+
+    def ranked(self) -> Iterator[tuple[Rank, K, V]]:
+        """Waiting jobs with their ranks, in the order they would be popped (for listings)."""
         for priority in sorted(self._buckets, reverse=True):
             for entry in self._buckets[priority]:
                 if entry.alive:
-                    yield entry.key, entry.value
+                    yield (-priority, entry.turn), entry.key, entry.value

@@ -1,12 +1,12 @@
 """The pool child: a bounded priority job queue, a concurrency cap, a daily budget gate,
-retries with backoff, dead letters, a circuit breaker and the queue policies (a full
-queue, a duplicate key, an open circuit, a dead key, the start rate), in memory or
-durable in SQLite.
+retries with backoff, dead letters, a circuit breaker, the queue policies (a full
+queue, a duplicate key, an open circuit, a dead key, the start rate) and lanes, in memory
+or durable in SQLite.
 
 Each running job is a temporary child of the pool (a ``RunningChild`` running
 ``await handler(payload)``), so ``current_child().report_cost()`` works in a
 handler and the job shows in the pool's ``which_children``. One task, the
-dispatcher, decides what starts; the decisions are the pure ``JobQueue``,
+dispatcher, decides what starts; the decisions are the pure ``Line`` (its lanes),
 ``Budget``, ``CircuitState``, ``StartRate`` and ``OldestFirst``.
 """
 
@@ -48,9 +48,9 @@ from ._errors import (
     QueueFull,
     SpecError,
 )
-from ._info import ChildInfo, DeadLetter, PoolStatus
+from ._info import ChildInfo, DeadLetter, LaneStatus, PoolStatus
 from ._intensity import CircuitState
-from ._jobqueue import JobQueue
+from ._lanes import Line, circuit_hold
 from ._paths import child_log_dir, ensure_private_dir
 from ._policies import OldestFirst, StartRate
 from ._process import ProcessContext, ProcessFailed, run_job_process
@@ -73,9 +73,11 @@ class SubmitOptions(TypedDict, total=False):
     estimated_cost: float
     key: Hashable
     max_runtime: float | None
+    lane: str | None
 
 
 HISTORY = 1000  # finished jobs a pool remembers (in memory) for ``otree job``
+MAX_LANE = 256  # characters of a lane's name
 
 
 class Job:
@@ -94,6 +96,7 @@ class Job:
         "id",
         "key",
         "kind",
+        "lane",
         "logged",
         "max_runtime",
         "payload",
@@ -107,7 +110,16 @@ class Job:
     )
 
     def __init__(
-        self, pool: Pool, job_id: str, kind: str, payload: Any, *, priority: int, estimate: int, key: Hashable
+        self,
+        pool: Pool,
+        job_id: str,
+        kind: str,
+        payload: Any,
+        *,
+        priority: int,
+        estimate: int,
+        key: Hashable,
+        lane: str | None = None,
     ) -> None:
         self._pool = pool
         self.id = job_id
@@ -116,6 +128,7 @@ class Job:
         self.priority = priority
         self.estimate = estimate  # micro-dollars
         self.key = key
+        self.lane = lane  # its lane (None: none)
         # its place in the line: its own submission, or the one it took over by replacing it
         self.place = int(job_id)
         self.due = 0.0  # when a retry waiting out its backoff is due (trio time)
@@ -184,6 +197,16 @@ class Job:
         return proc.pid if proc is not None else None
 
 
+def _lane_settings(spec: PoolSpec) -> dict[str, Any]:
+    """What the line needs of a pool's lane settings."""
+    breaker = spec.lane_circuit_breaker
+    return {
+        "concurrency": spec.lane_concurrency,
+        "breaker": (breaker.failures, breaker.cooldown) if breaker is not None else None,
+        "fifo": spec.lane_order == "fifo",
+    }
+
+
 def _zone(name: str) -> dt.tzinfo:
     """The budget day's time zone: ``"local"`` is the machine's zone, with its DST rules."""
     if name == "local":
@@ -212,7 +235,7 @@ class Pool:
         self._store_path = store_path
         self.store: Store | None = None
         self.serving = False
-        self.queue: JobQueue[str, Job] = JobQueue()
+        self.queue: Line[str, Job] = Line(**_lane_settings(spec))
         self.running: dict[str, Job] = {}
         # a heap of retries waiting out their backoff; a job that left it early (cancelled,
         # dropped, replaced) stays until due and is skipped then, so ``retrying`` counts the live ones
@@ -266,6 +289,7 @@ class Pool:
             self._rate = StartRate(spec.max_starts_per_second) if spec.max_starts_per_second else None
         if spec.on_full != old.on_full:
             self._order_for_drops()
+        self.queue.configure(**_lane_settings(spec))
         self._wake.set()
 
     def _order_for_drops(self) -> None:
@@ -301,21 +325,31 @@ class Pool:
         estimated_cost: float = 0.0,
         key: Hashable = None,
         max_runtime: float | None = None,
+        lane: str | None = None,
     ) -> Job:
         """Queue a job at once; never waits. ``max_runtime`` (seconds per attempt) overrides its kind's.
+        ``lane``: the lane it runs in (``lane_concurrency``, ``lane_circuit_breaker``, ``lane_order``).
 
         Raises:
           ValueError: unknown kind, priority out of range, negative cost, bad max_runtime,
-            unencodable payload.
+            unencodable payload, a lane that is not a short non-empty str, a replacement in
+            another lane than the job it replaces.
           NotRunning: the pool is not running.
           DeadLettered: under ``refuse_dead_keys``, the key belongs to a dead letter.
-          CircuitOpen: under ``on_circuit_open="reject"``, the circuit is open.
+          CircuitOpen: under ``on_circuit_open="reject"``, the circuit (or the lane's) is open.
           QueueFull: under ``on_full="reject"``, ``max_queue`` jobs wait already.
           BudgetExceeded: under ``"reject"``, the estimate does not fit today's budget.
         """
         encoded = self._encode(kind, payload, priority, estimated_cost)
         if not valid_max_runtime(max_runtime):
             raise ValueError(f"{self.path}: max_runtime must be a number > 0 or None; got {max_runtime!r}")
+        if lane is not None and not (
+            isinstance(lane, str) and 0 < len(lane) <= MAX_LANE and lane.isprintable()
+        ):
+            raise ValueError(
+                f"{self.path}: lane must be None or a str of 1 to {MAX_LANE} printable characters; "
+                f"got {lane!r}"
+            )
         if not self.serving:
             raise NotRunning(self.path, "starting" if not self._stopping else "stopping")
         known = self._key_in_use(kind, key) if key is not None else None
@@ -324,7 +358,12 @@ class Pool:
         # on_duplicate_key="replace": a job still in the line gives its place to this one; a
         # running one is left alone, and this one queues behind it
         taken_over = known if known is not None and known.state in ("queued", "waiting") else None
-        estimate = self._admit(kind, estimated_cost, adds=taken_over is None)
+        if taken_over is not None and taken_over.lane != lane:
+            raise ValueError(
+                f"{self.path}: key {key!r} belongs to job {taken_over.id} in lane {taken_over.lane!r}; "
+                f"its replacement must name the same lane, not {lane!r}"
+            )
+        estimate = self._admit(kind, estimated_cost, lane, adds=taken_over is None)
         if taken_over is not None:
             priority = taken_over.priority  # its place in the line includes its priority class
         store = self.store
@@ -340,18 +379,19 @@ class Pool:
                 key=stored_key,
                 at=time.time(),
                 max_runtime=max_runtime,
+                lane=lane,
             )
         else:
             job_id = store.replace(
                 int(taken_over.id), kind, encoded, estimate=estimate, at=time.time(), max_runtime=max_runtime
             )
-        job = Job(self, str(job_id), kind, payload, priority=priority, estimate=estimate, key=key)
+        job = Job(self, str(job_id), kind, payload, priority=priority, estimate=estimate, key=key, lane=lane)
         job.max_runtime = max_runtime
         if key is not None:
             self._by_key[key] = job
         if taken_over is None:
-            self.queue.push(job.id, priority, job)
-            self._emit(f"{self.path}/{job.id}", "job.queued", "", job_kind=kind, priority=priority)
+            self.queue.push(job.id, priority, job, lane)
+            self._job_event(job, "job.queued", "", job_kind=kind, priority=priority)
         else:
             self._take_place(taken_over, job)
         self._track(job)
@@ -392,13 +432,15 @@ class Pool:
             raise DeadLettered(self.path, key, letter)
         return self._by_key.get(key)
 
-    def _admit(self, kind: str, estimated_cost: float, *, adds: bool) -> int:
-        """Refuse a submission the circuit, a full queue or the budget refuses (a ``job.rejected``
-        event and the error), then, under ``drop_oldest``, make room for it (``adds``: it takes a
-        new place in the line). Nothing is dropped for a submission that is refused. Returns the
-        estimate in micro-dollars."""
+    def _admit(self, kind: str, estimated_cost: float, lane: str | None, *, adds: bool) -> int:
+        """Refuse a submission the circuit (the pool's or its lane's), a full queue or the budget
+        refuses (a ``job.rejected`` event and the error), then, under ``drop_oldest``, make room for
+        it (``adds``: it takes a new place in the line). Nothing is dropped for a submission that is
+        refused. Returns the estimate in micro-dollars."""
         spec = self.spec
-        self._refuse_if_circuit_open(kind)
+        self._refuse_if_circuit_open(kind, self.circuit)
+        if lane is not None:
+            self._refuse_if_circuit_open(kind, self.queue.breaker(lane), lane)
         full = adds and len(self.queue) + self.retrying >= spec.max_queue
         if full and spec.on_full == "reject":
             self._emit(self.path, "job.rejected", "queue_full", job_kind=kind)
@@ -414,16 +456,19 @@ class Pool:
             self._drop_oldest()
         return estimate
 
-    def _refuse_if_circuit_open(self, kind: str) -> None:
-        """``on_circuit_open="reject"``: while the circuit is open (cooling down), a submission
-        raises ``CircuitOpen``; a half-open circuit takes submissions (they wait for the trial)."""
-        circuit = self.circuit
+    def _refuse_if_circuit_open(
+        self, kind: str, circuit: CircuitState | None, lane: str | None = None
+    ) -> None:
+        """``on_circuit_open="reject"``: while the circuit (the pool's, or the submission's lane's)
+        is open (cooling down), a submission raises ``CircuitOpen``; a half-open circuit takes
+        submissions (they wait for the trial)."""
         if self.spec.on_circuit_open != "reject" or circuit is None or circuit.state != "open":
             return
         now = trio.current_time()
         if circuit.holds(now):
-            self._emit(self.path, "job.rejected", "circuit", job_kind=kind)
-            raise CircuitOpen(self.path, circuit.reopen_in(now))
+            lanes = {} if lane is None else {"lane": lane}
+            self._emit(self.path, "job.rejected", "circuit", job_kind=kind, **lanes)
+            raise CircuitOpen(self.path, circuit.reopen_in(now), lane)
 
     def _drop_oldest(self) -> None:
         """``on_full="drop_oldest"``: drop the jobs that have waited longest (queued, or waiting
@@ -439,23 +484,25 @@ class Pool:
 
     def _take_place(self, old: Job, job: Job) -> None:
         """``on_duplicate_key="replace"``: ``job`` takes ``old``'s place, in the queue or in the
-        retry heap (then it is due when ``old`` was), and ``old`` is dropped as ``replaced``."""
+        retry heap (then it is due when ``old`` was; pinned at the head of a FIFO lane, it stays
+        there), and ``old`` is dropped as ``replaced``."""
         job.place = old.place
-        if old.state == "queued":
-            self.queue.replace(old.id, job.id, job)
-        else:  # old's heap entry is skipped when due; the count of retries stays
+        if old.state == "queued" or self.queue.pinned(old.id, old.lane):
+            self.queue.replace(old.id, job.id, job, old.lane)
+        if old.state == "waiting":  # old's heap entry is skipped when due; the count of retries stays
             job.state = "waiting"
             job.due = old.due
             heapq.heappush(self.waiting, (old.due, next(self._retries), job))
         self._drop(old, "replaced", replaced_by=job.id)
-        path = f"{self.path}/{job.id}"
-        self._emit(path, "job.queued", "replacing", job_kind=job.kind, priority=job.priority, replaces=old.id)
+        self._job_event(
+            job, "job.queued", "replacing", job_kind=job.kind, priority=job.priority, replaces=old.id
+        )
 
     def _leave_line(self, job: Job) -> None:
-        """``job`` leaves the line before it starts: out of the queue, or (lazily) out of the retry heap."""
-        if job.state == "queued":
-            self.queue.remove(job.id)
-        else:
+        """``job`` leaves the line before it starts: out of the queue, or (lazily) out of the retry
+        heap (and, pinned at the head of a FIFO lane, out of it)."""
+        self.queue.remove(job.id, job.lane)
+        if job.state == "waiting":
             self.retrying -= 1  # its heap entry is skipped when due
 
     def cancel(self, job: Job) -> None:
@@ -475,8 +522,7 @@ class Pool:
         """A cancelled job is gone (out of a durable pool's store too): one ``job.cancelled`` event."""
         self._forget(job)
         self._finish(job, "cancelled")
-        path = f"{self.path}/{job.id}"
-        self._emit(path, "job.cancelled", "", job_kind=job.kind, state=was, attempts=job.attempts)
+        self._job_event(job, "job.cancelled", "", job_kind=job.kind, state=was, attempts=job.attempts)
 
     def find(self, job_id: str) -> Job:
         """A running, waiting or recently finished job (the last ``HISTORY``) by id.
@@ -500,15 +546,19 @@ class Pool:
         return job
 
     def requeue(self, dead_letter_id: str) -> Job:
-        """Queue a dead letter again (a fresh count of attempts, no key, its kind's max_runtime); its key
-        is free again.
+        """Queue a dead letter again (a fresh count of attempts, no key, its kind's max_runtime, in its
+        lane); its key is free again.
 
         Raises:
           NotFound: no such dead letter (and what ``submit_nowait`` raises: the letter stays).
         """
         letter = self._letter(dead_letter_id)
         job = self.submit_nowait(  # may refuse: the letter stays until it is queued
-            letter.kind, letter.payload, priority=letter.priority, estimated_cost=letter.estimated_cost
+            letter.kind,
+            letter.payload,
+            priority=letter.priority,
+            estimated_cost=letter.estimated_cost,
+            lane=letter.lane,
         )
         self._unbury(letter)
         return job
@@ -583,6 +633,7 @@ class Pool:
                 priority=stored.priority,
                 estimate=stored.estimate,
                 key=stored.key,
+                lane=stored.lane,
             )
             job.attempts = stored.attempts
             job.submitted_at = stored.submitted_at
@@ -590,11 +641,9 @@ class Pool:
             job.max_runtime = stored.max_runtime
             if stored.key is not None:
                 self._by_key[stored.key] = job
-            self.queue.push(job.id, job.priority, job)
+            self.queue.push(job.id, job.priority, job, job.lane)
             self._track(job)
-            self._emit(
-                f"{self.path}/{job.id}", "job.queued", "recovered", job_kind=job.kind, priority=job.priority
-            )
+            self._job_event(job, "job.queued", "recovered", job_kind=job.kind, priority=job.priority)
         for row in letters:
             self._add_letter(DeadLetter(*row))
         self.budget.restore(store.spent(str(self.budget.day)))
@@ -666,8 +715,8 @@ class Pool:
                 continue
             self.retrying -= 1
             job.state = "queued"
-            self.queue.push(job.id, job.priority, job)
-        look_again = self.waiting[0][0] if self.waiting else math.inf
+            self.queue.push(job.id, job.priority, job, job.lane)  # a FIFO lane's pinned retry: its head again
+        look_again = min(self.waiting[0][0] if self.waiting else math.inf, self.queue.wake(now))
         self._roll()
         queue, running, budget, rate = self.queue, self.running, self.budget, self._rate
         limit = self.spec.max_concurrency
@@ -678,9 +727,9 @@ class Pool:
                 break
             job = head[1]
             if job.kind not in self.spec.handlers:  # its kind left the tree file: it can never run
-                queue.pop()
+                queue.remove(job.id, job.lane)
                 self._bury(job, f"unknown job kind {job.kind!r}")
-                self._emit(f"{self.path}/{job.id}", "job.dead_lettered", "error", detail="unknown job kind")
+                self._job_event(job, "job.dead_lettered", "error", detail="unknown job kind")
                 continue
             if not budget.can_start(job.estimate):
                 # strict priority order: the head that does not fit holds the jobs behind it until
@@ -700,7 +749,10 @@ class Pool:
                         look_again = min(look_again, now + self.circuit.reopen_in(now))
                     held = (job, "circuit")
                     break
-            queue.pop()
+            # a job its own lane holds is not the head: the line gives the best of the lanes not held
+            _, _, entered = queue.take(now)
+            if entered:
+                self._emit(self.path, f"circuit.{entered}", "", lane=job.lane)
             if rate is not None:
                 rate.take(now)
             self._start(job, now)
@@ -718,7 +770,7 @@ class Pool:
         self.held = held
         if held is not None:
             job, reason = held
-            self._emit(f"{self.path}/{job.id}", "job.held", reason, job_kind=job.kind, detail=self.hold())
+            self._job_event(job, "job.held", reason, job_kind=job.kind, detail=self.hold())
 
     def hold(self) -> str | None:
         """What holds the head job, in words, as of now (``budget: needs $0.10, $0.08 left,
@@ -736,17 +788,13 @@ class Pool:
             midnight = next_midnight(self._now(), self._tz)
             return f"budget: {self.budget.shortfall(job.estimate)}, resets {midnight:%H:%M %Z}".rstrip()
         circuit = self.circuit
-        now = trio.current_time()
-        if circuit is None or not circuit.holds(now):
-            return None
-        if circuit.state == "open":
-            return f"circuit open, half-open in {circuit.reopen_in(now):.1f} s"
-        return "circuit half-open, a trial job is running"
+        return circuit_hold(circuit, trio.current_time()) if circuit is not None else None
 
     def status(self) -> PoolStatus:
-        """The queue, concurrency, budget and circuit now, and what holds the head job."""
+        """The queue, concurrency, budget and circuit now, what holds the head job, and the lanes."""
         spec = self.spec
         budget = self.budget
+        queue = self.queue
         return PoolStatus(
             queued=len(self.queue),
             retrying=self.retrying,
@@ -759,7 +807,22 @@ class Pool:
             reserved=from_micros(budget.reserved),
             circuit=self.circuit.state if self.circuit is not None else None,
             held=self.hold(),
+            lanes=queue.lanes,
+            lanes_held=queue.held_lanes(trio.current_time()) if queue.lanes else 0,
         )
+
+    def lane(self, name: str) -> LaneStatus:
+        """A lane's queued and running jobs, its breaker and what holds it, now.
+
+        Raises:
+          NotFound: the pool knows no such lane (it has no job, and its breaker nothing to remember).
+        """
+        status = self.queue.lane(name, trio.current_time())
+        if status is None:
+            names = self.queue.names()
+            shown = names[:10] + ([f"and {len(names) - 10} more"] if len(names) > 10 else [])
+            raise NotFound(self.path, repr(name), shown, what="lane")
+        return status
 
     def _start(self, job: Job, now: float) -> None:
         assert self._nursery is not None
@@ -778,7 +841,7 @@ class Pool:
             run.runtime_limit = (limit, self.spec.job_shutdown)
         job.run = run
         self.running[job.id] = job
-        self._emit(run.path, "job.started", "", job_kind=job.kind, attempt=job.attempts)
+        self._job_event(job, "job.started", "", job_kind=job.kind, attempt=job.attempts)
         self._nursery.start_soon(run.main, handler, (job.payload,), False, name=run.path)
 
     # --- spend and the end of a job -------------------------------------------------------
@@ -824,17 +887,18 @@ class Pool:
             if entered:
                 self._emit(self.path, f"circuit.{entered}", "")
         if ok:
+            self._lane_ended(job, now, True)
             job.value = run.result
-            self._emit(run.path, "job.finished", "normal", duration=now - run.started_mono, cost=run.cost)
+            self._job_event(job, "job.finished", "normal", duration=now - run.started_mono, cost=run.cost)
             if self.store is not None:
                 self.store.remove(int(job.id))
             self._finish(job, "done")
         else:
             job.error = run.error
-            self._failed(job, run)
+            self._failed(job, run, now)
         self._wake.set()
 
-    def _failed(self, job: Job, run: RunningChild) -> None:
+    def _failed(self, job: Job, run: RunningChild, now: float) -> None:
         detail = run.exit.detail if run.exit is not None else "error"
         if isinstance(run.error, ProcessFailed):  # a process job: its message adds the stderr tail
             detail = str(run.error)
@@ -844,14 +908,31 @@ class Pool:
             job.state = "waiting"
             if self.store is not None:
                 self.store.waiting(int(job.id))
-            job.due = trio.current_time() + delay
+            job.due = now + delay
             heapq.heappush(self.waiting, (job.due, next(self._retries), job))
             self.retrying += 1
             self._track(job)
-            self._emit(run.path, "job.retried", "error", delay=delay, attempt=job.attempts, detail=detail)
+            self._lane_ended(job, now, False, retry=True)
+            self._job_event(job, "job.retried", "error", delay=delay, attempt=job.attempts, detail=detail)
             return
+        self._lane_ended(job, now, False)
         self._bury(job, detail)
-        self._emit(run.path, "job.dead_lettered", "error", attempts=job.attempts, detail=detail)
+        self._job_event(job, "job.dead_lettered", "error", attempts=job.attempts, detail=detail)
+
+    def _lane_ended(self, job: Job, now: float, ok: bool | None, *, retry: bool = False) -> None:
+        """A job with a lane ended (``ok``; None: stopped): its lane counts it no longer and its
+        lane's breaker hears of it; a ``retry`` of a FIFO lane stays at the head of its lane."""
+        if job.lane is None:
+            return
+        entered = self.queue.finished(job.id, job.lane, now, ok, (job, job.due) if retry else None)
+        if entered:
+            self._emit(self.path, f"circuit.{entered}", "", lane=job.lane)
+
+    def _job_event(self, job: Job, kind: str, reason: str, **details: Any) -> None:
+        """An event under the job's path; it names the job's lane, if it has one."""
+        if job.lane is not None:
+            details["lane"] = job.lane
+        self._emit(f"{self.path}/{job.id}", kind, reason, **details)
 
     def _bury(self, job: Job, error: str) -> None:
         """Move a job to the dead letters (memory and store) and tell whoever awaits it."""
@@ -866,6 +947,7 @@ class Pool:
             submitted_at=job.submitted_at,
             failed_at=time.time(),
             key=job.key,
+            lane=job.lane,
         )
         self._add_letter(letter)
         if self.store is not None:
@@ -887,6 +969,7 @@ class Pool:
         self._settle(job, run)
         if self.circuit is not None:
             self.circuit.abandon(job.id)  # a stopped job says nothing about the service
+        self._lane_ended(job, trio.current_time(), None)
         if job.state == "cancelled":  # job.cancel(): it is gone
             self._cancelled(job, "running")
         else:
@@ -918,16 +1001,14 @@ class Pool:
     def _drop(self, job: Job, reason: str, **details: Any) -> None:
         """``job`` is gone without running to its end: one ``job.dropped`` event says why, and
         whoever awaits it hears so."""
-        self._emit(
-            f"{self.path}/{job.id}", "job.dropped", reason, job_kind=job.kind, state=job.state, **details
-        )
+        self._job_event(job, "job.dropped", reason, job_kind=job.kind, state=job.state, **details)
         job.dropped = reason
         self._finish(job, "dropped")
 
     def _release_waiters(self) -> None:
         """The pool stopped: whoever awaits a queued or waiting job hears so."""
         for _, job in list(self.queue):
-            self.queue.remove(job.id)
+            self.queue.remove(job.id, job.lane)
             self._pool_stopped(job)
         for _, _, job in self.waiting:
             if job.state == "waiting":

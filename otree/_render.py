@@ -73,6 +73,8 @@ def _pool_words(pool: PoolStatus) -> list[str]:
         words.append(f"spent today {_money(pool.spent_today)}")
     if pool.circuit is not None and pool.circuit != "closed":
         words.append(f"circuit {pool.circuit}")
+    if pool.lanes:
+        words.append(f"lanes {pool.lanes}" + (f" ({pool.lanes_held} held)" if pool.lanes_held else ""))
     if pool.held is not None:
         words.append(f"held: {pool.held}")
     return words
@@ -128,6 +130,8 @@ def render_status(status: Status) -> str:
 
 def _job_line(job: JobInfo) -> str:
     words = [f"{job.id:>6}", f"{job.kind:<12}", f"{job.state:<9}", f"priority {job.priority}"]
+    if job.lane is not None:
+        words.append(f"lane {job.lane}")
     if job.pid is not None:
         words.append(f"pid {job.pid}")
     if job.attempts:

@@ -713,6 +713,11 @@ class CircuitBreaker(msgspec.Struct, frozen=True):
             raise SpecError("circuit_breaker", "cooldown", "must be a number >= 0", self.cooldown)
 
 
+LaneOrder = Literal[
+    "retry_at_back", "fifo"
+]  # a lane's retried job: to the back of its class, or kept at the head
+
+
 class PoolSpec(_Spec, frozen=True, kw_only=True):
     """A pool child: a bounded priority job queue run by ``handlers`` (see ``otree.pool``)."""
 
@@ -738,6 +743,9 @@ class PoolSpec(_Spec, frozen=True, kw_only=True):
     max_starts_per_second: float | None = None
     budget_rule: BudgetRule = "le"
     max_runtime: float | dict[str, float | None] | None = None
+    lane_concurrency: int | None = None
+    lane_circuit_breaker: CircuitBreaker | None = None
+    lane_order: LaneOrder = "retry_at_back"
 
     def __post_init__(self) -> None:
         path = _check_id(self.id)
@@ -777,10 +785,10 @@ class PoolSpec(_Spec, frozen=True, kw_only=True):
                 ) from None
         if self.backoff is not None and not isinstance(self.backoff, Backoff):
             raise SpecError(path, "backoff", "must be None or an otree.Backoff", self.backoff)
-        if self.circuit_breaker is not None and not isinstance(self.circuit_breaker, CircuitBreaker):
-            raise SpecError(
-                path, "circuit_breaker", "must be None or an otree.CircuitBreaker", self.circuit_breaker
-            )
+        for field in ("circuit_breaker", "lane_circuit_breaker"):
+            breaker = getattr(self, field)
+            if breaker is not None and not isinstance(breaker, CircuitBreaker):
+                raise SpecError(path, field, "must be None or an otree.CircuitBreaker", breaker)
         if self.durable not in (None, True, False):
             raise SpecError(path, "durable", "must be None, True or False", self.durable)
         if self.now is not None and not callable(self.now):
@@ -814,6 +822,10 @@ class PoolSpec(_Spec, frozen=True, kw_only=True):
         rate = self.max_starts_per_second
         if rate is not None and (not _is_number(rate) or not 0 < rate < math.inf):
             raise SpecError(path, "max_starts_per_second", "must be None or a number > 0", rate)
+        cap = self.lane_concurrency
+        if cap is not None and (not isinstance(cap, int) or isinstance(cap, bool) or cap < 1):
+            raise SpecError(path, "lane_concurrency", "must be None or an integer >= 1", cap)
+        _check_choice(path, "lane_order", self.lane_order, ("retry_at_back", "fifo"))
 
 
 def pool(
@@ -839,6 +851,9 @@ def pool(
     max_starts_per_second: float | None = None,
     budget_rule: BudgetRule = "le",
     max_runtime: float | dict[str, float | None] | None = None,
+    lane_concurrency: int | None = None,
+    lane_circuit_breaker: CircuitBreaker | None = None,
+    lane_order: LaneOrder = "retry_at_back",
     restart: Restart = "permanent",
     shutdown: ShutdownValue = "infinity",
     significant: bool = False,
@@ -875,6 +890,12 @@ def pool(
         that long after it started is stopped (as a cancel, within ``job_shutdown``) and fails
         with detail ``max_runtime`` (retried or dead-lettered as any failure);
         ``submit(..., max_runtime=)`` overrides it for one job.
+      lane_concurrency, lane_circuit_breaker, lane_order: for jobs submitted with a ``lane``:
+        the most running at once per lane (None: no bound; 1 = one turn per agent at a
+        time), an ``otree.CircuitBreaker`` per lane (an open lane holds only its own jobs),
+        and where a lane's retried job goes: ``"retry_at_back"`` (the back of its priority
+        class, as without lanes) or ``"fifo"`` (it stays at the head of its lane and holds
+        the lane until it runs again). A job held only by its lane lets other lanes' jobs start.
       on_exit: as for ``task``.
 
     Raises:
@@ -902,6 +923,9 @@ def pool(
         max_starts_per_second=max_starts_per_second,
         budget_rule=budget_rule,
         max_runtime=dict(max_runtime) if isinstance(max_runtime, dict) else max_runtime,
+        lane_concurrency=lane_concurrency,
+        lane_circuit_breaker=lane_circuit_breaker,
+        lane_order=lane_order,
         restart=restart,
         shutdown=shutdown,
         significant=significant,

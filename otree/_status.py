@@ -66,6 +66,7 @@ def _job_info(job: Job, held: str | None = None, *, result: Any = None, error: s
         ended_at=job.ended_at,
         result=result,
         error=error,
+        lane=job.lane,
     )
 
 

@@ -27,6 +27,8 @@ _ADDED = (
     ("jobs", "place", "INTEGER"),  # the place in the line a replacing job took over (NULL: its own id)
     ("dead", "key", "TEXT"),  # the dead job's key (refuse_dead_keys)
     ("jobs", "max_runtime", "REAL"),  # the job's own limit per attempt (NULL: its kind's)
+    ("jobs", "lane", "TEXT"),  # the job's lane (NULL: none)
+    ("dead", "lane", "TEXT"),  # the dead job's lane (a requeue queues it there again)
 )
 
 _SCHEMA = """
@@ -34,11 +36,11 @@ CREATE TABLE IF NOT EXISTS jobs (
     id INTEGER PRIMARY KEY AUTOINCREMENT, kind TEXT NOT NULL, payload BLOB NOT NULL,
     priority INTEGER NOT NULL, estimate INTEGER NOT NULL, key TEXT, attempts INTEGER NOT NULL,
     interruptions INTEGER NOT NULL, running INTEGER NOT NULL, submitted_at REAL NOT NULL, place INTEGER,
-    max_runtime REAL);
+    max_runtime REAL, lane TEXT);
 CREATE TABLE IF NOT EXISTS dead (
     id INTEGER PRIMARY KEY, kind TEXT NOT NULL, payload BLOB NOT NULL, priority INTEGER NOT NULL,
     estimate INTEGER NOT NULL, attempts INTEGER NOT NULL, error TEXT NOT NULL,
-    submitted_at REAL NOT NULL, failed_at REAL NOT NULL, key TEXT);
+    submitted_at REAL NOT NULL, failed_at REAL NOT NULL, key TEXT, lane TEXT);
 CREATE TABLE IF NOT EXISTS ledger (day TEXT NOT NULL, job INTEGER NOT NULL, micros INTEGER NOT NULL);
 CREATE INDEX IF NOT EXISTS ledger_day ON ledger (day);
 """
@@ -59,6 +61,7 @@ class StoredJob(msgspec.Struct, frozen=True, kw_only=True):
     submitted_at: float
     place: int
     max_runtime: float | None
+    lane: str | None
 
 
 class Store:
@@ -102,7 +105,7 @@ class Store:
         )
         rows = self._read(
             "SELECT id, kind, payload, priority, estimate, key, attempts, submitted_at, interruptions, "
-            "coalesce(place, id) AS place, max_runtime FROM jobs ORDER BY place, id"
+            "coalesce(place, id) AS place, max_runtime, lane FROM jobs ORDER BY place, id"
         )
         queued: list[StoredJob] = []
         doomed: list[StoredJob] = []
@@ -118,6 +121,7 @@ class Store:
             interruptions,
             place,
             max_runtime,
+            lane,
         ) in rows:
             job = StoredJob(
                 id=job_id,
@@ -130,6 +134,7 @@ class Store:
                 submitted_at=submitted_at,
                 place=place,
                 max_runtime=max_runtime,
+                lane=lane,
             )
             (doomed if interruptions >= INTERRUPTIONS_TO_DEAD else queued).append(job)
         return queued, doomed
@@ -151,8 +156,8 @@ class Store:
 
     def dead_letters(self) -> list[tuple[Any, ...]]:
         rows = self._read(
-            "SELECT id, kind, payload, priority, estimate, attempts, error, submitted_at, failed_at, key "
-            "FROM dead ORDER BY id"
+            "SELECT id, kind, payload, priority, estimate, attempts, error, submitted_at, failed_at, key, "
+            "lane FROM dead ORDER BY id"
         )
         return [(str(r[0]), r[1], self._decode(r[2]), r[3], r[4] / 1e6, *r[5:]) for r in rows]
 
@@ -166,23 +171,25 @@ class Store:
         key: str | None,
         at: float,
         max_runtime: float | None,
+        lane: str | None = None,
     ) -> int:
         return self._write(
             "INSERT INTO jobs (kind, payload, priority, estimate, key, attempts, interruptions, running, "
-            "submitted_at, max_runtime) VALUES (?, ?, ?, ?, ?, 0, 0, 0, ?, ?)",
-            (kind, payload, priority, estimate, key, at, max_runtime),
+            "submitted_at, max_runtime, lane) VALUES (?, ?, ?, ?, ?, 0, 0, 0, ?, ?, ?)",
+            (kind, payload, priority, estimate, key, at, max_runtime, lane),
         )
 
     def replace(
         self, job: int, kind: str, payload: bytes, *, estimate: int, at: float, max_runtime: float | None
     ) -> int:
-        """A new job takes ``job``'s place (its priority, key and place in the line) with a new
+        """A new job takes ``job``'s place (its priority, key, lane and place in the line) with a new
         payload, and ``job`` is deleted: one transaction, so a crash keeps one of the two."""
         return self._transaction(
             (
                 "INSERT INTO jobs (kind, payload, priority, estimate, key, attempts, interruptions, running, "
-                "submitted_at, place, max_runtime) "
-                "SELECT ?, ?, priority, ?, key, 0, 0, 0, ?, coalesce(place, id), ? FROM jobs WHERE id = ?",
+                "submitted_at, place, max_runtime, lane) "
+                "SELECT ?, ?, priority, ?, key, 0, 0, 0, ?, coalesce(place, id), ?, lane "
+                "FROM jobs WHERE id = ?",
                 (kind, payload, estimate, at, max_runtime, job),
             ),
             ("DELETE FROM jobs WHERE id = ?", (job,)),
@@ -210,8 +217,8 @@ class Store:
         self._transaction(
             (
                 "INSERT INTO dead (id, kind, payload, priority, estimate, attempts, error, submitted_at, "
-                "failed_at, key) SELECT id, kind, payload, priority, estimate, attempts, ?, submitted_at, ?, "
-                "key FROM jobs WHERE id = ?",
+                "failed_at, key, lane) SELECT id, kind, payload, priority, estimate, attempts, ?, "
+                "submitted_at, ?, key, lane FROM jobs WHERE id = ?",
                 (error, at, job),
             ),
             ("DELETE FROM jobs WHERE id = ?", (job,)),

@@ -782,7 +782,7 @@ def test_ctrl_c_while_submit_waits_names_the_job_that_goes_on(
     )
 
 
-def test_submit_max_runtime_is_sent_in_seconds_and_only_when_given(
+def test_submit_max_runtime_and_lane_are_sent_only_when_given(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     sent: list[dict[str, Any]] = []
@@ -793,12 +793,15 @@ def test_submit_max_runtime_is_sent_in_seconds_and_only_when_given(
 
     monkeypatch.setattr(_cli._Target, "call", call)
     base = ["submit", "--state-dir", str(tmp_path), "jobs", "work"]
-    assert main([*base, "--max-runtime", "1.5"]) == 0
+    assert main([*base, "--max-runtime", "1.5", "--lane", "agent-7"]) == 0
     assert main(base) == 0
     assert capsys.readouterr().out == "jobs: job 1 queued\njobs: job 1 queued\n"
-    assert [(request["op"], request.get("max_runtime", "absent")) for request in sent] == [
-        ("submit", 1.5),
-        ("submit", "absent"),
+    assert [
+        (request["op"], request.get("max_runtime", "absent"), request.get("lane", "absent"))
+        for request in sent
+    ] == [
+        ("submit", 1.5, "agent-7"),
+        ("submit", "absent", "absent"),
     ]
 
 

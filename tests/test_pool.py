@@ -1458,7 +1458,7 @@ async def test_a_durable_pool_keeps_a_jobs_own_max_runtime_across_a_restart(
         assert [letter.error for letter in pool.dead_letters()] == ["max_runtime"]
 
 
-def test_an_older_pool_database_gains_the_max_runtime_column_when_opened(tmp_path: Any) -> None:
+def test_an_older_pool_database_gains_the_max_runtime_and_lane_columns_when_opened(tmp_path: Any) -> None:
     path = tmp_path / "jobs.sqlite3"
     old = sqlite3.connect(path)
     old.executescript(
@@ -1466,6 +1466,9 @@ def test_an_older_pool_database_gains_the_max_runtime_column_when_opened(tmp_pat
         "priority INTEGER NOT NULL, estimate INTEGER NOT NULL, key TEXT, attempts INTEGER NOT NULL, "
         "interruptions INTEGER NOT NULL, running INTEGER NOT NULL, submitted_at REAL NOT NULL, "
         "place INTEGER);"
+        "CREATE TABLE dead (id INTEGER PRIMARY KEY, kind TEXT NOT NULL, payload BLOB NOT NULL, "
+        "priority INTEGER NOT NULL, estimate INTEGER NOT NULL, attempts INTEGER NOT NULL, "
+        "error TEXT NOT NULL, submitted_at REAL NOT NULL, failed_at REAL NOT NULL);"
         "INSERT INTO jobs (kind, payload, priority, estimate, key, attempts, interruptions, running, "
         "submitted_at) VALUES ('w', '1', 0, 0, NULL, 0, 0, 0, 1.0);"
     )
@@ -1473,8 +1476,16 @@ def test_an_older_pool_database_gains_the_max_runtime_column_when_opened(tmp_pat
     old.close()
     store = Store(path)
     try:
-        added = store.add("w", b"2", priority=0, estimate=0, key=None, at=2.0, max_runtime=30.0)
+        added = store.add(
+            "w", b"2", priority=0, estimate=0, key=None, at=2.0, max_runtime=30.0, lane="agent-7"
+        )
         queued, _ = store.recover()
-        assert [(job.id, job.max_runtime) for job in queued] == [(1, None), (added, 30.0)]
+        assert [(job.id, job.max_runtime, job.lane) for job in queued] == [
+            (1, None, None),
+            (added, 30.0, "agent-7"),
+        ]
+        store.started(added)
+        store.bury(added, "boom", 3.0)  # a dead letter keeps its lane (a requeue goes back to it)
+        assert store.dead_letters()[0][-2:] == (None, "agent-7")
     finally:
         store.close()
