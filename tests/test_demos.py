@@ -19,12 +19,14 @@ import pytest
 from .otree_subprocess import REPO, OtreeProcess, event_of, is_text_event, otree_process, run_otree
 
 SUPERVISORS = REPO / "supervisors"
-DEMOS = {
+DEMOS = {  # file -> root id
     "fleet": "fleet",
     "cli_agents": "agents",
     "agent_fleet": "fleet",
     "job_daemon": "daemon",
-}  # file -> root id
+    "turn_runner": "runner",
+    "outbox": "outbox",
+}
 RUN_FOR = 60.0  # seconds each demo runs in the long test
 STOP_DEADLINE = 20.0  # seconds a demo may take to stop after SIGINT
 # One line of `otree run`'s text events: time, path, dotted kind.

@@ -150,7 +150,20 @@ def children_of(pid: int) -> dict[int, tuple[str, str]]:
     return found
 
 
+def ignores_sigterm(pid: int) -> bool:
+    """Whether ``pid`` has set SIGTERM to be ignored yet (its SigIgn mask in /proc)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    mask = next(line.split()[1] for line in status.splitlines() if line.startswith("SigIgn:"))
+    return bool(int(mask, 16) >> (signal.SIGTERM - 1) & 1)
+
+
 SLEEP = ["sleep", "30"]
+# A job that leaves a grandchild in a session of its own (out of the job's group) and exits:
+# Popen returns once the child has exec'd, so the escape is done before the job ends.
+ESCAPE = "import subprocess as s; s.Popen(['sleep', '2.731'], start_new_session=True, stdout=s.DEVNULL)"
 
 
 # --- daemon job supervisor ---------------------------------------------------------------------
@@ -242,13 +255,13 @@ def test_job_daemon_loop_gives_up_orphans_reaped_and_stop_grace(
             "submit",
             "jobs",
             "run",
-            json.dumps({"argv": ["sh", "-c", "setsid sleep 0.731 >/dev/null 2>&1 &"]}),
+            json.dumps({"argv": ["python3", "-c", ESCAPE]}),
             "--wait",
         )[0]
         == 0
     )
     orphan = wait(
-        lambda: next((p for p, (_, cmd) in children_of(otree_pid).items() if cmd == "sleep 0.731"), None),
+        lambda: next((p for p, (_, cmd) in children_of(otree_pid).items() if cmd == "sleep 2.731"), None),
         "the orphan under otree",
     )
     wait(lambda: True if orphan not in children_of(otree_pid) else None, "the orphan reaped")
@@ -256,7 +269,7 @@ def test_job_daemon_loop_gives_up_orphans_reaped_and_stop_grace(
     stubborn = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(300)"
     job = tree.submit(["python3", "-c", stubborn])
     leader = tree.running(1)[0]["pid"]
-    wait(lambda: True if len(group_of(leader)) == 1 else None, "the stubborn job")
+    wait(lambda: True if ignores_sigterm(leader) else None, "the stubborn job deaf to SIGTERM")
     began = time.monotonic()
     assert tree.stop() == 0
     assert 0.3 <= time.monotonic() - began < 5
@@ -359,7 +372,7 @@ def test_turn_runner_abort_worker_death_and_grace(demo_env: Callable[..., None],
     stubborn = turn("cy", steps=1, pause=60, ignore_sigterm=True)
     tree.json("submit", "turns", "turn", stubborn, "--lane", "cy")
     leader = tree.running(1, pool="turns")[0]["pid"]
-    wait(lambda: True if group_of(leader) else None, "the stubborn turn")
+    wait(lambda: True if ignores_sigterm(leader) else None, "the stubborn turn deaf to SIGTERM")
     began = time.monotonic()
     assert tree.stop() == 0
     assert 2.0 <= time.monotonic() - began < 6.0
