@@ -27,11 +27,18 @@ import msgspec
 
 from ._childlogs import NoLog, find_log, follow, last_lines
 from ._client import DEFAULT_TIMEOUT, ControlError, NoTree, call, submit_and_wait, subscribe
-from ._info import ChildInfo, DeadLetter, Event, JobInfo, Jobs, Status
+from ._info import ChildInfo, DeadLetter, Event, JobInfo, Jobs, LaneStatus, Status
 from ._logfiles import EventFilter, LogMark, read_events
 from ._paths import control_socket, state_dir
 from ._protocol import EXIT_INTERRUPTED, EXIT_NO_TREE, EXIT_REFUSED, EXIT_USAGE
-from ._render import format_event, render_dead_letters, render_job, render_jobs, render_status
+from ._render import (
+    format_event,
+    render_dead_letters,
+    render_job,
+    render_jobs,
+    render_lane,
+    render_status,
+)
 
 __all__ = ["main"]
 
@@ -156,6 +163,12 @@ def _job(args: argparse.Namespace) -> int:
     tree = _Target(args)
     job = msgspec.convert(tree.call("job", pool=args.pool, id=args.id), JobInfo)
     return tree.show(job, lambda: render_job(job))
+
+
+def _lane(args: argparse.Namespace) -> int:
+    tree = _Target(args)
+    lane = msgspec.convert(tree.call("lane", pool=args.pool, lane=args.lane), LaneStatus)
+    return tree.show(lane, lambda: render_lane(args.pool, lane))
 
 
 def _cancel(args: argparse.Namespace) -> int:
@@ -400,6 +413,9 @@ def _add_control_commands(commands: argparse._SubParsersAction[argparse.Argument
         command = control(name, help_text, handler)
         command.add_argument("pool", metavar="POOL")
         command.add_argument("id", metavar="JOB_ID")
+    lane = control("lane", "show one lane of a pool: its jobs, its circuit, what holds it", _lane)
+    lane.add_argument("pool", metavar="POOL")
+    lane.add_argument("lane", metavar="LANE")
     dead = control("dead-letters", "list a pool's dead letters", _dead_letters)
     dead.add_argument("pool", metavar="POOL")
     dead.add_argument("--requeue", metavar="ID", default=None, help="queue this dead letter again")

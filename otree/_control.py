@@ -155,6 +155,11 @@ class _JobArgs(msgspec.Struct, forbid_unknown_fields=True):
     id: str
 
 
+class _LaneArgs(msgspec.Struct, forbid_unknown_fields=True):
+    pool: str
+    lane: str
+
+
 class _EventsArgs(msgspec.Struct, forbid_unknown_fields=True):
     path: str = ""
     kind: str = ""
@@ -466,6 +471,9 @@ class ControlServer:
     async def _job(self, args: _JobArgs) -> Any:
         return job_of(self._pool(args.pool, "job"), args.id)
 
+    async def _lane(self, args: _LaneArgs) -> Any:
+        return self._pool(args.pool, "lane").lane(args.lane)
+
     async def _cancel(self, args: _JobArgs) -> Any:
         pool = self._pool(args.pool, "cancel")
         job = pool.job(args.id)
@@ -608,6 +616,7 @@ _OPS: dict[str, tuple[Callable[[ControlServer, Any], Awaitable[Any]], type[msgsp
     "dead_letters": (ControlServer._dead_letters, _PoolArgs),
     "requeue": (ControlServer._requeue, _JobArgs),
     "job": (ControlServer._job, _JobArgs),
+    "lane": (ControlServer._lane, _LaneArgs),
     "cancel": (ControlServer._cancel, _JobArgs),
     "reload": (ControlServer._reload, _NoArgs),
     "log_level": (ControlServer._log_level, _LevelArgs),

@@ -6,9 +6,17 @@ import json
 import time
 from collections.abc import Iterator
 
-from ._info import ChildInfo, DeadLetter, Event, JobInfo, Jobs, PoolStatus, Status, StatusNode
+from ._info import ChildInfo, DeadLetter, Event, JobInfo, Jobs, LaneStatus, PoolStatus, Status, StatusNode
 
-__all__ = ["format_event", "render_dead_letters", "render_job", "render_jobs", "render_status", "time_of_day"]
+__all__ = [
+    "format_event",
+    "render_dead_letters",
+    "render_job",
+    "render_jobs",
+    "render_lane",
+    "render_status",
+    "time_of_day",
+]
 
 # Details that the one-line text form leaves out (``detail`` already says Type: message).
 _VERBOSE = frozenset({"detail", "exception", "message", "traceback"})
@@ -171,6 +179,16 @@ def render_job(job: JobInfo) -> str:
     elif job.state == "done":
         lines.append(f"result: {json.dumps(job.result)}")
     return "\n".join(lines)
+
+
+def render_lane(pool: str, lane: LaneStatus) -> str:
+    """One line: the lane's jobs, its own circuit (with a lane breaker) and what holds it."""
+    words = [f"{pool} lane {lane.lane}: queued {lane.queued} running {lane.running}"]
+    if lane.circuit is not None:
+        words.append(f"circuit {lane.circuit}")
+    if lane.held is not None:
+        words.append(f"held: {lane.held}")
+    return " ".join(words)
 
 
 def render_dead_letters(letters: list[DeadLetter]) -> str:

@@ -26,6 +26,7 @@ DEMOS = {  # file -> root id
     "job_daemon": "daemon",
     "turn_runner": "runner",
     "outbox": "outbox",
+    "cadence": "cadence",
 }
 RUN_FOR = 60.0  # seconds each demo runs in the long test
 STOP_DEADLINE = 20.0  # seconds a demo may take to stop after SIGINT

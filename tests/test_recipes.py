@@ -3,6 +3,7 @@ issue's table, driven through ``otree run`` and the CLI on short times (``OTREE_
 
 from __future__ import annotations
 
+import itertools
 import json
 import signal
 import subprocess
@@ -377,3 +378,90 @@ def test_turn_runner_abort_worker_death_and_grace(demo_env: Callable[..., None],
     assert tree.stop() == 0
     assert 2.0 <= time.monotonic() - began < 6.0
     assert not group_of(leader)
+
+
+# --- cadence consumer --------------------------------------------------------------------------
+
+
+def test_cadence_failures_hold_their_cadence_only(demo_env: Callable[..., None], run_tree: Any) -> None:
+    """Two attempts (the retry at once: the schedule's first delay); three failures open the
+    cadence's own breaker, its next tick waits and keeps its attempt while the other cadence runs;
+    the circuit is visible; a failure keeps a 4 KiB stderr tail; each run has its own log; one
+    sub-session at a time, and at most one start per 10 s tick (0.1 s here)."""
+    demo_env(OTREE_CADENCE_FAIL="inbox", OTREE_CADENCE_WORK="0.3")
+    tree = run_tree("cadence", "cadence")
+    opened = tree.wait_event("cadence/sessions", "circuit.opened")
+    assert opened["details"]["lane"] == "inbox"
+    code, out, _ = tree.cli("lane", "sessions", "inbox")
+    assert code == 0 and "circuit open" in out and "queued 1" in out, out
+    held = tree.json("lane", "sessions", "inbox")
+    assert held["circuit"] == "open" and held["held"].startswith("circuit open")
+    code, _, err = tree.cli("lane", "sessions", "nowhere")
+    assert code == 4 and err.count("\n") == 1 and "no lane 'nowhere'" in err, err
+
+    events = tree.events()
+    ticks: dict[str, list[dict[str, Any]]] = {}
+    for event in events:
+        if event["kind"].startswith("job."):
+            ticks.setdefault(event["path"].rsplit("/", 1)[1], []).append(event)
+    inbox = [job for job, seen in ticks.items() if seen[0]["details"].get("lane") == "inbox"]
+    first, second = inbox[0], inbox[1]
+    assert [e["kind"] for e in ticks[first]] == [
+        "job.queued",
+        "job.started",
+        "job.retried",
+        "job.started",
+        "job.dead_lettered",
+    ]
+    waiting = tree.json("job", "sessions", second)
+    assert waiting["attempts"] == 1 and waiting["state"] in ("queued", "waiting"), waiting  # kept its attempt
+    letter = tree.json("dead-letters", "sessions")[0]
+    tail = letter["error"].split(": ", 1)[1]
+    assert len(tail.encode()) <= 4096 and tail.rstrip().endswith("inbox: the session failed"), letter["error"]
+
+    digest = tree.wait_event(
+        "cadence/sessions/" + next(j for j, s in ticks.items() if s[0]["details"].get("lane") == "digest"),
+        "job.finished",
+    )
+    runs = sorted(
+        (start["time"], end["time"])
+        for seen in ticks.values()
+        for start, end in zip(
+            [e for e in seen if e["kind"] == "job.started"],
+            [e for e in seen if e["kind"] in ("job.retried", "job.dead_lettered", "job.finished")],
+            strict=False,  # a run still going has no end yet
+        )
+    )
+    for (began, ended), (next_began, _) in itertools.pairwise(runs):
+        assert ended <= next_began and next_began - began >= 0.09  # one at a time, one start per tick
+    code, out, _ = tree.cli("logs", f"sessions/{digest['path'].rsplit('/', 1)[1]}", "--stderr")
+    assert code == 0 and "digest: step 399" in out
+    assert tree.stop() == 0
+
+
+def test_cadence_max_runtime(demo_env: Callable[..., None], run_tree: Any) -> None:
+    """A sub-session may run 30 min (1.8 s here): past it, it is stopped and the attempt fails."""
+    demo_env(OTREE_DEMO_SPEED="1000", OTREE_CADENCE_WORK="30")
+    tree = run_tree("cadence", "cadence")
+    retried = tree.wait_event("cadence/sessions/1", "job.retried")
+    started = tree.events()[[e["kind"] for e in tree.events()].index("job.started")]
+    assert "max_runtime" in json.dumps(retried["details"])
+    assert 1.8 <= retried["time"] - started["time"] < 5
+    assert tree.stop() == 0
+
+
+def test_cadence_recovers_a_claimed_tick_after_a_crash(demo_env: Callable[..., None], run_tree: Any) -> None:
+    """otree killed under a running sub-session: the sub-session goes with it, and the tick it
+    claimed runs again when otree is back (the pool is durable)."""
+    demo_env(OTREE_CADENCE_WORK="30")
+    tree = run_tree("cadence", "cadence")
+    claimed = tree.running(1, pool="sessions")[0]
+    tree.process.proc.kill()
+    tree.process.finish()
+    wait(lambda: True if not group_of(claimed["pid"]) else None, "the sub-session gone with otree")
+    again = run_tree("cadence", "cadence")
+    recovered = again.wait_event(f"cadence/sessions/{claimed['id']}", "job.queued", "recovered")
+    again.wait_event(
+        f"cadence/sessions/{claimed['id']}", "job.started", after=again.events().index(recovered)
+    )
+    assert again.stop() == 0
