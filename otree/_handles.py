@@ -41,6 +41,12 @@ class _Handle:
         """Live events of this supervisor or pool and all below it, from now on."""
         return self._tree.bus.subscribe(self.path, buffer)
 
+    @property
+    def parent(self) -> SupervisorHandle | None:
+        """The handle of the supervisor this one belongs to, None for the root: how a pool's
+        job (``current_child().supervisor`` is its pool) reaches the pool's siblings."""
+        return SupervisorHandle(self._tree, self._ids[:-1]) if self._ids else None
+
 
 class SupervisorHandle(_Handle):
     """A running supervisor, named by its path in the tree.

@@ -1489,3 +1489,28 @@ def test_an_older_pool_database_gains_the_max_runtime_and_lane_columns_when_open
         assert store.dead_letters()[0][-2:] == (None, "agent-7")
     finally:
         store.close()
+
+
+async def test_a_job_reaches_its_pools_siblings_through_parent(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """``current_child().supervisor`` of a job is its pool; the pool's ``parent`` is the supervisor
+    holding it (the root's parent is None), so a job can wake or look up a sibling."""
+
+    async def look(payload: Any) -> Any:
+        pool = otree.current_child().supervisor
+        assert isinstance(pool, otree.PoolHandle) and pool.parent is not None
+        return [child.id for child in pool.parent.child("team").which_children()], pool.parent
+
+    tree = otree.supervisor(
+        "root",
+        children=[
+            otree.supervisor("team", children=[otree.task("worker", trio.sleep_forever)]),
+            otree.pool("jobs", {"look": look}),
+        ],
+    )
+    async with otree.open_supervisor(tree) as sup:
+        job = await sup.child("jobs").submit("look")
+        siblings, holder = await job.result()
+        assert siblings == ["worker"]
+        assert holder.path == "root" and holder.parent is None
