@@ -55,6 +55,7 @@ from ._process import ProcessContext, ProcessRun, run_process
 from ._reaper import Reaper
 from ._reload import plan_reload, same_settings
 from ._spec import ChildSpec, PoolSpec, ProcessSpec, SupervisorSpec, TaskSpec, takes_task_status
+from ._stopchain import StopChain
 from ._strategy import affected_children
 from ._task import RunningChild
 from ._windowfile import load_window, save_window, window_file
@@ -128,48 +129,6 @@ class _Call:
 
 
 _Op = tuple[Callable[..., Awaitable[Any]], tuple[Any, ...], "_Call | None"]
-
-
-class _StopChain:
-    """Stops children one at a time in the given order; ``done`` is set after the last."""
-
-    __slots__ = ("_brutal", "_children", "_current", "_index", "_sup", "done")
-
-    def __init__(self, sup: _Supervisor, children: list[_Child]) -> None:
-        self._sup = sup
-        self._children = children
-        self._brutal = False
-        self._current: RunningChild | None = None
-        self._index = 0
-        self.done = trio.Event()
-
-    def make_brutal(self) -> None:
-        """Kill the child being stopped and every one after it at once (a grace ran out)."""
-        self._brutal = True
-        if self._current is not None:
-            self._current.request_stop("brutal_kill", self._exited)
-
-    def advance(self) -> None:
-        children = self._children
-        while self._index < len(children):
-            child = children[self._index]
-            self._index += 1
-            run = child.run
-            if run is None:
-                continue
-            if run.exit is not None:  # it exited by itself; its queued exit is now stale
-                self._sup._settle(child, run, stopped=False)
-                continue
-            child.state = "stopping"
-            self._current = run
-            run.request_stop("brutal_kill" if self._brutal else child.spec.shutdown, self._exited)
-            return
-        self._current = None
-        self.done.set()
-
-    def _exited(self, run: RunningChild) -> None:
-        self._sup._settle(run.child, run, stopped=True)
-        self.advance()
 
 
 @contextmanager
@@ -325,23 +284,9 @@ class _Supervisor:
         assert exit_info is not None
         level = level_of(kind, exit_info.reason)
         bus = self.tree.bus
-        if not bus.wants(level):
-            return
-        details: dict[str, Any] = {"detail": exit_info.detail}
-        error = run.error
-        if error is not None:
-            details["exception"] = type(error).__name__
-            details["message"] = str(error)
-        if run.cost:
-            details["cost"] = run.cost
-        if run.proc is not None:
-            if exit_info.exit_code is not None:
-                details["exit_code"] = exit_info.exit_code
-            if exit_info.signal is not None:
-                details["signal"] = exit_info.signal
-            if exit_info.reason == "error" and run.proc.tail:
-                details["stderr_tail"] = run.proc.tail.decode("utf-8", "replace")
-        bus.publish(Event(time.time(), child.path, kind, exit_info.reason, details), level, error)
+        if bus.wants(level):
+            event = Event(time.time(), child.path, kind, exit_info.reason, run.exit_details())
+            bus.publish(event, level, run.error)
 
     # --- serving --------------------------------------------------------------
 
@@ -557,7 +502,7 @@ class _Supervisor:
         """A child's run ended by itself: queue its exit (OTP's ``'EXIT'`` message)."""
         self._post(self._child_exited, run)
 
-    def _settle(self, child: _Child, run: RunningChild, *, stopped: bool) -> None:
+    def _settle(self, child: _Child, run: RunningChild, stopped: bool) -> None:
         """Record the end of ``run``: state, exit info, event; forget a temporary child."""
         child.run = None
         child.state = "stopped"
@@ -699,7 +644,7 @@ class _Supervisor:
         """
         if not any(c.run is not None for c in children):
             return
-        chain = _StopChain(self, children)
+        chain = StopChain(children, self._settle)
         chain.advance()
         if final:
             with trio.CancelScope(deadline=self._kill_at) as self._kill_scope:

@@ -294,6 +294,27 @@ class RunningChild:
             TimeLimitExceeded("max_runtime", f"max_runtime: still running after {seconds:g}s"), grace
         )
 
+    def exit_details(self) -> dict[str, Any]:
+        """How this run ended, as an exit event's details: its detail, exception, spend, and
+        for a process its exit code or signal and, after an error, the tail of its stderr."""
+        exit_info = self.exit
+        assert exit_info is not None
+        details: dict[str, Any] = {"detail": exit_info.detail}
+        error = self.error
+        if error is not None:
+            details["exception"] = type(error).__name__
+            details["message"] = str(error)
+        if self.cost:
+            details["cost"] = self.cost
+        if self.proc is not None:
+            if exit_info.exit_code is not None:
+                details["exit_code"] = exit_info.exit_code
+            if exit_info.signal is not None:
+                details["signal"] = exit_info.signal
+            if exit_info.reason == "error" and self.proc.tail:
+                details["stderr_tail"] = self.proc.tail.decode("utf-8", "replace")
+        return details
+
     def _classify(self, returned: bool) -> ExitInfo:
         reason, detail = self._reason(returned)
         proc = self.proc
