@@ -47,6 +47,7 @@ from ._eventlog import EventLog
 from ._events import EventBus, level_of
 from ._info import ChildInfo, ChildState, Event, ExitInfo
 from ._intensity import RestartWindow
+from ._lifecycle import Rest, joins_group_restart, wake_action
 from ._logfiles import LOG_NAME
 from ._onexit import run_on_exit
 from ._paths import check_state_dir, pool_database
@@ -79,6 +80,7 @@ class _Child:
         "path",
         "pending",
         "pool",
+        "rest",
         "restarts",
         "run",
         "spec",
@@ -99,6 +101,7 @@ class _Child:
         self.error: BaseException | None = None  # the last run's exception, if any
         self.consecutive = 0  # automatic restarts in a row, for backoff
         self.pending: object | None = None  # token of a scheduled retry while restarting
+        self.rest: Rest = ""  # parked or held: stopped until something starts it (_lifecycle)
 
 
 class _GiveUp(Exception):
@@ -322,6 +325,8 @@ class _Supervisor:
     async def _serve(self, ready: Callable[[], None]) -> BaseException | None:
         for spec in self.spec.children:
             child = self._add(spec)
+            if not spec.autostart:
+                continue  # declared, shown stopped, started by a wake
             try:
                 await self._start(child)
             except _StartFailed as failed:
@@ -452,8 +457,11 @@ class _Supervisor:
             nested = _Supervisor(spec, child.path, self.tree, run)
             run.on_stop = nested.request_stop
             fn, args, takes_status = nested.serve_child, (), True
-        if isinstance(spec, (TaskSpec, ProcessSpec)) and spec.max_runtime is not None:
-            run.runtime_limit = (spec.max_runtime, spec.shutdown)
+        if isinstance(spec, (TaskSpec, ProcessSpec)):
+            if spec.max_runtime is not None:
+                run.runtime_limit = (spec.max_runtime, spec.shutdown)
+            if spec.idle_timeout is not None:
+                run.idle_limit = (spec.idle_timeout, spec.shutdown)
         if self.spec.backoff is not None:
             run.started_mono = trio.current_time()
         child.run = run
@@ -471,6 +479,7 @@ class _Supervisor:
             self._start_failed(child, run, before)
         if child.run is run and child.state in ("starting", "restarting"):
             child.state = "running"
+        child.rest = ""
         self._emit(child.path, "child.ready")
 
     def _start_failed(self, child: _Child, run: RunningChild, before: ChildState) -> NoReturn:
@@ -528,6 +537,12 @@ class _Supervisor:
         child = run.child
         if child.run is not run:
             return  # a stale exit: the child was stopped or replaced meanwhile
+        if run.parked:  # idle: stopped until a wake, whatever its restart type, and never counted
+            assert run.idle_limit is not None
+            self._settle(child, run, True)
+            child.rest = "parked"
+            self._emit(child.path, "child.parked", "idle", idle_timeout=run.idle_limit[0])
+            return
         self._settle(child, run, stopped=False)
         assert run.exit is not None
         if child.spec.restarts_after(run.exit, own_exit=run.proc is not None and run.proc.own_exit):
@@ -613,6 +628,8 @@ class _Supervisor:
             child = self.children.get(child_id)
             if child is None or child.run is not None:
                 continue
+            if child is not trigger and not self._joins(child):
+                continue  # it waits for a wake
             child.pending = None
             try:
                 await self._start(child)
@@ -621,6 +638,9 @@ class _Supervisor:
                 token = child.pending = object()
                 self._post(self._retry, child, token)
                 return
+
+    def _joins(self, child: _Child) -> bool:
+        return joins_group_restart(child.spec.restart, child.rest, ever_started=child.started_at is not None)
 
     async def _retry(self, child: _Child, token: object) -> None:
         if child.pending is token and child.state == "restarting":
@@ -680,6 +700,7 @@ class _Supervisor:
     async def op_terminate_child(self, child_id: str) -> None:
         child = self._get(child_id)
         child.pending = None
+        child.rest = "held"  # stopped by hand: no wake but an operator's start undoes it
         if child.run is not None:
             await self._stop_children([child])
         elif child.state == "restarting":
@@ -698,6 +719,35 @@ class _Supervisor:
         except _StartFailed as failed:
             raise self._start_error(child, failed.run) from failed.run.error
         return self.info(child)
+
+    async def op_wake(self, child_id: str, manual: bool) -> tuple[ChildInfo, bool]:
+        """Start the child unless it runs ("wake or spawn"); its info, and whether this started it.
+
+        Served in the queue like every call, so concurrent wakes of one child start it once.
+        ``manual``: an operator's start, which also starts a child stopped by hand.
+        """
+        child = self._get(child_id)
+        run = child.run
+        running, ending = run is not None, run is not None and run.ending
+        action = wake_action(child.state, running=running, ending=ending, rest=child.rest, manual=manual)
+        if action in ("none", "held"):
+            if action == "held":
+                self._emit(child.path, "child.wake_refused", "held")
+            return self.info(child), False
+        if run is not None:  # on its way out by itself: let it end, then start it again
+            if run.exit is None:
+                ended = trio.Event()
+                run.stopper = lambda _: ended.set()  # its exit comes here, not through the queue
+                await ended.wait()
+            self._settle(child, run, run.parked)
+            child.rest = "parked" if run.parked else ""
+        was = child.rest or ("not_started" if child.started_at is None else "exited")
+        self._emit(child.path, "child.woken", was, by="wake")
+        try:
+            await self._start(child)
+        except _StartFailed as failed:
+            raise self._start_error(child, failed.run) from failed.run.error
+        return self.info(child), True
 
     async def op_delete_child(self, child_id: str) -> None:
         child = self._get(child_id)
@@ -752,7 +802,9 @@ class _Supervisor:
             if child_id in plan.nested:
                 await self._reload_nested(child, summary)
             elif (
-                child_id in restart or child_id in plan.added or (child_id in stranded and child.run is None)
+                child_id in restart
+                or (child_id in plan.added and child.spec.autostart)
+                or (child_id in stranded and child.run is None and self._joins(child))
             ):
                 if child_id in plan.added:
                     summary["added"].append(child.path)
