@@ -33,7 +33,9 @@ async def returns(log: Log, name: str) -> None:
     await trio.sleep(1)
 
 
-async def remembers(seen: list[otree.ExitInfo | None], *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+async def remembers(
+    seen: list[otree.ExitInfo | None], *, task_status: Any = trio.TASK_STATUS_IGNORED
+) -> None:
     seen.append(otree.current_child().previous_exit)
     task_status.started()
     await trio.sleep_forever()
@@ -124,7 +126,10 @@ def test_on_demand_is_a_restart_type_that_no_exit_code_can_force() -> None:
     assert otree.process("p", ["true"], restart="on_demand", no_restart_exit_codes=[3]).restart == "on_demand"
     with pytest.raises(otree.SpecError) as error:
         otree.process("p", ["true"], restart="on_demand", restart_exit_codes=[3])
-    assert str(error.value) == "p: restart_exit_codes requires restart 'permanent' or 'transient'; got 'on_demand'"
+    assert (
+        str(error.value)
+        == "p: restart_exit_codes requires restart 'permanent' or 'transient'; got 'on_demand'"
+    )
 
 
 def test_otree_check_shows_the_new_settings(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -219,7 +224,9 @@ async def test_wake_brings_a_parked_child_back_knowing_it_was_idle(
 
 async def test_wake_of_a_running_child_changes_nothing(autojump_clock: trio.testing.MockClock) -> None:
     log = Log()
-    async with otree.open_supervisor(otree.supervisor("root", children=[otree.task("a", worker, log, "a")])) as sup:
+    async with otree.open_supervisor(
+        otree.supervisor("root", children=[otree.task("a", worker, log, "a")])
+    ) as sup:
         before = child(sup, "a")
         after = await sup.wake("a")
         assert after == before
@@ -328,7 +335,9 @@ async def test_an_on_demand_child_is_never_restarted_and_keeps_its_spec(
     )
     async with otree.open_supervisor(tree) as sup:
         await trio.sleep(1000)
-        assert {info.id: (info.state, info.exit.reason if info.exit else None) for info in sup.which_children()} == {
+        assert {
+            info.id: (info.state, info.exit.reason if info.exit else None) for info in sup.which_children()
+        } == {
             "crashes": ("stopped", "error"),
             "returns": ("stopped", "normal"),
         }
@@ -443,7 +452,11 @@ async def test_otree_start_wakes_or_spawns_over_the_control_socket(tmp_path: Pat
         reply = await served.request("start", path="a")  # an operator's start undoes a stop by hand
         assert reply.ok and (reply.result["state"], reply.result["started"]) == ("running", True)
         reply = await served.request("start", path="nobody")
-        assert (reply.ok, reply.code, reply.error) == (False, 4, "no child at root/nobody (children of root: a)")
+        assert (reply.ok, reply.code, reply.error) == (
+            False,
+            4,
+            "no child at root/nobody (children of root: a)",
+        )
 
 
 # --- status ---------------------------------------------------------------------------------------
@@ -451,7 +464,9 @@ async def test_otree_start_wakes_or_spawns_over_the_control_socket(tmp_path: Pat
 
 def test_status_says_not_started_and_parked() -> None:
     def node(child_id: str, started_at: float | None, exit_info: otree.ExitInfo | None) -> StatusNode:
-        info = ChildInfo(child_id, f"root/{child_id}", "task", "stopped", None, 0, started_at, exit_info, None)
+        info = ChildInfo(
+            child_id, f"root/{child_id}", "task", "stopped", None, 0, started_at, exit_info, None
+        )
         return StatusNode(info)
 
     root = ChildInfo("root", "root", "supervisor", "running", 1, 0, 0.0, None, None)
@@ -492,7 +507,11 @@ async def test_an_idle_process_is_parked_and_its_next_run_knows(marker: str, tmp
     async with otree.open_supervisor(otree.supervisor("t", children=[spec]), state_dir=state) as sup:
         events = sup.events()
         stopped = await first(events, "child.stopped")
-        assert (stopped.reason, stopped.details["detail"], stopped.details["signal"]) == ("shutdown", "idle", 15)
+        assert (stopped.reason, stopped.details["detail"], stopped.details["signal"]) == (
+            "shutdown",
+            "idle",
+            15,
+        )
         await first(events, "child.parked")
         assert marked_pids(marker) == []  # the group got its SIGTERM
         await sup.wake("p")
