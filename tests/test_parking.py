@@ -72,17 +72,26 @@ async def slow_to_stop(log: Log, *, task_status: Any = trio.TASK_STATUS_IGNORED)
     log.add("stop", "a")
 
 
+async def next_of(
+    stream: otree.EventStream, kind: str, path: str | None = None, *, within: float = 200
+) -> otree.Event:
+    """The next ``kind`` event, within ``within`` seconds (of MockClock time, or real time)."""
+    with trio.fail_after(within):
+        return await first(stream, kind, path)
+
+
 def child(sup: otree.SupervisorHandle, child_id: str) -> ChildInfo:
     return next(info for info in sup.which_children() if info.id == child_id)
 
 
 async def kinds_until(stream: otree.EventStream, kind: str, path: str) -> list[tuple[str, str, str]]:
-    """(path, kind, reason) of every event up to the first ``kind`` of ``path``."""
+    """(path, kind, reason) of every event up to the first ``kind`` of ``path`` (within 200 s)."""
     seen = []
-    async for event in stream:
-        seen.append((event.path, event.kind, event.reason))
-        if (event.kind, event.path) == (kind, path):
-            return seen
+    with trio.fail_after(200):
+        async for event in stream:
+            seen.append((event.path, event.kind, event.reason))
+            if (event.kind, event.path) == (kind, path):
+                return seen
     raise AssertionError(f"no {kind} of {path}")
 
 
@@ -176,9 +185,9 @@ async def test_the_parked_event_says_why(autojump_clock: trio.testing.MockClock)
     tree = otree.supervisor("root", children=[otree.task("a", worker, Log(), "a", idle_timeout=10)])
     async with otree.open_supervisor(tree) as sup:
         events = sup.events()
-        stopped = await first(events, "child.stopped")
+        stopped = await next_of(events, "child.stopped")
         assert stopped.details["detail"] == "idle"
-        parked = await first(events, "child.parked")
+        parked = await next_of(events, "child.parked")
         assert (parked.path, parked.reason, parked.details) == ("root/a", "idle", {"idle_timeout": 10})
 
 
@@ -186,7 +195,7 @@ async def test_alive_resets_the_idle_clock(autojump_clock: trio.testing.MockCloc
     began = trio.current_time()
     spec = otree.task("a", busy_until, began + 100, idle_timeout=10)
     async with otree.open_supervisor(otree.supervisor("root", children=[spec])) as sup:
-        await first(sup.events(), "child.parked")
+        await next_of(sup.events(), "child.parked")
         # the last sign of life at +100 (beats every 5 s), parked 10 s after it
         assert trio.current_time() - began == pytest.approx(110)
 
@@ -197,7 +206,7 @@ async def test_idle_counts_from_readiness(autojump_clock: trio.testing.MockClock
     began = trio.current_time()
     async with otree.open_supervisor(otree.supervisor("root", children=[spec])) as sup:
         assert trio.current_time() - began == pytest.approx(25)  # a slow start is not idleness
-        await first(sup.events(), "child.parked")
+        await next_of(sup.events(), "child.parked")
         assert trio.current_time() - began == pytest.approx(35)
 
 
@@ -211,14 +220,14 @@ async def test_wake_brings_a_parked_child_back_knowing_it_was_idle(
     spec = otree.task("a", remembers, seen, idle_timeout=10)
     async with otree.open_supervisor(otree.supervisor("root", children=[spec])) as sup:
         events = sup.events()
-        await first(events, "child.parked")
+        await next_of(events, "child.parked")
         info = await sup.wake("a")
         assert (info.state, info.restarts) == ("running", 0)  # a wake is not a restart
         assert seen == [None, otree.ExitInfo("shutdown", "idle")]
-        woken = await first(events, "child.woken")
+        woken = await next_of(events, "child.woken")
         assert (woken.path, woken.reason, woken.details) == ("root/a", "parked", {"by": "wake"})
         woke_at = trio.current_time()
-        await first(events, "child.parked")  # and its idle clock starts afresh
+        await next_of(events, "child.parked")  # and its idle clock starts afresh
         assert trio.current_time() - woke_at == pytest.approx(10)
 
 
@@ -286,7 +295,7 @@ async def test_wake_of_a_restarting_child_leaves_it_to_its_supervisor(
         children=[otree.task("a", crash_after, log, "a", 1)],
     )
     async with otree.open_supervisor(tree) as sup:
-        await first(sup.events(), "child.restarting")
+        await next_of(sup.events(), "child.restarting")
         assert (await sup.wake("a")).state == "restarting"
         assert log.of("start") == ["a"]  # not started early: its backoff stands
 
@@ -370,7 +379,7 @@ async def test_an_autostart_false_child_is_shown_and_started_by_a_wake(
         team = sup.child("team")
         assert isinstance(team, otree.SupervisorHandle)
         assert [info.state for info in team.which_children()] == ["running"]
-        woken = await first(events, "child.woken")
+        woken = await next_of(events, "child.woken")
         assert (woken.path, woken.reason) == ("root/team", "not_started")
         assert log.of("start") == ["c", "b"]
 
@@ -395,8 +404,8 @@ async def test_group_restarts_leave_on_demand_parked_and_never_started_children_
     async with otree.open_supervisor(tree) as sup:
         events = sup.events()
         await sup.terminate_child("held")
-        await first(events, "child.restarting")
-        await first(events, "child.ready", "root/plain")
+        await next_of(events, "child.restarting")
+        await next_of(events, "child.ready", "root/plain")
         await trio.testing.wait_all_tasks_blocked()
         states = {info.id: info.state for info in sup.which_children()}
         assert states == {
@@ -424,7 +433,7 @@ async def test_a_child_stopped_by_hand_stays_stopped_until_started(
         events = sup.events()
         await sup.terminate_child("a")
         assert (await sup.wake("a")).state == "stopped"  # an application's wake does not undo it
-        refused = await first(events, "child.wake_refused")
+        refused = await next_of(events, "child.wake_refused")
         assert (refused.path, refused.reason) == ("root/a", "held")
         await trio.sleep(1000)
         assert child(sup, "a").state == "stopped"
@@ -506,16 +515,16 @@ async def test_an_idle_process_is_parked_and_its_next_run_knows(marker: str, tmp
     spec = _process("p", code, marker, idle_timeout=0.5, shutdown=2.0)
     async with otree.open_supervisor(otree.supervisor("t", children=[spec]), state_dir=state) as sup:
         events = sup.events()
-        stopped = await first(events, "child.stopped")
+        stopped = await next_of(events, "child.stopped", within=30)
         assert (stopped.reason, stopped.details["detail"], stopped.details["signal"]) == (
             "shutdown",
             "idle",
             15,
         )
-        await first(events, "child.parked")
+        await next_of(events, "child.parked", within=30)
         assert marked_pids(marker) == []  # the group got its SIGTERM
         await sup.wake("p")
-        await first(events, "child.parked")
+        await next_of(events, "child.parked", within=30)
     log = (child_log_dir(state, "t/p") / "stdout.log").read_text().splitlines()
     assert log == ["first run", "shutdown:idle:SIGTERM"]
 
@@ -545,7 +554,7 @@ async def test_signs_of_life_keep_a_process_from_being_parked(
     spec = _process("p", code, marker, idle_timeout=0.6, shutdown=2.0, stdout=stdout)
     async with otree.open_supervisor(otree.supervisor("t", children=[spec]), state_dir=tmp_path) as sup:
         began = time.monotonic()
-        await first(sup.events(), "child.parked")
+        await next_of(sup.events(), "child.parked", within=30)
         assert time.monotonic() - began >= 1.5 + 0.6 - 0.2  # busy 1.5 s, then idle 0.6 s
         assert marked_pids(marker) == []
 
@@ -554,7 +563,7 @@ async def test_the_event_log_says_why_a_child_was_parked_and_woken(tmp_path: Pat
     spec = otree.task("a", worker, Log(), "a", idle_timeout=0.2, restart="on_demand")
     state = tmp_path / "state"
     async with otree.open_supervisor(otree.supervisor("root", children=[spec]), state_dir=state) as sup:
-        await first(sup.events(), "child.parked")
+        await next_of(sup.events(), "child.parked", within=30)
         await sup.wake("a")
     lines = [json.loads(line) for line in (state / "events.jsonl").read_text().splitlines()]
     kinds = [(line["kind"], line["reason"]) for line in lines if line["path"] == "root/a"]
