@@ -799,6 +799,8 @@ class _Supervisor:
             self.children[child_spec.id] = child
         for child_id in plan.order:
             child = self.children[child_id]
+            if child_id in plan.added:
+                summary["added"].append(child.path)  # autostart=False: added, started by a wake
             if child_id in plan.nested:
                 await self._reload_nested(child, summary)
             elif (
@@ -806,8 +808,6 @@ class _Supervisor:
                 or (child_id in plan.added and child.spec.autostart)
                 or (child_id in stranded and child.run is None and self._joins(child))
             ):
-                if child_id in plan.added:
-                    summary["added"].append(child.path)
                 try:
                     await self._start(child)
                 except _StartFailed as failed:

@@ -21,6 +21,7 @@ from otree._cli import main
 from otree._info import ChildInfo, Status, StatusNode
 from otree._paths import child_log_dir
 from otree._render import render_status
+from otree._run import reload_tree
 from tests.helpers import Log, crash_after, worker
 from tests.test_control_server import serving
 from tests.test_process import first, marked_pids, marker
@@ -419,6 +420,23 @@ async def test_group_restarts_leave_on_demand_parked_and_never_started_children_
         assert child(sup, "idle").exit == otree.ExitInfo("shutdown", "idle")
         assert child(sup, "later").started_at is None
         assert log.of("start") == ["trigger", "plain", "demand", "idle", "held", "trigger", "plain", "held"]
+
+
+async def test_a_reload_adds_an_autostart_false_child_without_starting_it(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    log = Log()
+    before = otree.supervisor("root", children=[otree.task("a", worker, log, "a")])
+    after = otree.supervisor(
+        "root",
+        children=[otree.task("a", worker, log, "a"), otree.task("b", worker, log, "b", autostart=False)],
+    )
+    async with otree.open_supervisor(before) as sup:
+        summary = await reload_tree(sup, after)
+        assert summary["added"] == ["root/b"] and summary["failed"] == []
+        assert (child(sup, "b").state, child(sup, "b").started_at) == ("stopped", None)
+        await trio.testing.wait_all_tasks_blocked()
+        assert log.of("start") == ["a"]
 
 
 # --- stopped by hand ------------------------------------------------------------------------------
