@@ -740,6 +740,7 @@ class _Supervisor:
                 run.stopper = lambda _: ended.set()  # its exit comes here, not through the queue
                 await ended.wait()
             self._settle(child, run, run.parked)
+            self._get(child_id)  # NotFound if it was temporary: its spec went with its exit
             child.rest = "parked" if run.parked else ""
         was = child.rest or ("not_started" if child.started_at is None else "exited")
         self._emit(child.path, "child.woken", was, by="wake")

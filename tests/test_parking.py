@@ -286,6 +286,42 @@ async def test_a_wake_during_a_parks_grace_waits_for_it_then_starts_the_child(
         assert child(sup, "a").state == "running"
 
 
+@pytest.mark.parametrize("restart", ["on_demand", "temporary"])
+async def test_a_wake_queued_before_a_crash_is_handled_finds_the_child_ended(
+    restart: str, autojump_clock: trio.testing.MockClock
+) -> None:
+    log = Log()
+    tree = otree.supervisor(
+        "root",
+        children=[
+            otree.task("slow", slow_to_start, log, 5, restart="on_demand", autostart=False),
+            otree.task("t", crash_after, log, "t", 2, restart=restart),  # type: ignore[arg-type]
+        ],
+    )
+    async with otree.open_supervisor(tree) as sup:
+        outcome: list[object] = []
+
+        async def wake_t() -> None:
+            await trio.sleep(1)  # queued behind the slow start; t crashes at +2, its exit behind this
+            try:
+                outcome.append(await sup.wake("t"))
+            except otree.NotFound as error:
+                outcome.append(error)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(wake_t)
+            await sup.wake("slow")  # holds the queue for 5 s
+        await trio.sleep(1)  # the crash's own exit, stale by now, changes nothing
+        if restart == "temporary":  # its spec went with its exit: nothing to wake
+            assert [str(e) for e in outcome] == ["no child at root/t (children of root: slow)"]
+            assert [info.id for info in sup.which_children()] == ["slow"]
+        else:
+            [info] = outcome
+            assert isinstance(info, ChildInfo) and info.state == "running"
+            assert child(sup, "t").state == "running"
+        assert log.of("start").count("t") == (1 if restart == "temporary" else 2)
+
+
 async def test_wake_of_a_restarting_child_leaves_it_to_its_supervisor(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
