@@ -19,6 +19,7 @@ import trio.testing
 import otree
 from otree._cli import main
 from otree._info import ChildInfo, Status, StatusNode
+from otree._lifecycle import joins_group_restart, wake_action
 from otree._paths import child_log_dir
 from otree._render import render_status
 from otree._run import reload_tree
@@ -157,6 +158,31 @@ def test_otree_check_shows_the_new_settings(tmp_path: Path, capsys: pytest.Captu
     assert lines[1] == "  peer  task  restart=on_demand  shutdown=5.0  autostart=False  idle_timeout=3600"
     assert lines[2] == "  tool  process  restart=permanent  shutdown=5.0  argv=tool  idle_timeout=1.5"
     assert lines[3] == "  plain  task  restart=permanent  shutdown=5.0"
+
+
+# --- the pure decisions ------------------------------------------------------------------------------
+
+
+def test_which_children_join_a_group_restart() -> None:
+    assert joins_group_restart("permanent", "", ever_started=True)
+    assert joins_group_restart("transient", "held", ever_started=True)  # stopped by hand: as OTP
+    assert not joins_group_restart("on_demand", "", ever_started=True)
+    assert not joins_group_restart("permanent", "parked", ever_started=True)
+    assert not joins_group_restart("permanent", "", ever_started=False)
+
+
+def test_what_a_wake_does() -> None:
+    cases: list[tuple[Any, bool, bool, Any, bool, str]] = [
+        ("running", True, False, "", False, "none"),
+        ("running", True, True, "", False, "finish_then_start"),
+        ("restarting", False, False, "", True, "none"),
+        ("stopped", False, False, "parked", False, "start"),
+        ("stopped", False, False, "", False, "start"),
+        ("stopped", False, False, "held", False, "held"),
+        ("stopped", False, False, "held", True, "start"),
+    ]
+    for state, running, ending, rest, manual, action in cases:
+        assert wake_action(state, running=running, ending=ending, rest=rest, manual=manual) == action
 
 
 # --- idle_timeout: task children -------------------------------------------------------------------
