@@ -82,6 +82,8 @@ def _child_command(args: argparse.Namespace) -> int:
     if "id" not in result:  # stop, delete: the child's path
         return tree.show(result, lambda: f"{result['path']}: {args.done}")
     info = msgspec.convert(result, ChildInfo)
+    if not result.get("started", True):  # start of a child that runs: nothing to do
+        return tree.show(info, lambda: f"{info.path}: already {info.state}")
     return tree.show(info, lambda: f"{info.path}: {args.done} ({info.state})")
 
 
@@ -376,7 +378,7 @@ def _add_control_commands(commands: argparse._SubParsersAction[argparse.Argument
 
     control("status", "show the running tree", _status).add_argument("path", metavar="PATH", nargs="?")
     for name, done, help_text in (
-        ("start", "started", "start a stopped child"),
+        ("start", "started", "start a child unless it runs (wake or spawn)"),
         ("stop", "stopped", "stop a child and keep its spec"),
         ("restart", "restarted", "stop a child if it runs, then start it"),
         ("delete", "deleted", "forget a stopped child's spec"),

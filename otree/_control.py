@@ -32,7 +32,7 @@ from typing import Any, TypeVar
 import msgspec
 import trio
 
-from ._errors import JobFailed, NotFound, NotRunning, OtreeError, Restarting, Running
+from ._errors import JobFailed, NotFound, NotRunning, OtreeError
 from ._eventlog import EventLog
 from ._handles import PoolHandle, SupervisorHandle
 from ._info import ChildInfo, Status, StatusNode
@@ -382,14 +382,13 @@ class ControlServer:
         return Status(time.time(), StatusNode(info))  # a worker, or not running
 
     async def _start(self, args: _PathArgs) -> Any:
+        """Wake or spawn: start the child unless it runs (a stop by hand too); ``started`` says which."""
         parent, child_id = self._parent_of(args.path)
-        try:
-            with self._by_operator(f"{parent.path}/{child_id}"):
-                return await parent.restart_child(child_id)
-        except Running:
-            raise _Refused(f"{parent.path}/{child_id}: already running") from None
-        except Restarting:
-            raise _Refused(f"{parent.path}/{child_id}: restarting already (stop it first)") from None
+        with self._by_operator(f"{parent.path}/{child_id}"):
+            info, started = await parent._wake(child_id, manual=True)
+        if info.state == "restarting":
+            raise _Refused(f"{info.path}: restarting already (stop it first)")
+        return {**msgspec.structs.asdict(info), "started": started}
 
     async def _stop(self, args: _PathArgs) -> Any:
         parent, child_id = self._parent_of(args.path)

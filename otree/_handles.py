@@ -100,6 +100,29 @@ class SupervisorHandle(_Handle):
         info: ChildInfo = await sup.call(sup.op_restart_child, child_id)
         return info
 
+    async def wake(self, child_id: str) -> ChildInfo:
+        """Start a child unless it runs ("wake or spawn"), and return its info.
+
+        For a parked child (``idle_timeout``), an ``on_demand`` child that exited, one
+        declared ``autostart=False``: what brings it back. A running child is left as it is,
+        no error; so is a restarting one (its supervisor brings it back) and one stopped by
+        hand (``terminate_child``, ``otree stop``: only ``otree start`` or ``restart_child``
+        undo that). Wakes are served in the supervisor's queue, so concurrent wakes of one
+        child start it once. Not counted as a restart.
+
+        Raises:
+          NotFound: no such child.
+          StartError: it failed to start; the spec is kept, stopped.
+        """
+        info, _ = await self._wake(child_id, manual=False)
+        return info
+
+    async def _wake(self, child_id: str, *, manual: bool) -> tuple[ChildInfo, bool]:
+        """``wake``, and whether it started the child; ``manual``: an operator's start."""
+        sup = self._sup()
+        woken: tuple[ChildInfo, bool] = await sup.call(sup.op_wake, child_id, manual)
+        return woken
+
     async def delete_child(self, child_id: str) -> None:
         """Forget a stopped child's spec.
 

@@ -31,6 +31,7 @@ from ._notify import NotifySockets
 from ._paths import child_log_dir, ensure_private_dir
 from ._reaper import ChildSetup, Guard, Reaper, kill_group, spawn
 from ._spec import RLIMITS, ProcessSpec
+from ._task import wait_quiet
 
 __all__ = ["ProcessContext", "ProcessFailed", "ProcessRun", "run_job_process", "run_process"]
 
@@ -338,8 +339,7 @@ def _notified(line: str, run: _Run, proc: ProcessRun, ready: trio.Event, emit: C
 
 
 async def _watch_stall(proc: ProcessRun, timeout: float, stalled: trio.Event) -> None:
-    while (left := proc.last_activity + timeout - trio.current_time()) > 0:
-        await trio.sleep(left)
+    await wait_quiet(proc, timeout)
     stalled.set()
 
 

@@ -89,12 +89,16 @@ def _pool_words(pool: PoolStatus) -> list[str]:
 
 
 def _exit_words(info: ChildInfo) -> list[str]:
+    """How a child that does not run got there: never started (``autostart=False``), parked
+    for idleness (until a wake), or its last exit."""
     exit_info = info.exit
     if exit_info is None:
-        return []
+        return ["not started"] if info.started_at is None and info.state == "stopped" else []
     last: str = exit_info.reason
     if exit_info.detail:
         last += f" ({exit_info.detail})"
+    if info.state == "stopped" and (exit_info.reason, exit_info.detail) == ("shutdown", "idle"):
+        return ["parked", f"last exit: {last}"]
     return [f"last exit: {last}"]
 
 

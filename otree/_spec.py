@@ -52,7 +52,7 @@ AutoShutdown = Literal["never", "any_significant", "all_significant"]
 ShutdownValue = float | Literal["brutal_kill", "infinity"]
 
 _ID_RE = re.compile(ID_PATTERN)
-_RESTARTS = ("permanent", "transient", "temporary")
+_RESTARTS = ("permanent", "transient", "temporary", "on_demand")
 _STRATEGIES = ("one_for_one", "one_for_all", "rest_for_one")
 _AUTO_SHUTDOWNS = ("never", "any_significant", "all_significant")
 
@@ -99,12 +99,28 @@ def _check_restart_and_significant(path: str, restart: object, significant: obje
     if not isinstance(significant, bool):
         raise SpecError(path, "significant", "must be True or False", significant)
     if significant and restart == "permanent":
-        raise SpecError(path, "significant=True", "requires restart 'transient' or 'temporary'", restart)
+        raise SpecError(
+            path, "significant=True", "requires restart 'transient', 'temporary' or 'on_demand'", restart
+        )
+
+
+def _check_idle_timeout(path: str, idle_timeout: object, restart: object) -> None:
+    """Seconds > 0 or None; a temporary child's spec goes when it stops, so it cannot be parked."""
+    _check_max_runtime(path, idle_timeout, "idle_timeout")
+    if idle_timeout is not None and restart == "temporary":
+        raise SpecError(
+            path, "idle_timeout", "requires restart 'permanent', 'transient' or 'on_demand'", restart
+        )
 
 
 def _check_on_exit(path: str, on_exit: object) -> None:
     if on_exit is not None and (not callable(on_exit) or _is_sync(on_exit)):
         raise SpecError(path, "on_exit", "must be None or an async function (path, ExitInfo)", on_exit)
+
+
+def _check_autostart(path: str, autostart: object) -> None:
+    if not isinstance(autostart, bool):
+        raise SpecError(path, "autostart", "must be True or False", autostart)
 
 
 def _exit_codes(path: str, field: str, codes: object) -> tuple[int, ...]:
@@ -216,6 +232,7 @@ class _Spec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tru
     restart: Restart = "permanent"
     significant: bool = False
     on_exit: OnExit | None = None
+    autostart: bool = True
 
     def restarts_after(self, exit_info: ExitInfo, *, own_exit: bool) -> bool:
         """Whether this exit restarts the child, by its restart type (``own_exit``: a process
@@ -231,13 +248,16 @@ class TaskSpec(_Spec, frozen=True, kw_only=True):
     args: tuple[Any, ...] = ()
     shutdown: ShutdownValue = 5.0
     max_runtime: float | None = None
+    idle_timeout: float | None = None
 
     def __post_init__(self) -> None:
         path = _check_id(self.id)
         _check_restart_and_significant(path, self.restart, self.significant)
         _check_on_exit(path, self.on_exit)
+        _check_autostart(path, self.autostart)
         _check_shutdown(path, self.shutdown)
         _check_max_runtime(path, self.max_runtime)
+        _check_idle_timeout(path, self.idle_timeout, self.restart)
         _check_task_fn(path, self.fn, self.args)
 
 
@@ -259,6 +279,7 @@ class SupervisorSpec(_Spec, frozen=True, kw_only=True):
         path = _check_id(self.id)
         _check_restart_and_significant(path, self.restart, self.significant)
         _check_on_exit(path, self.on_exit)
+        _check_autostart(path, self.autostart)
         _check_shutdown(path, self.shutdown)
         _check_choice(path, "strategy", self.strategy, _STRATEGIES)
         _check_choice(path, "auto_shutdown", self.auto_shutdown, _AUTO_SHUTDOWNS)
@@ -324,6 +345,7 @@ class ProcessSpec(_Spec, frozen=True, kw_only=True):
     start_timeout: float | None = None
     stall_timeout: float | None = None
     max_runtime: float | None = None
+    idle_timeout: float | None = None
     stdout: Stream = "log"
     stderr: Stream = "log"
     log_max_bytes: int = 10 * 1024 * 1024
@@ -339,9 +361,11 @@ class ProcessSpec(_Spec, frozen=True, kw_only=True):
         path = _check_id(self.id)
         _check_restart_and_significant(path, self.restart, self.significant)
         _check_on_exit(path, self.on_exit)
+        _check_autostart(path, self.autostart)
         self._check_exit_codes(path)
         _check_shutdown(path, self.shutdown)
         _check_max_runtime(path, self.max_runtime)
+        _check_idle_timeout(path, self.idle_timeout, self.restart)
         _check_user_and_rlimits(path, self.user, self.rlimits)
         if (
             not isinstance(self.argv, tuple)
@@ -389,8 +413,8 @@ class ProcessSpec(_Spec, frozen=True, kw_only=True):
         )
 
     def _check_exit_codes(self, path: str) -> None:
-        """Exit codes 0-255; a code cannot both force and prevent a restart; a temporary
-        child is never restarted, so it cannot be forced to."""
+        """Exit codes 0-255; a code cannot both force and prevent a restart; a temporary or
+        on_demand child is never restarted automatically, so it cannot be forced to."""
         for field in ("ok_exit_codes", "restart_exit_codes", "no_restart_exit_codes"):
             msgspec.structs.force_setattr(self, field, _exit_codes(path, field, getattr(self, field)))
         both = set(self.restart_exit_codes) & set(self.no_restart_exit_codes)
@@ -398,7 +422,7 @@ class ProcessSpec(_Spec, frozen=True, kw_only=True):
             raise SpecError(
                 path, "restart_exit_codes", "must not share codes with no_restart_exit_codes", sorted(both)
             )
-        if self.restart_exit_codes and self.restart == "temporary":
+        if self.restart_exit_codes and self.restart in ("temporary", "on_demand"):
             raise SpecError(
                 path, "restart_exit_codes", "requires restart 'permanent' or 'transient'", self.restart
             )
@@ -477,15 +501,17 @@ def process(
     env: dict[str, str] | None = None,
     inherit_env: bool = True,
     cwd: str | os.PathLike[str] | None = None,
-    restart: Literal["permanent", "transient", "temporary"] = "permanent",
+    restart: Restart = "permanent",
     shutdown: ShutdownValue = 5.0,
     significant: bool = False,
     on_exit: OnExit | None = None,
+    autostart: bool = True,
     stop_signal: int = signal.SIGTERM,
     ready: float | Literal["spawn", "notify"] = "spawn",
     start_timeout: float | None = None,
     stall_timeout: float | None = None,
     max_runtime: float | None = None,
+    idle_timeout: float | None = None,
     stdout: Stream = "log",
     stderr: Stream = "log",
     log_max_bytes: int = 10 * 1024 * 1024,
@@ -510,6 +536,9 @@ def process(
         without output on a captured stream or ``WATCHDOG=1``.
       max_runtime: None, or stop each run (an ``error`` exit, detail ``max_runtime``) this
         many seconds after it started: the stop signal, then SIGKILL after ``shutdown``.
+      idle_timeout: None, or stop and park it (a ``shutdown`` exit, detail ``idle``: not
+        restarted, not counted) after this long without output on a captured stream or
+        ``WATCHDOG=1``, until a wake (``wake``, ``otree start``).
       stdout, stderr: ``"log"`` (a size-rotated file under the state dir), ``"inherit"``, ``"null"``.
       log_max_bytes, log_backups: rotation size and how many old files to keep.
       log_timestamps: start each line of the log files (and of the stderr tail) with the
@@ -524,7 +553,7 @@ def process(
         exited with by itself, before the restart type: a code in ``no_restart_exit_codes``
         is never restarted (RestartPreventExitStatus), one in ``restart_exit_codes`` always
         is (RestartForceExitStatus; not for a temporary child). Disjoint; codes 0-255.
-      on_exit: as for ``task``.
+      restart, autostart, on_exit: as for ``task``.
 
     Raises:
       SpecError: a field is invalid.
@@ -539,11 +568,13 @@ def process(
         shutdown=shutdown,
         significant=significant,
         on_exit=on_exit,
+        autostart=autostart,
         stop_signal=stop_signal,
         ready=ready,
         start_timeout=start_timeout,
         stall_timeout=stall_timeout,
         max_runtime=max_runtime,
+        idle_timeout=idle_timeout,
         stdout=stdout,
         stderr=stderr,
         log_max_bytes=log_max_bytes,
@@ -616,6 +647,8 @@ def task(
     significant: bool = False,
     on_exit: OnExit | None = None,
     max_runtime: float | None = None,
+    idle_timeout: float | None = None,
+    autostart: bool = True,
 ) -> TaskSpec:
     """A trio task child running ``await fn(*args)``.
 
@@ -624,11 +657,16 @@ def task(
       fn: an async function. If it takes ``task_status`` it is ready when it
         calls ``task_status.started()``; otherwise it is ready at once.
       args: positional arguments for ``fn`` (use ``functools.partial`` for keywords).
-      restart: ``"permanent"`` (default), ``"transient"`` or ``"temporary"``.
+      restart: ``"permanent"`` (default), ``"transient"``, ``"temporary"`` or ``"on_demand"``
+        (never restarted automatically, spec kept: started again by a wake).
       shutdown: seconds of grace (default 5.0), ``"brutal_kill"`` or ``"infinity"``.
       significant: whether its own exit may shut the supervisor down (auto_shutdown).
       max_runtime: None, or stop each run (an ``error`` exit, detail ``max_runtime``) this
         many seconds after it started, like any stop (see ``shutdown``).
+      idle_timeout: None, or stop and park it (a ``shutdown`` exit, detail ``idle``: not
+        restarted, not counted) once it has been ready this long without calling
+        ``current_child().alive()``, until a wake (``wake``, ``otree start``).
+      autostart: False to declare it without starting it with the tree (a wake starts it).
       on_exit: None, or an async function ``(path, ExitInfo)`` called after each exit of the
         child (a start failure, a crash, a stop) in its supervisor's nursery; it does not
         delay the restart, and an exception in it is a ``child.on_exit_failed`` event.
@@ -645,6 +683,8 @@ def task(
         significant=significant,
         on_exit=on_exit,
         max_runtime=max_runtime,
+        idle_timeout=idle_timeout,
+        autostart=autostart,
     )
 
 
@@ -663,6 +703,7 @@ def supervisor(
     shutdown: ShutdownValue = "infinity",
     significant: bool = False,
     on_exit: OnExit | None = None,
+    autostart: bool = True,
 ) -> SupervisorSpec:
     """A supervisor of ``children``, started in list order and stopped in reverse.
 
@@ -675,7 +716,8 @@ def supervisor(
       backoff: None (restart at once, as OTP) or an ``otree.Backoff``.
       persist_intensity: keep the restart window in the state dir, so restarts counted
         before otree itself was restarted (even by ``kill -9``) still count.
-      restart, shutdown, significant, on_exit: as for ``task``; shutdown defaults to ``"infinity"``.
+      restart, shutdown, significant, on_exit, autostart: as for ``task``; shutdown defaults
+        to ``"infinity"``.
 
     Raises:
       SpecError: a field or a child is invalid.
@@ -696,6 +738,7 @@ def supervisor(
         shutdown=shutdown,
         significant=significant,
         on_exit=on_exit,
+        autostart=autostart,
     )
 
 
@@ -751,6 +794,7 @@ class PoolSpec(_Spec, frozen=True, kw_only=True):
         path = _check_id(self.id)
         _check_restart_and_significant(path, self.restart, self.significant)
         _check_on_exit(path, self.on_exit)
+        _check_autostart(path, self.autostart)
         _check_shutdown(path, self.shutdown)
         _check_shutdown(path, self.job_shutdown)
         self._check_policies(path)
@@ -858,6 +902,7 @@ def pool(
     shutdown: ShutdownValue = "infinity",
     significant: bool = False,
     on_exit: OnExit | None = None,
+    autostart: bool = True,
 ) -> PoolSpec:
     """A pool child: jobs by priority (FIFO within one), at most ``max_concurrency`` at once.
 
@@ -896,7 +941,7 @@ def pool(
         and where a lane's retried job goes: ``"retry_at_back"`` (the back of its priority
         class, as without lanes) or ``"fifo"`` (it stays at the head of its lane and holds
         the lane until it runs again). A job held only by its lane lets other lanes' jobs start.
-      on_exit: as for ``task``.
+      on_exit, autostart: as for ``task``.
 
     Raises:
       SpecError: a field is invalid.
@@ -930,6 +975,7 @@ def pool(
         shutdown=shutdown,
         significant=significant,
         on_exit=on_exit,
+        autostart=autostart,
     )
 
 

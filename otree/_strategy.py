@@ -7,7 +7,7 @@ from typing import Literal
 
 __all__ = ["ExitReason", "Restart", "Strategy", "affected_children", "should_restart"]
 
-Restart = Literal["permanent", "transient", "temporary"]
+Restart = Literal["permanent", "transient", "temporary", "on_demand"]
 Strategy = Literal["one_for_one", "one_for_all", "rest_for_one"]
 ExitReason = Literal["normal", "shutdown", "error"]
 
@@ -22,7 +22,8 @@ def should_restart(
 ) -> bool:
     """Whether a child of this restart type is restarted after exiting for ``reason``.
 
-    permanent: always; transient: only after an ``error``; temporary: never.
+    permanent: always; transient: only after an ``error``; temporary and on_demand: never
+    (an on_demand child keeps its spec and waits for a wake).
     ``exit_code`` is the code a process exited with by itself (None for a task, a
     signal, or a process otree stopped): a code in ``no_restart_codes`` is never
     restarted (systemd's RestartPreventExitStatus), then a code in ``restart_codes``

@@ -47,6 +47,7 @@ from ._eventlog import EventLog
 from ._events import EventBus, level_of
 from ._info import ChildInfo, ChildState, Event, ExitInfo
 from ._intensity import RestartWindow
+from ._lifecycle import Rest, joins_group_restart, wake_action
 from ._logfiles import LOG_NAME
 from ._onexit import run_on_exit
 from ._paths import check_state_dir, pool_database
@@ -55,6 +56,7 @@ from ._process import ProcessContext, ProcessRun, run_process
 from ._reaper import Reaper
 from ._reload import plan_reload, same_settings
 from ._spec import ChildSpec, PoolSpec, ProcessSpec, SupervisorSpec, TaskSpec, takes_task_status
+from ._stopchain import StopChain
 from ._strategy import affected_children
 from ._task import RunningChild
 from ._windowfile import load_window, save_window, window_file
@@ -78,6 +80,7 @@ class _Child:
         "path",
         "pending",
         "pool",
+        "rest",
         "restarts",
         "run",
         "spec",
@@ -98,6 +101,7 @@ class _Child:
         self.error: BaseException | None = None  # the last run's exception, if any
         self.consecutive = 0  # automatic restarts in a row, for backoff
         self.pending: object | None = None  # token of a scheduled retry while restarting
+        self.rest: Rest = ""  # parked or held: stopped until something starts it (_lifecycle)
 
 
 class _GiveUp(Exception):
@@ -128,48 +132,6 @@ class _Call:
 
 
 _Op = tuple[Callable[..., Awaitable[Any]], tuple[Any, ...], "_Call | None"]
-
-
-class _StopChain:
-    """Stops children one at a time in the given order; ``done`` is set after the last."""
-
-    __slots__ = ("_brutal", "_children", "_current", "_index", "_sup", "done")
-
-    def __init__(self, sup: _Supervisor, children: list[_Child]) -> None:
-        self._sup = sup
-        self._children = children
-        self._brutal = False
-        self._current: RunningChild | None = None
-        self._index = 0
-        self.done = trio.Event()
-
-    def make_brutal(self) -> None:
-        """Kill the child being stopped and every one after it at once (a grace ran out)."""
-        self._brutal = True
-        if self._current is not None:
-            self._current.request_stop("brutal_kill", self._exited)
-
-    def advance(self) -> None:
-        children = self._children
-        while self._index < len(children):
-            child = children[self._index]
-            self._index += 1
-            run = child.run
-            if run is None:
-                continue
-            if run.exit is not None:  # it exited by itself; its queued exit is now stale
-                self._sup._settle(child, run, stopped=False)
-                continue
-            child.state = "stopping"
-            self._current = run
-            run.request_stop("brutal_kill" if self._brutal else child.spec.shutdown, self._exited)
-            return
-        self._current = None
-        self.done.set()
-
-    def _exited(self, run: RunningChild) -> None:
-        self._sup._settle(run.child, run, stopped=True)
-        self.advance()
 
 
 @contextmanager
@@ -325,23 +287,9 @@ class _Supervisor:
         assert exit_info is not None
         level = level_of(kind, exit_info.reason)
         bus = self.tree.bus
-        if not bus.wants(level):
-            return
-        details: dict[str, Any] = {"detail": exit_info.detail}
-        error = run.error
-        if error is not None:
-            details["exception"] = type(error).__name__
-            details["message"] = str(error)
-        if run.cost:
-            details["cost"] = run.cost
-        if run.proc is not None:
-            if exit_info.exit_code is not None:
-                details["exit_code"] = exit_info.exit_code
-            if exit_info.signal is not None:
-                details["signal"] = exit_info.signal
-            if exit_info.reason == "error" and run.proc.tail:
-                details["stderr_tail"] = run.proc.tail.decode("utf-8", "replace")
-        bus.publish(Event(time.time(), child.path, kind, exit_info.reason, details), level, error)
+        if bus.wants(level):
+            event = Event(time.time(), child.path, kind, exit_info.reason, run.exit_details())
+            bus.publish(event, level, run.error)
 
     # --- serving --------------------------------------------------------------
 
@@ -377,6 +325,8 @@ class _Supervisor:
     async def _serve(self, ready: Callable[[], None]) -> BaseException | None:
         for spec in self.spec.children:
             child = self._add(spec)
+            if not spec.autostart:
+                continue  # declared, shown stopped, started by a wake
             try:
                 await self._start(child)
             except _StartFailed as failed:
@@ -507,8 +457,11 @@ class _Supervisor:
             nested = _Supervisor(spec, child.path, self.tree, run)
             run.on_stop = nested.request_stop
             fn, args, takes_status = nested.serve_child, (), True
-        if isinstance(spec, (TaskSpec, ProcessSpec)) and spec.max_runtime is not None:
-            run.runtime_limit = (spec.max_runtime, spec.shutdown)
+        if isinstance(spec, (TaskSpec, ProcessSpec)):
+            if spec.max_runtime is not None:
+                run.runtime_limit = (spec.max_runtime, spec.shutdown)
+            if spec.idle_timeout is not None:
+                run.idle_limit = (spec.idle_timeout, spec.shutdown)
         if self.spec.backoff is not None:
             run.started_mono = trio.current_time()
         child.run = run
@@ -526,6 +479,7 @@ class _Supervisor:
             self._start_failed(child, run, before)
         if child.run is run and child.state in ("starting", "restarting"):
             child.state = "running"
+        child.rest = ""
         self._emit(child.path, "child.ready")
 
     def _start_failed(self, child: _Child, run: RunningChild, before: ChildState) -> NoReturn:
@@ -557,7 +511,7 @@ class _Supervisor:
         """A child's run ended by itself: queue its exit (OTP's ``'EXIT'`` message)."""
         self._post(self._child_exited, run)
 
-    def _settle(self, child: _Child, run: RunningChild, *, stopped: bool) -> None:
+    def _settle(self, child: _Child, run: RunningChild, stopped: bool) -> None:
         """Record the end of ``run``: state, exit info, event; forget a temporary child."""
         child.run = None
         child.state = "stopped"
@@ -583,6 +537,12 @@ class _Supervisor:
         child = run.child
         if child.run is not run:
             return  # a stale exit: the child was stopped or replaced meanwhile
+        if run.parked:  # idle: stopped until a wake, whatever its restart type, and never counted
+            assert run.idle_limit is not None
+            self._settle(child, run, True)
+            child.rest = "parked"
+            self._emit(child.path, "child.parked", "idle", idle_timeout=run.idle_limit[0])
+            return
         self._settle(child, run, stopped=False)
         assert run.exit is not None
         if child.spec.restarts_after(run.exit, own_exit=run.proc is not None and run.proc.own_exit):
@@ -668,6 +628,8 @@ class _Supervisor:
             child = self.children.get(child_id)
             if child is None or child.run is not None:
                 continue
+            if child is not trigger and not self._joins(child):
+                continue  # it waits for a wake
             child.pending = None
             try:
                 await self._start(child)
@@ -676,6 +638,9 @@ class _Supervisor:
                 token = child.pending = object()
                 self._post(self._retry, child, token)
                 return
+
+    def _joins(self, child: _Child) -> bool:
+        return joins_group_restart(child.spec.restart, child.rest, ever_started=child.started_at is not None)
 
     async def _retry(self, child: _Child, token: object) -> None:
         if child.pending is token and child.state == "restarting":
@@ -699,7 +664,7 @@ class _Supervisor:
         """
         if not any(c.run is not None for c in children):
             return
-        chain = _StopChain(self, children)
+        chain = StopChain(children, self._settle)
         chain.advance()
         if final:
             with trio.CancelScope(deadline=self._kill_at) as self._kill_scope:
@@ -735,6 +700,7 @@ class _Supervisor:
     async def op_terminate_child(self, child_id: str) -> None:
         child = self._get(child_id)
         child.pending = None
+        child.rest = "held"  # stopped by hand: no wake but an operator's start undoes it
         if child.run is not None:
             await self._stop_children([child])
         elif child.state == "restarting":
@@ -753,6 +719,36 @@ class _Supervisor:
         except _StartFailed as failed:
             raise self._start_error(child, failed.run) from failed.run.error
         return self.info(child)
+
+    async def op_wake(self, child_id: str, manual: bool) -> tuple[ChildInfo, bool]:
+        """Start the child unless it runs ("wake or spawn"); its info, and whether this started it.
+
+        Served in the queue like every call, so concurrent wakes of one child start it once.
+        ``manual``: an operator's start, which also starts a child stopped by hand.
+        """
+        child = self._get(child_id)
+        run = child.run
+        running, ending = run is not None, run is not None and run.ending
+        action = wake_action(child.state, running=running, ending=ending, rest=child.rest, manual=manual)
+        if action in ("none", "held"):
+            if action == "held":
+                self._emit(child.path, "child.wake_refused", "held")
+            return self.info(child), False
+        if run is not None:  # on its way out by itself: let it end, then start it again
+            if run.exit is None:
+                ended = trio.Event()
+                run.stopper = lambda _: ended.set()  # its exit comes here, not through the queue
+                await ended.wait()
+            self._settle(child, run, run.parked)
+            self._get(child_id)  # NotFound if it was temporary: its spec went with its exit
+            child.rest = "parked" if run.parked else ""
+        was = child.rest or ("not_started" if child.started_at is None else "exited")
+        self._emit(child.path, "child.woken", was, by="wake")
+        try:
+            await self._start(child)
+        except _StartFailed as failed:
+            raise self._start_error(child, failed.run) from failed.run.error
+        return self.info(child), True
 
     async def op_delete_child(self, child_id: str) -> None:
         child = self._get(child_id)
@@ -804,13 +800,15 @@ class _Supervisor:
             self.children[child_spec.id] = child
         for child_id in plan.order:
             child = self.children[child_id]
+            if child_id in plan.added:
+                summary["added"].append(child.path)  # autostart=False: added, started by a wake
             if child_id in plan.nested:
                 await self._reload_nested(child, summary)
             elif (
-                child_id in restart or child_id in plan.added or (child_id in stranded and child.run is None)
+                child_id in restart
+                or (child_id in plan.added and child.spec.autostart)
+                or (child_id in stranded and child.run is None and self._joins(child))
             ):
-                if child_id in plan.added:
-                    summary["added"].append(child.path)
                 try:
                     await self._start(child)
                 except _StartFailed as failed:

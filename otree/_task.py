@@ -26,7 +26,7 @@ from ._errors import RestartIntensityExceeded, Shutdown
 from ._info import ExitInfo
 from ._strategy import ExitReason
 
-__all__ = ["RunningChild", "TimeLimitExceeded", "current_child", "describe"]
+__all__ = ["Active", "RunningChild", "TimeLimitExceeded", "current_child", "describe", "wait_quiet"]
 
 
 class TimeLimitExceeded(TimeoutError):
@@ -36,6 +36,20 @@ class TimeLimitExceeded(TimeoutError):
     def __init__(self, exit_detail: str, message: str) -> None:
         self.exit_detail = exit_detail
         super().__init__(message)
+
+
+class Active(Protocol):
+    """Something that shows signs of life: a task's run (``alive()``), a process's run (output,
+    ``WATCHDOG=1``). ``last_activity`` is the trio time of the last one."""
+
+    last_activity: float
+
+
+async def wait_quiet(source: Active, seconds: float) -> None:
+    """Return once ``source`` has shown no sign of life for ``seconds`` (the stall watchdog's
+    clock, and ``idle_timeout``'s)."""
+    while (left := source.last_activity + seconds - trio.current_time()) > 0:
+        await trio.sleep(left)
 
 
 class _Owner(Protocol):
@@ -97,8 +111,11 @@ class RunningChild:
         "error",
         "exit",
         "fault",
+        "idle_limit",
+        "last_activity",
         "on_stop",
         "owner",
+        "parked",
         "path",
         "previous_exit",
         "proc",
@@ -139,6 +156,10 @@ class RunningChild:
         # max_runtime: seconds this run may last and the grace of the stop past them
         self.runtime_limit: tuple[float, float | str] | None = None
         self.fault: TimeLimitExceeded | None = None  # why it was stopped as misbehaving (an error exit)
+        # idle_timeout: seconds without a sign of life before it is parked, and the grace of that stop
+        self.idle_limit: tuple[float, float | str] | None = None
+        self.last_activity = 0.0  # trio time of a task's last sign of life (a process's is on its proc)
+        self.parked = False  # stopped for idleness: its supervisor parks it instead of restarting it
         # how the child's last run ended (None on its first run): resume, or start fresh
         self.previous_exit = previous_exit
 
@@ -186,6 +207,11 @@ class RunningChild:
             raise ValueError(f"{self.path}: emit: {error}") from None
         self.owner._emit(self.path, kind, reason, **checked)
 
+    def alive(self) -> None:
+        """A sign of life: the child is busy even if it says nothing. Resets the clock of its
+        ``idle_timeout`` (a process child's output and ``WATCHDOG=1`` do the same)."""
+        self.last_activity = trio.current_time()
+
     def started(self, value: object = None) -> None:
         """``task_status.started()``: the child is ready; the supervisor starts the next one."""
         if self.ready:
@@ -199,9 +225,16 @@ class RunningChild:
     async def wait_ready(self) -> bool:
         """Wait until the child is ready (True) or has exited without being ready (False)."""
         if not self.ready and self.exit is None:
-            self._ready_waiter = trio.Event()
+            if self._ready_waiter is None:
+                self._ready_waiter = trio.Event()
             await self._ready_waiter.wait()
         return self.ready
+
+    @property
+    def ending(self) -> bool:
+        """Whether this run is on its way out by itself: it has exited (its exit is queued for its
+        supervisor), or is being stopped for idleness or for running too long."""
+        return self.exit is not None or (bool(self.stop_mode) and self.stopper is None)
 
     def request_stop(self, shutdown: float | str, stopper: Callable[[RunningChild], None]) -> None:
         """Begin to stop this run; ``stopper(run)`` is called once it has exited.
@@ -219,6 +252,15 @@ class RunningChild:
         if self.stop_mode:
             return
         self.fault = fault
+        self._stop(shutdown)
+
+    def park(self, shutdown: float | str) -> None:
+        """Stop this run because it has been idle for its ``idle_timeout``: a stop like any other,
+        ending as a ``shutdown`` exit with detail ``idle`` that its supervisor parks (not restarted,
+        not counted) until a wake. A stop already in progress is left alone."""
+        if self.stop_mode:
+            return
+        self.parked = True
         self._stop(shutdown)
 
     def _stop(self, shutdown: float | str) -> None:
@@ -247,8 +289,8 @@ class RunningChild:
         self, fn: Callable[..., Awaitable[Any]], args: tuple[Any, ...], takes_status: bool
     ) -> None:
         """Run the child's function and report how it ended to the supervisor."""
-        if self.runtime_limit is not None:
-            fn = functools.partial(self._limited, fn)
+        if self.runtime_limit is not None or self.idle_limit is not None:
+            fn = functools.partial(self._watched, fn)
         try:
             with self.scope:
                 if takes_status:
@@ -271,17 +313,21 @@ class RunningChild:
         else:
             self.owner.run_exited(self)
 
-    async def _limited(self, fn: Callable[..., Awaitable[Any]], *args: Any, **kwargs: Any) -> Any:
-        """``await fn(...)``, stopped as misbehaving once it has run ``runtime_limit`` seconds."""
+    async def _watched(self, fn: Callable[..., Awaitable[Any]], *args: Any, **kwargs: Any) -> Any:
+        """``await fn(...)`` under its time limits: stopped as misbehaving once it has run
+        ``runtime_limit`` seconds, parked once it has been idle ``idle_limit`` seconds."""
         result: Any = None
         error: Exception | None = None
-        async with trio.open_nursery() as limiter:
-            limiter.start_soon(self._stop_at_limit)
+        async with trio.open_nursery() as watchers:
+            if self.runtime_limit is not None:
+                watchers.start_soon(self._stop_at_limit)
+            if self.idle_limit is not None:
+                watchers.start_soon(self._park_when_idle)
             try:
                 result = await fn(*args, **kwargs)
             except Exception as exc:  # noqa: BLE001 - raised below, outside the nursery (no group)
                 error = exc
-            limiter.cancel_scope.cancel()
+            watchers.cancel_scope.cancel()
         if error is not None:
             raise error
         return result
@@ -294,6 +340,39 @@ class RunningChild:
             TimeLimitExceeded("max_runtime", f"max_runtime: still running after {seconds:g}s"), grace
         )
 
+    def exit_details(self) -> dict[str, Any]:
+        """How this run ended, as an exit event's details: its detail, exception, spend, and
+        for a process its exit code or signal and, after an error, the tail of its stderr."""
+        exit_info = self.exit
+        assert exit_info is not None
+        details: dict[str, Any] = {"detail": exit_info.detail}
+        error = self.error
+        if error is not None:
+            details["exception"] = type(error).__name__
+            details["message"] = str(error)
+        if self.cost:
+            details["cost"] = self.cost
+        if self.proc is not None:
+            if exit_info.exit_code is not None:
+                details["exit_code"] = exit_info.exit_code
+            if exit_info.signal is not None:
+                details["signal"] = exit_info.signal
+            if exit_info.reason == "error" and self.proc.tail:
+                details["stderr_tail"] = self.proc.tail.decode("utf-8", "replace")
+        return details
+
+    async def _park_when_idle(self) -> None:
+        """Park this run once it has shown no sign of life for ``idle_limit`` seconds since it was
+        ready (a slow start is ``start_timeout``'s business): a process's signs are on its proc."""
+        assert self.idle_limit is not None
+        seconds, grace = self.idle_limit
+        if not await self.wait_ready():
+            return
+        source: Active = self.proc if self.proc is not None else self
+        source.last_activity = trio.current_time()
+        await wait_quiet(source, seconds)
+        self.park(grace)
+
     def _classify(self, returned: bool) -> ExitInfo:
         reason, detail = self._reason(returned)
         proc = self.proc
@@ -302,6 +381,8 @@ class RunningChild:
         return ExitInfo(reason, detail, proc.exit_code, proc.signal)
 
     def _reason(self, returned: bool) -> tuple[ExitReason, str]:
+        if self.parked:  # however it went (an exception while stopping is still its event's)
+            return "shutdown", "idle"
         exc = self.error
         if exc is None:
             if returned:

@@ -183,8 +183,8 @@ def test_stop_start_restart_delete(tree: Tree, capsys: pytest.CaptureFixture[str
     assert states(tree.status(capsys))["alice"] == "stopped"
     assert tree.cli(capsys, "stop", "alice")[0] == 0  # stopping a stopped child is a no-op
     assert tree.cli(capsys, "start", "fleet/alice") == (0, "fleet/alice: started (running)\n", "")
-    code, _, err = tree.cli(capsys, "start", "alice")
-    assert (code, err) == (4, "otree: fleet/alice: already running\n")
+    # wake or spawn: starting a running child leaves it alone, and is no error
+    assert tree.cli(capsys, "start", "alice") == (0, "fleet/alice: already running\n", "")
     before = tree.status(capsys, "alice")["info"]["started_at"]
     assert tree.cli(capsys, "restart", "alice") == (0, "fleet/alice: restarted (running)\n", "")
     after = tree.status(capsys, "alice")["info"]

@@ -366,6 +366,7 @@ async def test_what_an_operator_does_says_by_operator(tmp_path: Path) -> None:
                 break
         assert seen == [
             ("root/a", "child.stopped", "operator"),
+            ("root/a", "child.woken", "operator"),  # otree start wakes it
             ("root/a", "child.started", "operator"),
             ("root/a", "child.ready", "operator"),
             ("root/a", "child.stopped", "operator"),

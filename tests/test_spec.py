@@ -75,12 +75,18 @@ def test_id_valid(good_id: str) -> None:
 
 def test_restart_bad_value() -> None:
     error = spec_error(otree.task, "a", idle, restart="sometimes")
-    assert str(error) == "a: restart must be one of 'permanent', 'transient', 'temporary'; got 'sometimes'"
+    assert (
+        str(error)
+        == "a: restart must be one of 'permanent', 'transient', 'temporary', 'on_demand'; got 'sometimes'"
+    )
 
 
 def test_restart_bad_value_supervisor() -> None:
     error = spec_error(otree.supervisor, "s", restart="always")
-    assert str(error) == "s: restart must be one of 'permanent', 'transient', 'temporary'; got 'always'"
+    assert (
+        str(error)
+        == "s: restart must be one of 'permanent', 'transient', 'temporary', 'on_demand'; got 'always'"
+    )
 
 
 @pytest.mark.parametrize(
@@ -104,12 +110,18 @@ def test_shutdown_valid(shutdown: Any) -> None:
 
 def test_significant_with_permanent() -> None:
     error = spec_error(otree.task, "a", idle, significant=True)
-    assert str(error) == "a: significant=True requires restart 'transient' or 'temporary'; got 'permanent'"
+    assert (
+        str(error)
+        == "a: significant=True requires restart 'transient', 'temporary' or 'on_demand'; got 'permanent'"
+    )
 
 
 def test_significant_with_permanent_supervisor() -> None:
     error = spec_error(otree.supervisor, "s", significant=True)
-    assert str(error) == "s: significant=True requires restart 'transient' or 'temporary'; got 'permanent'"
+    assert (
+        str(error)
+        == "s: significant=True requires restart 'transient', 'temporary' or 'on_demand'; got 'permanent'"
+    )
 
 
 def test_significant_not_a_bool() -> None:
