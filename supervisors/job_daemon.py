@@ -7,8 +7,8 @@ higher ``--priority`` runs first. A job may report what it cost (``"cost"`` in t
 payload stands for the model bill); the daily budget warns at 90 % and refuses a job
 once spent plus its estimate would reach the limit. Five failures in a row open the
 breaker for 120 s, and new jobs are refused while it is open. ``loops/poller`` is a
-long-running loop: three deaths within five minutes and ``loops`` gives up for good,
-while jobs keep running. A stop gives running jobs 30 s; queued jobs are reported as
+long-running loop: three deaths within five minutes and ``loops`` gives up for good
+(``stopped`` until an operator's ``otree start loops``), while jobs keep running. A stop gives running jobs 30 s; queued jobs are reported as
 dropped (``pool_stopped``). Orphans that jobs leave behind are reaped (otree is their
 subreaper).
 
@@ -59,7 +59,7 @@ tree = otree.supervisor(
         ),
         otree.supervisor(
             "loops",
-            restart="temporary",
+            restart="on_demand",  # given up: stays stopped (shown) until `otree start loops`
             max_restarts=2,
             max_seconds=300 / SPEED,
             children=[

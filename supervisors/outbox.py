@@ -79,7 +79,7 @@ tree = otree.supervisor(
     children=[
         otree.supervisor(
             "gateway",
-            restart="temporary",  # given up: offline until `otree start gateway`
+            restart="on_demand",  # given up: offline (stopped) until `otree start gateway`
             max_restarts=5,
             max_seconds=60 / SPEED,
             backoff=otree.Backoff(

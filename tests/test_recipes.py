@@ -247,8 +247,9 @@ def test_job_daemon_loop_gives_up_orphans_reaped_and_stop_grace(
                 "a poller",
             )
     tree.wait_event("daemon/loops", "supervisor.intensity_exceeded")
-    wait(lambda: True if tree.info("daemon/loops") is None else None, "loops gone for good")
+    wait(lambda: True if tree.info("daemon/loops")["state"] == "stopped" else None, "loops down for good")
     assert tree.info("daemon")["state"] == "running"
+    assert tree.info("daemon/jobs")["state"] == "running"
 
     otree_pid = tree.process.proc.pid
     assert (
