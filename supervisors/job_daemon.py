@@ -8,9 +8,9 @@ payload stands for the model bill); the daily budget warns at 90 % and refuses a
 once spent plus its estimate would reach the limit. Five failures in a row open the
 breaker for 120 s, and new jobs are refused while it is open. ``loops/poller`` is a
 long-running loop: three deaths within five minutes and ``loops`` gives up for good
-(``stopped`` until an operator's ``otree start loops``), while jobs keep running. A stop gives running jobs 30 s; queued jobs are reported as
-dropped (``pool_stopped``). Orphans that jobs leave behind are reaped (otree is their
-subreaper).
+(``stopped`` until an operator's ``otree start loops``), while jobs keep running. A stop
+gives running jobs 30 s; queued jobs are reported as dropped (``pool_stopped``). Orphans
+that jobs leave behind are reaped (otree is their subreaper).
 
 Run it:   otree run supervisors/job_daemon.py --state-dir /tmp/otree-jobs
 Then try: otree submit jobs run '{"argv": ["sleep", "20"], "cost": 0.5}' --cost 0.5 \\

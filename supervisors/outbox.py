@@ -42,8 +42,9 @@ NOTICES = os.environ.get(
     "OTREE_OUTBOX_NOTICES", f"{tempfile.gettempdir()}/otree-outbox-{os.getuid()}.notices"
 )
 
-# The provider's stand-in: takes one JSON message per connection, "sends" it (a log line), acks.
-PROVIDER = """import os, socket, sys
+# The provider's stand-in: takes one JSON message per connection, "sends" it (a log line) and
+# acknowledges it, or refuses a message without text.
+PROVIDER = """import json, os, socket, sys
 path = sys.argv[1]
 if os.path.exists(path):
     os.unlink(path)
@@ -53,8 +54,11 @@ server.listen()
 while True:
     conn, _ = server.accept()
     with conn:
-        message = conn.makefile().readline()
-        print("sent", message.strip(), flush=True)
+        message = json.loads(conn.makefile().readline())
+        if not message.get("text"):
+            conn.sendall(b"refused: no text\\n")
+            continue
+        print("sent", json.dumps(message), flush=True)
         conn.sendall(b"ok\\n")
 """
 
@@ -63,8 +67,8 @@ async def send(message: dict[str, Any]) -> str:
     """Hand one message to the provider; fails (and is retried) while the provider is offline."""
     async with await trio.open_unix_socket(SOCKET) as conn:
         await conn.send_all(json.dumps(message).encode() + b"\n")
-        if await conn.receive_some(16) != b"ok\n":
-            raise ConnectionError("the provider did not acknowledge")
+        if (reply := await conn.receive_some(64)) != b"ok\n":
+            raise RuntimeError(f"the provider did not take it: {reply.decode(errors='replace').strip()}")
     return f"sent to {message['to']}"
 
 

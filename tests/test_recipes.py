@@ -5,15 +5,21 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+
+from otree._client import call
+from otree._paths import control_socket
 
 from .otree_subprocess import REPO, OtreeProcess, is_text_event, run_otree, subprocess_env
 
@@ -466,3 +472,150 @@ def test_cadence_recovers_a_claimed_tick_after_a_crash(demo_env: Callable[..., N
         f"cadence/sessions/{claimed['id']}", "job.started", after=again.events().index(recovered)
     )
     assert again.stop() == 0
+
+
+# --- outbox ------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def outbox_env(demo_env: Callable[..., None], tmp_path: Path) -> Callable[..., Path]:
+    """The outbox's socket in a short private directory (a Unix socket path fits 108 bytes)."""
+    where = Path(tempfile.mkdtemp(prefix="ob-", dir=os.environ["OTREE_RUNTIME_DIR"]))
+
+    def setenv(**overrides: str) -> Path:
+        notices = tmp_path / "notices"
+        demo_env(OTREE_OUTBOX_SOCKET=str(where / "gw.sock"), OTREE_OUTBOX_NOTICES=str(notices), **overrides)
+        return notices
+
+    yield setenv
+    shutil.rmtree(where, ignore_errors=True)
+
+
+def message(to: str, text: str) -> str:
+    return json.dumps({"to": to, "text": text})
+
+
+def sent(tree: Tree) -> list[dict[str, Any]]:
+    """What the provider sent, in order (its log)."""
+    code, out, err = tree.cli("logs", "gateway/provider", "-n", "1000")
+    assert code == 0, err
+    return [json.loads(line.split(" ", 1)[1]) for line in out.splitlines() if line.startswith("sent ")]
+
+
+def test_outbox_fifo_per_destination_coalescing_and_durability(
+    outbox_env: Callable[..., Path], run_tree: Any
+) -> None:
+    """With the provider offline, messages wait: a failed one holds its destination only (strict
+    FIFO), a later submission with a waiting message's key replaces it in place; otree killed and
+    started again still has them, and once the provider is back they go out in order."""
+    outbox_env(OTREE_DEMO_SPEED="10")  # retries 0.1 s ... 6 s apart: 12 attempts take over 18 s
+    tree = run_tree("outbox", "outbox")
+    assert tree.cli("stop", "gateway")[0] == 0
+
+    def submit(to: str, text: str, *options: str) -> str:
+        return str(tree.json("submit", "messages", "send", message(to, text), "--lane", to, *options)["id"])
+
+    ada = [submit("ada", f"ada-{n}") for n in range(3)]
+    bob = submit("bob", "bob-first")
+    retried = tree.wait_event(f"outbox/messages/{ada[0]}", "job.retried")
+    assert retried["details"]["lane"] == "ada"
+    tree.wait_event(f"outbox/messages/{bob}", "job.retried")  # bob-first now holds bob's lane
+    old = submit("bob", "bob-old", "--key", "bob-news")  # queued behind it
+    new = submit("bob", "bob-new", "--key", "bob-news")
+    replaced = tree.wait_event(f"outbox/messages/{old}", "job.dropped")
+    assert replaced["reason"] == "replaced" and replaced["details"]["replaced_by"] == new
+    starts = [e["path"].rsplit("/", 1)[1] for e in tree.events() if e["kind"] == "job.started"]
+    assert ada[1] not in starts and new not in starts  # each held behind its lane's failing head
+
+    tree.process.proc.kill()  # kill -9: the durable queue keeps every message
+    tree.process.finish()
+    again = run_tree("outbox", "outbox")
+    assert again.cli("start", "gateway")[0] == 0  # it came back with the tree, or comes back now
+    wait(lambda: True if len(sent(again)) == 5 else None, "five messages sent", timeout=30)
+    out = sent(again)
+    assert [m["text"] for m in out if m["to"] == "ada"] == ["ada-0", "ada-1", "ada-2"]
+    assert [m["text"] for m in out if m["to"] == "bob"] == ["bob-first", "bob-new"]
+    assert again.json("dead-letters", "messages") == []
+    assert again.stop() == 0
+
+
+def test_outbox_poison_after_12_attempts_and_drop_oldest(
+    outbox_env: Callable[..., Path], run_tree: Any
+) -> None:
+    """A message the provider refuses is tried 12 times, 1 s ... 60 s apart with half jitter, then
+    kept as a dead letter; the others go on. At most 5000 wait: the 5001st drops the oldest."""
+    outbox_env()
+    tree = run_tree("outbox", "outbox")
+    poison = str(tree.json("submit", "messages", "send", json.dumps({"to": "cy"}), "--lane", "cy")["id"])
+    tree.wait_event(f"outbox/messages/{poison}", "job.dead_lettered")
+    runs = [
+        e for e in tree.events() if e["path"] == f"outbox/messages/{poison}" and e["kind"] != "job.queued"
+    ]
+    assert [e["kind"] for e in runs].count("job.started") == 12
+    for n, retry in enumerate(e for e in runs if e["kind"] == "job.retried"):
+        base = min(60.0, 2.0**n) / 100  # at a hundredfold speed
+        assert base / 2 <= retry["details"]["delay"] <= base, (n, retry)
+    [letter] = tree.json("dead-letters", "messages")
+    assert letter["id"] == poison and letter["attempts"] == 12 and "refused: no text" in letter["error"]
+
+    assert tree.cli("stop", "gateway")[0] == 0
+    state = tree.cwd / "state"
+    sock = control_socket(state)
+    ids = [
+        call(
+            sock,
+            state,
+            "submit",
+            pool="messages",
+            kind="send",
+            payload={"to": "dee", "text": str(n)},
+            lane="dee",
+        )["id"]
+        for n in range(5002)
+    ]
+    dropped = wait(lambda: [e for e in tree.events() if e["kind"] == "job.dropped"] or None, "a drop")
+    assert [e["reason"] for e in dropped] == ["queue_full"]
+    assert dropped[0]["path"].rsplit("/", 1)[1] in ids[:2]  # the oldest not running at that moment
+    listing = tree.json("jobs", "messages")
+    assert len(listing["queued"]) + len(listing["retrying"]) == 5000
+    assert tree.stop() == 0
+
+
+def test_outbox_provider_restart_delay_give_up_hook_and_log_level(
+    outbox_env: Callable[..., Path], run_tree: Any
+) -> None:
+    """The provider restarts after 0.5 s, 1 s, 1.5 s ... (0.5 s per recent exit, at most 10 s), and
+    after six deaths in a minute the gateway is left offline; each exit is told to the hook, whose
+    failure is an event; the log level is read and set at run time."""
+    notices = outbox_env(OTREE_DEMO_SPEED="10")
+    tree = run_tree("outbox", "outbox")
+    for death in range(6):
+        pid = wait(lambda: tree.info("outbox/gateway/provider")["pid"], "a provider")
+        assert tree.cli("signal", "gateway/provider", "KILL")[0] == 0
+        if death < 5:
+            wait(
+                lambda: True if tree.info("outbox/gateway/provider")["pid"] not in (None, pid) else None,  # noqa: B023
+                "restart",
+            )
+    tree.wait_event("outbox/gateway", "supervisor.intensity_exceeded")
+    wait(lambda: True if tree.info("outbox/gateway")["state"] == "stopped" else None, "the gateway offline")
+    delays = [
+        e["details"]["delay"]
+        for e in tree.events()
+        if e["path"] == "outbox/gateway/provider" and e["kind"] == "child.restarting"
+    ]
+    assert delays == pytest.approx([0.05, 0.1, 0.15, 0.2, 0.25])  # 0.5 s * n at tenfold speed
+    assert len(notices.read_text().splitlines()) == 6
+
+    notices.unlink()
+    notices.mkdir()  # the hook cannot write its notice now
+    assert tree.cli("start", "gateway")[0] == 0
+    pid = wait(lambda: tree.info("outbox/gateway/provider")["pid"], "a provider")
+    assert tree.cli("signal", "gateway/provider", "KILL")[0] == 0
+    failed = tree.wait_event("outbox/gateway/provider", "child.on_exit_failed")
+    assert "Is a directory" in json.dumps(failed["details"])
+
+    assert tree.cli("log-level")[1] == "log level INFO\n"
+    assert tree.cli("log-level", "warning")[1] == "log level WARNING\n"
+    assert tree.cli("log-level")[1] == "log level WARNING\n"
+    assert tree.stop() == 0
