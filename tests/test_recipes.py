@@ -619,3 +619,140 @@ def test_outbox_provider_restart_delay_give_up_hook_and_log_level(
     assert tree.cli("log-level", "warning")[1] == "log level WARNING\n"
     assert tree.cli("log-level")[1] == "log level WARNING\n"
     assert tree.stop() == 0
+
+
+# --- peer lifecycle ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def peers_env(demo_env: Callable[..., None]) -> Iterator[Callable[..., None]]:
+    """The sessions' sockets in a short private directory."""
+    where = Path(tempfile.mkdtemp(prefix="pe-", dir=os.environ["OTREE_RUNTIME_DIR"]))
+
+    def setenv(**overrides: str) -> None:
+        demo_env(OTREE_PEERS_DIR=str(where), **overrides)
+
+    yield setenv
+    shutil.rmtree(where, ignore_errors=True)
+
+
+def tell(tree: Tree, to: str, lane: str | None = None, **fields: Any) -> tuple[int, str, str]:
+    """Deliver a message to a peer and wait for the outcome."""
+    return tree.cli(
+        "submit", "inbox", "message", json.dumps({"to": to, **fields}), "--lane", lane or to, "--wait"
+    )
+
+
+def session_log(tree: Tree, peer: str) -> list[str]:
+    code, out, err = tree.cli("logs", f"peers/{peer}/session", "-n", "1000")
+    assert code == 0, err
+    return out.splitlines()
+
+
+def decisions(tree: Tree, path: str) -> list[tuple[str, str]]:
+    return [
+        (e["kind"], e["reason"]) for e in tree.events() if e["path"] == path and e["kind"] != "child.ready"
+    ]
+
+
+def test_peers_lazy_wake_idle_park_resume_and_stopped_by_hand(
+    peers_env: Callable[..., None], run_tree: Any
+) -> None:
+    """The first message starts a peer; an hour of silence (7.2 s here) parks it; the next message
+    wakes it once, however many arrive together, and it resumes; a peer an operator stopped stays
+    stopped (the message fails, the refused wake is an event) until the operator starts it."""
+    peers_env(OTREE_DEMO_SPEED="500")
+    tree = run_tree("peers", "lifecycle")
+    assert tree.info("lifecycle/peers/ada/session")["state"] == "stopped"  # lazy: not started
+    assert tell(tree, "ada", text="hi")[0] == 0
+    tree.wait_event("lifecycle/peers/ada/session", "child.parked")
+    together = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "otree",
+                "submit",
+                "inbox",
+                "message",
+                json.dumps({"to": "ada", "text": lane}),
+                "--lane",
+                lane,
+                "--wait",
+            ],
+            cwd=tree.cwd,
+            env=subprocess_env(tree.cwd),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for lane in ("one", "two")
+    ]
+    assert [waiter.wait(timeout=DEADLINE) for waiter in together] == [0, 0]
+    log = session_log(tree, "ada")
+    assert log[0] == "fresh first run" and log[2] == "resume shutdown:idle:SIGTERM", log
+
+    assert tree.cli("stop", "peers/ada/session")[0] == 0
+    code, _, err = tell(tree, "ada", text="are you there")
+    assert code == 6 and "stopped by an operator" in err, err
+    assert tree.cli("start", "peers/ada/session")[0] == 0
+    assert tell(tree, "ada", text="back")[0] == 0
+    assert decisions(tree, "lifecycle/peers/ada/session") == [
+        ("child.woken", "not_started"),
+        ("child.started", ""),
+        ("child.stopped", "shutdown"),
+        ("child.parked", "idle"),
+        ("child.woken", "parked"),  # once for the two messages
+        ("child.started", ""),
+        ("child.stopped", "shutdown"),  # by the operator
+        ("child.wake_refused", "held"),
+        ("child.woken", "held"),  # the operator's start
+        ("child.started", ""),
+    ]
+    assert tree.stop() == 0
+
+
+def test_peers_crash_loop_guard_survives_a_restart_of_otree(
+    peers_env: Callable[..., None], run_tree: Any
+) -> None:
+    """A session that crashes restarts fresh; three deaths in 300 s (15 s here) and the peer gives
+    up, the other peer untouched; after kill -9 and a new otree, one more death is enough."""
+    peers_env(OTREE_DEMO_SPEED="20")
+    tree = run_tree("peers", "lifecycle")
+    assert tell(tree, "grace", text="hi")[0] == 0
+    for _ in range(3):
+        assert tell(tree, "ada", crash=True)[0] == 6
+    tree.wait_event("lifecycle/peers/ada", "supervisor.intensity_exceeded")
+    wait(lambda: True if tree.info("lifecycle/peers/ada")["state"] == "stopped" else None, "ada given up")
+    assert tree.info("lifecycle/peers/grace/session")["state"] == "running"
+    log = session_log(tree, "ada")
+    assert log[0] == "fresh first run" and log[2].startswith("fresh error:"), log
+
+    tree.process.proc.kill()
+    tree.process.finish()
+    again = run_tree("peers", "lifecycle")
+    before = len(again.events())
+    assert tell(again, "ada", crash=True)[0] == 6  # the wake starts it; one death is the third restart
+    again.wait_event("lifecycle/peers/ada", "supervisor.intensity_exceeded", after=before)
+    assert again.stop() == 0
+
+
+def test_peers_boot_deadline_and_max_age(peers_env: Callable[..., None], run_tree: Any) -> None:
+    """A session not ready 240 s (2.4 s here) after its start fails to start and the message fails;
+    a session four hours old (1.5 s here) is replaced by a fresh one."""
+    peers_env(OTREE_DEMO_SPEED="100", OTREE_PEERS_MAX_AGE="150")
+    tree = run_tree("peers", "lifecycle")
+    assert tell(tree, "ada", text="hi")[0] == 0
+    aged = tree.wait_event("lifecycle/peers/ada/session", "child.exited")
+    assert aged["reason"] == "error" and "max_runtime" in json.dumps(aged["details"])
+    wait(lambda: True if len(session_log(tree, "ada")) >= 3 else None, "a fresh session")
+    assert session_log(tree, "ada")[2].startswith("fresh error:max_runtime")
+    assert tree.stop() == 0
+
+    peers_env(OTREE_DEMO_SPEED="100", OTREE_PEERS_MAX_AGE="14400", OTREE_PEERS_BOOT="5")
+    slow = run_tree("peers", "lifecycle")
+    began = time.monotonic()
+    code, _, err = tell(slow, "grace", text="hi")
+    assert (code == 6 and "start_timeout" in err) or "ready" in err, err
+    assert 2.4 <= time.monotonic() - began < 5
+    assert slow.info("lifecycle/peers/grace/session")["state"] == "stopped"
+    assert slow.stop() == 0
