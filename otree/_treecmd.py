@@ -104,6 +104,10 @@ _NOT_SETTINGS = frozenset(
 )
 
 
+# Control characters in an argv (a script passed with -c) shown escaped, so a child stays one line.
+_ESCAPED = {code: repr(chr(code))[1:-1] for code in (*range(32), 127)}
+
+
 def _describe(spec: ChildSpec) -> str:
     """One line: id, kind, restart, shutdown, a supervisor's intensity, a process's argv, then
     every other setting that is not its default (``otree check`` shows what the file says)."""
@@ -115,7 +119,7 @@ def _describe(spec: ChildSpec) -> str:
             f"max_seconds={spec.max_seconds:g}",
         ]
     elif isinstance(spec, ProcessSpec):
-        fields.append(f"argv={shlex.join(spec.argv)}")
+        fields.append(f"argv={shlex.join(spec.argv).translate(_ESCAPED)}")
     names = type(spec).__struct_fields__
     defaults = type(spec).__struct_defaults__  # those of the last fields (specs have no factories)
     for name, default in zip(

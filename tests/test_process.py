@@ -563,7 +563,8 @@ def test_check_prints_process_children_with_argv(tmp_path: Path, capsys: pytest.
     tree.write_text(
         "import otree\n"
         "tree = otree.supervisor('t', children=[\n"
-        "    otree.process('p', ['agent', '--model', 'a b'], ready='notify', stall_timeout=30)])\n"
+        "    otree.process('p', ['agent', '--model', 'a b'], ready='notify', stall_timeout=30),\n"
+        "    otree.process('q', ['python3', '-c', 'import sys\\nprint(1)\\tx'])])\n"
     )
     assert main(["check", str(tree)]) == 0
     lines = capsys.readouterr().out.splitlines()
@@ -571,6 +572,12 @@ def test_check_prints_process_children_with_argv(tmp_path: Path, capsys: pytest.
         "  p  process  restart=permanent  shutdown=5.0  argv=agent --model 'a b'  "
         "ready=notify  stall_timeout=30"
     )
+    # a script given with -c stays on its child's line: control characters are shown escaped
+    assert (
+        lines[2]
+        == "  q  process  restart=permanent  shutdown=5.0  argv=python3 -c 'import sys\\nprint(1)\\tx'"
+    )
+    assert len(lines) == 3
 
 
 def _guards_of(parent: int) -> list[int]:
