@@ -230,6 +230,7 @@ def test_job_daemon_budget_and_breaker(demo_env: Callable[..., None], run_tree: 
     assert code == 4 and err.count("\n") == 1 and "circuit" in err, err
     assert "circuit open" in tree.cli("status")[1]
     wait(lambda: True if run(["true"], 0)[0] == 0 else None, "a submission taken after the cooldown")
+    tree.wait_event("daemon/jobs", "circuit.closed")  # the event log is written behind the reply
     circuit = [e for e in tree.events() if e["kind"].startswith("circuit.")]
     assert [e["kind"] for e in circuit] == ["circuit.opened", "circuit.half_open", "circuit.closed"]
     assert circuit[1]["time"] - opened["time"] >= 1.2  # 120 s at a hundredfold speed; the trial closed it
@@ -539,11 +540,9 @@ def test_outbox_fifo_per_destination_coalescing_and_durability(
     assert again.stop() == 0
 
 
-def test_outbox_poison_after_12_attempts_and_drop_oldest(
-    outbox_env: Callable[..., Path], run_tree: Any
-) -> None:
+def test_outbox_poison_after_12_attempts(outbox_env: Callable[..., Path], run_tree: Any) -> None:
     """A message the provider refuses is tried 12 times, 1 s ... 60 s apart with half jitter, then
-    kept as a dead letter; the others go on. At most 5000 wait: the 5001st drops the oldest."""
+    kept as a dead letter."""
     outbox_env()
     tree = run_tree("outbox", "outbox")
     poison = str(tree.json("submit", "messages", "send", json.dumps({"to": "cy"}), "--lane", "cy")["id"])
@@ -558,6 +557,13 @@ def test_outbox_poison_after_12_attempts_and_drop_oldest(
     [letter] = tree.json("dead-letters", "messages")
     assert letter["id"] == poison and letter["attempts"] == 12 and "refused: no text" in letter["error"]
 
+    assert tree.stop() == 0
+
+
+def test_outbox_drops_the_oldest_beyond_5000(outbox_env: Callable[..., Path], run_tree: Any) -> None:
+    """At most 5000 messages wait: the 5001st waiting one drops the oldest (``queue_full``)."""
+    outbox_env(OTREE_DEMO_SPEED="1")  # retries 1 s, 2 s ... apart: no message becomes poison meanwhile
+    tree = run_tree("outbox", "outbox")
     assert tree.cli("stop", "gateway")[0] == 0
     state = tree.cwd / "state"
     sock = control_socket(state)
@@ -574,10 +580,12 @@ def test_outbox_poison_after_12_attempts_and_drop_oldest(
         for n in range(5002)
     ]
     dropped = wait(lambda: [e for e in tree.events() if e["kind"] == "job.dropped"] or None, "a drop")
-    assert [e["reason"] for e in dropped] == ["queue_full"]
-    assert dropped[0]["path"].rsplit("/", 1)[1] in ids[:2]  # the oldest not running at that moment
+    # the first message fails and waits for its retry (it counts) but for the moments it runs
+    # (it does not): 5002 submissions drop one or two of the oldest, never a newer one
+    assert {e["reason"] for e in dropped} == {"queue_full"} and 1 <= len(dropped) <= 2
+    assert {e["path"].rsplit("/", 1)[1] for e in dropped} <= set(ids[:2])
     listing = tree.json("jobs", "messages")
-    assert len(listing["queued"]) + len(listing["retrying"]) == 5000
+    assert 4999 <= len(listing["queued"]) + len(listing["retrying"]) <= 5000
     assert tree.stop() == 0
 
 
@@ -605,7 +613,9 @@ def test_outbox_provider_restart_delay_give_up_hook_and_log_level(
         if e["path"] == "outbox/gateway/provider" and e["kind"] == "child.restarting"
     ]
     assert delays == pytest.approx([0.05, 0.1, 0.15, 0.2, 0.25])  # 0.5 s * n at tenfold speed
-    assert len(notices.read_text().splitlines()) == 6
+    wait(
+        lambda: True if len(notices.read_text().splitlines()) == 6 else None, "six notices"
+    )  # hooks run after
 
     notices.unlink()
     notices.mkdir()  # the hook cannot write its notice now
@@ -696,7 +706,7 @@ def test_peers_lazy_wake_idle_park_resume_and_stopped_by_hand(
     assert code == 6 and "stopped by an operator" in err, err
     assert tree.cli("start", "peers/ada/session")[0] == 0
     assert tell(tree, "ada", text="back")[0] == 0
-    assert decisions(tree, "lifecycle/peers/ada/session") == [
+    expected = [
         ("child.woken", "not_started"),
         ("child.started", ""),
         ("child.stopped", "shutdown"),
@@ -708,6 +718,8 @@ def test_peers_lazy_wake_idle_park_resume_and_stopped_by_hand(
         ("child.woken", "held"),  # the operator's start
         ("child.started", ""),
     ]
+    # the event log is written behind the replies: wait until it has them all
+    wait(lambda: True if decisions(tree, "lifecycle/peers/ada/session") == expected else None, "decisions")
     assert tree.stop() == 0
 
 
