@@ -64,6 +64,7 @@ def kill_group(pgid: int, signum: int) -> bool:
 
 # --- orphans and the stop sweep -----------------------------------------------------------
 
+SIGCHLD_COALESCE = 0.02  # the least time between two orphan sweeps under `otree run`
 SWEEP_SECONDS = 5.0  # the most a stop spends killing what is left of the tree
 SWEEP_PAUSE = 0.005  # between two passes: the processes just killed exit, their children come to otree
 
@@ -146,12 +147,17 @@ class Reaper:
         return live
 
     async def serve(self) -> None:
-        """Sweep on SIGCHLD (main thread) or every half second (otherwise). Runs until cancelled."""
+        """Sweep on SIGCHLD (main thread) or every half second (otherwise). Runs until cancelled.
+
+        On SIGCHLD at most once per ``SIGCHLD_COALESCE``: a crash loop's exits are its runners'
+        to reap, and one sweep then covers every orphan that exited meanwhile.
+        """
         if threading.current_thread() is threading.main_thread():
             with trio.open_signal_receiver(signal.SIGCHLD) as signals:
                 self.sweep()
                 async for _ in signals:
                     self.sweep()
+                    await trio.sleep(SIGCHLD_COALESCE)
         else:
             while True:
                 self.sweep()

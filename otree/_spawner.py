@@ -76,18 +76,39 @@ class Child:
 
 # Messages on its stdin (a SOCK_SEQPACKET socket): b"S" + a marshalled request, with the report
 # pipe's write end and the child's stdin, stdout and stderr as SCM_RIGHTS (and a memfd holding
-# the request when it is too big for one message); or b"+pgid" / b"-pgid" words. End of file:
-# otree is gone, kill every recorded group that still has members.
+# the request when it is too big for one message); or b"+pgid" words (groups a replaced helper
+# missed). It watches each group's leader with a pidfd: when the leader exits, whatever is left
+# of its group is killed (as otree does) and the group is taken off the list, so otree sends
+# nothing when a child exits. End of file: otree is gone, kill every group that still has members.
 _HELPER = r"""
-import ctypes, marshal, os, platform, resource, signal, socket, sys
-signal.signal(signal.SIGINT, signal.SIG_IGN)
+import ctypes, marshal, os, platform, resource, select, signal, socket, sys
 OTREE = os.getppid()
-groups = {int(word) for word in sys.argv[1:]}
 libc = ctypes.CDLL(None, use_errno=True)
 CLONE_PARENT = 0x8000
 LEGACY_CLONE = {"x86_64": 56, "aarch64": 220, "riscv64": 220}.get(platform.machine())
 clone_args = (ctypes.c_uint64 * 8)(CLONE_PARENT)  # struct clone_args, version 0; exit_signal 0: otree's
 use_clone3 = True
+channel = socket.socket(fileno=0)
+events = select.epoll()
+events.register(channel.fileno(), select.EPOLLIN)
+leaders = {}  # pidfd of a group's leader: the group
+
+def watch(pgid):
+    try:
+        fd = os.pidfd_open(pgid)
+    except OSError:  # reaped already: otree killed its group first
+        return
+    leaders[fd] = pgid
+    events.register(fd, select.EPOLLIN)
+
+def ended(fd):
+    pgid = leaders.pop(fd)
+    events.unregister(fd)
+    os.close(fd)
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except OSError:
+        pass
 
 def clone():
     global use_clone3
@@ -120,8 +141,8 @@ def child(report, stdio, request):
             os.setgroups(supplementary)
             os.setgid(gid)
             os.setuid(uid)
-        for signum in (signal.SIGINT, signal.SIGPIPE, signal.SIGXFSZ):
-            signal.signal(signum, signal.SIG_DFL)
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # ignored by Python, not by the program
+        signal.signal(signal.SIGXFSZ, signal.SIG_DFL)
         libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
         if os.getppid() != OTREE:  # otree died before the flag was set
             os._exit(127)
@@ -153,41 +174,52 @@ def spawn(body, fds):
     except Exception:
         os.write(report, b"Erequest 22\n")
         return
+    # the child tries only the programs that exist (if any does): each failed exec costs it time
+    request[0] = [path for path in request[0] if os.access(path, os.X_OK)] or request[0]
     pid = clone()
     if pid == 0:
         child(report, stdio, request)
     elif pid > 0:
-        groups.add(pid)  # before this process can read that otree is gone
+        watch(pid)  # before this process can read that otree is gone, and before otree can reap it
         os.write(report, b"%d\n" % pid)
     else:
         os.write(report, b"Eclone %d\n" % ctypes.get_errno())
 
-channel = socket.socket(fileno=0)
-room = socket.CMSG_SPACE(5 * 4)
-try:
+def serve():
+    room = socket.CMSG_SPACE(5 * 4)
     while True:
-        message, ancillary, flags, _ = channel.recvmsg(65536, room, socket.MSG_CMSG_CLOEXEC)
-        fds = []
-        for level, kind, data in ancillary:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                fds.extend(int.from_bytes(data[i:i + 4], sys.byteorder) for i in range(0, len(data), 4))
-        if not message and not fds:
-            break
-        try:
-            if message[:1] == b"S" and len(fds) >= 4:
-                spawn(message[1:], fds)
-            else:
-                for word in message.split():
-                    if word[:1] == b"+":
-                        groups.add(int(word[1:]))
-                    elif word[:1] == b"-":
-                        groups.discard(int(word[1:]))
-        finally:
-            for fd in fds:
-                os.close(fd)
+        for fd, _ in events.poll():
+            if fd in leaders:
+                ended(fd)
+                continue
+            message, ancillary, _, _ = channel.recvmsg(65536, room, socket.MSG_CMSG_CLOEXEC)
+            fds = []
+            for level, kind, data in ancillary:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    fds.extend(int.from_bytes(data[i : i + 4], sys.byteorder) for i in range(0, len(data), 4))
+            if not message and not fds:
+                return
+            try:
+                if message[:1] == b"S" and len(fds) >= 4:
+                    spawn(message[1:], fds)
+                else:
+                    for word in message.split():
+                        if word[:1] == b"+" and int(word[1:]) not in leaders.values():
+                            watch(int(word[1:]))
+            finally:
+                for fd in fds:
+                    os.close(fd)
+
+for word in sys.argv[1:]:
+    watch(int(word))
+try:
+    serve()
 except OSError:
     pass
-for pgid in groups:
+for fd, _ in events.poll(0):  # leaders that exited meanwhile: their groups are done
+    if fd in leaders:
+        ended(fd)
+for pgid in leaders.values():
     try:
         os.killpg(pgid, 0)
         os.killpg(pgid, signal.SIGKILL)
@@ -199,7 +231,7 @@ MESSAGE_LIMIT = 32768  # a larger request goes in a memfd (the helper reads 64 K
 HELPER_EXIT_SECONDS = 5.0  # how long a clean stop waits for the helper to exit before killing it
 HELPER_RETRY_SECONDS = 1.0  # how soon the keeper tries again when no helper could be started
 HELPER_WAIT_SECONDS = 10.0  # how long a spawn waits for a helper to replace a dead one
-TELL_SECONDS = 1.0  # a helper that takes no group message for this long is wedged: it is replaced
+TELL_SECONDS = 1.0  # a helper that takes no message for this long is wedged: it is replaced
 
 
 class _Report:
@@ -352,10 +384,9 @@ class Spawner:
             pass
 
     def forget(self, pgid: int) -> None:
-        """The group is gone (its leader reaped, or it never ran): take it off the helper's list."""
+        """Its leader is reaped: a replacement helper need not know the group (this one saw it end)."""
         with self._lock:
             self._groups.discard(pgid)
-            self._tell(f"-{pgid}")
 
     def _known(self, pid: int, generation: int) -> None:
         """A child's pid has been read: list its group (tell a helper that did not clone it)."""
@@ -398,7 +429,7 @@ class Spawner:
         else:
             candidates = [os.path.join(folder, argv[0]) for folder in os.get_exec_path(dict(env))]
         body = marshal.dumps(
-            (candidates, list(argv), dict(env), cwd, [list(limit) for limit in setup.rlimits], setup.user)
+            [candidates, list(argv), dict(env), cwd, [list(limit) for limit in setup.rlimits], setup.user]
         )
         fds = [self._stdio(fd, target) for target, fd in enumerate(stdio)]
         with trio.CancelScope(shield=True):  # a spawn in flight finishes; the caller then owns the child
@@ -484,8 +515,7 @@ class Spawner:
             return Child(pid)
         assert failure is not None
         stage, number = failure
-        if pid is not None:  # it exited at once: take it off the helper's list, then reap it
-            self.forget(pid)
+        if pid is not None:  # it exited at once (the helper saw it end): reap it
             Child(pid).wait()
             self._reaper.waited.discard(pid)
             self._reaper.groups.discard(pid)

@@ -154,8 +154,9 @@ async def test_a_child_whose_exec_fails_is_taken_off_the_guards_list(
     from otree._reaper import Reaper
 
     told = tmp_path / "groups"  # the helper's list when otree lets it go
-    record = f"open({str(told)!r}, 'w').write(repr(sorted(groups)))\nfor pgid in groups:"
-    monkeypatch.setattr(_spawner, "_HELPER", _spawner._HELPER.replace("for pgid in groups:", record))
+    last = "for pgid in leaders.values():"
+    record = f"open({str(told)!r}, 'w').write(repr(sorted(leaders.values())))\n{last}"
+    monkeypatch.setattr(_spawner, "_HELPER", _spawner._HELPER.replace(last, record))
     reaper = Reaper()
     spawner = _spawner.Spawner(reaper)
     try:
