@@ -177,16 +177,21 @@ async def test_the_fleet_outlives_its_helper_and_is_still_supervised(marker: str
 
 
 HOST = """
-import functools, os, signal, sys, trio, trio.testing
+import functools, os, signal, sys, time, trio, trio.testing
 from otree._reaper import Reaper
 from otree._spawner import Spawner
+from tests.test_process import marked_pids
 async def main():
     spawner = Spawner(Reaper())
     env = {"OTREE_TEST_MARKER": sys.argv[1]}
     async with trio.open_nursery() as nursery:
         argv = ["sh", "-c", "sleep 1000 & sleep 1000 & exec sleep 1000"]
         nursery.start_soon(functools.partial(spawner.spawn, argv, env=env))
-        await trio.testing.wait_all_tasks_blocked()  # the request is sent; nothing is read back yet
+        await trio.testing.wait_all_tasks_blocked()  # the request is sent
+        # the child runs its program and has forked, but otree has not read its pid: die now
+        deadline = time.monotonic() + 10
+        while len(marked_pids(sys.argv[1])) < 3 and time.monotonic() < deadline:
+            time.sleep(0.005)
         os.kill(os.getpid(), signal.SIGKILL)
 trio.run(main)
 """
@@ -196,8 +201,9 @@ trio.run(main)
 def test_otree_killed_with_a_spawn_in_flight_leaves_nothing(
     tmp_path: Path, marker: str, attempt: int
 ) -> None:
-    # otree dies between sending a request and learning the pid: the helper lists the group as
-    # its clone returns, before it can read that otree is gone, and then kills it
-    host = subprocess.run([PY, "-c", HOST, marker], timeout=30, check=False)
+    # otree dies after its child has started a program that forked, before otree learned the
+    # child's pid: the helper listed the group as its clone returned (before it could read that
+    # otree is gone), so it kills the grandchildren too (the child's death signal takes only it)
+    host = subprocess.run([PY, "-c", HOST, marker], timeout=30, check=False, cwd=Path(__file__).parent.parent)
     assert host.returncode == -signal.SIGKILL
     assert wait_until(lambda: marked_pids(marker) == [], 1.0)
