@@ -529,6 +529,8 @@ def test_parent_death_signal_kills_direct_children_even_without_the_guard(
         f"    await spawner.spawn(['sleep', '1000'], env={{'OTREE_TEST_MARKER': {marker!r}}})\n"
         "    helper = spawner._proc.pid\n"
         "    os.kill(helper, signal.SIGSTOP)\n"
+        "    while open(f'/proc/{helper}/stat').read().rsplit(')', 1)[1].split()[0] != 'T':\n"
+        "        await trio.sleep(0.001)  # stopped before otree dies: it cannot act as the guard\n"
         "    print(helper, flush=True)\n"
         "    os._exit(0)\n"
         "trio.run(main)\n"
