@@ -231,7 +231,7 @@ MESSAGE_LIMIT = 32768  # a larger request goes in a memfd (the helper reads 64 K
 HELPER_EXIT_SECONDS = 5.0  # how long a clean stop waits for the helper to exit before killing it
 HELPER_RETRY_SECONDS = 1.0  # how soon the keeper tries again when no helper could be started
 HELPER_WAIT_SECONDS = 10.0  # how long a spawn waits for a helper to replace a dead one
-TELL_SECONDS = 1.0  # a helper that takes no message for this long is wedged: it is replaced
+WEDGED_SECONDS = 10.0  # a helper that takes no message or clones nothing for this long is replaced
 
 
 class _Report:
@@ -366,7 +366,7 @@ class Spawner:
     # --- groups ---
 
     def _tell(self, line: str) -> None:
-        """Send a group message; a helper that takes none within TELL_SECONDS is wedged: replace it."""
+        """Send a group message (under ``_lock``); a helper that takes none in WEDGED_SECONDS is replaced."""
         data = f"{line}\n".encode()
         channel = self.channel
         try:
@@ -375,7 +375,7 @@ class Spawner:
             except BlockingIOError:
                 waiter = select.poll()
                 waiter.register(channel, select.POLLOUT)
-                if not waiter.poll(TELL_SECONDS * 1000):
+                if not waiter.poll(WEDGED_SECONDS * 1000):
                     raise
                 channel.send(data, socket.MSG_NOSIGNAL)
         except BlockingIOError:
@@ -383,6 +383,12 @@ class Spawner:
                 self._proc.kill()
         except OSError:  # a dead helper: the keeper's replacement gets every group
             pass
+
+    def _replace(self, generation: int) -> None:
+        """The helper of ``generation`` is wedged (stopped, say): kill it; the keeper replaces it."""
+        with self._lock:
+            if self.generation == generation and self._proc is not None:
+                self._proc.kill()
 
     def forget(self, pgid: int) -> None:
         """Its leader is reaped: a replacement helper need not know the group (this one saw it end)."""
@@ -474,22 +480,34 @@ class Spawner:
                 os.write(big, body)
                 os.lseek(big, 0, os.SEEK_SET)
                 message = b"S"
-            try:
-                await self._send(message, [write_end, *fds, *extra])
-            finally:
-                os.close(write_end)
-                for fd in extra:
-                    os.close(fd)
-            while not report.read():
-                if report.pid is not None:
-                    self._register(report.pid)
-                await trio.lowlevel.wait_readable(read_end)
-            if report.pid is not None:
-                self._register(report.pid)
+            generation = self.generation
+            with trio.move_on_after(WEDGED_SECONDS) as waited:  # until the helper has cloned the child
+                try:
+                    await self._send(message, [write_end, *fds, *extra])
+                finally:
+                    os.close(write_end)
+                    for fd in extra:
+                        os.close(fd)
+                await self._read(report, until_pid=True)
+            if waited.cancelled_caught:  # the request dies with the helper; the caller sends it again
+                self._replace(generation)
+            await self._read(report, until_pid=False)
         finally:
             self._reports.discard(report)
             os.close(read_end)
         return report
+
+    async def _read(self, report: _Report, *, until_pid: bool) -> None:
+        """Read the report to end of file (or until the pid is known), registering the pid at once."""
+        while True:
+            done = report.read()
+            if report.pid is not None:
+                self._register(report.pid)
+                if until_pid:
+                    return
+            if done:
+                return
+            await trio.lowlevel.wait_readable(report.fd)
 
     async def _send(self, message: bytes, fds: list[int]) -> None:
         """Send a request (waiting while the helper's queue is full); a dead helper drops it."""

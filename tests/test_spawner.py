@@ -17,6 +17,7 @@ import pytest
 import trio
 
 import otree
+from otree import _spawner
 from otree._reaper import Reaper
 from otree._spawner import MESSAGE_LIMIT, ChildSetup, Spawner
 from tests.test_process import (
@@ -141,6 +142,26 @@ async def test_a_killed_helper_is_replaced_and_spawns_go_on(marker: str) -> None
         finally:
             os.kill(running.pid, signal.SIGKILL)
             await exit_status(running.pid)
+
+
+async def test_a_stopped_helper_is_replaced_and_the_spawn_goes_on(
+    marker: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_spawner, "WEDGED_SECONDS", 0.5)
+    async with open_spawner() as (spawner, _):
+        env = {"OTREE_TEST_MARKER": marker}
+        child = await spawner.spawn(["true"], env=env)
+        assert await exit_status(child.pid) == 0
+        (old,) = _guards_of(os.getpid())
+        os.kill(old, signal.SIGSTOP)
+        try:
+            with trio.fail_after(10):
+                child = await spawner.spawn(["sh", "-c", "exit 4"], env=env)
+            assert await exit_status(child.pid) == 4
+            assert old not in _guards_of(os.getpid())  # killed and reaped
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(old, signal.SIGKILL)
 
 
 async def test_the_fleet_outlives_its_helper_and_is_still_supervised(marker: str, state: Path) -> None:
