@@ -231,7 +231,7 @@ MESSAGE_LIMIT = 32768  # a larger request goes in a memfd (the helper reads 64 K
 HELPER_EXIT_SECONDS = 5.0  # how long a clean stop waits for the helper to exit before killing it
 HELPER_RETRY_SECONDS = 1.0  # how soon the keeper tries again when no helper could be started
 HELPER_WAIT_SECONDS = 10.0  # how long a spawn waits for a helper to replace a dead one
-WEDGED_SECONDS = 10.0  # a helper that takes no message or clones nothing for this long is replaced
+WEDGED_SECONDS = 10.0  # a helper that clones nothing this long after a request is replaced
 
 
 class _Report:
@@ -366,20 +366,12 @@ class Spawner:
     # --- groups ---
 
     def _tell(self, line: str) -> None:
-        """Send a group message (under ``_lock``); a helper that takes none in WEDGED_SECONDS is replaced."""
-        data = f"{line}\n".encode()
-        channel = self.channel
+        """Send a group message (under ``_lock``), never waiting: a helper whose queue is full is
+        replaced, and its replacement gets every group as its arguments."""
         try:
-            try:
-                channel.send(data, socket.MSG_NOSIGNAL)
-            except BlockingIOError:
-                waiter = select.poll()
-                waiter.register(channel, select.POLLOUT)
-                if not waiter.poll(WEDGED_SECONDS * 1000):
-                    raise
-                channel.send(data, socket.MSG_NOSIGNAL)
+            self.channel.send(f"{line}\n".encode(), socket.MSG_NOSIGNAL)
         except BlockingIOError:
-            if self._proc is not None:  # its replacement gets every group as arguments
+            if self._proc is not None:
                 self._proc.kill()
         except OSError:  # a dead helper: the keeper's replacement gets every group
             pass

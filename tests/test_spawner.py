@@ -194,6 +194,21 @@ async def test_the_fleet_outlives_its_helper_and_is_still_supervised(marker: str
         assert after["q"] == before["q"] and after["p"] not in (None, before["p"])
 
 
+async def test_a_helper_that_did_not_clone_a_child_is_told_its_group(marker: str) -> None:
+    # a helper replaced between the clone and otree reading the pid: otree tells the new one
+    async with open_spawner() as (cloner, _):
+        child = await cloner.spawn(
+            ["sh", "-c", "sleep 1000 & exec sleep 1000"], env={"OTREE_TEST_MARKER": marker}
+        )
+        assert await trio.to_thread.run_sync(lambda: wait_until(lambda: len(marked_pids(marker)) == 2, 5))
+        async with open_spawner() as (other, _):
+            other._known(child.pid, other.generation - 1)
+        # the other helper learned the group: when its otree went away, it killed all of it
+        with trio.fail_after(5):
+            assert await exit_status(child.pid) == -signal.SIGKILL
+        assert await trio.to_thread.run_sync(lambda: wait_until(lambda: marked_pids(marker) == [], 1))
+
+
 # --- no window ------------------------------------------------------------------------------------
 
 
