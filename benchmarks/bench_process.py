@@ -6,22 +6,30 @@ then measures, in one run:
 
 * restarts per second of a child that exits 1 at once (``sh -c``, and a Python
   one), each start counted by the child itself appending to a file, against the
-  no-supervisor floor (a loop of ``subprocess.run``);
-* the daemon's own CPU time while it supervises 50 idle ``sleep`` children for 20 s;
+  no-supervisor floor (a loop of ``subprocess.run``); for otree also with a 500 MB
+  heap in the supervisor (the tree file holds it), since a spawn must not cost more
+  when the supervisor is big;
+* the CPU time of the daemon and its own helpers (its children that are not the
+  supervised programs: otree's spawn helper) while it supervises 50 idle ``sleep``
+  children for 20 s;
   (circus polls: the restart test uses ``check_delay=0.001``, its fastest stable
   setting; the other tests use its default of 5 s; supervisord's loop wakes once a
   second whatever its settings, and ``startsecs=0`` is its fastest restart);
 * time from launching the daemon until 200 ``sleep`` children run;
 * processes left after a SIGTERM stop of the daemon, and after a SIGKILL of it,
-  with children that each leave a background grandchild (each tool's defaults).
+  with children that each leave a background grandchild (each tool's defaults),
+  as the number of runs that left anything, out of ``LEFTOVER_RUNS`` for otree
+  (one run for the peers, which leave processes every time).
 
 Every child carries a marker in its environment; leftovers are found by it in
-/proc and killed after each measurement.
+/proc and killed after each measurement. The last lines give otree's figures as
+ratios to the floor and to the peers measured in the same run.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import shlex
 import signal
@@ -37,6 +45,8 @@ PEERS = Path(tempfile.gettempdir()) / "otree-bench-peers"
 PY = sys.executable
 RESTART_SECONDS = 5.0
 IDLE_SECONDS = 20.0
+HEAP_MB = 500
+LEFTOVER_RUNS = 20
 
 
 def peer_bin(name: str) -> str:
@@ -68,9 +78,29 @@ def kill_marked(marker: str) -> None:
             os.kill(pid, signal.SIGKILL)
 
 
+def running(marker: str, program: str) -> int:
+    """How many processes with ``marker`` run ``program`` (the supervised ones, not daemons or helpers)."""
+    count = 0
+    for pid in marked(marker):
+        with contextlib.suppress(OSError):
+            count += Path(f"/proc/{pid}/comm").read_text().strip() == program
+    return count
+
+
 def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu_seconds(daemon: int, program: str) -> float:
+    """CPU seconds of the daemon and of its children that do not run ``program`` (its helpers)."""
+    total = cpu_seconds(daemon)
+    for task in Path(f"/proc/{daemon}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            with contextlib.suppress(OSError):
+                if Path(f"/proc/{child}/comm").read_text().strip() != program:
+                    total += cpu_seconds(int(child))
+    return total
 
 
 def wait_for(condition: Callable[[], bool], timeout: float) -> bool:
@@ -89,10 +119,19 @@ class Daemon:
     """A supervising daemon running ``count`` copies of ``command`` with ``marker`` in their env."""
 
     def __init__(
-        self, tool: str, work: Path, command: list[str], count: int, marker: str, *, fast: bool = False
+        self,
+        tool: str,
+        work: Path,
+        command: list[str],
+        count: int,
+        marker: str,
+        *,
+        fast: bool = False,
+        heap_mb: int = 0,
     ) -> None:
         self.tool, self.work, self.command, self.count, self.marker = tool, work, command, count, marker
         self.fast = fast  # circus: poll every 1 ms (its fastest stable setting) instead of its default 5 s
+        self.heap_mb = heap_mb  # otree: memory the tree file holds (every page touched)
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -106,6 +145,8 @@ class Daemon:
         tree = self.work / "tree.py"
         tree.write_text(
             "import otree\n"
+            f"heap = bytearray({self.heap_mb} << 20)\n"
+            "heap[::4096] = b'x' * len(range(0, len(heap), 4096))\n"
             f"tree = otree.supervisor('bench', max_restarts=10**9, max_seconds=1.0, children=[\n"
             f"    otree.process(f'c{{i}}', {self.command!r}, stdout='null', stderr='null', shutdown=5.0)\n"
             f"    for i in range({self.count})])\n"
@@ -146,7 +187,7 @@ class Daemon:
 TOOLS = ("otree", "supervisord", "circus")
 
 
-def restarts_per_second(tool: str, child: str) -> float:
+def restarts_per_second(tool: str, child: str, heap_mb: int = 0) -> float:
     marker = uuid.uuid4().hex
     with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as work_dir:
         work = Path(work_dir)
@@ -160,9 +201,9 @@ def restarts_per_second(tool: str, child: str) -> float:
             while time.monotonic() < deadline:
                 subprocess.run(command, check=False)
             return counter.read_text().count("\n") / RESTART_SECONDS
-        daemon = Daemon(tool, work, command, 1, marker, fast=True)
+        daemon = Daemon(tool, work, command, 1, marker, fast=True, heap_mb=heap_mb)
         daemon.start()
-        wait_for(counter.exists, 30)
+        wait_for(counter.exists, 60)
         first = counter.read_text().count("\n")
         time.sleep(RESTART_SECONDS)  # a measured interval, not a synchronisation
         rate = (counter.read_text().count("\n") - first) / RESTART_SECONDS
@@ -179,8 +220,8 @@ def idle_cpu_and_start(tool: str) -> tuple[float, float]:
         t0 = time.monotonic()
         daemon = Daemon(tool, work, ["sleep", "100000"], 200, marker)
         daemon.start()
-        if not wait_for(lambda: len(marked(marker)) >= 200, 60):
-            print(f"  {tool}: only {len(marked(marker))} of 200 running after 60 s", flush=True)
+        if not wait_for(lambda: running(marker, "sleep") >= 200, 60):
+            print(f"  {tool}: only {running(marker, 'sleep')} of 200 running after 60 s", flush=True)
         started = time.monotonic() - t0
         daemon.stop()
         kill_marked(marker)
@@ -188,12 +229,12 @@ def idle_cpu_and_start(tool: str) -> tuple[float, float]:
     with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as work_dir:
         daemon = Daemon(tool, Path(work_dir), ["sleep", "100000"], 50, marker)
         daemon.start()
-        wait_for(lambda: len(marked(marker)) >= 50, 60)
+        wait_for(lambda: running(marker, "sleep") >= 50, 60)
         time.sleep(2.0)  # let start-up work finish before the idle interval
         assert daemon.proc is not None
-        before = cpu_seconds(daemon.proc.pid)
+        before = own_cpu_seconds(daemon.proc.pid, "sleep")
         time.sleep(IDLE_SECONDS)
-        idle = cpu_seconds(daemon.proc.pid) - before
+        idle = own_cpu_seconds(daemon.proc.pid, "sleep") - before
         daemon.stop()
         kill_marked(marker)
     return idle, started
@@ -205,7 +246,7 @@ def leftovers(tool: str, signum: int) -> int:
     with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as work_dir:
         daemon = Daemon(tool, Path(work_dir), ["sh", "-c", "sleep 100000 & exec sleep 100000"], 5, marker)
         daemon.start()
-        wait_for(lambda: len(marked(marker)) >= 10, 60)
+        wait_for(lambda: running(marker, "sleep") >= 10, 60)
         daemon.stop(signum)
         time.sleep(1.0)  # the budget the issue gives for cleanup after a SIGKILL
         left = len(marked(marker))
@@ -213,24 +254,56 @@ def leftovers(tool: str, signum: int) -> int:
         return left
 
 
+def leftover_runs(tool: str, signum: int, runs: int) -> tuple[int, int]:
+    """(runs that left any process, processes left in all) over ``runs`` runs."""
+    counts = [leftovers(tool, signum) for _ in range(runs)]
+    return sum(1 for count in counts if count), sum(counts)
+
+
 def main() -> None:
     install_peers()
     print(
-        f"{'':<12}{'sh/s':>8}{'py/s':>8}{'idle CPU s':>12}{'200 up s':>10}{'left stop':>11}{'left kill':>11}"
+        f"{'':<12}{'sh/s':>8}{f'sh/s {HEAP_MB}M':>12}{'py/s':>8}{'idle CPU s':>12}{'200 up s':>10}"
+        f"{'left stop':>14}{'left kill':>14}"
     )
     floor_sh = restarts_per_second("floor", "sh")
     floor_py = restarts_per_second("floor", "py")
-    print(f"{'floor':<12}{floor_sh:>8.0f}{floor_py:>8.0f}")
+    print(f"{'floor':<12}{floor_sh:>8.0f}{'':>12}{floor_py:>8.0f}", flush=True)
+    rows: dict[str, dict[str, float]] = {}
     for tool in sys.argv[1:] or TOOLS:
-        sh_rate = restarts_per_second(tool, "sh")
-        py_rate = restarts_per_second(tool, "py")
-        idle, started = idle_cpu_and_start(tool)
-        after_stop = leftovers(tool, signal.SIGTERM)
-        after_kill = leftovers(tool, signal.SIGKILL)
+        runs = LEFTOVER_RUNS if tool == "otree" else 1
+        row = rows[tool] = {"sh": restarts_per_second(tool, "sh")}
+        row["heap"] = restarts_per_second(tool, "sh", HEAP_MB) if tool == "otree" else math.nan
+        row["py"] = restarts_per_second(tool, "py")
+        row["idle"], row["up"] = idle_cpu_and_start(tool)
+        stop_runs, stop_left = leftover_runs(tool, signal.SIGTERM, runs)
+        kill_runs, kill_left = leftover_runs(tool, signal.SIGKILL, runs)
+        row["stop_runs"], row["kill_runs"], row["runs"] = stop_runs, kill_runs, runs
+        heap = "" if math.isnan(row["heap"]) else f"{row['heap']:.0f}"
+        stop = f"{stop_left} ({stop_runs}/{runs})"
+        kill = f"{kill_left} ({kill_runs}/{runs})"
         print(
-            f"{tool:<12}{sh_rate:>8.0f}{py_rate:>8.0f}{idle:>12.3f}{started:>10.3f}{after_stop:>11}{after_kill:>11}",
+            f"{tool:<12}{row['sh']:>8.0f}{heap:>12}{row['py']:>8.0f}{row['idle']:>12.3f}{row['up']:>10.3f}"
+            f"{stop:>14}{kill:>14}",
             flush=True,
         )
+    print("left: processes alive 1 s after the stop (runs that left any / runs)")
+    otree = rows.get("otree")
+    if otree is None:
+        return
+    print(f"otree sh/s / floor:               {otree['sh'] / floor_sh:6.0%}   (target >= 50%)")
+    print(f"otree sh/s with {HEAP_MB} MB / floor:    {otree['heap'] / floor_sh:6.0%}   (target >= 50%)")
+    if "circus" in rows:
+        up = otree["up"] / rows["circus"]["up"]
+        print(f"otree 200 up / circus 200 up:     {up:6.2f}   (target <= 0.5)")
+    if "supervisord" in rows:
+        idle = rows["supervisord"]["idle"]
+        print(f"otree idle CPU / supervisord's:   {otree['idle']:.3f} s / {idle:.3f} s   (target: <=)")
+    runs = int(otree["runs"])
+    print(
+        f"otree runs with leftovers:        {int(otree['stop_runs'])}/{runs} after SIGTERM, "
+        f"{int(otree['kill_runs'])}/{runs} after SIGKILL   (target 0/{LEFTOVER_RUNS})"
+    )
 
 
 if __name__ == "__main__":

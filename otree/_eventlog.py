@@ -2,7 +2,9 @@
 
 Appending is a list append in the tree's thread; a writer task encodes and
 writes the collected events in a worker thread every ``interval`` seconds and
-at shutdown, so the log never blocks a supervisor. The file is size-rotated: a
+at shutdown, so the log never blocks a supervisor. A tree with nothing to log
+costs nothing: after an interval without events the writer sleeps until the
+next one (the bus's sink wakes it once, then is the plain append again). The file is size-rotated: a
 full ``events.jsonl`` becomes ``events.jsonl.<N>`` with N one more than the last
 backup's (numbers are never reused, so a name always means the same file), the
 oldest backups beyond ``backups`` are removed, and a line is never split across
@@ -16,7 +18,9 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol
 
 import msgspec
 import trio
@@ -29,6 +33,10 @@ __all__ = ["EventLog"]
 DEFAULT_MAX_BYTES = 10 << 20
 DEFAULT_BACKUPS = 5
 _log = logging.getLogger("otree")
+
+
+class _Bus(Protocol):
+    sink: Callable[[Event], None] | None
 
 
 class _Mark:
@@ -81,6 +89,7 @@ class EventLog:
         # the number the live file will get when it is rotated: one past the newest backup
         self._generation = max((number for number, _ in rotated_files(path.parent)), default=0) + 1
         self._wake = trio.Event()
+        self._bus: _Bus | None = None
         self._finishing = False
         self.lost = 0  # events a write error kept out of the file
         self._open()
@@ -98,6 +107,18 @@ class EventLog:
         batch = self._pending.copy()
         self._pending.clear()
         return batch
+
+    def attach(self, bus: _Bus) -> None:
+        """Take every event ``bus`` publishes."""
+        self._bus = bus
+        bus.sink = self.append
+
+    def _first(self, event: Event) -> None:
+        """The sink while the writer sleeps: take the event, wake the writer, be the plain append again."""
+        self.append(event)
+        if self._bus is not None:
+            self._bus.sink = self.append
+        self._wake.set()
 
     def mark(self) -> _Mark:
         """Cut the log here; the mark's ``done`` is set once every event appended so far is written."""
@@ -122,6 +143,10 @@ class EventLog:
                 # not abandoned on cancel: the batch is written before the writer stops
                 await trio.to_thread.run_sync(self._write_batches, work)
                 _settle(work)
+            elif self._bus is not None and not self._finishing:
+                # a whole interval without events: sleep until the next one (or a mark, or finish)
+                self._bus.sink = self._first
+                await self._wake.wait()
 
     def close(self) -> None:
         """Write everything still queued and close the file (after the tree has stopped)."""

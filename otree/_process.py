@@ -29,7 +29,8 @@ from ._appevents import parse_notify_event
 from ._info import ExitInfo
 from ._notify import NotifySockets
 from ._paths import child_log_dir, ensure_private_dir
-from ._reaper import ChildSetup, Guard, Reaper, kill_group, spawn
+from ._reaper import Reaper, kill_group
+from ._spawner import Child, ChildSetup, Spawner
 from ._spec import RLIMITS, ProcessSpec
 from ._task import wait_quiet
 
@@ -53,26 +54,21 @@ class ProcessFailed(Exception):
 
 
 class ProcessContext:
-    """What every process child of one tree shares: paths, the reaper, the guard."""
+    """What every process child of one tree shares: paths, the reaper, the spawn helper."""
 
     def __init__(self, state_dir: Path) -> None:
         self.state_dir = state_dir
         self.reaper = Reaper()
-        self.guard = Guard(self.reaper.waited)
+        self.spawner = Spawner(self.reaper)
         self.notify = NotifySockets()
 
-    def register(self, pid: int) -> None:
-        """A child was just forked (in the spawner thread, under REAP_LOCK): its runner waits for it."""
-        self.reaper.waited.add(pid)
-        self.reaper.groups.add(pid)
-
     def close(self) -> None:
-        """The tree has stopped: kill what is left of it (the guard still watching), then let the guard go."""
+        """The tree has stopped: kill what is left of it (the helper still guarding), then let it go."""
         try:
             self.reaper.kill_all()
         finally:
             try:
-                self.guard.close()
+                self.spawner.close()
             finally:
                 self.notify.close()
 
@@ -80,8 +76,8 @@ class ProcessContext:
 def child_setup(spec: ProcessSpec) -> tuple[ChildSetup, pwd.struct_passwd | None]:
     """The limits and user a child takes on before exec (and that user's passwd entry).
 
-    Checked here, in otree, so that a refusal reads as one clear line rather than
-    a failure inside the forked child.
+    Checked here, in otree, so that a refusal reads as one clear line before any
+    child is spawned.
 
     Raises:
       LookupError: the user no longer exists.
@@ -512,24 +508,19 @@ async def _run(
         # bound directly: trio's bind would take a worker thread
         notify_path = ctx.notify.bind(plain, owner)
         try:
-            popen = await spawn(
-                list(spec.argv),
-                ctx.register,
-                setup,
-                ctx.guard,
+            child = await ctx.spawner.spawn(
+                spec.argv,
                 env=_environment(spec, notify_path, user, run.previous_exit),
                 cwd=spec.cwd,
-                stdin=targets["stdin"],
-                stdout=targets["stdout"],
-                stderr=targets["stderr"],
-                close_fds=True,
+                stdio=(targets["stdin"], targets["stdout"], targets["stderr"]),
+                setup=setup,
             )
         finally:
             for end in child_ends:
                 os.close(end)
             child_ends.clear()
         feed = (feeder, stdin_data) if feeder is not None and stdin_data is not None else None
-        watch = _Watch(spec, popen, proc, ctx)
+        watch = _Watch(spec, child, proc, ctx)
         await watch.watch(run, readers, sock, emit=emit, task_status=task_status, feed=feed)
     finally:
         for end in child_ends:  # setup failed before the spawn
@@ -547,14 +538,12 @@ async def _run(
 class _Watch:
     """One spawned process, watched until it is gone with its whole group."""
 
-    def __init__(
-        self, spec: ProcessSpec, popen: subprocess.Popen[bytes], proc: ProcessRun, ctx: ProcessContext
-    ) -> None:
+    def __init__(self, spec: ProcessSpec, child: Child, proc: ProcessRun, ctx: ProcessContext) -> None:
         self.spec = spec
-        self.popen = popen
+        self.child = child
         self.proc = proc
         self.ctx = ctx
-        self.pid = popen.pid
+        self.pid = child.pid
         self.exited = trio.Event()
         self.stalled = trio.Event()
         self.signalled = False  # otree sent the signal that ended it
@@ -639,12 +628,12 @@ class _Watch:
             kill_group(pid, signal.SIGKILL)
             await trio.lowlevel.wait_readable(pidfd)
         kill_group(pid, signal.SIGKILL)
-        returncode = self.popen.wait()
+        ctx.spawner.forget(pid)  # while the pid is still held: it cannot name a stranger's group yet
+        returncode = self.child.wait()
         trio.lowlevel.notify_closing(pidfd)
         os.close(pidfd)
         ctx.reaper.waited.discard(pid)
         ctx.reaper.groups.discard(pid)
-        ctx.guard.forget(pid)
         self.proc.pid = None
         self.proc.exit_code = returncode if returncode >= 0 else None
         self.proc.signal = -returncode if returncode < 0 else None
@@ -654,7 +643,7 @@ class _Watch:
             raise self.failure
         if self.stalled.is_set() and not stop_requested:
             raise ProcessFailed("stalled", f"no output or WATCHDOG=1 for {self.spec.stall_timeout:g}s")
-        returncode = self.popen.returncode
+        returncode = self.child.wait()
         if self.signalled or stop_requested:
             return
         self.proc.own_exit = True

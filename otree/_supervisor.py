@@ -176,7 +176,7 @@ class Tree:
         self.log: EventLog | None = None
         if event_log:
             self.log = EventLog(check_state_dir(state_dir) / LOG_NAME)
-            self.bus.sink = self.log.append
+            self.log.attach(self.bus)
         self.started_at = time.time()
         self.random = random.Random()
         self.state_dir = state_dir

@@ -6,6 +6,7 @@ import os
 import stat
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -91,6 +92,38 @@ def test_append_only_buffers_until_close(tmp_path: Path) -> None:
     assert (tmp_path / LOG_NAME).read_bytes() == b""  # nothing written in the tree's thread
     log.close()
     assert list(read_events(tmp_path)) == [event(1)]
+
+
+class _Bus:
+    def __init__(self) -> None:
+        self.sink: Any = None
+
+    def publish(self, item: Event) -> None:
+        self.sink(item)
+
+
+async def test_an_idle_log_arms_no_timer_and_the_next_event_wakes_it(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    # an idle tree must not wake every interval: the writer sleeps until an event comes
+    log = EventLog(tmp_path / LOG_NAME)
+    bus = _Bus()
+    log.attach(bus)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(log.serve)
+        bus.publish(event(1))
+        await trio.sleep(10 * log.interval)
+        await trio.testing.wait_all_tasks_blocked()
+        assert trio.lowlevel.current_statistics().seconds_to_next_deadline == float("inf")
+        bus.publish(event(2))  # wakes the writer by itself: it is written without a mark
+        for _ in range(500):  # the write runs in a worker thread: poll for it, for at most 5 s
+            if list(read_events(tmp_path)) == [event(1), event(2)]:
+                break
+            await trio.to_thread.run_sync(time.sleep, 0.01)
+        assert list(read_events(tmp_path)) == [event(1), event(2)]
+        log.finish()
+    log.close()
+    assert list(read_events(tmp_path)) == [event(1), event(2)]
 
 
 def backup_numbers(files: list[Path]) -> list[int]:

@@ -181,7 +181,8 @@ async def test_crash_of_the_leader_kills_its_grandchildren(marker: str, state: P
     code = (
         "import subprocess, time; subprocess.Popen(['sleep', '1000']); time.sleep(0.3); raise SystemExit(1)"
     )
-    tree = otree.supervisor("t", children=[proc("p", code, marker, restart="transient")])
+    # temporary: a restarted leader (transient restarts an exit 1) would be counted as left behind
+    tree = otree.supervisor("t", children=[proc("p", code, marker, restart="temporary")])
     async with otree.open_supervisor(tree, state_dir=state) as sup:
         await first(sup.events(), "child.exited")
         assert marked_pids(marker) == []
@@ -516,21 +517,33 @@ def test_otree_run_reaps_orphans_of_its_children(tmp_path: Path, marker: str) ->
 def test_parent_death_signal_kills_direct_children_even_without_the_guard(
     tmp_path: Path, marker: str
 ) -> None:
-    # A host that spawns through otree's spawner thread and then dies without any cleanup:
-    # the kernel's PR_SET_PDEATHSIG (set between fork and exec) kills the child.
+    # A host that spawns through otree's helper, stops the helper (so that it cannot act as the
+    # guard), then dies without any cleanup: the kernel's PR_SET_PDEATHSIG, set in the child
+    # before exec, kills the child.
     script = tmp_path / "host.py"
     script.write_text(
-        "import os, sys, trio\n"
-        "from otree._reaper import spawn\n"
+        "import os, signal, trio\n"
+        "from otree._reaper import Reaper\n"
+        "from otree._spawner import Spawner\n"
         "async def main():\n"
-        f"    child = await spawn(['sleep', '1000'], env={{'OTREE_TEST_MARKER': {marker!r}}})\n"
-        "    print(child.pid, flush=True)\n"
+        "    spawner = Spawner(Reaper())\n"
+        f"    await spawner.spawn(['sleep', '1000'], env={{'OTREE_TEST_MARKER': {marker!r}}})\n"
+        "    helper = spawner._proc.pid\n"
+        "    os.kill(helper, signal.SIGSTOP)\n"
+        "    while open(f'/proc/{helper}/stat').read().rsplit(')', 1)[1].split()[0] != 'T':\n"
+        "        await trio.sleep(0.001)  # stopped before otree dies: it cannot act as the guard\n"
+        "    print(helper, flush=True)\n"
         "    os._exit(0)\n"
         "trio.run(main)\n"
     )
     host = subprocess.run([PY, str(script)], capture_output=True, text=True, timeout=30, check=True)
-    assert host.stdout.strip().isdigit()
-    assert wait_until(lambda: marked_pids(marker) == [], 1.0)
+    helper = int(host.stdout)
+    try:
+        assert state_and_parent(helper)[0] == "T"  # the guard could not have killed it
+        assert wait_until(lambda: marked_pids(marker) == [], 1.0)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(helper, signal.SIGKILL)
 
 
 def test_otree_run_kills_escaped_orphans_when_the_tree_stops(tmp_path: Path, marker: str) -> None:

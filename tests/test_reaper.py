@@ -148,20 +148,24 @@ def test_a_child_that_kills_otree_at_once_leaves_nothing(tmp_path: Path, marker:
 async def test_a_child_whose_exec_fails_is_taken_off_the_guards_list(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # The child tells the guard its group before exec; if the exec then fails its pid is
+    # The helper lists the child's group as it clones it; if the exec then fails its pid is
     # free again, and a stale entry could one day name a stranger's group.
-    from otree import _reaper
+    from otree import _spawner
+    from otree._reaper import Reaper
 
-    told = tmp_path / "groups"  # the guard's list when otree lets it go
-    record = f"open({str(told)!r}, 'w').write(repr(sorted(groups)))\nfor pgid in groups:"
-    monkeypatch.setattr(_reaper, "_GUARD", _reaper._GUARD.replace("for pgid in groups:", record))
-    guard = _reaper.Guard(set())
+    told = tmp_path / "groups"  # the helper's list when otree lets it go
+    last = "for pgid in leaders.values():"
+    record = f"open({str(told)!r}, 'w').write(repr(sorted(leaders.values())))\n{last}"
+    monkeypatch.setattr(_spawner, "_HELPER", _spawner._HELPER.replace(last, record))
+    reaper = Reaper()
+    spawner = _spawner.Spawner(reaper)
     try:
         with pytest.raises(FileNotFoundError):
-            await _reaper.spawn([str(tmp_path / "missing")], guard=guard)
+            await spawner.spawn([str(tmp_path / "missing")], env={})
     finally:
-        guard.close()
+        spawner.close()
     assert told.read_text() == "[]"
+    assert reaper.waited == reaper.groups == set()  # reaped, and nothing left for otree to wait for
 
 
 # --- notify socket directories ------------------------------------------------------------------------
