@@ -55,7 +55,8 @@ from ._pool import Pool
 from ._process import ProcessContext, ProcessRun, run_process
 from ._reaper import Reaper
 from ._reload import plan_reload, same_settings
-from ._spec import ChildSpec, PoolSpec, ProcessSpec, SupervisorSpec, TaskSpec, takes_task_status
+from ._ray import run_ray
+from ._spec import ChildSpec, PoolSpec, ProcessSpec, RaySpec, SupervisorSpec, TaskSpec, takes_task_status
 from ._stopchain import StopChain
 from ._strategy import affected_children
 from ._task import RunningChild
@@ -439,6 +440,8 @@ class _Supervisor:
             run.proc = ProcessRun()
             fn, takes_status = run_process, True
             args = (spec, run, run.proc, self.tree.processes(), self._emit)
+        elif isinstance(spec, RaySpec):
+            fn, args, takes_status = run_ray, (spec, self.tree.state_dir), True
         elif isinstance(spec, PoolSpec):
             durable = self.tree.durable if spec.durable is None else spec.durable
             store_path = pool_database(self.tree.state_dir, child.path) if durable else None

@@ -1,0 +1,266 @@
+"""Ray children, the local side: one child of kind ``"ray"`` per remote spec, and the connection.
+
+The only module (with ``_ray_actor`` on the remote side) that imports ``ray``, and only when a
+tree holds a Ray spec. Ray places and runs the actor; otree decides everything else: the
+actor is created with ``max_restarts=0`` and ``max_task_retries=0``, so every death reaches
+the local supervisor as this child's ``error`` exit, and the supervisor restarts, counts and
+backs off exactly as for a local child.
+
+Locally the child is a task that traps stops: a stop asks the remote tree to stop (its own
+graces apply there) and waits for it under this child's ``shutdown`` grace; when the grace
+runs out, or for ``brutal_kill``, the actor is killed (``ray.kill``). All Ray waits go
+through ``ObjectRef.future()`` and the trio token: no thread per call.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import msgspec
+import trio
+
+from ._errors import Shutdown, SpecError, StartError
+from ._ray_actor import Host
+from ._spec import ChildSpec, ProcessSpec, RaySpec, SupervisorSpec
+from ._task import current_child
+
+__all__ = ["INSTALL", "RemoteError", "check_options", "contains_ray", "ray_session", "run_ray"]
+
+INSTALL = "pip install 'trio-otree[ray]'"
+ADDRESS_ENV = "OTREE_RAY_ADDRESS"
+
+# Set by otree on every actor; a tree may not choose them (otree restarts, Ray never does).
+_FORCED_ZERO = ("max_restarts", "max_task_retries")
+_RESERVED = ("concurrency_groups", "max_concurrency", "name", "namespace", "get_if_exists")
+# The actor's run() holds one thread; ready/ping/stop need their own while it runs.
+_GROUPS = {"run": 1, "ctl": 4}
+# Ray's messages span lines and carry ids; an exit detail keeps one line of at most this.
+_DETAIL_CHARS = 600
+
+# The Ray instance otree started itself (the embedded default): it is shut down with the tree.
+_embedded = False
+
+
+class RemoteError(Exception):
+    """A Ray child ended in ``error``: the remote child's own error exit, or the actor's death.
+
+    ``exit_detail`` is the exit's detail: the remote child's (``exit code 3``,
+    ``ValueError: bad``...) or Ray's cause (``ActorDiedError: ...``, ``heartbeat: ...``).
+    """
+
+    def __init__(self, exit_detail: str) -> None:
+        self.exit_detail = exit_detail
+        super().__init__(exit_detail)
+
+
+def import_ray(path: str) -> ModuleType:
+    """The ``ray`` module, or one ``SpecError`` line saying what to install."""
+    try:
+        import ray
+    except ImportError:
+        raise SpecError(path, "otree.ray", f"needs Ray ({INSTALL})", "ray not installed") from None
+    return ray
+
+
+def check_options(path: str, options: object) -> None:
+    """Refuse what Ray would refuse, and what otree sets itself, when the spec is built."""
+    if not isinstance(options, dict) or not all(isinstance(key, str) for key in options):
+        raise SpecError(path, "ray options", "must be keyword arguments", options)
+    import_ray(path)
+    from ray._common.ray_option_utils import actor_options, validate_actor_options
+
+    for key, value in options.items():
+        if key in _FORCED_ZERO and value != 0:
+            raise SpecError(path, key, "must be 0: otree restarts Ray children, Ray never does", value)
+        if key in _RESERVED:
+            raise SpecError(path, key, "is set by otree; leave it out", value)
+        if key == "lifetime" and value not in (None, "non_detached"):
+            raise SpecError(path, "lifetime", "must be non-detached: Ray children die with the tree", value)
+        if key not in actor_options:
+            raise SpecError(path, key, "is not a Ray actor option", value)
+    try:
+        validate_actor_options(dict(options), in_options=True)
+    except (ValueError, TypeError) as error:
+        raise SpecError(path, "ray options", f"are refused by Ray ({error})", options) from None
+
+
+def contains_ray(spec: ChildSpec) -> bool:
+    """Whether ``spec`` is or holds a Ray spec (so the tree needs a Ray connection)."""
+    if isinstance(spec, RaySpec):
+        return True
+    return isinstance(spec, SupervisorSpec) and any(contains_ray(child) for child in spec.children)
+
+
+def _connect(ray: ModuleType) -> None:
+    """Connect this process to Ray once: ``$OTREE_RAY_ADDRESS`` (``--ray``), or else start a
+    local instance for the tree (the embedded default), loopback only and without usage
+    stats or dashboard, shut down with the tree. A Ray the host program already joined is used
+    as it is."""
+    global _embedded
+    if ray.is_initialized():
+        return
+    address = os.environ.get(ADDRESS_ENV) or None
+    if address is None:
+        # an instance for this tree alone listens on loopback only: Ray reads the switch when it
+        # is imported (a tree file imported it already), so its constant is set too (Ray 2.60)
+        if "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER" not in os.environ:
+            os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+            ray._private.ray_constants.ENABLE_RAY_CLUSTER = False
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+        _embedded = True
+    else:
+        ray.init(address=address, log_to_driver=False, configure_logging=False)
+
+
+@contextmanager
+def ray_session(spec: SupervisorSpec) -> Iterator[None]:
+    """Around a tree's run: connect to Ray before it starts if it holds a Ray spec, and shut an
+    embedded instance down after it has stopped.
+
+    Raises:
+      StartError: Ray cannot be reached (the address and Ray's reason in one line).
+    """
+    if contains_ray(spec):
+        ray = import_ray(spec.id)
+        try:
+            _connect(ray)
+        except Exception as error:  # noqa: BLE001 - any failure to connect is this one line
+            where = os.environ.get(ADDRESS_ENV) or "a local instance"
+            raise StartError(spec.id, f"cannot connect to Ray at {where}: {_one_line(error)}") from error
+    try:
+        yield
+    finally:
+        _shutdown_embedded()
+
+
+def _shutdown_embedded() -> None:
+    global _embedded
+    if _embedded:
+        import ray
+
+        ray.shutdown()
+        _embedded = False
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(f"{type(error).__name__}: {error}".split())
+    return text if len(text) <= _DETAIL_CHARS else text[: _DETAIL_CHARS - 3] + "..."
+
+
+async def aref(ref: Any) -> Any:
+    """``await`` a Ray ``ObjectRef`` from trio: its result, or Ray's exception.
+
+    The future is completed on Ray's core-worker thread, which wakes this task through the
+    trio token. Cancelling the wait does not cancel the remote call: callers stop actors
+    themselves (``stop``, then ``ray.kill``).
+    """
+    token = trio.lowlevel.current_trio_token()
+    done = trio.Event()
+    future = ref.future()
+
+    def wake(_: object) -> None:
+        with suppress(trio.RunFinishedError):
+            token.run_sync_soon(done.set)
+
+    future.add_done_callback(wake)
+    await done.wait()
+    return future.result()
+
+
+def _remote_root(path: str, spec: RaySpec) -> SupervisorSpec:
+    """The tree the actor runs: the wrapped spec alone, run once (never restarted there: the
+    local supervisor restarts the whole actor), its exit ending the remote tree."""
+    inner = spec.spec
+    changes: dict[str, Any] = {"restart": "on_demand", "significant": True, "on_exit": None, "autostart": True}
+    if isinstance(inner, ProcessSpec):
+        changes |= {"restart_exit_codes": (), "no_restart_exit_codes": ()}
+    parent = path.rpartition("/")[0]
+    return SupervisorSpec(
+        id=parent.replace("/", ".") or "ray",
+        children=(msgspec.structs.replace(inner, **changes),),
+        auto_shutdown="any_significant",
+    )
+
+
+@functools.cache
+def _host_class(ray: ModuleType) -> Any:
+    """``Host`` as a threaded Ray actor class (made once: Ray exports it once per job)."""
+    return ray.remote(concurrency_groups=_GROUPS)(Host)
+
+
+async def run_ray(spec: RaySpec, state_dir: Path, *, task_status: trio.TaskStatus[None]) -> None:
+    """One run of a Ray child: place the actor, wait until the remote child is ready, then
+    until it exits, mapping its exit (or the actor's death) onto this child's exit."""
+    me = current_child()
+    stopping = me.stopping  # trapping: a stop is a graceful remote stop under this child's grace
+    ray = import_ray(me.path)
+    _connect(ray)
+    actor = _host_class(ray).options(**spec.options, max_restarts=0, max_task_retries=0)
+    handle = actor.remote(_remote_root(me.path, spec), os.fspath(state_dir))
+    hung: list[str] = []  # why the heartbeat gave the actor up, once it has
+    try:
+        run_ref = handle.run.options(concurrency_group="run").remote()
+        with trio.move_on_after(spec.start_timeout) as timer:
+            ready = await aref(handle.ready.options(concurrency_group="ctl").remote())
+        if timer.cancelled_caught:
+            raise RemoteError(
+                f"start_timeout: not ready within {spec.start_timeout:g}s"
+                " (Ray could not place the actor, or the remote child did not start)"
+            )
+        if ready:
+            task_status.started()
+            async with trio.open_nursery() as watchers:
+                watchers.start_soon(_heartbeat, ray, handle, spec.heartbeat, hung)
+                watchers.start_soon(_stop_on_request, stopping, handle)
+                outcome = await aref(run_ref)
+                watchers.cancel_scope.cancel()
+        else:
+            outcome = await aref(run_ref)
+    except ray.exceptions.RayError as error:
+        if hung:
+            raise RemoteError(hung[0]) from error
+        if isinstance(error, ray.exceptions.ActorUnavailableError):
+            ray.kill(handle)  # presumed dead: a silent node, a partition
+        raise RemoteError(_one_line(getattr(error, "cause", None) or error)) from error
+    finally:
+        ray.kill(handle)  # the remote tree has stopped, or never will: the actor goes
+    _exit_as(outcome, stopped=stopping.is_set())
+
+
+def _exit_as(outcome: dict[str, Any], *, stopped: bool) -> None:
+    """End this run as the remote child's run ended (``outcome`` from ``Host.run``)."""
+    reason, detail = outcome["reason"], outcome["detail"]
+    if reason == "error":
+        raise RemoteError(detail)
+    if reason == "shutdown" and not stopped:
+        raise Shutdown(detail)
+    # normal, or the stop this child asked for: returning makes it normal / shutdown here too
+
+
+async def _stop_on_request(stopping: trio.Event, handle: Any) -> None:
+    await stopping.wait()
+    handle.stop.options(concurrency_group="ctl").remote()
+
+
+async def _heartbeat(ray: ModuleType, handle: Any, beat: tuple[float, int], hung: list[str]) -> None:
+    """Ping the actor's trio loop every ``beat[0]`` s; ``beat[1]`` misses in a row: presumed
+    dead, killed (its ``run`` then fails with ``ActorDiedError``, which reads ``hung``)."""
+    seconds, misses = beat
+    missed = 0
+    while True:
+        await trio.sleep(seconds)
+        answered = False
+        with trio.move_on_after(seconds):
+            answered = await aref(handle.ping.options(concurrency_group="ctl").remote(seconds))
+        missed = 0 if answered else missed + 1
+        if missed >= misses:
+            hung.append(f"heartbeat: no answer to {misses} pings {seconds:g}s apart (presumed dead)")
+            ray.kill(handle)
+            return
