@@ -190,11 +190,13 @@ def _load() -> None:
     namespace = globals()
     for name, module in _SOURCES.items():
         namespace[name] = getattr(importlib.import_module(module, __name__), name)
-    for name in __all__:
+    for name in __all__:  # every Struct first: one may refer to another, not yet renamed
         value = namespace[name]
         if isinstance(value, type) and issubclass(value, msgspec.Struct):
             with suppress(TypeError):  # specs of a tree are never decoded (untagged unions)
                 msgspec.msgpack.Decoder(value)
+    for name in __all__:
+        value = namespace[name]
         if getattr(value, "__module__", "").startswith("otree."):
             with suppress(AttributeError, TypeError):
                 value.__module__ = "otree"

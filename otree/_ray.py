@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -26,6 +27,7 @@ import msgspec
 import trio
 
 from ._errors import Shutdown, SpecError, StartError
+from ._loader import MODULE_PREFIX
 from ._ray_actor import Host
 from ._spec import ChildSpec, ProcessSpec, RaySpec, SupervisorSpec
 from ._task import current_child
@@ -189,6 +191,14 @@ def _remote_root(path: str, spec: RaySpec) -> SupervisorSpec:
     )
 
 
+def _send_tree_files_by_value(ray: ModuleType) -> None:
+    """Tree files are imported under names no Ray worker can import: their code travels with
+    the spec instead (every other module must be importable on the nodes)."""
+    for name, module in list(sys.modules.items()):
+        if name.startswith(MODULE_PREFIX) and module is not None:
+            ray.cloudpickle.register_pickle_by_value(module)
+
+
 @functools.cache
 def _host_class(ray: ModuleType) -> Any:
     """``Host`` as a threaded Ray actor class (made once: Ray exports it once per job)."""
@@ -203,6 +213,7 @@ async def run_ray(spec: RaySpec, state_dir: Path, *, task_status: trio.TaskStatu
     ray = import_ray(me.path)
     _connect(ray)
     actor = _host_class(ray).options(**spec.options, max_restarts=0, max_task_retries=0)
+    _send_tree_files_by_value(ray)
     handle = actor.remote(_remote_root(me.path, spec), os.fspath(state_dir))
     hung: list[str] = []  # why the heartbeat gave the actor up, once it has
     try:
@@ -216,11 +227,7 @@ async def run_ray(spec: RaySpec, state_dir: Path, *, task_status: trio.TaskStatu
             )
         if ready:
             task_status.started()
-            async with trio.open_nursery() as watchers:
-                watchers.start_soon(_heartbeat, ray, handle, spec.heartbeat, hung)
-                watchers.start_soon(_stop_on_request, stopping, handle)
-                outcome = await aref(run_ref)
-                watchers.cancel_scope.cancel()
+            outcome = await _watched(ray, handle, run_ref, spec.heartbeat, stopping, hung)
         else:
             outcome = await aref(run_ref)
     except ray.exceptions.RayError as error:
@@ -232,6 +239,25 @@ async def run_ray(spec: RaySpec, state_dir: Path, *, task_status: trio.TaskStatu
     finally:
         ray.kill(handle)  # the remote tree has stopped, or never will: the actor goes
     _exit_as(outcome, stopped=stopping.is_set())
+
+
+async def _watched(
+    ray: ModuleType, handle: Any, run_ref: Any, beat: tuple[float, int], stopping: trio.Event, hung: list[str]
+) -> Any:
+    """Wait for the remote run's end while the heartbeat watches the actor and a local stop
+    request is passed on; Ray's exception, if any, is raised alone (not in a group)."""
+    error: BaseException | None = None
+    async with trio.open_nursery() as watchers:
+        watchers.start_soon(_heartbeat, ray, handle, beat, hung)
+        watchers.start_soon(_stop_on_request, stopping, handle)
+        try:
+            outcome = await aref(run_ref)
+        except ray.exceptions.RayError as exc:
+            error = exc
+        watchers.cancel_scope.cancel()
+    if error is not None:
+        raise error
+    return outcome
 
 
 def _exit_as(outcome: dict[str, Any], *, stopped: bool) -> None:
