@@ -45,9 +45,6 @@ _GROUPS = {"run": 1, "ctl": 4}
 # Ray's messages span lines and carry ids; an exit detail keeps one line of at most this.
 _DETAIL_CHARS = 600
 
-# The Ray instance otree started itself (the embedded default): it is shut down with the tree.
-_embedded = False
-
 
 class RemoteError(Exception):
     """A Ray child ended in ``error``: the remote child's own error exit, or the actor's death.
@@ -99,16 +96,21 @@ def contains_ray(spec: ChildSpec) -> bool:
     return isinstance(spec, SupervisorSpec) and any(contains_ray(child) for child in spec.children)
 
 
-def _connect(ray: ModuleType) -> None:
-    """Connect this process to Ray once: ``$OTREE_RAY_ADDRESS`` (``--ray``), or else start a
-    local instance for the tree (the embedded default), loopback only and without usage
-    stats or dashboard, shut down with the tree. A Ray the host program already joined is used
-    as it is."""
-    global _embedded
-    if ray.is_initialized():
-        return
-    address = os.environ.get(ADDRESS_ENV) or None
-    if address is None:
+class _Session:
+    """This process's connection to Ray, and whether otree started the instance itself."""
+
+    embedded = False
+
+    def connect(self, ray: ModuleType) -> None:
+        """Connect to Ray once: ``$OTREE_RAY_ADDRESS`` (``--ray``), or else start a local instance
+        for the tree (the embedded default), loopback only and without usage stats or dashboard,
+        shut down with the tree. A Ray the host program already joined is used as it is."""
+        if ray.is_initialized():
+            return
+        address = os.environ.get(ADDRESS_ENV) or None
+        if address is not None:
+            ray.init(address=address, log_to_driver=False, configure_logging=False)
+            return
         # an instance for this tree alone listens on loopback only: Ray reads the switch when it
         # is imported (a tree file imported it already), so its constant is set too (Ray 2.60)
         if "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER" not in os.environ:
@@ -116,9 +118,17 @@ def _connect(ray: ModuleType) -> None:
             ray._private.ray_constants.ENABLE_RAY_CLUSTER = False
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
-        _embedded = True
-    else:
-        ray.init(address=address, log_to_driver=False, configure_logging=False)
+        self.embedded = True
+
+    def shutdown_embedded(self) -> None:
+        if self.embedded:
+            import ray
+
+            ray.shutdown()
+            self.embedded = False
+
+
+_SESSION = _Session()
 
 
 @contextmanager
@@ -132,23 +142,14 @@ def ray_session(spec: SupervisorSpec) -> Iterator[None]:
     if contains_ray(spec):
         ray = import_ray(spec.id)
         try:
-            _connect(ray)
-        except Exception as error:  # noqa: BLE001 - any failure to connect is this one line
+            _SESSION.connect(ray)
+        except Exception as error:
             where = os.environ.get(ADDRESS_ENV) or "a local instance"
             raise StartError(spec.id, f"cannot connect to Ray at {where}: {_one_line(error)}") from error
     try:
         yield
     finally:
-        _shutdown_embedded()
-
-
-def _shutdown_embedded() -> None:
-    global _embedded
-    if _embedded:
-        import ray
-
-        ray.shutdown()
-        _embedded = False
+        _SESSION.shutdown_embedded()
 
 
 def _one_line(error: BaseException) -> str:
@@ -180,7 +181,12 @@ def _remote_root(path: str, spec: RaySpec) -> SupervisorSpec:
     """The tree the actor runs: the wrapped spec alone, run once (never restarted there: the
     local supervisor restarts the whole actor), its exit ending the remote tree."""
     inner = spec.spec
-    changes: dict[str, Any] = {"restart": "on_demand", "significant": True, "on_exit": None, "autostart": True}
+    changes: dict[str, Any] = {
+        "restart": "on_demand",
+        "significant": True,
+        "on_exit": None,
+        "autostart": True,
+    }
     if isinstance(inner, ProcessSpec):
         changes |= {"restart_exit_codes": (), "no_restart_exit_codes": ()}
     parent = path.rpartition("/")[0]
@@ -211,53 +217,83 @@ async def run_ray(spec: RaySpec, state_dir: Path, *, task_status: trio.TaskStatu
     me = current_child()
     stopping = me.stopping  # trapping: a stop is a graceful remote stop under this child's grace
     ray = import_ray(me.path)
-    _connect(ray)
+    _SESSION.connect(ray)
     actor = _host_class(ray).options(**spec.options, max_restarts=0, max_task_retries=0)
     _send_tree_files_by_value(ray)
-    handle = actor.remote(_remote_root(me.path, spec), os.fspath(state_dir))
-    hung: list[str] = []  # why the heartbeat gave the actor up, once it has
+    run = _Actor(ray, actor.remote(_remote_root(me.path, spec), os.fspath(state_dir)))
     try:
-        run_ref = handle.run.options(concurrency_group="run").remote()
+        outcome = await run.serve(spec, stopping, task_status)
+    except ray.exceptions.RayError as error:
+        if run.hung:
+            raise RemoteError(run.hung) from error
+        raise RemoteError(_one_line(getattr(error, "cause", None) or error)) from error
+    finally:
+        ray.kill(run.handle)  # the remote tree has stopped, or never will (presumed dead): it goes
+    _exit_as(outcome, stopped=stopping.is_set())
+
+
+class _Actor:
+    """The actor of one run, watched from here: its start, its heartbeat, a stop passed on."""
+
+    def __init__(self, ray: ModuleType, handle: Any) -> None:
+        self.ray = ray
+        self.handle = handle
+        self.hung = ""  # why the heartbeat gave the actor up, once it has
+
+    def _ctl(self, method: str, *args: Any) -> Any:
+        return getattr(self.handle, method).options(concurrency_group="ctl").remote(*args)
+
+    async def serve(
+        self, spec: RaySpec, stopping: trio.Event, task_status: trio.TaskStatus[None]
+    ) -> dict[str, Any]:
+        """Start the remote run, report ready when it is, and return how it ended.
+
+        Raises:
+          RemoteError: not ready within ``start_timeout``.
+          ray.exceptions.RayError: the actor died (or was killed by the heartbeat: ``hung``).
+        """
+        run_ref = self.handle.run.options(concurrency_group="run").remote()
         with trio.move_on_after(spec.start_timeout) as timer:
-            ready = await aref(handle.ready.options(concurrency_group="ctl").remote())
+            ready = await aref(self._ctl("ready"))
         if timer.cancelled_caught:
             raise RemoteError(
                 f"start_timeout: not ready within {spec.start_timeout:g}s"
                 " (Ray could not place the actor, or the remote child did not start)"
             )
-        if ready:
-            task_status.started()
-            outcome = await _watched(ray, handle, run_ref, spec.heartbeat, stopping, hung)
-        else:
-            outcome = await aref(run_ref)
-    except ray.exceptions.RayError as error:
-        if hung:
-            raise RemoteError(hung[0]) from error
-        if isinstance(error, ray.exceptions.ActorUnavailableError):
-            ray.kill(handle)  # presumed dead: a silent node, a partition
-        raise RemoteError(_one_line(getattr(error, "cause", None) or error)) from error
-    finally:
-        ray.kill(handle)  # the remote tree has stopped, or never will: the actor goes
-    _exit_as(outcome, stopped=stopping.is_set())
+        if not ready:
+            outcome: dict[str, Any] = await aref(run_ref)  # the failed start's exit
+            return outcome
+        task_status.started()
+        error: BaseException | None = None
+        async with trio.open_nursery() as watchers:
+            watchers.start_soon(self._heartbeat, spec.heartbeat)
+            watchers.start_soon(self._stop_on_request, stopping)
+            try:
+                outcome = await aref(run_ref)
+            except self.ray.exceptions.RayError as exc:  # raised alone below, not in a group
+                error = exc
+            watchers.cancel_scope.cancel()
+        if error is not None:
+            raise error
+        return outcome
 
+    async def _stop_on_request(self, stopping: trio.Event) -> None:
+        await stopping.wait()
+        self._ctl("stop")
 
-async def _watched(
-    ray: ModuleType, handle: Any, run_ref: Any, beat: tuple[float, int], stopping: trio.Event, hung: list[str]
-) -> Any:
-    """Wait for the remote run's end while the heartbeat watches the actor and a local stop
-    request is passed on; Ray's exception, if any, is raised alone (not in a group)."""
-    error: BaseException | None = None
-    async with trio.open_nursery() as watchers:
-        watchers.start_soon(_heartbeat, ray, handle, beat, hung)
-        watchers.start_soon(_stop_on_request, stopping, handle)
-        try:
-            outcome = await aref(run_ref)
-        except ray.exceptions.RayError as exc:
-            error = exc
-        watchers.cancel_scope.cancel()
-    if error is not None:
-        raise error
-    return outcome
+    async def _heartbeat(self, beat: tuple[float, int]) -> None:
+        """Ping the actor's trio loop every ``beat[0]`` s; ``beat[1]`` misses in a row: presumed
+        dead and killed (its ``run`` then fails with ``ActorDiedError``, read with ``hung``)."""
+        seconds, misses = beat
+        missed = 0
+        while missed < misses:
+            await trio.sleep(seconds)
+            answered = False
+            with trio.move_on_after(seconds):
+                answered = await aref(self._ctl("ping", seconds))
+            missed = 0 if answered else missed + 1
+        self.hung = f"heartbeat: no answer to {misses} pings {seconds:g}s apart (presumed dead)"
+        self.ray.kill(self.handle)
 
 
 def _exit_as(outcome: dict[str, Any], *, stopped: bool) -> None:
@@ -268,25 +304,3 @@ def _exit_as(outcome: dict[str, Any], *, stopped: bool) -> None:
     if reason == "shutdown" and not stopped:
         raise Shutdown(detail)
     # normal, or the stop this child asked for: returning makes it normal / shutdown here too
-
-
-async def _stop_on_request(stopping: trio.Event, handle: Any) -> None:
-    await stopping.wait()
-    handle.stop.options(concurrency_group="ctl").remote()
-
-
-async def _heartbeat(ray: ModuleType, handle: Any, beat: tuple[float, int], hung: list[str]) -> None:
-    """Ping the actor's trio loop every ``beat[0]`` s; ``beat[1]`` misses in a row: presumed
-    dead, killed (its ``run`` then fails with ``ActorDiedError``, which reads ``hung``)."""
-    seconds, misses = beat
-    missed = 0
-    while True:
-        await trio.sleep(seconds)
-        answered = False
-        with trio.move_on_after(seconds):
-            answered = await aref(handle.ping.options(concurrency_group="ctl").remote(seconds))
-        missed = 0 if answered else missed + 1
-        if missed >= misses:
-            hung.append(f"heartbeat: no answer to {misses} pings {seconds:g}s apart (presumed dead)")
-            ray.kill(handle)
-            return

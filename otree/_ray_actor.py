@@ -11,6 +11,7 @@ No module of Ray is imported here: the actor's methods only use trio, threads an
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from typing import Any
 
@@ -95,7 +96,5 @@ class Host:
             self._stop_asked = True
             token, stop = self._token, self._stop
         if token is not None and stop is not None:
-            try:
+            with contextlib.suppress(trio.RunFinishedError):
                 token.run_sync_soon(stop.set)
-            except trio.RunFinishedError:
-                pass

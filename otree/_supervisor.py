@@ -53,9 +53,9 @@ from ._onexit import run_on_exit
 from ._paths import check_state_dir, pool_database
 from ._pool import Pool
 from ._process import ProcessContext, ProcessRun, run_process
+from ._ray import run_ray
 from ._reaper import Reaper
 from ._reload import plan_reload, same_settings
-from ._ray import run_ray
 from ._spec import ChildSpec, PoolSpec, ProcessSpec, RaySpec, SupervisorSpec, TaskSpec, takes_task_status
 from ._stopchain import StopChain
 from ._strategy import affected_children
@@ -432,10 +432,9 @@ class _Supervisor:
         run = RunningChild(self, child, child.path, previous_exit=child.exit)
         nested = None
         pool = None
+        fn: Callable[..., Awaitable[Any]]
         if isinstance(spec, TaskSpec):
-            fn: Callable[..., Awaitable[Any]] = spec.fn
-            args = spec.args
-            takes_status = takes_task_status(fn)
+            fn, args, takes_status = spec.fn, spec.args, takes_task_status(spec.fn)
         elif isinstance(spec, ProcessSpec):
             run.proc = ProcessRun()
             fn, takes_status = run_process, True

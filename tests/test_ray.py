@@ -108,6 +108,7 @@ def ray_instance() -> Iterator[str]:
         yield ray.get_runtime_context().gcs_address
     finally:
         started = _descendants(os.getpid()) | _with_cmdline(temp)
+        assert len(started) >= 3  # gcs_server, raylet, workers: what the check below watches
         ray.shutdown()
         left = _wait_gone(started)
         for pid in left:
@@ -261,9 +262,8 @@ async def test_a_hung_actor_is_found_by_the_heartbeat_and_killed(tmp_path: Path)
     notes = tmp_path / "pids"
     spec = _remote("hang", os.fspath(notes), restart="temporary", heartbeat=(0.3, 2))
     with trio.fail_after(DEADLINE):
-        async with otree.open_supervisor(_tree(spec)) as sup:
-            async with sup.events() as stream:
-                event = await _next(stream, _exit_of())
+        async with otree.open_supervisor(_tree(spec)) as sup, sup.events() as stream:
+            event = await _next(stream, _exit_of())
     assert event.reason == "error"
     assert event.details["detail"] == "heartbeat: no answer to 2 pings 0.3s apart (presumed dead)"
     assert not _wait_gone({int(notes.read_text().split()[0])})
@@ -316,9 +316,11 @@ async def test_a_ray_process_exits_with_its_exit_code(
     argv = _script(tmp_path, f"import time, sys; time.sleep(0.3); sys.exit({code})")
     spec = otree.ray(otree.process("agent", argv, restart="temporary"), num_cpus=0)
     with trio.fail_after(DEADLINE):
-        async with otree.open_supervisor(_tree(spec), state_dir=tmp_path / "state") as sup:
-            async with sup.events() as stream:
-                event = await _next(stream, _exit_of())
+        async with (
+            otree.open_supervisor(_tree(spec), state_dir=tmp_path / "state") as sup,
+            sup.events() as stream,
+        ):
+            event = await _next(stream, _exit_of())
     assert (event.reason, event.details["detail"]) == (reason, detail)
 
 
