@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import os
+import socket
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
@@ -44,6 +45,7 @@ _RESERVED = ("concurrency_groups", "max_concurrency", "name", "namespace", "get_
 _GROUPS = {"run": 1, "ctl": 4}
 # Ray's messages span lines and carry ids; an exit detail keeps one line of at most this.
 _DETAIL_CHARS = 600
+_PROBE_SECONDS = 5.0  # for a TCP connection to the head before Ray is asked to join it
 
 
 class RemoteError(Exception):
@@ -109,6 +111,7 @@ class _Session:
             return
         address = os.environ.get(ADDRESS_ENV) or None
         if address is not None:
+            _probe(address)
             ray.init(address=address, log_to_driver=False, configure_logging=False)
             return
         # an instance for this tree alone listens on loopback only: Ray reads the switch when it
@@ -129,6 +132,26 @@ class _Session:
 
 
 _SESSION = _Session()
+
+
+def _probe(address: str) -> None:
+    """Fail at once on an address nobody serves (``ray.init`` would wait minutes for it).
+
+    Raises:
+      ConnectionError: ``ray://`` (Ray Client is not supported), a malformed address, or no
+        answer at HOST:PORT within a few seconds.
+    """
+    if address == "auto":
+        return  # Ray finds the local head itself, and says at once when there is none
+    if "://" in address:
+        raise ConnectionError(f"{address!r}: give the head's GCS address HOST:PORT or 'auto' (not a URL)")
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConnectionError(f"{address!r} is not HOST:PORT")
+    try:
+        socket.create_connection((host, int(port)), timeout=_PROBE_SECONDS).close()
+    except OSError as error:
+        raise ConnectionError(f"no Ray head answers at {address} ({error.strerror or error})") from None
 
 
 @contextmanager

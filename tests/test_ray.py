@@ -223,6 +223,17 @@ async def test_an_unknown_option_and_a_ray_restart_are_refused_at_declaration() 
     assert otree.ray(task, max_restarts=0).options == {"max_restarts": 0}
 
 
+async def test_an_unsatisfiable_resource_request_fails_the_start_at_start_timeout() -> None:
+    spec = otree.ray(otree.task("agent", ends, "wait"), resources={"no_such_slot": 1}, start_timeout=1.5)
+    with trio.fail_after(DEADLINE), pytest.raises(otree.StartError) as caught:
+        async with otree.open_supervisor(_tree(spec)):
+            pass
+    assert str(caught.value) == (
+        "fleet/agent: failed to start: start_timeout: not ready within 1.5s"
+        " (Ray could not place the actor, or the remote child did not start)"
+    )
+
+
 # --- restarts decided locally --------------------------------------------------------------------
 
 
@@ -370,6 +381,21 @@ async def test_a_ray_supervisor_runs_its_subtree_remotely_and_gives_up_there(tmp
     assert len(pids) == 1  # b was restarted inside one actor, by the remote supervisor
 
 
+async def test_a_ray_pool_runs_remotely_and_stops_with_the_tree() -> None:
+    async def handler(payload: Any) -> Any:
+        return payload
+
+    spec = otree.ray(otree.pool("jobs", {"echo": handler}), num_cpus=0)
+    with trio.fail_after(DEADLINE):
+        async with otree.open_supervisor(otree.supervisor("fleet", children=[spec])) as sup:
+            (info,) = sup.which_children()
+            assert (info.kind, info.state) == ("ray", "running")
+            async with sup.events() as stream:
+                await sup.terminate_child("jobs")
+                event = await _next(stream, lambda e: e.path == "fleet/jobs" and e.kind == "child.stopped")
+    assert (event.reason, event.details["detail"]) == ("shutdown", "")
+
+
 # --- otree run --------------------------------------------------------------------------------
 
 
@@ -427,6 +453,66 @@ def test_otree_run_with_ray_address_joins_a_running_instance(tmp_path: Path, ray
     seen = _run_until_ready(tmp_path, "--ray", ray_instance)
     assert not _wait_gone(seen)
     assert ray.is_initialized() and ray.get(ray.put(1)) == 1  # the instance it joined still serves
+
+
+def test_otree_run_with_an_address_nobody_serves_fails_at_once(tmp_path: Path) -> None:
+    (tmp_path / "tree.py").write_text(TREE)
+    result = subprocess.run(
+        [*OTREE, "run", os.fspath(tmp_path / "tree.py"), "--state-dir", os.fspath(tmp_path / "state")],
+        env={**os.environ, "OTREE_RAY_ADDRESS": "127.0.0.1:1"},
+        capture_output=True,
+        text=True,
+        timeout=DEADLINE,
+        check=False,
+    )
+    assert result.returncode == 1
+    assert result.stderr.endswith(
+        "otree: StartError: fleet: failed to start: cannot connect to Ray at 127.0.0.1:1:"
+        " ConnectionError: no Ray head answers at 127.0.0.1:1 (Connection refused)\n"
+    )
+
+
+def test_the_root_killed_takes_its_actors_and_their_processes_with_it(
+    tmp_path: Path, ray_instance: str
+) -> None:
+    notes = tmp_path / "pids"
+    argv = _script(
+        tmp_path,
+        f"""
+        import os, time
+        with open({os.fspath(notes)!r}, "w") as notes:
+            notes.write(f"{{os.getppid()}} {{os.getpid()}}\\n")
+        time.sleep(300)
+        """,
+    )
+    child = f"otree.ray(otree.process('agent', {argv!r}), num_cpus=0)"
+    (tmp_path / "tree.py").write_text(f"import otree\ntree = otree.supervisor('fleet', children=[{child}])\n")
+    process = subprocess.Popen(
+        [
+            *OTREE,
+            "run",
+            os.fspath(tmp_path / "tree.py"),
+            "--state-dir",
+            os.fspath(tmp_path / "state"),
+            "--ray",
+            ray_instance,
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        actor, child = map(int, _wait_file(notes, seconds=DEADLINE).split())
+        assert _alive(actor) and _alive(child)
+        process.kill()
+        process.wait()
+        left = _wait_gone({actor, child})
+        for pid in left:
+            os.kill(pid, signal.SIGKILL)
+        assert not left
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
 
 
 def test_otree_check_names_the_extra_to_install_when_ray_is_missing(tmp_path: Path) -> None:
