@@ -18,7 +18,7 @@ import functools
 import os
 import socket
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from types import ModuleType
@@ -29,9 +29,12 @@ import trio
 
 from ._errors import Shutdown, SpecError, StartError
 from ._loader import MODULE_PREFIX
-from ._ray_actor import Host
+from ._ray_actor import Batch, Host
 from ._spec import ChildSpec, ProcessSpec, RaySpec, SupervisorSpec
 from ._task import current_child
+
+# Publishes an event on the local bus: (path, kind, reason, **details).
+Emit = Callable[..., None]
 
 __all__ = ["INSTALL", "RemoteError", "check_options", "contains_ray", "ray_session", "run_ray"]
 
@@ -45,6 +48,8 @@ _RESERVED = ("concurrency_groups", "max_concurrency", "name", "namespace", "get_
 _GROUPS = {"run": 1, "ctl": 4}
 # Ray's messages span lines and carry ids; an exit detail keeps one line of at most this.
 _DETAIL_CHARS = 600
+_EVENT_POLL_SECONDS = 1.0  # how long one fetch of remote events waits for one on the actor
+_LAST_EVENTS_SECONDS = 2.0  # for the last remote events once the remote tree has stopped
 _PROBE_SECONDS = 5.0  # for a TCP connection to the head before Ray is asked to join it
 
 
@@ -243,7 +248,9 @@ async def run_ray(spec: RaySpec, state_dir: Path, *, task_status: trio.TaskStatu
     _SESSION.connect(ray)
     actor = _host_class(ray).options(**spec.options, max_restarts=0, max_task_retries=0)
     _send_tree_files_by_value(ray)
-    run = _Actor(ray, actor.remote(_remote_root(me.path, spec), os.fspath(state_dir)))
+    root = _remote_root(me.path, spec)
+    remote_path = f"{root.id}/{spec.spec.id}"
+    run = _Actor(ray, actor.remote(root, os.fspath(state_dir)), me.path, remote_path, me.owner._emit)
     try:
         outcome = await run.serve(spec, stopping, task_status)
     except ray.exceptions.RayError as error:
@@ -256,12 +263,18 @@ async def run_ray(spec: RaySpec, state_dir: Path, *, task_status: trio.TaskStatu
 
 
 class _Actor:
-    """The actor of one run, watched from here: its start, its heartbeat, a stop passed on."""
+    """The actor of one run, watched from here: its start, its heartbeat, a stop passed on, and
+    the remote tree's events forwarded to the local bus under local paths."""
 
-    def __init__(self, ray: ModuleType, handle: Any) -> None:
+    def __init__(self, ray: ModuleType, handle: Any, path: str, remote_path: str, emit: Emit) -> None:
         self.ray = ray
         self.handle = handle
         self.hung = ""  # why the heartbeat gave the actor up, once it has
+        self._path = path  # this child's local path
+        self._remote = remote_path  # the wrapped child's path in the remote tree
+        self._emit = emit
+        self._watching = trio.CancelScope()  # the heartbeat and the stop, once ready
+        self._ended = False  # the remote run has ended: the forwarder stops polling
 
     def _ctl(self, method: str, *args: Any) -> Any:
         return getattr(self.handle, method).options(concurrency_group="ctl").remote(*args)
@@ -269,7 +282,8 @@ class _Actor:
     async def serve(
         self, spec: RaySpec, stopping: trio.Event, task_status: trio.TaskStatus[None]
     ) -> dict[str, Any]:
-        """Start the remote run, report ready when it is, and return how it ended.
+        """Start the remote run, report ready when it is, and return how it ended; the remote
+        events are forwarded meanwhile, the last ones included.
 
         Raises:
           RemoteError: not ready within ``start_timeout``.
@@ -277,28 +291,61 @@ class _Actor:
         """
         run_ref = self.handle.run.options(concurrency_group="run").remote()
         with trio.move_on_after(spec.start_timeout) as timer:
-            ready = await aref(self._ctl("ready"))
+            ready, batch = await aref(self._ctl("ready"))
         if timer.cancelled_caught:
             raise RemoteError(
                 f"start_timeout: not ready within {spec.start_timeout:g}s"
                 " (Ray could not place the actor, or the remote child did not start)"
             )
+        self._publish(batch)
         if not ready:
             outcome: dict[str, Any] = await aref(run_ref)  # the failed start's exit
             return outcome
         task_status.started()
         error: BaseException | None = None
-        async with trio.open_nursery() as watchers:
-            watchers.start_soon(self._heartbeat, spec.heartbeat)
-            watchers.start_soon(self._stop_on_request, stopping)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._forward)
+            nursery.start_soon(self._watch, spec.heartbeat, stopping)
             try:
                 outcome = await aref(run_ref)
             except self.ray.exceptions.RayError as exc:  # raised alone below, not in a group
                 error = exc
-            watchers.cancel_scope.cancel()
+                nursery.cancel_scope.cancel()
+            self._watching.cancel()
+            self._ended = True  # the forwarder ends after its fetch in flight: none is lost
         if error is not None:
             raise error
+        with trio.move_on_after(_LAST_EVENTS_SECONDS):
+            self._publish(await aref(self._ctl("events", 0.0)))  # what the stopped tree said last
         return outcome
+
+    async def _watch(self, beat: tuple[float, int], stopping: trio.Event) -> None:
+        with self._watching:
+            async with trio.open_nursery() as watchers:
+                watchers.start_soon(self._heartbeat, beat)
+                watchers.start_soon(self._stop_on_request, stopping)
+
+    async def _forward(self) -> None:
+        with suppress(self.ray.exceptions.RayError):  # the actor died: its run says how
+            while not self._ended:
+                self._publish(await aref(self._ctl("events", _EVENT_POLL_SECONDS)))
+
+    def _publish(self, batch: Batch) -> None:
+        """Publish remote events on the local bus under local paths.
+
+        The remote root's own events and the wrapped child's ``child.*`` events are left out:
+        this child's supervisor reports the child's start, readiness and exit itself.
+        """
+        taken, dropped = batch
+        remote, kept = self._remote, self._path
+        for path, kind, reason, details in taken:
+            if not (path == remote or path.startswith(remote + "/")):
+                continue  # the remote root's
+            if path == remote and kind.startswith("child."):
+                continue
+            extra = {"dropped": dropped} if dropped else {}
+            dropped = 0
+            self._emit(kept + path[len(remote) :], kind, reason, **details, **extra)
 
     async def _stop_on_request(self, stopping: trio.Event) -> None:
         await stopping.wait()

@@ -13,17 +13,22 @@ from __future__ import annotations
 
 import contextlib
 import threading
+from collections import deque
 from typing import Any
 
 import msgspec
 import trio
 
 from ._errors import OtreeError
-from ._info import ExitInfo
+from ._info import Event, ExitInfo
 from ._reaper import adopt_orphans
 from ._spec import SupervisorSpec
 
-__all__ = ["Host"]
+__all__ = ["EVENT_BUFFER", "Batch", "Host"]
+
+# Remote events as (path, kind, reason, details), and how many were dropped before them.
+Batch = tuple[list[tuple[str, str, str, dict[str, Any]]], int]
+EVENT_BUFFER = 10_000  # remote events held for the local side, as a subscriber's buffer
 
 
 class Host:
@@ -39,6 +44,11 @@ class Host:
         self._stop: trio.Event | None = None
         self._stop_asked = False
         self._exit = ExitInfo("error", "the remote tree ended without an exit")
+        # the remote tree's events, until the local side takes them (bounded: oldest dropped)
+        self._events: deque[tuple[str, str, str, dict[str, Any]]] = deque()
+        self._dropped = 0
+        self._arrived = threading.Condition(self._lock)
+        self._finished = False  # run() has returned: no event will come
 
     def run(self) -> dict[str, Any]:
         """Run the remote tree until its child exits or a stop; how the child's last run ended."""
@@ -48,10 +58,17 @@ class Host:
             trio.run(self._serve)
         finally:
             self._settled.set()
+            with self._lock:
+                self._finished = True
+                self._arrived.notify_all()  # a fetch of events waiting for one returns now
         return {"reason": self._exit.reason, "detail": self._exit.detail}
 
     async def _serve(self) -> None:
-        from ._run import open_supervisor  # not at import: _run -> _supervisor -> _ray -> here
+        # not at import: _run -> _supervisor -> _ray -> here
+        from ._handles import HANDLES
+        from ._paths import state_dir
+        from ._run import open_tree
+        from ._supervisor import Tree
 
         stop = trio.Event()
         with self._lock:
@@ -61,21 +78,47 @@ class Host:
         # the hook is made here: a bound method of this actor cannot travel in the pickled spec
         child = msgspec.structs.replace(self._root.children[0], on_exit=self._record)
         hooked = msgspec.structs.replace(self._root, children=(child,))
+        tree = Tree(hooked, state_dir(self._state_dir), durable=True, event_log=False, handles=HANDLES)
+        tree.bus.sink = self._collect  # every event, from the first: the local side forwards them
         try:
-            async with open_supervisor(hooked, state_dir=self._state_dir, event_log=False):
+            async with open_tree(tree):
                 self._ready = True
                 self._settled.set()
                 await stop.wait()
         except OtreeError:
             pass  # a failed start: its exit was recorded by the hook
 
+    def _collect(self, event: Event) -> None:
+        with self._lock:
+            if len(self._events) >= EVENT_BUFFER:
+                self._events.popleft()
+                self._dropped += 1
+            self._events.append((event.path, event.kind, event.reason, event.details))
+            self._arrived.notify_all()
+
+    def events(self, wait: float) -> Batch:
+        """The events collected since the last call (waiting up to ``wait`` s for one), and how
+        many were dropped meanwhile because nobody took them."""
+        with self._lock:
+            if not self._events and not self._finished:
+                self._arrived.wait(wait)
+            return self._take()
+
+    def _take(self) -> Batch:
+        taken, dropped = list(self._events), self._dropped
+        self._events.clear()
+        self._dropped = 0
+        return taken, dropped
+
     async def _record(self, path: str, exit_info: ExitInfo) -> None:
         self._exit = exit_info
 
-    def ready(self) -> bool:
-        """Wait until the remote child is ready (True) or failed to start (False)."""
+    def ready(self) -> tuple[bool, Batch]:
+        """Wait until the remote child is ready (True) or failed to start (False); with the
+        events of the start, so that they are published before the local child is ready."""
         self._settled.wait()
-        return self._ready
+        with self._lock:
+            return self._ready, self._take()
 
     def ping(self, seconds: float) -> bool:
         """Whether the remote trio loop answers within ``seconds`` (False: it is blocked)."""

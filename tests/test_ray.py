@@ -142,6 +142,10 @@ async def ends(how: str, notes: str = "", *, task_status: trio.TaskStatus[None] 
         return
     if how == "raise":
         raise ValueError("bad answer")
+    if how == "emit_then_raise":  # late enough for a test that subscribes once the tree is up
+        await trio.sleep(1.0)
+        otree.current_child().emit("app.gave_up", reason="provider", tries=3)
+        raise ValueError("bad answer")
     if how == "shutdown":
         raise otree.Shutdown("done for today")
     if how == "exit":
@@ -361,24 +365,47 @@ async def test_a_ray_process_and_its_grandchildren_die_with_the_actor(tmp_path: 
     assert not left
 
 
-async def test_a_ray_supervisor_runs_its_subtree_remotely_and_gives_up_there(tmp_path: Path) -> None:
+async def test_a_ray_supervisor_runs_its_subtree_remotely_and_its_events_come_home(tmp_path: Path) -> None:
     notes = tmp_path / "pids"
     team = otree.supervisor(
         "team",
         max_restarts=1,
         max_seconds=60,
         restart="transient",
-        children=[otree.task("a", ends, "wait"), otree.task("b", ends, "raise", os.fspath(notes))],
+        children=[otree.task("a", ends, "wait"), otree.task("b", ends, "emit_then_raise", os.fspath(notes))],
     )
     spec = otree.ray(team, num_cpus=0)
+    seen: list[tuple[str, str, str]] = []
     with trio.fail_after(DEADLINE):
         async with otree.open_supervisor(otree.supervisor("fleet", children=[spec])) as sup:
             async with sup.events() as stream:
-                event = await _next(stream, lambda e: e.path == "fleet/team" and e.kind == "child.exited")
+                async for event in stream:
+                    seen.append((event.path, event.kind, event.reason))
+                    if event.path == "fleet/team" and event.kind == "child.exited":
+                        break
+                    if event.kind == "app.gave_up":
+                        assert event.details == {"tries": 3}
             assert (event.reason, event.details["detail"]) == ("shutdown", "reached max restart intensity")
             assert sup.which_children()[0].state == "stopped"  # transient: a shutdown is not restarted
     pids = set(notes.read_text().split())
     assert len(pids) == 1  # b was restarted inside one actor, by the remote supervisor
+    # the remote tree's events, under local paths, in order; the wrapped child's own start and
+    # exit once each (the local supervisor's), the remote root's never
+    expected = [
+        ("fleet/team/b", "app.gave_up", "provider"),
+        ("fleet/team/b", "child.exited", "error"),
+        ("fleet/team/b", "child.restarting", "restart"),
+        ("fleet/team/b", "child.ready", ""),
+        ("fleet/team/b", "app.gave_up", "provider"),
+        ("fleet/team/b", "child.exited", "error"),
+        ("fleet/team", "supervisor.intensity_exceeded", "shutdown"),
+        ("fleet/team/a", "child.stopped", "shutdown"),
+        ("fleet/team", "supervisor.stopped", "shutdown"),
+        ("fleet/team", "child.exited", "shutdown"),
+    ]
+    assert [e for e in seen if e in expected] == expected
+    assert [e for e in seen if e[0] == "fleet/team" and e[1].startswith("child.")] == [expected[-1]]
+    assert all(path == "fleet" or path.startswith("fleet/team") for path, _, _ in seen)
 
 
 async def test_a_ray_pool_runs_remotely_and_stops_with_the_tree() -> None:
