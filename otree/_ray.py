@@ -15,6 +15,7 @@ through ``ObjectRef.future()`` and the trio token: no thread per call.
 from __future__ import annotations
 
 import functools
+import importlib
 import os
 import socket
 import sys
@@ -66,12 +67,14 @@ class RemoteError(Exception):
 
 
 def import_ray(path: str) -> ModuleType:
-    """The ``ray`` module, or one ``SpecError`` line saying what to install."""
+    """The ``ray`` module, or one ``SpecError`` line saying what to install.
+
+    Imported by name, untyped: otree type-checks the same with or without the extra.
+    """
     try:
-        import ray
+        return importlib.import_module("ray")
     except ImportError:
         raise SpecError(path, "otree.ray", f"needs Ray ({INSTALL})", "ray not installed") from None
-    return ray
 
 
 def check_options(path: str, options: object) -> None:
@@ -79,7 +82,8 @@ def check_options(path: str, options: object) -> None:
     if not isinstance(options, dict) or not all(isinstance(key, str) for key in options):
         raise SpecError(path, "ray options", "must be keyword arguments", options)
     import_ray(path)
-    from ray._common.ray_option_utils import actor_options, validate_actor_options
+    option_utils = importlib.import_module("ray._common.ray_option_utils")
+    actor_options, validate_actor_options = option_utils.actor_options, option_utils.validate_actor_options
 
     for key, value in options.items():
         if key in _FORCED_ZERO and value != 0:
@@ -130,9 +134,7 @@ class _Session:
 
     def shutdown_embedded(self) -> None:
         if self.embedded:
-            import ray
-
-            ray.shutdown()
+            import_ray("<ray>").shutdown()
             self.embedded = False
 
 
@@ -291,12 +293,13 @@ class _Actor:
         """
         run_ref = self.handle.run.options(concurrency_group="run").remote()
         with trio.move_on_after(spec.start_timeout) as timer:
-            ready, batch = await aref(self._ctl("ready"))
+            ready, where, batch = await aref(self._ctl("ready"))
         if timer.cancelled_caught:
             raise RemoteError(
                 f"start_timeout: not ready within {spec.start_timeout:g}s"
                 " (Ray could not place the actor, or the remote child did not start)"
             )
+        self._emit(self._path, "ray.placed", "", **where)
         self._publish(batch)
         if not ready:
             outcome: dict[str, Any] = await aref(run_ref)  # the failed start's exit

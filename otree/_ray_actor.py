@@ -6,12 +6,14 @@ groups: ``run`` (one thread, holding the remote tree's trio loop for the actor's
 root supervisor holding the wrapped spec alone, run once: its exit ends the tree, and
 ``run`` returns that exit for the local child to end the same way.
 
-No module of Ray is imported here: the actor's methods only use trio, threads and otree.
+Ray itself is imported only by ``ready``, which runs in an actor, to say where it runs.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib
+import os
 import threading
 from collections import deque
 from typing import Any
@@ -113,12 +115,19 @@ class Host:
     async def _record(self, path: str, exit_info: ExitInfo) -> None:
         self._exit = exit_info
 
-    def ready(self) -> tuple[bool, Batch]:
-        """Wait until the remote child is ready (True) or failed to start (False); with the
-        events of the start, so that they are published before the local child is ready."""
+    def ready(self) -> tuple[bool, dict[str, Any], Batch]:
+        """Wait until the remote child is ready (True) or failed to start (False); with where the
+        actor runs, and the events of the start, published before the local child is ready."""
+        ray: Any = importlib.import_module("ray")  # only in an actor, where Ray is: to say where
+
         self._settled.wait()
+        where = {
+            "node": ray.util.get_node_ip_address(),
+            "node_id": ray.get_runtime_context().get_node_id(),
+            "pid": os.getpid(),
+        }
         with self._lock:
-            return self._ready, self._take()
+            return self._ready, where, self._take()
 
     def ping(self, seconds: float) -> bool:
         """Whether the remote trio loop answers within ``seconds`` (False: it is blocked)."""

@@ -266,10 +266,13 @@ async def test_an_actor_process_that_dies_is_restarted_by_its_supervisor(tmp_pat
                 event = await _next(stream, _exit_of())
                 assert event.reason == "error"
                 assert event.details["detail"].startswith("ActorDiedError:")
+                placed = await _next(stream, _exit_of("ray.placed"))
                 await _next(stream, _exit_of("child.ready"))
             (info,) = sup.which_children()
             assert (info.state, info.restarts) == ("running", 1)
             second = int(notes.read_text().split()[1])
+            assert placed.details["pid"] == second and placed.details["node"] == "127.0.0.1"
+            assert placed.details["node_id"] == ray.get_runtime_context().get_node_id()
             assert second != first and _alive(second) and not _alive(first)
 
 
