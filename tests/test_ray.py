@@ -15,6 +15,7 @@ os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
 
 import importlib
+import json
 import shutil
 import signal
 import subprocess
@@ -424,6 +425,114 @@ async def test_a_ray_pool_runs_remotely_and_stops_with_the_tree() -> None:
                 await sup.terminate_child("jobs")
                 event = await _next(stream, lambda e: e.path == "fleet/jobs" and e.kind == "child.stopped")
     assert (event.reason, event.details["detail"]) == ("shutdown", "")
+
+
+# --- several nodes (ray.cluster_utils.Cluster, in a process of its own: one Ray per process) ---
+
+MULTINODE = """
+import json, logging, os, time
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+import ray, trio, otree
+from ray.cluster_utils import Cluster
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+EVENTS = []
+
+
+class Collect(logging.Handler):
+    def emit(self, record):
+        event = getattr(record, "otree_event", None)
+        if event is not None and event.path == "fleet/agent":
+            EVENTS.append(event)
+
+
+async def agent(*, task_status=trio.TASK_STATUS_IGNORED):
+    task_status.started()
+    await trio.sleep_forever()
+
+
+async def wait_for(kind, after):
+    with trio.fail_after(60):
+        while True:
+            for index, event in enumerate(EVENTS[after:], after):
+                if event.kind == kind:
+                    return event, index + 1
+            await trio.sleep(0.05)
+
+
+async def run(cluster, nodes, out):
+    # pinned softly to the first node: when it goes, Ray places the replacement elsewhere
+    pinned = NodeAffinitySchedulingStrategy(node_id=nodes[0].node_id, soft=True)
+    spec = otree.ray(otree.task("agent", agent), num_cpus=1, heartbeat=(1.0, 3), scheduling_strategy=pinned)
+    tree = otree.supervisor("fleet", max_restarts=5, max_seconds=60, children=[spec])
+    async with otree.open_supervisor(tree) as sup:
+        placed, seen = await wait_for("ray.placed", 0)
+        out["placed"].append(placed.details["node_id"])
+        for graceful in (True, False):  # removed in order, then its processes SIGKILLed
+            node = {n.node_id: n for n in nodes}[out["placed"][-1]]
+            await trio.to_thread.run_sync(lambda: cluster.remove_node(node, allow_graceful=graceful))
+            exited, seen = await wait_for("child.exited", seen)
+            out["exits"].append([exited.reason, exited.details["detail"].partition(":")[0]])
+            placed, seen = await wait_for("ray.placed", seen)
+            await wait_for("child.ready", seen)
+            out["placed"].append(placed.details["node_id"])
+        out["restarts"] = sup.which_children()[0].restarts
+
+
+def main():
+    log = logging.getLogger("otree")
+    log.addHandler(Collect())
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
+    nodes = [cluster.add_node(num_cpus=1) for _ in range(3)]
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, log_to_driver=False)
+    out = {"nodes": [n.node_id for n in nodes], "placed": [], "exits": []}
+    try:
+        trio.run(run, cluster, nodes, out)
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    print(json.dumps(out))
+
+
+main()
+"""
+
+
+def test_a_child_whose_node_is_lost_comes_back_on_another_node(tmp_path: Path) -> None:
+    (tmp_path / "multinode.py").write_text(MULTINODE)
+    temp = tempfile.mkdtemp(prefix="otree-ray-nodes-")  # short: Ray's socket paths must fit 107 bytes
+    process = subprocess.Popen(
+        [sys.executable, os.fspath(tmp_path / "multinode.py")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "RAY_TMPDIR": temp},
+    )
+    seen: set[int] = set()
+    try:
+        deadline = time.monotonic() + 2 * DEADLINE
+        while process.poll() is None and time.monotonic() < deadline:
+            seen |= _descendants(process.pid)
+            time.sleep(0.2)
+        out, err = process.communicate(timeout=5)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        shutil.rmtree(temp, ignore_errors=True)
+    assert process.returncode == 0, err.decode()[-3000:]
+    result = json.loads(out.decode().splitlines()[-1])
+    first, second, third = result["nodes"]
+    # on its node; gone with it in order (ActorDiedError), then with its processes SIGKILLed
+    # (ActorUnavailableError: presumed dead): each time placed again on a node still alive
+    assert result["placed"][0] == first
+    assert result["placed"][1] in (second, third) and result["placed"][2] not in (first, result["placed"][1])
+    assert result["exits"] == [["error", "ActorDiedError"], ["error", "ActorUnavailableError"]]
+    assert result["restarts"] == 2
+    assert seen and not _wait_gone(seen)
 
 
 # --- otree run --------------------------------------------------------------------------------
