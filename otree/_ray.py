@@ -261,6 +261,8 @@ async def run_ray(spec: RaySpec, state_dir: Path, *, task_status: trio.TaskStatu
         raise RemoteError(_one_line(getattr(error, "cause", None) or error)) from error
     finally:
         ray.kill(run.handle)  # the remote tree has stopped, or never will (presumed dead): it goes
+    if outcome["cost"]:
+        me.report_cost(outcome["cost"])  # in this child's exit event, once: the remote run's total
     _exit_as(outcome, stopped=stopping.is_set())
 
 

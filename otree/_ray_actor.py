@@ -30,6 +30,8 @@ __all__ = ["EVENT_BUFFER", "Batch", "Host"]
 
 # Remote events as (path, kind, reason, details), and how many were dropped before them.
 Batch = tuple[list[tuple[str, str, str, dict[str, Any]]], int]
+# The events that end a run of a child (their details carry its spend).
+_EXITS = frozenset({"child.exited", "child.stopped", "child.start_failed"})
 EVENT_BUFFER = 10_000  # remote events held for the local side, as a subscriber's buffer
 
 
@@ -51,6 +53,8 @@ class Host:
         self._dropped = 0
         self._arrived = threading.Condition(self._lock)
         self._finished = False  # run() has returned: no event will come
+        self._child_path = f"{root.id}/{root.children[0].id}"
+        self._cost = 0.0
 
     def run(self) -> dict[str, Any]:
         """Run the remote tree until its child exits or a stop; how the child's last run ended."""
@@ -63,7 +67,7 @@ class Host:
             with self._lock:
                 self._finished = True
                 self._arrived.notify_all()  # a fetch of events waiting for one returns now
-        return {"reason": self._exit.reason, "detail": self._exit.detail}
+        return {"reason": self._exit.reason, "detail": self._exit.detail, "cost": self._cost}
 
     async def _serve(self) -> None:
         # not at import: _run -> _supervisor -> _ray -> here
@@ -97,6 +101,8 @@ class Host:
                 self._dropped += 1
             self._events.append((event.path, event.kind, event.reason, event.details))
             self._arrived.notify_all()
+        if event.path == self._child_path and event.kind in _EXITS:
+            self._cost = event.details.get("cost", 0.0)  # the wrapped child's spend, at its exit
 
     def events(self, wait: float) -> Batch:
         """The events collected since the last call (waiting up to ``wait`` s for one), and how

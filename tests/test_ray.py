@@ -141,6 +141,10 @@ async def ends(how: str, notes: str = "", *, task_status: trio.TaskStatus[None] 
     await trio.sleep(0.2)
     if how == "return":
         return
+    if how == "spend":
+        otree.current_child().report_cost(0.25)
+        otree.current_child().report_cost(0.5)
+        return
     if how == "raise":
         raise ValueError("bad answer")
     if how == "emit_then_raise":  # late enough for a test that subscribes once the tree is up
@@ -208,6 +212,14 @@ async def test_a_ray_task_exits_with_the_remote_reason_and_detail(how: str, reas
                 event = await _next(stream, _exit_of())
             assert (event.reason, event.details["detail"]) == (reason, detail)
             assert sup.which_children() == []  # temporary: gone
+
+
+async def test_the_spend_of_a_remote_run_is_in_its_exit_event_once() -> None:
+    with trio.fail_after(DEADLINE):
+        async with otree.open_supervisor(_tree(_remote("spend", restart="temporary"))) as sup:
+            async with sup.events() as stream:
+                event = await _next(stream, _exit_of())
+    assert (event.reason, event.details["cost"]) == ("normal", 0.75)
 
 
 async def test_a_remote_start_failure_is_a_start_error() -> None:
