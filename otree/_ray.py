@@ -37,7 +37,15 @@ from ._task import current_child
 # Publishes an event on the local bus: (path, kind, reason, **details).
 Emit = Callable[..., None]
 
-__all__ = ["INSTALL", "RemoteError", "check_options", "contains_ray", "ray_session", "run_ray"]
+__all__ = [
+    "INSTALL",
+    "RemoteError",
+    "check_options",
+    "check_picklable",
+    "contains_ray",
+    "ray_session",
+    "run_ray",
+]
 
 INSTALL = "pip install 'trio-otree[ray]'"
 ADDRESS_ENV = "OTREE_RAY_ADDRESS"
@@ -98,6 +106,14 @@ def check_options(path: str, options: object) -> None:
         validate_actor_options(dict(options), in_options=True)
     except (ValueError, TypeError) as error:
         raise SpecError(path, "ray options", f"are refused by Ray ({error})", options) from None
+
+
+def check_picklable(path: str, spec: ChildSpec) -> None:
+    """Refuse a spec that cannot travel to a Ray node (a lock, a socket, a generator in it)."""
+    try:
+        import_ray(path).cloudpickle.dumps(spec)
+    except Exception as error:  # noqa: BLE001 - whatever pickling raises, the spec cannot travel
+        raise SpecError(path, "spec", "must be picklable to run on a Ray node", _one_line(error)) from None
 
 
 def contains_ray(spec: ChildSpec) -> bool:

@@ -1018,9 +1018,10 @@ class RaySpec(_Spec, frozen=True, kw_only=True):
         ):
             raise SpecError(path, "heartbeat", "must be (seconds > 0, misses >= 1)", beat)
         msgspec.structs.force_setattr(self, "heartbeat", (float(beat[0]), beat[1]))
-        from ._ray import check_options  # imports Ray: only a tree that holds a Ray spec needs it
+        from ._ray import check_options, check_picklable  # imports Ray: only for a tree that uses it
 
         check_options(path, self.options)
+        check_picklable(path, self.spec)
 
 
 def ray(

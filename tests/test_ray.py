@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -216,9 +217,11 @@ async def test_a_ray_task_exits_with_the_remote_reason_and_detail(how: str, reas
 
 async def test_the_spend_of_a_remote_run_is_in_its_exit_event_once() -> None:
     with trio.fail_after(DEADLINE):
-        async with otree.open_supervisor(_tree(_remote("spend", restart="temporary"))) as sup:
-            async with sup.events() as stream:
-                event = await _next(stream, _exit_of())
+        async with (
+            otree.open_supervisor(_tree(_remote("spend", restart="temporary"))) as sup,
+            sup.events() as stream,
+        ):
+            event = await _next(stream, _exit_of())
     assert (event.reason, event.details["cost"]) == ("normal", 0.75)
 
 
@@ -238,6 +241,12 @@ async def test_an_unknown_option_and_a_ray_restart_are_refused_at_declaration() 
     with pytest.raises(otree.SpecError, match="agent: ray options are refused by Ray"):
         otree.ray(task, num_cpus=-1)
     assert otree.ray(task, max_restarts=0).options == {"max_restarts": 0}
+    with pytest.raises(otree.SpecError) as caught:
+        otree.ray(otree.task("agent", ends, "wait", threading.Lock()))
+    assert str(caught.value) == (
+        "agent: spec must be picklable to run on a Ray node;"
+        " got \"TypeError: cannot pickle '_thread.lock' object\""
+    )
 
 
 async def test_an_unsatisfiable_resource_request_fails_the_start_at_start_timeout() -> None:
