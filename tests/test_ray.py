@@ -324,6 +324,34 @@ async def test_a_graceful_stop_reaches_the_remote_child(tmp_path: Path) -> None:
     assert not _wait_gone({pid})
 
 
+async def test_a_graceful_stop_reaches_a_remote_process_as_its_stop_signal(tmp_path: Path) -> None:
+    notes = tmp_path / "pids"
+    argv = _script(
+        tmp_path,
+        f"""
+        import os, signal, sys, time
+        def stop(signum, frame):
+            with open({os.fspath(notes)!r}, "a") as notes:
+                notes.write("SIGTERM\\n")
+            sys.exit(0)
+        signal.signal(signal.SIGTERM, stop)
+        with open({os.fspath(notes)!r}, "a") as notes:
+            notes.write(f"{{os.getppid()}} {{os.getpid()}}\\n")
+        time.sleep(300)
+        """,
+    )
+    spec = otree.ray(otree.process("agent", argv), num_cpus=0)
+    with trio.fail_after(DEADLINE):
+        async with otree.open_supervisor(_tree(spec), state_dir=tmp_path / "state") as sup:
+            actor, child = map(int, _wait_file(notes).split())
+            async with sup.events() as stream:
+                await sup.terminate_child("agent")
+                event = await _next(stream, _exit_of("child.stopped"))
+    assert (event.reason, event.details["detail"]) == ("shutdown", "")
+    assert notes.read_text().splitlines()[1] == "SIGTERM"  # it stopped by its stop signal
+    assert not _wait_gone({actor, child})
+
+
 @pytest.mark.parametrize(("shutdown", "how"), [("brutal_kill", "trap"), (0.5, "hang")])
 async def test_a_stop_past_its_grace_kills_the_actor(tmp_path: Path, shutdown: Any, how: str) -> None:
     notes = tmp_path / "pids"
