@@ -643,11 +643,23 @@ def test_otree_run_with_ray_address_joins_a_running_instance(tmp_path: Path, ray
     assert ray.is_initialized() and ray.get(ray.put(1)) == 1  # the instance it joined still serves
 
 
-def test_otree_run_with_an_address_nobody_serves_fails_at_once(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("address", "why"),
+    [
+        ("127.0.0.1:1", "no Ray head answers at 127.0.0.1:1 (Connection refused)"),
+        (
+            "ray://127.0.0.1:10001",
+            "'ray://127.0.0.1:10001': give the head's GCS address HOST:PORT or 'auto' (not a URL)",
+        ),
+    ],
+)
+def test_otree_run_with_an_address_it_cannot_use_fails_at_once(
+    tmp_path: Path, address: str, why: str
+) -> None:
     (tmp_path / "tree.py").write_text(TREE)
     result = subprocess.run(
         [*OTREE, "run", os.fspath(tmp_path / "tree.py"), "--state-dir", os.fspath(tmp_path / "state")],
-        env={**os.environ, "OTREE_RAY_ADDRESS": "127.0.0.1:1"},
+        env={**os.environ, "OTREE_RAY_ADDRESS": address},
         capture_output=True,
         text=True,
         timeout=DEADLINE,
@@ -655,8 +667,8 @@ def test_otree_run_with_an_address_nobody_serves_fails_at_once(tmp_path: Path) -
     )
     assert result.returncode == 1
     assert result.stderr.endswith(
-        "otree: StartError: fleet: failed to start: cannot connect to Ray at 127.0.0.1:1:"
-        " ConnectionError: no Ray head answers at 127.0.0.1:1 (Connection refused)\n"
+        f"otree: StartError: fleet: failed to start: cannot connect to Ray at {address}:"
+        f" ConnectionError: {why}\n"
     )
 
 
