@@ -53,7 +53,7 @@ ADDRESS_ENV = "OTREE_RAY_ADDRESS"
 # Set by otree on every actor; a tree may not choose them (otree restarts, Ray never does).
 _FORCED_ZERO = ("max_restarts", "max_task_retries")
 _RESERVED = ("concurrency_groups", "max_concurrency", "name", "namespace", "get_if_exists")
-# The actor's run() holds one thread; ready/ping/stop need their own while it runs.
+# The actor's run() holds one thread; ready, ping, stop and events need their own while it runs.
 _GROUPS = {"run": 1, "ctl": 4}
 # Ray's messages span lines and carry ids; an exit detail keeps one line of at most this.
 _DETAIL_CHARS = 600
@@ -377,11 +377,16 @@ class _Actor:
         dead and killed (its ``run`` then fails with ``ActorDiedError``, read with ``hung``)."""
         seconds, misses = beat
         missed = 0
+        due = trio.current_time()
         while missed < misses:
-            await trio.sleep(seconds)
+            due += seconds
+            await trio.sleep_until(due)  # a ping that went unanswered took its whole interval
             answered = False
-            with trio.move_on_after(seconds):
-                answered = await aref(self._ctl("ping", seconds))
+            with trio.move_on_at(due + seconds):
+                try:
+                    answered = await aref(self._ctl("ping", seconds))
+                except self.ray.exceptions.RayError:
+                    return  # the actor is gone: its run says how
             missed = 0 if answered else missed + 1
         self.hung = f"heartbeat: no answer to {misses} pings {seconds:g}s apart (presumed dead)"
         self.ray.kill(self.handle)

@@ -298,6 +298,24 @@ async def test_an_actor_process_that_dies_is_restarted_by_its_supervisor(tmp_pat
             assert second != first and _alive(second) and not _alive(first)
 
 
+async def test_an_actor_killed_during_a_ping_is_an_actor_death(tmp_path: Path) -> None:
+    notes = tmp_path / "pids"
+    # a ping every 5 ms: one is in flight at about one death in three, and fails with it too;
+    # eight deaths make that race happen in nearly every run of this test
+    spec = _remote("wait", os.fspath(notes), heartbeat=(0.005, 1000))
+    tree = _tree(spec, max_restarts=10, max_seconds=60)
+    with trio.fail_after(DEADLINE):
+        async with otree.open_supervisor(tree) as sup, sup.events() as stream:
+            for run in range(1, 9):
+                pid = int(notes.read_text().split()[run - 1])  # written before it was ready
+                await trio.sleep(0.3)
+                os.kill(pid, signal.SIGKILL)
+                event = await _next(stream, _exit_of())
+                assert event.reason == "error"
+                assert event.details["detail"].startswith("ActorDiedError:")
+                await _next(stream, _exit_of("child.ready"))
+
+
 async def test_a_hung_actor_is_found_by_the_heartbeat_and_killed(tmp_path: Path) -> None:
     notes = tmp_path / "pids"
     spec = _remote("hang", os.fspath(notes), restart="temporary", heartbeat=(0.3, 2))
