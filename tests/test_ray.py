@@ -35,7 +35,9 @@ import otree
 
 ray: Any = importlib.import_module("ray") if os.environ.get("CI") else pytest.importorskip("ray")
 
-pytestmark = pytest.mark.slow  # a Ray instance takes seconds to start: run with the slow step
+# A Ray instance takes seconds to start: these run in the slow step, all on one pytest-xdist
+# worker under `--dist loadgroup` (one instance for the module, not one per worker).
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray")]
 
 DEADLINE = 60.0
 OTREE = [sys.executable, "-m", "otree"]
