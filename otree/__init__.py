@@ -62,10 +62,12 @@ if _TYPE_CHECKING:
     from ._spec import CircuitBreaker as CircuitBreaker
     from ._spec import PoolSpec as PoolSpec
     from ._spec import ProcessSpec as ProcessSpec
+    from ._spec import RaySpec as RaySpec
     from ._spec import SupervisorSpec as SupervisorSpec
     from ._spec import TaskSpec as TaskSpec
     from ._spec import pool as pool
     from ._spec import process as process
+    from ._spec import ray as ray
     from ._spec import supervisor as supervisor
     from ._spec import task as task
     from ._task import RunningChild as RunningChild
@@ -97,6 +99,7 @@ __all__ = [
     "ProcessJob",
     "ProcessSpec",
     "QueueFull",
+    "RaySpec",
     "RestartIntensityExceeded",
     "Restarting",
     "Running",
@@ -114,6 +117,7 @@ __all__ = [
     "pool",
     "process",
     "process_job",
+    "ray",
     "run",
     "supervisor",
     "task",
@@ -153,10 +157,12 @@ _SOURCES = {
     "CircuitBreaker": "._spec",
     "PoolSpec": "._spec",
     "ProcessSpec": "._spec",
+    "RaySpec": "._spec",
     "SupervisorSpec": "._spec",
     "TaskSpec": "._spec",
     "pool": "._spec",
     "process": "._spec",
+    "ray": "._spec",
     "supervisor": "._spec",
     "task": "._spec",
     "PoolHandle": "._handles",
@@ -184,11 +190,13 @@ def _load() -> None:
     namespace = globals()
     for name, module in _SOURCES.items():
         namespace[name] = getattr(importlib.import_module(module, __name__), name)
-    for name in __all__:
+    for name in __all__:  # every Struct first: one may refer to another, not yet renamed
         value = namespace[name]
         if isinstance(value, type) and issubclass(value, msgspec.Struct):
             with suppress(TypeError):  # specs of a tree are never decoded (untagged unions)
                 msgspec.msgpack.Decoder(value)
+    for name in __all__:
+        value = namespace[name]
         if getattr(value, "__module__", "").startswith("otree."):
             with suppress(AttributeError, TypeError):
                 value.__module__ = "otree"

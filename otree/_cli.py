@@ -46,6 +46,8 @@ __all__ = ["main"]
 def _tree_command(args: argparse.Namespace) -> int:
     from ._treecmd import tree_command  # the runtime is imported only by the commands that load a tree
 
+    if getattr(args, "ray", None):  # the tree's Ray children join this cluster (read by otree._ray)
+        os.environ["OTREE_RAY_ADDRESS"] = args.ray
     return tree_command(args)
 
 
@@ -340,6 +342,13 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--attr", default="tree", help="the spec's name in the file (default: tree)")
     run.add_argument("--log-format", choices=("text", "json"), default="text", help="event lines on stderr")
     run.add_argument("--state-dir", default=None, help="logs and state (default: $OTREE_STATE_DIR)")
+    run.add_argument(
+        "--ray",
+        default=None,
+        metavar="ADDRESS",
+        help="the Ray cluster for otree.ray children: HOST:PORT of its head, or 'auto' (default:"
+        " $OTREE_RAY_ADDRESS, else a local Ray started for the tree)",
+    )
     run.set_defaults(handler=_tree_command)
     check = commands.add_parser("check", help="validate a tree file and print the tree")
     check.add_argument("file", metavar="FILE")

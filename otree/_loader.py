@@ -10,7 +10,10 @@ from pathlib import Path
 
 from ._spec import SupervisorSpec
 
-__all__ = ["LoadError", "load_tree"]
+__all__ = ["MODULE_PREFIX", "LoadError", "load_tree"]
+
+# A tree file is imported as a module of this name prefix (and the file's stem).
+MODULE_PREFIX = "otree_tree_"
 
 
 class LoadError(Exception):
@@ -42,7 +45,7 @@ def load_tree(path: str, attr: str = "tree") -> SupervisorSpec:
         raise LoadError(f"{path}: is a directory; give the tree file in it (e.g. {Path(path) / 'tree.py'})")
     if not resolved.is_file():
         raise LoadError(f"{path}: no such file")
-    name = "otree_tree_" + "".join(c if c.isalnum() else "_" for c in resolved.stem)
+    name = MODULE_PREFIX + "".join(c if c.isalnum() else "_" for c in resolved.stem)
     spec = importlib.util.spec_from_file_location(name, resolved)
     if spec is None or spec.loader is None:
         raise LoadError(f"{path}: not a Python file")

@@ -16,6 +16,7 @@ import trio
 from ._errors import SpecError
 from ._handles import HANDLES, SupervisorHandle
 from ._paths import state_dir as default_state_dir
+from ._ray import ray_session
 from ._spec import SupervisorSpec
 from ._supervisor import Tree, _flatten
 
@@ -69,7 +70,7 @@ async def open_tree(tree: Tree) -> AsyncIterator[SupervisorHandle]:
     """``open_supervisor`` for a tree made beforehand (``otree run`` needs it before it is up)."""
     body_error: BaseException | None = None
     spec = tree.root.spec
-    with _flatten(), tree.closing_log():
+    with ray_session(spec), _flatten(), tree.closing_log():
         async with trio.open_nursery() as nursery:
             tree.services = nursery
             nursery.start_soon(tree.serve, name=f"otree supervisor {spec.id}")

@@ -37,9 +37,11 @@ __all__ = [
     "CircuitBreaker",
     "PoolSpec",
     "ProcessSpec",
+    "RaySpec",
     "ShutdownValue",
     "SupervisorSpec",
     "TaskSpec",
+    "ray",
     "supervisor",
     "takes_task_status",
     "task",
@@ -979,4 +981,89 @@ def pool(
     )
 
 
-ChildSpec = TaskSpec | SupervisorSpec | ProcessSpec | PoolSpec
+class RaySpec(_Spec, frozen=True, kw_only=True):
+    """A child spec run inside a Ray actor on a node Ray chooses (see ``otree.ray``).
+
+    Locally it is one child of kind ``"ray"``: its id, restart type, significance, exit
+    hook and autostart are the wrapped spec's, and its ``shutdown`` is the grace of the
+    remote stop before the actor is killed.
+    """
+
+    kind: ClassVar[str] = "ray"
+    spec: TaskSpec | SupervisorSpec | ProcessSpec | PoolSpec
+    options: dict[str, Any] = {}
+    shutdown: ShutdownValue = 5.0
+    start_timeout: float = 60.0
+    heartbeat: tuple[float, int] = (10.0, 3)
+
+    def __post_init__(self) -> None:
+        path = _check_id(self.id)
+        _check_restart_and_significant(path, self.restart, self.significant)
+        _check_on_exit(path, self.on_exit)
+        _check_autostart(path, self.autostart)
+        _check_shutdown(path, self.shutdown)
+        if not isinstance(self.spec, (TaskSpec, SupervisorSpec, ProcessSpec, PoolSpec)):
+            raise SpecError(path, "spec", "must be a task, process, supervisor or pool spec", self.spec)
+        if not _is_number(self.start_timeout) or not 0 < self.start_timeout < math.inf:
+            raise SpecError(path, "start_timeout", "must be a number > 0", self.start_timeout)
+        beat = self.heartbeat
+        if (
+            not isinstance(beat, (tuple, list))
+            or len(beat) != 2
+            or not _is_number(beat[0])
+            or not 0 < beat[0] < math.inf
+            or not isinstance(beat[1], int)
+            or isinstance(beat[1], bool)
+            or beat[1] < 1
+        ):
+            raise SpecError(path, "heartbeat", "must be (seconds > 0, misses >= 1)", beat)
+        msgspec.structs.force_setattr(self, "heartbeat", (float(beat[0]), beat[1]))
+        from ._ray import check_options, check_picklable  # imports Ray: only for a tree that uses it
+
+        check_options(path, self.options)
+        check_picklable(path, self.spec)
+
+
+def ray(
+    spec: TaskSpec | SupervisorSpec | ProcessSpec | PoolSpec,
+    *,
+    start_timeout: float = 60.0,
+    heartbeat: tuple[float, int] = (10.0, 3),
+    **ray_options: Any,
+) -> RaySpec:
+    """Run ``spec`` (a task, process, supervisor or pool) inside a Ray actor, under otree's own
+    runtime there; locally it is one child of kind ``"ray"`` that otree restarts by its rules.
+
+    Args:
+      spec: the child to run remotely; its id, restart type, ``significant``, ``on_exit``,
+        ``autostart`` and ``shutdown`` are the local child's.
+      start_timeout: seconds for Ray to place the actor and the remote child to be ready;
+        past them the actor is killed and the start fails.
+      heartbeat: ``(seconds, misses)``: the actor is pinged every ``seconds``; after
+        ``misses`` pings in a row without an answer it is presumed dead, killed, and the
+        child exits ``error``.
+      ray_options: Ray actor options, passed through (``num_cpus``, ``resources``,
+        ``memory``, ``scheduling_strategy``, ``runtime_env``...). ``max_restarts`` and
+        ``max_task_retries`` are forced to 0 (otree restarts, Ray never does).
+
+    Raises:
+      SpecError: a field is invalid, an option is not a Ray actor option or is one otree
+        sets itself, or Ray is not installed.
+    """
+    if not isinstance(spec, _Spec) or isinstance(spec, RaySpec):
+        raise SpecError("<ray>", "spec", "must be a task, process, supervisor or pool spec", spec)
+    return RaySpec(
+        id=spec.id,
+        restart=spec.restart,
+        significant=spec.significant,
+        on_exit=spec.on_exit,
+        autostart=spec.autostart,
+        shutdown=spec.shutdown,
+        spec=spec,
+        options=ray_options,
+        start_timeout=start_timeout,
+        heartbeat=heartbeat,
+    )
+
+
+ChildSpec = TaskSpec | SupervisorSpec | ProcessSpec | PoolSpec | RaySpec

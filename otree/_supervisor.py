@@ -53,9 +53,10 @@ from ._onexit import run_on_exit
 from ._paths import check_state_dir, pool_database
 from ._pool import Pool
 from ._process import ProcessContext, ProcessRun, run_process
+from ._ray import run_ray
 from ._reaper import Reaper
 from ._reload import plan_reload, same_settings
-from ._spec import ChildSpec, PoolSpec, ProcessSpec, SupervisorSpec, TaskSpec, takes_task_status
+from ._spec import ChildSpec, PoolSpec, ProcessSpec, RaySpec, SupervisorSpec, TaskSpec, takes_task_status
 from ._stopchain import StopChain
 from ._strategy import affected_children
 from ._task import RunningChild
@@ -431,14 +432,15 @@ class _Supervisor:
         run = RunningChild(self, child, child.path, previous_exit=child.exit)
         nested = None
         pool = None
+        fn: Callable[..., Awaitable[Any]]
         if isinstance(spec, TaskSpec):
-            fn: Callable[..., Awaitable[Any]] = spec.fn
-            args = spec.args
-            takes_status = takes_task_status(fn)
+            fn, args, takes_status = spec.fn, spec.args, takes_task_status(spec.fn)
         elif isinstance(spec, ProcessSpec):
             run.proc = ProcessRun()
             fn, takes_status = run_process, True
             args = (spec, run, run.proc, self.tree.processes(), self._emit)
+        elif isinstance(spec, RaySpec):
+            fn, args, takes_status = run_ray, (spec, self.tree.state_dir), True
         elif isinstance(spec, PoolSpec):
             durable = self.tree.durable if spec.durable is None else spec.durable
             store_path = pool_database(self.tree.state_dir, child.path) if durable else None

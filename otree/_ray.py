@@ -1,0 +1,402 @@
+"""Ray children, the local side: one child of kind ``"ray"`` per remote spec, and the connection.
+
+The only module (with ``_ray_actor`` on the remote side) that imports ``ray``, and only when a
+tree holds a Ray spec. Ray places and runs the actor; otree decides everything else: the
+actor is created with ``max_restarts=0`` and ``max_task_retries=0``, so every death reaches
+the local supervisor as this child's ``error`` exit, and the supervisor restarts, counts and
+backs off exactly as for a local child.
+
+Locally the child is a task that traps stops: a stop asks the remote tree to stop (its own
+graces apply there) and waits for it under this child's ``shutdown`` grace; when the grace
+runs out, or for ``brutal_kill``, the actor is killed (``ray.kill``). All Ray waits go
+through ``ObjectRef.future()`` and the trio token: no thread per call.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+import socket
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import msgspec
+import trio
+
+from ._errors import Shutdown, SpecError, StartError
+from ._loader import MODULE_PREFIX
+from ._ray_actor import Batch, Host
+from ._spec import ChildSpec, ProcessSpec, RaySpec, SupervisorSpec
+from ._task import current_child
+
+# Publishes an event on the local bus: (path, kind, reason, **details).
+Emit = Callable[..., None]
+
+__all__ = [
+    "INSTALL",
+    "RemoteError",
+    "check_options",
+    "check_picklable",
+    "contains_ray",
+    "ray_session",
+    "run_ray",
+]
+
+INSTALL = "pip install 'trio-otree[ray]'"
+ADDRESS_ENV = "OTREE_RAY_ADDRESS"
+
+# Set by otree on every actor; a tree may not choose them (otree restarts, Ray never does).
+_FORCED_ZERO = ("max_restarts", "max_task_retries")
+_RESERVED = ("concurrency_groups", "max_concurrency", "name", "namespace", "get_if_exists")
+# The actor's run() holds one thread; ready, ping, stop and events need their own while it runs.
+_GROUPS = {"run": 1, "ctl": 4}
+# Ray's messages span lines and carry ids; an exit detail keeps one line of at most this.
+_DETAIL_CHARS = 600
+_EVENT_POLL_SECONDS = 1.0  # how long one fetch of remote events waits for one on the actor
+_LAST_EVENTS_SECONDS = 2.0  # for the last remote events once the remote tree has stopped
+_PROBE_SECONDS = 5.0  # for a TCP connection to the head before Ray is asked to join it
+
+
+class RemoteError(Exception):
+    """A Ray child ended in ``error``: the remote child's own error exit, or the actor's death.
+
+    ``exit_detail`` is the exit's detail: the remote child's (``exit code 3``,
+    ``ValueError: bad``...) or Ray's cause (``ActorDiedError: ...``, ``heartbeat: ...``).
+    """
+
+    def __init__(self, exit_detail: str) -> None:
+        self.exit_detail = exit_detail
+        super().__init__(exit_detail)
+
+
+def import_ray(path: str) -> ModuleType:
+    """The ``ray`` module, or one ``SpecError`` line saying what to install.
+
+    Imported by name, untyped: otree type-checks the same with or without the extra.
+    """
+    try:
+        return importlib.import_module("ray")
+    except ImportError:
+        raise SpecError(path, "otree.ray", f"needs Ray ({INSTALL})", "ray not installed") from None
+
+
+def check_options(path: str, options: object) -> None:
+    """Refuse what Ray would refuse, and what otree sets itself, when the spec is built."""
+    if not isinstance(options, dict) or not all(isinstance(key, str) for key in options):
+        raise SpecError(path, "ray options", "must be keyword arguments", options)
+    import_ray(path)
+    option_utils = importlib.import_module("ray._common.ray_option_utils")
+    actor_options, validate_actor_options = option_utils.actor_options, option_utils.validate_actor_options
+
+    for key, value in options.items():
+        if key in _FORCED_ZERO and value != 0:
+            raise SpecError(path, key, "must be 0: otree restarts Ray children, Ray never does", value)
+        if key in _RESERVED:
+            raise SpecError(path, key, "is set by otree; leave it out", value)
+        if key == "lifetime" and value not in (None, "non_detached"):
+            raise SpecError(path, "lifetime", "must be non-detached: Ray children die with the tree", value)
+        if key not in actor_options:
+            raise SpecError(path, key, "is not a Ray actor option", value)
+    try:
+        validate_actor_options(dict(options), in_options=True)
+    except (ValueError, TypeError) as error:
+        raise SpecError(path, "ray options", f"are refused by Ray ({error})", options) from None
+
+
+def check_picklable(path: str, spec: ChildSpec) -> None:
+    """Refuse a spec that cannot travel to a Ray node (a lock, a socket, a generator in it)."""
+    try:
+        import_ray(path).cloudpickle.dumps(spec)
+    except Exception as error:  # noqa: BLE001 - whatever pickling raises, the spec cannot travel
+        raise SpecError(path, "spec", "must be picklable to run on a Ray node", _one_line(error)) from None
+
+
+def contains_ray(spec: ChildSpec) -> bool:
+    """Whether ``spec`` is or holds a Ray spec (so the tree needs a Ray connection)."""
+    if isinstance(spec, RaySpec):
+        return True
+    return isinstance(spec, SupervisorSpec) and any(contains_ray(child) for child in spec.children)
+
+
+class _Session:
+    """This process's connection to Ray, and whether otree started the instance itself."""
+
+    embedded = False
+
+    def connect(self, ray: ModuleType) -> None:
+        """Connect to Ray once: ``$OTREE_RAY_ADDRESS`` (``--ray``), or else start a local instance
+        for the tree (the embedded default), loopback only and without usage stats or dashboard,
+        shut down with the tree. A Ray the host program already joined is used as it is."""
+        if ray.is_initialized():
+            return
+        address = os.environ.get(ADDRESS_ENV) or None
+        if address is not None:
+            _probe(address)
+            ray.init(address=address, log_to_driver=False, configure_logging=False)
+            return
+        # an instance for this tree alone listens on loopback only: Ray reads the switch when it
+        # is imported (a tree file imported it already), so its constant is set too (Ray 2.60)
+        if "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER" not in os.environ:
+            os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+            ray._private.ray_constants.ENABLE_RAY_CLUSTER = False
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+        self.embedded = True
+
+    def shutdown_embedded(self) -> None:
+        if self.embedded:
+            import_ray("<ray>").shutdown()
+            self.embedded = False
+
+
+_SESSION = _Session()
+
+
+def _probe(address: str) -> None:
+    """Fail at once on an address nobody serves (``ray.init`` would wait minutes for it).
+
+    Raises:
+      ConnectionError: ``ray://`` (Ray Client is not supported), a malformed address, or no
+        answer at HOST:PORT within a few seconds.
+    """
+    if address == "auto":
+        return  # Ray finds the local head itself, and says at once when there is none
+    if "://" in address:
+        raise ConnectionError(f"{address!r}: give the head's GCS address HOST:PORT or 'auto' (not a URL)")
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConnectionError(f"{address!r} is not HOST:PORT")
+    try:
+        socket.create_connection((host, int(port)), timeout=_PROBE_SECONDS).close()
+    except OSError as error:
+        raise ConnectionError(f"no Ray head answers at {address} ({error.strerror or error})") from None
+
+
+@contextmanager
+def ray_session(spec: SupervisorSpec) -> Iterator[None]:
+    """Around a tree's run: connect to Ray before it starts if it holds a Ray spec, and shut an
+    embedded instance down after it has stopped.
+
+    Raises:
+      StartError: Ray cannot be reached (the address and Ray's reason in one line).
+    """
+    if contains_ray(spec):
+        ray = import_ray(spec.id)
+        try:
+            _SESSION.connect(ray)
+        except Exception as error:
+            where = os.environ.get(ADDRESS_ENV) or "a local instance"
+            raise StartError(spec.id, f"cannot connect to Ray at {where}: {_one_line(error)}") from error
+    try:
+        yield
+    finally:
+        _SESSION.shutdown_embedded()
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(f"{type(error).__name__}: {error}".split())
+    return text if len(text) <= _DETAIL_CHARS else text[: _DETAIL_CHARS - 3] + "..."
+
+
+async def aref(ref: Any) -> Any:
+    """``await`` a Ray ``ObjectRef`` from trio: its result, or Ray's exception.
+
+    The future is completed on Ray's core-worker thread, which wakes this task through the
+    trio token. Cancelling the wait does not cancel the remote call: callers stop actors
+    themselves (``stop``, then ``ray.kill``).
+    """
+    token = trio.lowlevel.current_trio_token()
+    done = trio.Event()
+    future = ref.future()
+
+    def wake(_: object) -> None:
+        with suppress(trio.RunFinishedError):
+            token.run_sync_soon(done.set)
+
+    future.add_done_callback(wake)
+    await done.wait()
+    return future.result()
+
+
+def _remote_root(path: str, spec: RaySpec) -> SupervisorSpec:
+    """The tree the actor runs: the wrapped spec alone, run once (never restarted there: the
+    local supervisor restarts the whole actor), its exit ending the remote tree."""
+    inner = spec.spec
+    changes: dict[str, Any] = {
+        "restart": "on_demand",
+        "significant": True,
+        "on_exit": None,
+        "autostart": True,
+    }
+    if isinstance(inner, ProcessSpec):
+        changes |= {"restart_exit_codes": (), "no_restart_exit_codes": ()}
+    parent = path.rpartition("/")[0]
+    return SupervisorSpec(
+        id=parent.replace("/", ".") or "ray",
+        children=(msgspec.structs.replace(inner, **changes),),
+        auto_shutdown="any_significant",
+    )
+
+
+def _send_tree_files_by_value(ray: ModuleType) -> None:
+    """Tree files are imported under names no Ray worker can import: their code travels with
+    the spec instead (every other module must be importable on the nodes)."""
+    for name, module in list(sys.modules.items()):
+        if name.startswith(MODULE_PREFIX) and module is not None:
+            ray.cloudpickle.register_pickle_by_value(module)
+
+
+@functools.cache
+def _host_class(ray: ModuleType) -> Any:
+    """``Host`` as a threaded Ray actor class (made once: Ray exports it once per job)."""
+    return ray.remote(concurrency_groups=_GROUPS)(Host)
+
+
+async def run_ray(spec: RaySpec, state_dir: Path, *, task_status: trio.TaskStatus[None]) -> None:
+    """One run of a Ray child: place the actor, wait until the remote child is ready, then
+    until it exits, mapping its exit (or the actor's death) onto this child's exit."""
+    me = current_child()
+    stopping = me.stopping  # trapping: a stop is a graceful remote stop under this child's grace
+    ray = import_ray(me.path)
+    _SESSION.connect(ray)
+    actor = _host_class(ray).options(**spec.options, max_restarts=0, max_task_retries=0)
+    _send_tree_files_by_value(ray)
+    root = _remote_root(me.path, spec)
+    remote_path = f"{root.id}/{spec.spec.id}"
+    run = _Actor(ray, actor.remote(root, os.fspath(state_dir)), me.path, remote_path, me.owner._emit)
+    try:
+        outcome = await run.serve(spec, stopping, task_status)
+    except ray.exceptions.RayError as error:
+        if run.hung:
+            raise RemoteError(run.hung) from error
+        raise RemoteError(_one_line(getattr(error, "cause", None) or error)) from error
+    finally:
+        ray.kill(run.handle)  # the remote tree has stopped, or never will (presumed dead): it goes
+    if outcome["cost"]:
+        me.report_cost(outcome["cost"])  # in this child's exit event, once: the remote run's total
+    _exit_as(outcome, stopped=stopping.is_set())
+
+
+class _Actor:
+    """The actor of one run, watched from here: its start, its heartbeat, a stop passed on, and
+    the remote tree's events forwarded to the local bus under local paths."""
+
+    def __init__(self, ray: ModuleType, handle: Any, path: str, remote_path: str, emit: Emit) -> None:
+        self.ray = ray
+        self.handle = handle
+        self.hung = ""  # why the heartbeat gave the actor up, once it has
+        self._path = path  # this child's local path
+        self._remote = remote_path  # the wrapped child's path in the remote tree
+        self._emit = emit
+        self._watching = trio.CancelScope()  # the heartbeat and the stop, once ready
+        self._ended = False  # the remote run has ended: the forwarder stops polling
+
+    def _ctl(self, method: str, *args: Any) -> Any:
+        return getattr(self.handle, method).options(concurrency_group="ctl").remote(*args)
+
+    async def serve(
+        self, spec: RaySpec, stopping: trio.Event, task_status: trio.TaskStatus[None]
+    ) -> dict[str, Any]:
+        """Start the remote run, report ready when it is, and return how it ended; the remote
+        events are forwarded meanwhile, the last ones included.
+
+        Raises:
+          RemoteError: not ready within ``start_timeout``.
+          ray.exceptions.RayError: the actor died (or was killed by the heartbeat: ``hung``).
+        """
+        run_ref = self.handle.run.options(concurrency_group="run").remote()
+        with trio.move_on_after(spec.start_timeout) as timer:
+            ready, where, batch = await aref(self._ctl("ready"))
+        if timer.cancelled_caught:
+            raise RemoteError(
+                f"start_timeout: not ready within {spec.start_timeout:g}s"
+                " (Ray could not place the actor, or the remote child did not start)"
+            )
+        self._emit(self._path, "ray.placed", "", **where)
+        self._publish(batch)
+        if not ready:
+            outcome: dict[str, Any] = await aref(run_ref)  # the failed start's exit
+            return outcome
+        task_status.started()
+        error: BaseException | None = None
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._forward)
+            nursery.start_soon(self._watch, spec.heartbeat, stopping)
+            try:
+                outcome = await aref(run_ref)
+            except self.ray.exceptions.RayError as exc:  # raised alone below, not in a group
+                error = exc
+                nursery.cancel_scope.cancel()
+            self._watching.cancel()
+            self._ended = True  # the forwarder ends after its fetch in flight: none is lost
+        if error is not None:
+            raise error
+        with trio.move_on_after(_LAST_EVENTS_SECONDS):
+            self._publish(await aref(self._ctl("events", 0.0)))  # what the stopped tree said last
+        return outcome
+
+    async def _watch(self, beat: tuple[float, int], stopping: trio.Event) -> None:
+        with self._watching:
+            async with trio.open_nursery() as watchers:
+                watchers.start_soon(self._heartbeat, beat)
+                watchers.start_soon(self._stop_on_request, stopping)
+
+    async def _forward(self) -> None:
+        with suppress(self.ray.exceptions.RayError):  # the actor died: its run says how
+            while not self._ended:
+                self._publish(await aref(self._ctl("events", _EVENT_POLL_SECONDS)))
+
+    def _publish(self, batch: Batch) -> None:
+        """Publish remote events on the local bus under local paths.
+
+        The remote root's own events and the wrapped child's ``child.*`` events are left out:
+        this child's supervisor reports the child's start, readiness and exit itself.
+        """
+        taken, dropped = batch
+        remote, kept = self._remote, self._path
+        for path, kind, reason, details in taken:
+            if not (path == remote or path.startswith(remote + "/")):
+                continue  # the remote root's
+            if path == remote and kind.startswith("child."):
+                continue
+            extra = {"dropped": dropped} if dropped else {}
+            dropped = 0
+            self._emit(kept + path[len(remote) :], kind, reason, **details, **extra)
+
+    async def _stop_on_request(self, stopping: trio.Event) -> None:
+        await stopping.wait()
+        self._ctl("stop")
+
+    async def _heartbeat(self, beat: tuple[float, int]) -> None:
+        """Ping the actor's trio loop every ``beat[0]`` s; ``beat[1]`` misses in a row: presumed
+        dead and killed (its ``run`` then fails with ``ActorDiedError``, read with ``hung``)."""
+        seconds, misses = beat
+        missed = 0
+        due = trio.current_time()
+        while missed < misses:
+            due += seconds
+            await trio.sleep_until(due)  # a ping that went unanswered took its whole interval
+            answered = False
+            with trio.move_on_at(due + seconds):
+                try:
+                    answered = await aref(self._ctl("ping", seconds))
+                except self.ray.exceptions.RayError:
+                    return  # the actor is gone: its run says how
+            missed = 0 if answered else missed + 1
+        self.hung = f"heartbeat: no answer to {misses} pings {seconds:g}s apart (presumed dead)"
+        self.ray.kill(self.handle)
+
+
+def _exit_as(outcome: dict[str, Any], *, stopped: bool) -> None:
+    """End this run as the remote child's run ended (``outcome`` from ``Host.run``)."""
+    reason, detail = outcome["reason"], outcome["detail"]
+    if reason == "error":
+        raise RemoteError(detail)
+    if reason == "shutdown" and not stopped:
+        raise Shutdown(detail)
+    # normal, or the stop this child asked for: returning makes it normal / shutdown here too

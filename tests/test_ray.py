@@ -1,0 +1,754 @@
+"""Ray children (``otree.ray``) on one real local Ray instance, loopback only.
+
+One instance serves the module (started once, ~4 s); at the end it is shut down and every
+process it started is checked gone by pid. The children talk to the test through files,
+since they run in Ray's worker processes. Skipped only outside CI when Ray is not installed:
+in CI (``CI`` set) a missing Ray is a failure, not a skip.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Ray reads these when it is imported: loopback only, no usage stats
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+
+import importlib
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import textwrap
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+import otree
+
+ray: Any = importlib.import_module("ray") if os.environ.get("CI") else pytest.importorskip("ray")
+
+# A Ray instance takes seconds to start: these run in the slow step, all on one pytest-xdist
+# worker under `--dist loadgroup` (one instance for the module, not one per worker).
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray")]
+
+DEADLINE = 60.0
+OTREE = [sys.executable, "-m", "otree"]
+
+
+# --- processes --------------------------------------------------------------------------------
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rpartition(")")[2].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def _descendants(root: int) -> set[int]:
+    """Every live process below ``root``, by the parent links in /proc."""
+    parents: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as stat:
+                    parents[int(entry)] = int(stat.read().rpartition(")")[2].split()[1])
+            except (FileNotFoundError, ProcessLookupError):
+                continue
+    found: set[int] = set()
+    frontier = {root}
+    while frontier:
+        frontier = {pid for pid, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return found
+
+
+def _with_cmdline(text: str) -> set[int]:
+    found = set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as cmdline:
+                    if text.encode() in cmdline.read():
+                        found.add(int(entry))
+            except (FileNotFoundError, ProcessLookupError):
+                continue
+    return found
+
+
+def _wait_gone(pids: set[int], seconds: float = 20.0) -> set[int]:
+    """Poll until none of ``pids`` is alive; those still alive at the deadline."""
+    deadline = time.monotonic() + seconds
+    while (left := {pid for pid in pids if _alive(pid)}) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return left
+
+
+def _wait_file(path: Path, lines: int = 1, seconds: float = 30.0) -> str:
+    """The first of ``lines`` lines written to ``path``, once they all are."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if path.exists() and (text := path.read_text()).count("\n") >= lines:
+            return text.splitlines()[0]
+        time.sleep(0.02)
+    raise AssertionError(f"{path} not written in {seconds}s")
+
+
+@pytest.fixture(scope="module")
+def ray_instance() -> Iterator[str]:
+    """One local Ray for the module; afterwards nothing it started is left running."""
+    temp = tempfile.mkdtemp(prefix="otree-ray-")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _temp_dir=temp)
+    try:
+        yield ray.get_runtime_context().gcs_address
+    finally:
+        started = _descendants(os.getpid()) | _with_cmdline(temp)
+        assert len(started) >= 3  # gcs_server, raylet, workers: what the check below watches
+        ray.shutdown()
+        left = _wait_gone(started)
+        for pid in left:
+            os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(temp, ignore_errors=True)
+        assert not left, f"Ray left processes running: {sorted(left)}"
+
+
+@pytest.fixture(autouse=True)
+def _ray(ray_instance: str) -> None:
+    """Every test here runs with the module's Ray instance up."""
+
+
+# --- remote children (they run in Ray workers: they report through files) ----------------------
+
+
+def _note(path: str, text: str) -> None:
+    with open(path, "a") as file:
+        file.write(text + "\n")
+
+
+async def ends(how: str, notes: str = "", *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED):
+    """Ready, then ends as ``how`` says: return, raise, Shutdown, os._exit, hang, or wait."""
+    if notes:
+        _note(notes, str(os.getpid()))
+    if how == "fail_start":
+        raise ConnectionError("no model endpoint")
+    task_status.started()
+    await trio.sleep(0.2)
+    if how == "return":
+        return
+    if how == "spend":
+        otree.current_child().report_cost(0.25)
+        otree.current_child().report_cost(0.5)
+        return
+    if how == "raise":
+        raise ValueError("bad answer")
+    if how == "emit_then_raise":  # late enough for a test that subscribes once the tree is up
+        await trio.sleep(1.0)
+        otree.current_child().emit("app.gave_up", reason="provider", tries=3)
+        raise ValueError("bad answer")
+    if how == "shutdown":
+        raise otree.Shutdown("done for today")
+    if how == "exit":
+        os._exit(1)
+    if how == "hang":
+        if notes:
+            _note(notes, "hanging")
+        time.sleep(120)  # blocks the remote trio loop: only the heartbeat can tell
+    if how == "trap":
+        await otree.current_child().stopping.wait()
+        return
+    await trio.sleep_forever()
+
+
+def _tree(*children: otree.RaySpec, **settings: Any) -> otree.SupervisorSpec:
+    return otree.supervisor("fleet", children=list(children), **settings)
+
+
+def _remote(how: str, notes: str = "", **settings: Any) -> otree.RaySpec:
+    restart = settings.pop("restart", "permanent")
+    shutdown = settings.pop("shutdown", 5.0)
+    task = otree.task("agent", ends, how, notes, restart=restart, shutdown=shutdown)
+    return otree.ray(task, num_cpus=0, **settings)
+
+
+async def _next(stream: otree.EventStream, wanted: Callable[[otree.Event], bool]) -> otree.Event:
+    async for event in stream:
+        if wanted(event):
+            return event
+    raise AssertionError("the event stream ended")
+
+
+def _exit_of(kind: str = "child.exited") -> Callable[[otree.Event], bool]:
+    return lambda e: e.path == "fleet/agent" and e.kind == kind
+
+
+# --- starting and exiting --------------------------------------------------------------------
+
+
+async def test_a_ray_task_is_ready_then_exits_normal() -> None:
+    with trio.fail_after(DEADLINE):
+        async with otree.open_supervisor(_tree(_remote("return", restart="transient"))) as sup:
+            (info,) = sup.which_children()
+            assert (info.kind, info.state) == ("ray", "running")
+            async with sup.events() as stream:
+                event = await _next(stream, _exit_of())
+            assert (event.reason, event.details["detail"]) == ("normal", "")
+            assert sup.which_children()[0].state == "stopped"  # transient: a normal exit stays down
+
+
+@pytest.mark.parametrize(
+    ("how", "reason", "detail"),
+    [("raise", "error", "ValueError: bad answer"), ("shutdown", "shutdown", "done for today")],
+)
+async def test_a_ray_task_exits_with_the_remote_reason_and_detail(how: str, reason: str, detail: str) -> None:
+    with trio.fail_after(DEADLINE):
+        async with otree.open_supervisor(_tree(_remote(how, restart="temporary"))) as sup:
+            async with sup.events() as stream:
+                event = await _next(stream, _exit_of())
+            assert (event.reason, event.details["detail"]) == (reason, detail)
+            assert sup.which_children() == []  # temporary: gone
+
+
+async def test_the_spend_of_a_remote_run_is_in_its_exit_event_once() -> None:
+    with trio.fail_after(DEADLINE):
+        async with (
+            otree.open_supervisor(_tree(_remote("spend", restart="temporary"))) as sup,
+            sup.events() as stream,
+        ):
+            event = await _next(stream, _exit_of())
+    assert (event.reason, event.details["cost"]) == ("normal", 0.75)
+
+
+async def test_a_remote_start_failure_is_a_start_error() -> None:
+    with trio.fail_after(DEADLINE), pytest.raises(otree.StartError) as caught:
+        async with otree.open_supervisor(_tree(_remote("fail_start"))):
+            pass
+    assert str(caught.value) == "fleet/agent: failed to start: ConnectionError: no model endpoint"
+
+
+async def test_an_unknown_option_and_a_ray_restart_are_refused_at_declaration() -> None:
+    task = otree.task("agent", ends, "wait")
+    with pytest.raises(otree.SpecError, match="agent: num_cpu is not a Ray actor option"):
+        otree.ray(task, num_cpu=1)
+    with pytest.raises(otree.SpecError, match="agent: max_restarts must be 0: otree restarts"):
+        otree.ray(task, max_restarts=3)
+    with pytest.raises(otree.SpecError, match="agent: ray options are refused by Ray"):
+        otree.ray(task, num_cpus=-1)
+    assert otree.ray(task, max_restarts=0).options == {"max_restarts": 0}
+    with pytest.raises(otree.SpecError) as caught:
+        otree.ray(otree.task("agent", ends, "wait", threading.Lock()))
+    assert str(caught.value) == (
+        "agent: spec must be picklable to run on a Ray node;"
+        " got \"TypeError: cannot pickle '_thread.lock' object\""
+    )
+
+
+async def test_an_unsatisfiable_resource_request_fails_the_start_at_start_timeout() -> None:
+    spec = otree.ray(otree.task("agent", ends, "wait"), resources={"no_such_slot": 1}, start_timeout=1.5)
+    with trio.fail_after(DEADLINE), pytest.raises(otree.StartError) as caught:
+        async with otree.open_supervisor(_tree(spec)):
+            pass
+    assert str(caught.value) == (
+        "fleet/agent: failed to start: start_timeout: not ready within 1.5s"
+        " (Ray could not place the actor, or the remote child did not start)"
+    )
+
+
+# --- restarts decided locally --------------------------------------------------------------------
+
+
+async def test_remote_crashes_are_restarted_locally_then_escalate(tmp_path: Path) -> None:
+    notes = tmp_path / "pids"
+    tree = _tree(_remote("raise", os.fspath(notes)), max_restarts=2, max_seconds=60)
+    with trio.fail_after(DEADLINE), pytest.raises(otree.RestartIntensityExceeded) as caught:
+        async with otree.open_supervisor(tree) as sup:
+            await trio.sleep_forever()
+            del sup
+    assert "last failing child: fleet/agent" in str(caught.value)
+    pids = notes.read_text().split()
+    assert len(pids) == 3 and len(set(pids)) == 3  # three runs, each in a new actor process
+
+
+@pytest.mark.parametrize("death", ["exit", "sigkill"])
+async def test_an_actor_process_that_dies_is_restarted_by_its_supervisor(tmp_path: Path, death: str) -> None:
+    notes = tmp_path / "pids"
+    how = "exit" if death == "exit" else "wait"
+    with trio.fail_after(DEADLINE):
+        async with otree.open_supervisor(_tree(_remote(how, os.fspath(notes)))) as sup:
+            first = int(_wait_file(notes))
+            async with sup.events() as stream:
+                if death == "sigkill":
+                    os.kill(first, signal.SIGKILL)
+                event = await _next(stream, _exit_of())
+                assert event.reason == "error"
+                assert event.details["detail"].startswith("ActorDiedError:")
+                placed = await _next(stream, _exit_of("ray.placed"))
+                await _next(stream, _exit_of("child.ready"))
+            (info,) = sup.which_children()
+            assert (info.state, info.restarts) == ("running", 1)
+            second = int(notes.read_text().split()[1])
+            assert placed.details["pid"] == second and placed.details["node"] == "127.0.0.1"
+            assert placed.details["node_id"] == ray.get_runtime_context().get_node_id()
+            assert second != first and _alive(second) and not _alive(first)
+
+
+async def test_an_actor_killed_during_a_ping_is_an_actor_death(tmp_path: Path) -> None:
+    notes = tmp_path / "pids"
+    # a ping every 5 ms: one is in flight at about one death in three, and fails with it too;
+    # eight deaths make that race happen in nearly every run of this test
+    spec = _remote("wait", os.fspath(notes), heartbeat=(0.005, 1000))
+    tree = _tree(spec, max_restarts=10, max_seconds=60)
+    with trio.fail_after(DEADLINE):
+        async with otree.open_supervisor(tree) as sup, sup.events() as stream:
+            for run in range(1, 9):
+                pid = int(notes.read_text().split()[run - 1])  # written before it was ready
+                await trio.sleep(0.3)
+                os.kill(pid, signal.SIGKILL)
+                event = await _next(stream, _exit_of())
+                assert event.reason == "error"
+                assert event.details["detail"].startswith("ActorDiedError:")
+                await _next(stream, _exit_of("child.ready"))
+
+
+async def test_a_hung_actor_is_found_by_the_heartbeat_and_killed(tmp_path: Path) -> None:
+    notes = tmp_path / "pids"
+    spec = _remote("hang", os.fspath(notes), restart="temporary", heartbeat=(0.3, 2))
+    with trio.fail_after(DEADLINE):
+        async with otree.open_supervisor(_tree(spec)) as sup, sup.events() as stream:
+            event = await _next(stream, _exit_of())
+    assert event.reason == "error"
+    assert event.details["detail"] == "heartbeat: no answer to 2 pings 0.3s apart (presumed dead)"
+    assert not _wait_gone({int(notes.read_text().split()[0])})
+
+
+# --- stops -------------------------------------------------------------------------------------
+
+
+async def test_a_graceful_stop_reaches_the_remote_child(tmp_path: Path) -> None:
+    notes = tmp_path / "pids"
+    with trio.fail_after(DEADLINE):
+        async with otree.open_supervisor(_tree(_remote("trap", os.fspath(notes)))) as sup:
+            pid = int(_wait_file(notes))
+            async with sup.events() as stream:
+                await sup.terminate_child("agent")
+                event = await _next(stream, _exit_of("child.stopped"))
+    assert (event.reason, event.details["detail"]) == ("shutdown", "")
+    assert not _wait_gone({pid})
+
+
+async def test_a_graceful_stop_reaches_a_remote_process_as_its_stop_signal(tmp_path: Path) -> None:
+    notes = tmp_path / "pids"
+    argv = _script(
+        tmp_path,
+        f"""
+        import os, signal, sys, time
+        def stop(signum, frame):
+            with open({os.fspath(notes)!r}, "a") as notes:
+                notes.write("SIGTERM\\n")
+            sys.exit(0)
+        signal.signal(signal.SIGTERM, stop)
+        with open({os.fspath(notes)!r}, "a") as notes:
+            notes.write(f"{{os.getppid()}} {{os.getpid()}}\\n")
+        time.sleep(300)
+        """,
+    )
+    spec = otree.ray(otree.process("agent", argv), num_cpus=0)
+    with trio.fail_after(DEADLINE):
+        async with otree.open_supervisor(_tree(spec), state_dir=tmp_path / "state") as sup:
+            actor, child = map(int, _wait_file(notes).split())
+            async with sup.events() as stream:
+                await sup.terminate_child("agent")
+                event = await _next(stream, _exit_of("child.stopped"))
+    assert (event.reason, event.details["detail"]) == ("shutdown", "")
+    assert notes.read_text().splitlines()[1] == "SIGTERM"  # it stopped by its stop signal
+    assert not _wait_gone({actor, child})
+
+
+@pytest.mark.parametrize(("shutdown", "how"), [("brutal_kill", "trap"), (0.5, "hang")])
+async def test_a_stop_past_its_grace_kills_the_actor(tmp_path: Path, shutdown: Any, how: str) -> None:
+    notes = tmp_path / "pids"
+    spec = _remote(how, os.fspath(notes), shutdown=shutdown, heartbeat=(60.0, 1))
+    with trio.fail_after(DEADLINE):
+        async with otree.open_supervisor(_tree(spec)) as sup:
+            pid = int(_wait_file(notes, lines=2 if how == "hang" else 1))
+            async with sup.events() as stream:
+                started = trio.current_time()
+                await sup.terminate_child("agent")
+                event = await _next(stream, _exit_of("child.stopped"))
+            assert trio.current_time() - started < 5
+    assert (event.reason, event.details["detail"]) == ("shutdown", "killed")
+    assert not _wait_gone({pid})
+
+
+# --- other kinds -----------------------------------------------------------------------------
+
+
+def _script(tmp_path: Path, body: str) -> list[str]:
+    script = tmp_path / "child.py"
+    script.write_text(textwrap.dedent(body))
+    return [sys.executable, os.fspath(script)]
+
+
+@pytest.mark.parametrize(("code", "reason", "detail"), [(0, "normal", ""), (3, "error", "exit code 3")])
+async def test_a_ray_process_exits_with_its_exit_code(
+    tmp_path: Path, code: int, reason: str, detail: str
+) -> None:
+    argv = _script(tmp_path, f"import time, sys; time.sleep(0.3); sys.exit({code})")
+    spec = otree.ray(otree.process("agent", argv, restart="temporary"), num_cpus=0)
+    with trio.fail_after(DEADLINE):
+        async with (
+            otree.open_supervisor(_tree(spec), state_dir=tmp_path / "state") as sup,
+            sup.events() as stream,
+        ):
+            event = await _next(stream, _exit_of())
+    assert (event.reason, event.details["detail"]) == (reason, detail)
+
+
+async def test_a_ray_process_and_its_grandchildren_die_with_the_actor(tmp_path: Path) -> None:
+    notes = tmp_path / "pids"
+    argv = _script(
+        tmp_path,
+        f"""
+        import os, subprocess, sys, time
+        grandchild = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
+        with open({os.fspath(notes)!r}, "w") as notes:
+            notes.write(f"{{os.getppid()}} {{os.getpid()}} {{grandchild.pid}}\\n")
+        time.sleep(300)
+        """,
+    )
+    spec = otree.ray(otree.process("agent", argv, restart="temporary"), num_cpus=0)
+    with trio.fail_after(DEADLINE):
+        async with otree.open_supervisor(_tree(spec), state_dir=tmp_path / "state") as sup:
+            actor, child, grandchild = map(int, _wait_file(notes).split())
+            async with sup.events() as stream:
+                os.kill(actor, signal.SIGKILL)
+                event = await _next(stream, _exit_of())
+    assert event.reason == "error" and event.details["detail"].startswith("ActorDiedError:")
+    left = _wait_gone({actor, child, grandchild})
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    assert not left
+
+
+async def test_a_ray_supervisor_runs_its_subtree_remotely_and_its_events_come_home(tmp_path: Path) -> None:
+    notes = tmp_path / "pids"
+    team = otree.supervisor(
+        "team",
+        max_restarts=1,
+        max_seconds=60,
+        restart="transient",
+        children=[otree.task("a", ends, "wait"), otree.task("b", ends, "emit_then_raise", os.fspath(notes))],
+    )
+    spec = otree.ray(team, num_cpus=0)
+    seen: list[tuple[str, str, str]] = []
+    with trio.fail_after(DEADLINE):
+        async with otree.open_supervisor(otree.supervisor("fleet", children=[spec])) as sup:
+            async with sup.events() as stream:
+                async for event in stream:
+                    seen.append((event.path, event.kind, event.reason))
+                    if event.path == "fleet/team" and event.kind == "child.exited":
+                        break
+                    if event.kind == "app.gave_up":
+                        assert event.details == {"tries": 3}
+            assert (event.reason, event.details["detail"]) == ("shutdown", "reached max restart intensity")
+            assert sup.which_children()[0].state == "stopped"  # transient: a shutdown is not restarted
+    pids = set(notes.read_text().split())
+    assert len(pids) == 1  # b was restarted inside one actor, by the remote supervisor
+    # the remote tree's events, under local paths, in order; the wrapped child's own start and
+    # exit once each (the local supervisor's), the remote root's never
+    expected = [
+        ("fleet/team/b", "app.gave_up", "provider"),
+        ("fleet/team/b", "child.exited", "error"),
+        ("fleet/team/b", "child.restarting", "restart"),
+        ("fleet/team/b", "child.ready", ""),
+        ("fleet/team/b", "app.gave_up", "provider"),
+        ("fleet/team/b", "child.exited", "error"),
+        ("fleet/team", "supervisor.intensity_exceeded", "shutdown"),
+        ("fleet/team/a", "child.stopped", "shutdown"),
+        ("fleet/team", "supervisor.stopped", "shutdown"),
+        ("fleet/team", "child.exited", "shutdown"),
+    ]
+    assert [e for e in seen if e in expected] == expected
+    assert [e for e in seen if e[0] == "fleet/team" and e[1].startswith("child.")] == [expected[-1]]
+    assert all(path == "fleet" or path.startswith("fleet/team") for path, _, _ in seen)
+
+
+async def test_a_ray_pool_runs_remotely_and_stops_with_the_tree() -> None:
+    async def handler(payload: Any) -> Any:
+        return payload
+
+    spec = otree.ray(otree.pool("jobs", {"echo": handler}), num_cpus=0)
+    with trio.fail_after(DEADLINE):
+        async with otree.open_supervisor(otree.supervisor("fleet", children=[spec])) as sup:
+            (info,) = sup.which_children()
+            assert (info.kind, info.state) == ("ray", "running")
+            async with sup.events() as stream:
+                await sup.terminate_child("jobs")
+                event = await _next(stream, lambda e: e.path == "fleet/jobs" and e.kind == "child.stopped")
+    assert (event.reason, event.details["detail"]) == ("shutdown", "")
+
+
+# --- several nodes (ray.cluster_utils.Cluster, in a process of its own: one Ray per process) ---
+
+MULTINODE = """
+import json, logging, os, time
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+import ray, trio, otree
+from ray.cluster_utils import Cluster
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+EVENTS = []
+
+
+class Collect(logging.Handler):
+    def emit(self, record):
+        event = getattr(record, "otree_event", None)
+        if event is not None and event.path == "fleet/agent":
+            EVENTS.append(event)
+
+
+async def agent(*, task_status=trio.TASK_STATUS_IGNORED):
+    task_status.started()
+    await trio.sleep_forever()
+
+
+async def wait_for(kind, after):
+    with trio.fail_after(60):
+        while True:
+            for index, event in enumerate(EVENTS[after:], after):
+                if event.kind == kind:
+                    return event, index + 1
+            await trio.sleep(0.05)
+
+
+async def run(cluster, nodes, out):
+    # pinned softly to the first node: when it goes, Ray places the replacement elsewhere
+    pinned = NodeAffinitySchedulingStrategy(node_id=nodes[0].node_id, soft=True)
+    spec = otree.ray(otree.task("agent", agent), num_cpus=1, heartbeat=(1.0, 3), scheduling_strategy=pinned)
+    tree = otree.supervisor("fleet", max_restarts=5, max_seconds=60, children=[spec])
+    async with otree.open_supervisor(tree) as sup:
+        placed, seen = await wait_for("ray.placed", 0)
+        out["placed"].append(placed.details["node_id"])
+        for graceful in (True, False):  # removed in order, then its processes SIGKILLed
+            node = {n.node_id: n for n in nodes}[out["placed"][-1]]
+            await trio.to_thread.run_sync(lambda: cluster.remove_node(node, allow_graceful=graceful))
+            exited, seen = await wait_for("child.exited", seen)
+            out["exits"].append([exited.reason, exited.details["detail"].partition(":")[0]])
+            placed, seen = await wait_for("ray.placed", seen)
+            await wait_for("child.ready", seen)
+            out["placed"].append(placed.details["node_id"])
+        out["restarts"] = sup.which_children()[0].restarts
+
+
+def main():
+    log = logging.getLogger("otree")
+    log.addHandler(Collect())
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
+    nodes = [cluster.add_node(num_cpus=1) for _ in range(3)]
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, log_to_driver=False)
+    out = {"nodes": [n.node_id for n in nodes], "placed": [], "exits": []}
+    try:
+        trio.run(run, cluster, nodes, out)
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    print(json.dumps(out))
+
+
+main()
+"""
+
+
+def test_a_child_whose_node_is_lost_comes_back_on_another_node(tmp_path: Path) -> None:
+    (tmp_path / "multinode.py").write_text(MULTINODE)
+    temp = tempfile.mkdtemp(prefix="otree-ray-nodes-")  # short: Ray's socket paths must fit 107 bytes
+    process = subprocess.Popen(
+        [sys.executable, os.fspath(tmp_path / "multinode.py")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "RAY_TMPDIR": temp},
+    )
+    seen: set[int] = set()
+    try:
+        deadline = time.monotonic() + 2 * DEADLINE
+        while process.poll() is None and time.monotonic() < deadline:
+            seen |= _descendants(process.pid)
+            time.sleep(0.2)
+        out, err = process.communicate(timeout=5)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        shutil.rmtree(temp, ignore_errors=True)
+    assert process.returncode == 0, err.decode()[-3000:]
+    result = json.loads(out.decode().splitlines()[-1])
+    first, second, third = result["nodes"]
+    # on its node; gone with it in order (ActorDiedError), then with its processes SIGKILLed
+    # (ActorUnavailableError: presumed dead): each time placed again on a node still alive
+    assert result["placed"][0] == first
+    assert result["placed"][1] in (second, third) and result["placed"][2] not in (first, result["placed"][1])
+    assert result["exits"] == [["error", "ActorDiedError"], ["error", "ActorUnavailableError"]]
+    assert result["restarts"] == 2
+    assert seen and not _wait_gone(seen)
+
+
+# --- otree run --------------------------------------------------------------------------------
+
+
+TREE = """
+import trio
+import otree
+
+async def agent(*, task_status=trio.TASK_STATUS_IGNORED):
+    task_status.started()
+    await trio.sleep_forever()
+
+tree = otree.supervisor("fleet", children=[otree.ray(otree.task("agent", agent), num_cpus=0)])
+"""
+
+
+def _run_until_ready(tmp_path: Path, *extra: str, env: dict[str, str] | None = None) -> set[int]:
+    """``otree run`` a one-Ray-child tree until the child is ready, then SIGTERM; its processes."""
+    (tmp_path / "tree.py").write_text(TREE)
+    state = tmp_path / "state"
+    process = subprocess.Popen(
+        [*OTREE, "run", os.fspath(tmp_path / "tree.py"), "--state-dir", os.fspath(state), *extra],
+        env={**os.environ, **(env or {})},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    seen: set[int] = set()
+    try:
+        log = state / "events.jsonl"
+        deadline = time.monotonic() + DEADLINE
+        while not (log.exists() and '"child.ready"' in log.read_text()):
+            assert process.poll() is None, process.stderr.read().decode() if process.stderr else ""
+            assert time.monotonic() < deadline, "the Ray child never became ready"
+            time.sleep(0.1)
+        seen = _descendants(process.pid)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=DEADLINE) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    return seen
+
+
+def test_otree_run_starts_an_embedded_ray_and_shuts_it_down_with_the_tree(tmp_path: Path) -> None:
+    temp = tempfile.mkdtemp(prefix="otree-ray-run-")
+    try:
+        seen = _run_until_ready(tmp_path, env={"RAY_TMPDIR": temp})
+        assert len(seen) >= 3  # Ray's own processes and the actor ran below `otree run`
+        assert not _wait_gone(seen | _with_cmdline(temp))
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def test_otree_run_with_ray_address_joins_a_running_instance(tmp_path: Path, ray_instance: str) -> None:
+    seen = _run_until_ready(tmp_path, "--ray", ray_instance)
+    assert not _wait_gone(seen)
+    assert ray.is_initialized() and ray.get(ray.put(1)) == 1  # the instance it joined still serves
+
+
+@pytest.mark.parametrize(
+    ("address", "why"),
+    [
+        ("127.0.0.1:1", "no Ray head answers at 127.0.0.1:1 (Connection refused)"),
+        (
+            "ray://127.0.0.1:10001",
+            "'ray://127.0.0.1:10001': give the head's GCS address HOST:PORT or 'auto' (not a URL)",
+        ),
+    ],
+)
+def test_otree_run_with_an_address_it_cannot_use_fails_at_once(
+    tmp_path: Path, address: str, why: str
+) -> None:
+    (tmp_path / "tree.py").write_text(TREE)
+    result = subprocess.run(
+        [*OTREE, "run", os.fspath(tmp_path / "tree.py"), "--state-dir", os.fspath(tmp_path / "state")],
+        env={**os.environ, "OTREE_RAY_ADDRESS": address},
+        capture_output=True,
+        text=True,
+        timeout=DEADLINE,
+        check=False,
+    )
+    assert result.returncode == 1
+    assert result.stderr.endswith(
+        f"otree: StartError: fleet: failed to start: cannot connect to Ray at {address}:"
+        f" ConnectionError: {why}\n"
+    )
+
+
+def test_the_root_killed_takes_its_actors_and_their_processes_with_it(
+    tmp_path: Path, ray_instance: str
+) -> None:
+    notes = tmp_path / "pids"
+    argv = _script(
+        tmp_path,
+        f"""
+        import os, time
+        with open({os.fspath(notes)!r}, "w") as notes:
+            notes.write(f"{{os.getppid()}} {{os.getpid()}}\\n")
+        time.sleep(300)
+        """,
+    )
+    child = f"otree.ray(otree.process('agent', {argv!r}), num_cpus=0)"
+    (tmp_path / "tree.py").write_text(f"import otree\ntree = otree.supervisor('fleet', children=[{child}])\n")
+    process = subprocess.Popen(
+        [
+            *OTREE,
+            "run",
+            os.fspath(tmp_path / "tree.py"),
+            "--state-dir",
+            os.fspath(tmp_path / "state"),
+            "--ray",
+            ray_instance,
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        actor, child = map(int, _wait_file(notes, seconds=DEADLINE).split())
+        assert _alive(actor) and _alive(child)
+        process.kill()
+        process.wait()
+        left = _wait_gone({actor, child})
+        for pid in left:
+            os.kill(pid, signal.SIGKILL)
+        assert not left
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def test_otree_check_names_the_extra_to_install_when_ray_is_missing(tmp_path: Path) -> None:
+    fake = tmp_path / "no_ray" / "ray"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('No module named ray')\n")
+    (tmp_path / "tree.py").write_text(TREE)
+    result = subprocess.run(
+        [*OTREE, "check", os.fspath(tmp_path / "tree.py")],
+        env={**os.environ, "PYTHONPATH": os.fspath(fake.parent)},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert result.stderr == (
+        f"otree: {tmp_path / 'tree.py'}:9: SpecError: agent: otree.ray needs Ray"
+        " (pip install 'trio-otree[ray]'); got 'ray not installed'\n"
+    )
