@@ -477,6 +477,9 @@ class _Supervisor:
             run.ready = True
         elif not await run.wait_ready():
             self._start_failed(child, run, before)
+        self._ready(child, run)
+
+    def _ready(self, child: _Child, run: RunningChild) -> None:
         if child.run is run and child.state in ("starting", "restarting"):
             child.state = "running"
         child.rest = ""
@@ -507,9 +510,40 @@ class _Supervisor:
     def cost_reported(self, run: RunningChild) -> None:
         """A child reported spend: a supervisor only keeps it on the run (for its exit event)."""
 
-    def run_exited(self, run: RunningChild) -> None:
-        """A child's run ended by itself: queue its exit (OTP's ``'EXIT'`` message)."""
-        self._post(self._child_exited, run)
+    def run_exited(self, run: RunningChild) -> RunningChild | None:
+        """A child's run ended by itself: queue its exit (OTP's ``'EXIT'`` message), or, when the
+        supervisor is idle and the exit is a plain restart (``_in_place``), handle it at once, as
+        the supervisor would next, and return the child's next run, to run in the same task."""
+        child = run.child
+        if self._parked is None or child.run is not run or not self._in_place(child, run):
+            self._post(self._child_exited, run)
+            return None
+        self._settle(child, run, stopped=False)
+        self._count_restart(child)  # within the intensity (_in_place): no give-up, no delay
+        child.run = again = RunningChild(self, child, child.path, previous_exit=child.exit, scope=run.scope)
+        child.started_at = time.time()
+        self._emit(child.path, "child.started")
+        again.ready = True
+        self._ready(child, again)
+        return again
+
+    def _in_place(self, child: _Child, run: RunningChild) -> bool:
+        """Whether an exit restarts its child alone, at once, as a task ready at once without time
+        limits, within the intensity: the restart a supervisor may make in the child's own task."""
+        spec, sup = child.spec, self.spec
+        assert run.exit is not None
+        return (
+            sup.strategy == "one_for_one"
+            and sup.backoff is None
+            and not sup.persist_intensity
+            and isinstance(spec, TaskSpec)
+            and spec.max_runtime is None
+            and spec.idle_timeout is None
+            and not run.parked
+            and not takes_task_status(spec.fn)
+            and spec.restarts_after(run.exit, own_exit=False)
+            and self.window.in_window(trio.current_time()) < sup.max_restarts
+        )
 
     def _settle(self, child: _Child, run: RunningChild, stopped: bool) -> None:
         """Record the end of ``run``: state, exit info, event; forget a temporary child."""
@@ -564,6 +598,19 @@ class _Supervisor:
 
     async def _restart(self, child: _Child) -> None:
         """Count one restart, then restart ``child`` and its group by the strategy."""
+        delay = self._count_restart(child)
+        group = self._group(child)
+        if len(group) > 1:
+            await self._stop_children([self.children[i] for i in reversed(group) if i != child.spec.id])
+        if delay > 0:
+            assert self._timers is not None
+            token = child.pending = object()
+            self._timers.start_soon(self._wake_after, delay, child, token)
+        else:
+            await self._start_group(child)
+
+    def _count_restart(self, child: _Child) -> float:
+        """Record one restart of ``child`` (give up beyond the intensity); its backoff delay."""
         now = trio.current_time()
         within = self.window.add_restart(now)
         if self.spec.persist_intensity:
@@ -595,15 +642,7 @@ class _Supervisor:
             delay=delay,
             restarts_in_window=self.window.in_window(now),
         )
-        group = self._group(child)
-        if len(group) > 1:
-            await self._stop_children([self.children[i] for i in reversed(group) if i != child.spec.id])
-        if delay > 0:
-            assert self._timers is not None
-            token = child.pending = object()
-            self._timers.start_soon(self._wake_after, delay, child, token)
-        else:
-            await self._start_group(child)
+        return delay
 
     def _window_problem(self, problem: str) -> None:
         """A restart window that could not be read or kept: counted afresh, and said so."""
