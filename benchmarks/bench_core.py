@@ -12,6 +12,10 @@ Scenarios:
     otree logger silenced; trio: a fresh task per run, the crash swallowed).
   tree-otree / tree-trio: start N idle children under one supervisor (trio:
     one nursery), wait until all are blocked, then stop them all.
+  scale: one point of the scale curves (``heap=MB`` adds a supervisor heap of
+    small tracked objects): start, stop and memory per child, a status snapshot
+    (built and encoded as the control socket sends it) and a one_for_one restart
+    among N idle children.
 """
 
 from __future__ import annotations
@@ -21,14 +25,17 @@ import gc
 import json
 import logging
 import os
+import statistics
 import sys
 import tempfile
 import time
 
+import msgspec
 import trio
 import trio.testing
 
 import otree
+from otree._status import status_of
 
 
 def _rss_kib(field: str = "VmRSS") -> int:
@@ -79,10 +86,10 @@ async def restart_otree_quiet(n: int) -> dict[str, float]:
 
 async def restart_otree_run(n: int) -> dict[str, float]:
     """As restart_otree logging as ``otree run`` does: every event at INFO, one text line each."""
-    from otree._treecmd import _EventHandler
+    from otree._echo import EventEcho
 
     with open(os.devnull, "w") as sink:
-        handler = _EventHandler(sink, "text")
+        handler = EventEcho(sink, "text")
         logger = logging.getLogger("otree")
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
@@ -117,19 +124,21 @@ async def tree_otree(n: int) -> dict[str, float]:
     base = _rss_kib()
     t_spec = time.perf_counter()
     tree = otree.supervisor("bench", children=[otree.task(f"c{i}", _idle) for i in range(n)])
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     sup_cm = otree.open_supervisor(tree)
     await sup_cm.__aenter__()
     await trio.testing.wait_all_tasks_blocked()
-    t1 = time.perf_counter()
+    t1, c1 = time.perf_counter(), time.process_time()
     rss = _rss_kib()
-    t2 = time.perf_counter()
+    t2, c2 = time.perf_counter(), time.process_time()
     await sup_cm.__aexit__(None, None, None)
-    t3 = time.perf_counter()
+    t3, c3 = time.perf_counter(), time.process_time()
     return {
         "spec_s": t0 - t_spec,
         "start_s": t1 - t0,
         "stop_s": t3 - t2,
+        "start_cpu_s": c1 - c0,
+        "stop_cpu_s": c3 - c2,
         "kib_per_child": (rss - base) / n,
     }
 
@@ -139,16 +148,91 @@ async def tree_trio(n: int) -> dict[str, float]:
     base = _rss_kib()
     gc.collect()
     async with trio.open_nursery() as nursery:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         for _ in range(n):
             nursery.start_soon(_idle)
         await trio.testing.wait_all_tasks_blocked()
-        t1 = time.perf_counter()
+        t1, c1 = time.perf_counter(), time.process_time()
         rss = _rss_kib()
-        t2 = time.perf_counter()
+        t2, c2 = time.perf_counter(), time.process_time()
         nursery.cancel_scope.cancel()
-    t3 = time.perf_counter()
-    return {"spec_s": 0.0, "start_s": t1 - t0, "stop_s": t3 - t2, "kib_per_child": (rss - base) / n}
+    t3, c3 = time.perf_counter(), time.process_time()
+    return {
+        "spec_s": 0.0,
+        "start_s": t1 - t0,
+        "stop_s": t3 - t2,
+        "start_cpu_s": c1 - c0,
+        "stop_cpu_s": c3 - c2,
+        "kib_per_child": (rss - base) / n,
+    }
+
+
+def _ballast(megabytes: int) -> list[dict[str, object]]:
+    """About ``megabytes`` of small dicts, every one tracked by the cyclic GC: the caches and
+    SDK objects an agent fleet keeps in its supervisor, at their worst for a collection."""
+    ballast: list[dict[str, object]] = []
+    target = _rss_kib() + megabytes * 1024
+    while _rss_kib() < target:
+        ballast.extend(
+            {"id": i, "text": f"cached item {i}"} for i in range(len(ballast), len(ballast) + 50_000)
+        )
+    return ballast
+
+
+async def scale(n: int) -> dict[str, float]:
+    """One point of the scale curves: ``n`` idle children (and a heap of ``heap=MB``, default none):
+    start and stop per child, memory per child, a status snapshot, and a restart among them."""
+    heap = next((int(arg[5:]) for arg in sys.argv[3:] if arg.startswith("heap=")), 0)
+    logging.getLogger("otree").setLevel(logging.CRITICAL)
+    heap_base = _rss_kib()
+    ballast = _ballast(heap) if heap else []
+    gc.collect()
+    base = _rss_kib()
+    tree = otree.supervisor(
+        "bench", max_restarts=10**6, children=[otree.task(f"c{i}", _idle) for i in range(n)]
+    )
+    t0, c0 = time.perf_counter(), time.process_time()
+    sup_cm = otree.open_supervisor(tree)
+    sup = await sup_cm.__aenter__()
+    await trio.testing.wait_all_tasks_blocked()
+    started, started_cpu = time.perf_counter() - t0, time.process_time() - c0
+    kib = (_rss_kib() - base) / n
+    status = []
+    for _ in range(5):
+        c = time.process_time()
+        msgspec.msgpack.encode(status_of(sup, sup._tree.root_info()))
+        status.append(time.process_time() - c)
+    runs = 2000
+    state = {"runs": 0, "t0": 0.0, "t1": 0.0, "c0": 0.0, "c1": 0.0}
+    finished = trio.Event()
+
+    async def crasher() -> None:
+        state["runs"] += 1
+        if state["runs"] == 1:
+            state["t0"], state["c0"] = time.perf_counter(), time.process_time()
+        elif state["runs"] == runs + 1:
+            state["t1"], state["c1"] = time.perf_counter(), time.process_time()
+            finished.set()
+            await trio.sleep_forever()
+        raise RuntimeError("crash")
+
+    await sup.start_child(otree.task("crasher", crasher))
+    await finished.wait()
+    t2, c2 = time.perf_counter(), time.process_time()
+    await sup_cm.__aexit__(None, None, None)
+    stopped, stopped_cpu = time.perf_counter() - t2, time.process_time() - c2
+    return {
+        "heap_mb": (base - heap_base) / 1024,
+        "start_us_per_child": started / n * 1e6,
+        "start_cpu_us_per_child": started_cpu / n * 1e6,
+        "stop_us_per_child": stopped / (n + 1) * 1e6,
+        "stop_cpu_us_per_child": stopped_cpu / (n + 1) * 1e6,
+        "kib_per_child": kib,
+        "status_cpu_ms": statistics.median(status) * 1e3,
+        "restart_us": (state["t1"] - state["t0"]) / runs * 1e6,
+        "restart_cpu_us": (state["c1"] - state["c0"]) / runs * 1e6,
+        "ballast": len(ballast),
+    }
 
 
 SCENARIOS = {
@@ -158,6 +242,7 @@ SCENARIOS = {
     "restart-trio": restart_trio,
     "tree-otree": tree_otree,
     "tree-trio": tree_trio,
+    "scale": scale,
 }
 
 if __name__ == "__main__":

@@ -292,7 +292,10 @@ class RunningChild:
         else:
             self.stop_mode = "grace"
             self.stopping.set()
-        self.scope.deadline = min(self.scope.deadline, kill_at)
+        if kill_at == -math.inf:
+            self.scope.cancel()  # at once: a past deadline would be registered, then expired
+        else:
+            self.scope.deadline = min(self.scope.deadline, kill_at)
 
     async def main(
         self, fn: Callable[..., Awaitable[Any]], args: tuple[Any, ...], takes_status: bool
