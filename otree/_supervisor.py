@@ -520,6 +520,8 @@ class _Supervisor:
             return None
         self._settle(child, run, stopped=False)
         self._count_restart(child)  # within the intensity (_in_place): no give-up, no delay
+        # the next run's context is a fresh copy of the supervisor's, as start_soon would give it
+        trio.lowlevel.current_task().context = self._parked.context.copy()
         child.run = again = RunningChild(self, child, child.path, previous_exit=child.exit, scope=run.scope)
         child.started_at = time.time()
         self._emit(child.path, "child.started")

@@ -11,6 +11,7 @@ readiness (``task_status``), which is still restarted in a new task.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -153,6 +154,38 @@ async def test_the_restart_waits_while_the_supervisor_serves_an_earlier_request(
     ]
     assert [t for _, _, t in seen] == [0.0, 1.5]
     assert len({task for task, _, _ in seen}) == 2  # a queued exit restarts in a new task
+
+
+_VAR: contextvars.ContextVar[str] = contextvars.ContextVar("otree_test_var", default="unset")
+
+
+@pytest.mark.parametrize("reports_ready", [False, True], ids=["plain", "task_status"])
+async def test_each_run_starts_in_a_fresh_copy_of_the_supervisors_context(
+    reports_ready: bool, autojump_clock: trio.testing.MockClock
+) -> None:
+    """What a run sets in its context is gone at the next run, restarted in its task or not."""
+    values: list[str] = []
+
+    async def child(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        values.append(_VAR.get())
+        _VAR.set(f"set by run {len(values)}")
+        task_status.started()
+        await trio.sleep(1)
+        if len(values) <= 2:
+            raise RuntimeError("crash")
+        await trio.sleep_forever()
+
+    async def plain_child() -> None:
+        await child()
+
+    token = _VAR.set("from the caller")
+    try:
+        tree = otree.supervisor("root", children=[otree.task("c", child if reports_ready else plain_child)])
+        async with otree.open_supervisor(tree):
+            await trio.sleep(5)
+    finally:
+        _VAR.reset(token)
+    assert values == ["from the caller"] * 3
 
 
 async def test_other_tasks_run_between_two_runs_in_the_same_task() -> None:
