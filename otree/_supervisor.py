@@ -44,8 +44,8 @@ from ._errors import (
     StartError,
 )
 from ._eventlog import EventLog
-from ._events import EventBus, level_of
-from ._info import ChildInfo, ChildState, Event, ExitInfo
+from ._events import EventBus
+from ._info import ChildInfo, ChildState, ExitInfo
 from ._intensity import RestartWindow
 from ._lifecycle import Rest, joins_group_restart, wake_action
 from ._logfiles import LOG_NAME
@@ -69,39 +69,23 @@ __all__ = ["Handles", "Tree"]
 ################################################################
 
 
+@dataclass(slots=True, eq=False, repr=False)
 class _Child:
     """What a supervisor holds for one child spec (OTP's ``#child{}``)."""
 
-    __slots__ = (
-        "consecutive",
-        "error",
-        "exit",
-        "nested",
-        "path",
-        "pending",
-        "pool",
-        "rest",
-        "restarts",
-        "run",
-        "spec",
-        "started_at",
-        "state",
-    )
-
-    def __init__(self, spec: ChildSpec, path: str) -> None:
-        self.spec = spec
-        self.path = path
-        self.state: ChildState = "stopped"
-        self.run: RunningChild | None = None
-        self.nested: _Supervisor | None = None
-        self.pool: Pool | None = None
-        self.restarts = 0
-        self.started_at: float | None = None
-        self.exit: ExitInfo | None = None  # the last run's exit
-        self.error: BaseException | None = None  # the last run's exception, if any
-        self.consecutive = 0  # automatic restarts in a row, for backoff
-        self.pending: object | None = None  # token of a scheduled retry while restarting
-        self.rest: Rest = ""  # parked or held: stopped until something starts it (_lifecycle)
+    spec: ChildSpec
+    path: str
+    state: ChildState = "stopped"
+    run: RunningChild | None = None
+    nested: _Supervisor | None = None
+    pool: Pool | None = None
+    restarts: int = 0
+    started_at: float | None = None
+    exit: ExitInfo | None = None  # the last run's exit
+    error: BaseException | None = None  # the last run's exception, if any
+    consecutive: int = 0  # automatic restarts in a row, for backoff
+    pending: object | None = None  # token of a scheduled retry while restarting
+    rest: Rest = ""  # parked or held: stopped until something starts it (_lifecycle)
 
 
 class _GiveUp(Exception):
@@ -281,15 +265,6 @@ class _Supervisor:
 
     def _emit(self, path: str, kind: str, reason: str = "", /, **details: Any) -> None:
         self.tree.bus.emit(path, kind, reason, details)
-
-    def _emit_end(self, kind: str, child: _Child, run: RunningChild) -> None:
-        exit_info = run.exit
-        assert exit_info is not None
-        level = level_of(kind, exit_info.reason)
-        bus = self.tree.bus
-        if bus.wants(level):
-            event = Event(time.time(), child.path, kind, exit_info.reason, run.exit_details())
-            bus.publish(event, level, run.error)
 
     # --- serving --------------------------------------------------------------
 
@@ -477,9 +452,6 @@ class _Supervisor:
             run.ready = True
         elif not await run.wait_ready():
             self._start_failed(child, run, before)
-        self._ready(child, run)
-
-    def _ready(self, child: _Child, run: RunningChild) -> None:
         if child.run is run and child.state in ("starting", "restarting"):
             child.state = "running"
         child.rest = ""
@@ -491,7 +463,7 @@ class _Supervisor:
         child.state = before
         child.exit = run.exit
         child.error = run.error
-        self._emit_end("child.start_failed", child, run)
+        run.publish_end(self.tree.bus, "child.start_failed")
         self._call_on_exit(child)
         raise _StartFailed(run)
 
@@ -511,41 +483,31 @@ class _Supervisor:
         """A child reported spend: a supervisor only keeps it on the run (for its exit event)."""
 
     def run_exited(self, run: RunningChild) -> RunningChild | None:
-        """A child's run ended by itself: queue its exit (OTP's ``'EXIT'`` message), or, when the
-        supervisor is idle and the exit is a plain restart (``_in_place``), handle it at once, as
-        the supervisor would next, and return the child's next run, to run in the same task."""
-        child = run.child
-        if self._parked is None or child.run is not run or not self._in_place(child, run):
+        """A child's run ended by itself: queue its exit (OTP's ``'EXIT'`` message); or, when the
+        supervisor is idle and restarts the child alone and at once, within the intensity, and the
+        child is a task ready at once without time limits, handle it now, as the supervisor would
+        next, and return the next run, to run in the same task."""
+        child, spec, sup = run.child, run.child.spec, self.spec
+        assert run.exit is not None
+        if not (
+            (self._parked is not None and child.run is run)  # idle (all done before), not stale
+            and (sup.strategy == "one_for_one" and sup.backoff is None and not sup.persist_intensity)
+            and (isinstance(spec, TaskSpec) and spec.max_runtime is None and spec.idle_timeout is None)
+            and not (run.parked or takes_task_status(spec.fn))
+            and spec.restarts_after(run.exit, own_exit=False)
+            and self.window.in_window(trio.current_time()) < sup.max_restarts
+        ):
             self._post(self._child_exited, run)
             return None
         self._settle(child, run, stopped=False)
-        self._count_restart(child)  # within the intensity (_in_place): no give-up, no delay
-        # the next run's context is a fresh copy of the supervisor's, as start_soon would give it
-        trio.lowlevel.current_task().context = self._parked.context.copy()
-        child.run = again = RunningChild(self, child, child.path, previous_exit=child.exit, scope=run.scope)
+        self._count_restart(child)  # within the intensity (checked above): no give-up, no delay
+        again: RunningChild = run.successor(child.exit, self._parked.context.copy())
+        child.run = again
         child.started_at = time.time()
         self._emit(child.path, "child.started")
-        again.ready = True
-        self._ready(child, again)
+        child.state = "running"
+        self._emit(child.path, "child.ready")
         return again
-
-    def _in_place(self, child: _Child, run: RunningChild) -> bool:
-        """Whether an exit restarts its child alone, at once, as a task ready at once without time
-        limits, within the intensity: the restart a supervisor may make in the child's own task."""
-        spec, sup = child.spec, self.spec
-        assert run.exit is not None
-        return (
-            sup.strategy == "one_for_one"
-            and sup.backoff is None
-            and not sup.persist_intensity
-            and isinstance(spec, TaskSpec)
-            and spec.max_runtime is None
-            and spec.idle_timeout is None
-            and not run.parked
-            and not takes_task_status(spec.fn)
-            and spec.restarts_after(run.exit, own_exit=False)
-            and self.window.in_window(trio.current_time()) < sup.max_restarts
-        )
 
     def _settle(self, child: _Child, run: RunningChild, stopped: bool) -> None:
         """Record the end of ``run``: state, exit info, event; forget a temporary child."""
@@ -553,11 +515,11 @@ class _Supervisor:
         child.state = "stopped"
         child.exit = run.exit
         child.error = run.error
-        self._emit_end("child.stopped" if stopped else "child.exited", child, run)
+        run.publish_end(self.tree.bus, "child.stopped" if stopped else "child.exited")
         assert run.exit is not None
         self._call_on_exit(child)
         if stopped and (run.error is not None or (run.stop_mode == "grace" and run.exit.detail == "killed")):
-            self._emit_end("child.shutdown_error", child, run)
+            run.publish_end(self.tree.bus, "child.shutdown_error")
         if child.spec.restart == "temporary" and self.children.get(child.spec.id) is child:
             del self.children[child.spec.id]
 
@@ -636,7 +598,10 @@ class _Supervisor:
         child.restarts += 1
         child.state = "restarting"
         child.pending = None
-        delay = self._backoff(child)
+        delay = 0.0
+        if self.spec.backoff is not None:
+            child.consecutive += 1
+            delay = self.spec.backoff.delay(child.consecutive, self.tree.random.random())
         self._emit(
             child.path,
             "child.restarting",
@@ -655,13 +620,6 @@ class _Supervisor:
         if self.spec.strategy == "one_for_one":  # spare listing every id on the hot path
             return [child.spec.id]
         return affected_children(self.spec.strategy, list(self.children), child.spec.id)
-
-    def _backoff(self, child: _Child) -> float:
-        backoff = self.spec.backoff
-        if backoff is None:
-            return 0.0
-        child.consecutive += 1
-        return backoff.delay(child.consecutive, self.tree.random.random())
 
     async def _start_group(self, trigger: _Child) -> None:
         """Start the group in order; a failed start marks that child restarting and queues a retry."""

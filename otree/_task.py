@@ -14,8 +14,10 @@ on ``exit(Pid, shutdown)``.
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import math
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
@@ -23,7 +25,8 @@ import trio
 
 from ._appevents import app_event
 from ._errors import RestartIntensityExceeded, Shutdown
-from ._info import ExitInfo
+from ._events import EventBus, level_of
+from ._info import Event, ExitInfo
 from ._strategy import ExitReason
 
 __all__ = ["Active", "RunningChild", "TimeLimitExceeded", "current_child", "describe", "wait_quiet"]
@@ -231,6 +234,14 @@ class RunningChild:
 
     # --- what the supervisor does ------------------------------------------
 
+    def successor(self, previous_exit: ExitInfo | None, context: contextvars.Context) -> RunningChild:
+        """The child's next run, ready at once, to run in this run's task (its supervisor restarts
+        it there): it shares this run's scope and runs in ``context`` (call from this task)."""
+        trio.lowlevel.current_task().context = context
+        run = RunningChild(self.owner, self.child, self.path, previous_exit=previous_exit, scope=self.scope)
+        run.ready = True
+        return run
+
     async def wait_ready(self) -> bool:
         """Wait until the child is ready (True) or has exited without being ready (False)."""
         if not self.ready and self.exit is None:
@@ -368,6 +379,16 @@ class RunningChild:
         self.fail_stop(
             TimeLimitExceeded("max_runtime", f"max_runtime: still running after {seconds:g}s"), grace
         )
+
+    def publish_end(self, bus: EventBus, kind: str) -> None:
+        """Publish how this run ended as a ``kind`` event, if anyone wants it (its exception
+        goes to the log record)."""
+        exit_info = self.exit
+        assert exit_info is not None
+        level = level_of(kind, exit_info.reason)
+        if bus.wants(level):
+            event = Event(time.time(), self.path, kind, exit_info.reason, self.exit_details())
+            bus.publish(event, level, self.error)
 
     def exit_details(self) -> dict[str, Any]:
         """How this run ended, as an exit event's details: its detail, exception, spend, and
