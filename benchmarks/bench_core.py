@@ -50,20 +50,36 @@ async def _idle() -> None:
     await trio.sleep_forever()
 
 
-async def restart_otree(n: int) -> dict[str, float]:
-    state = {"runs": 0, "t0": 0.0, "t1": 0.0, "c0": 0.0, "c1": 0.0}
-    finished = trio.Event()
+class _Crasher:
+    """A task child that raises at once, ``n`` restarts timed (wall and CPU) from its first run
+    to its ``n + 1``-th, which stays up."""
 
-    async def crasher() -> None:
-        state["runs"] += 1
-        if state["runs"] == 1:
-            state["t0"], state["c0"] = time.perf_counter(), time.process_time()
-        elif state["runs"] == n + 1:
-            state["t1"], state["c1"] = time.perf_counter(), time.process_time()
-            finished.set()
-            await trio.sleep_forever()
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.runs = 0
+        self.wall = [0.0, 0.0]
+        self.cpu = [0.0, 0.0]
+        self.finished = trio.Event()
+
+    async def __call__(self) -> None:
+        self.runs += 1
+        if self.runs in (1, self.n + 1):
+            end = self.runs > 1
+            self.wall[end], self.cpu[end] = time.perf_counter(), time.process_time()
+            if end:
+                self.finished.set()
+                await trio.sleep_forever()
         raise RuntimeError("crash")
 
+    def figures(self) -> dict[str, float]:
+        return {
+            "us_per_restart": (self.wall[1] - self.wall[0]) / self.n * 1e6,
+            "cpu_us_per_restart": (self.cpu[1] - self.cpu[0]) / self.n * 1e6,
+        }
+
+
+async def restart_otree(n: int) -> dict[str, float]:
+    crasher = _Crasher(n)
     tree = otree.supervisor(
         "bench", max_restarts=10 * n, max_seconds=3600, children=[otree.task("c", crasher)]
     )
@@ -71,11 +87,8 @@ async def restart_otree(n: int) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as directory:
         # ``log-on``: the event log (events.jsonl) is written, as under ``otree run``
         async with otree.open_supervisor(tree, state_dir=directory, event_log="log-on" in sys.argv[3:]):
-            await finished.wait()
-    return {
-        "us_per_restart": (state["t1"] - state["t0"]) / n * 1e6,
-        "cpu_us_per_restart": (state["c1"] - state["c0"]) / n * 1e6,
-    }
+            await crasher.finished.wait()
+    return crasher.figures()
 
 
 async def restart_otree_quiet(n: int) -> dict[str, float]:
@@ -202,22 +215,9 @@ async def scale(n: int) -> dict[str, float]:
         c = time.process_time()
         msgspec.msgpack.encode(status_of(sup, sup._tree.root_info()))
         status.append(time.process_time() - c)
-    runs = 2000
-    state = {"runs": 0, "t0": 0.0, "t1": 0.0, "c0": 0.0, "c1": 0.0}
-    finished = trio.Event()
-
-    async def crasher() -> None:
-        state["runs"] += 1
-        if state["runs"] == 1:
-            state["t0"], state["c0"] = time.perf_counter(), time.process_time()
-        elif state["runs"] == runs + 1:
-            state["t1"], state["c1"] = time.perf_counter(), time.process_time()
-            finished.set()
-            await trio.sleep_forever()
-        raise RuntimeError("crash")
-
+    crasher = _Crasher(2000)
     await sup.start_child(otree.task("crasher", crasher))
-    await finished.wait()
+    await crasher.finished.wait()
     t2, c2 = time.perf_counter(), time.process_time()
     await sup_cm.__aexit__(None, None, None)
     stopped, stopped_cpu = time.perf_counter() - t2, time.process_time() - c2
@@ -229,8 +229,8 @@ async def scale(n: int) -> dict[str, float]:
         "stop_cpu_us_per_child": stopped_cpu / (n + 1) * 1e6,
         "kib_per_child": kib,
         "status_cpu_ms": statistics.median(status) * 1e3,
-        "restart_us": (state["t1"] - state["t0"]) / runs * 1e6,
-        "restart_cpu_us": (state["c1"] - state["c0"]) / runs * 1e6,
+        "restart_us": crasher.figures()["us_per_restart"],
+        "restart_cpu_us": crasher.figures()["cpu_us_per_restart"],
         "ballast": len(ballast),
     }
 
