@@ -16,6 +16,10 @@ Scenarios:
     small tracked objects): start, stop and memory per child, a status snapshot
     (built and encoded as the control socket sends it) and a one_for_one restart
     among N idle children.
+  parts: the CPU cost of each piece a restart is made of, alone (a task per
+    run, a cancel scope, a scheduler round, a run record, an event, a log
+    record...), ``sync_step_overhead`` being the harness's own share of the
+    synchronous rows.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 
 import msgspec
 import trio
@@ -235,6 +240,69 @@ async def scale(n: int) -> dict[str, float]:
     }
 
 
+class _Dropped(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        pass
+
+
+async def parts(n: int) -> dict[str, float]:
+    """CPU us of the pieces a restart is made of, each alone, ``n`` times (where a restart's time goes)."""
+    from otree._events import EventBus
+    from otree._info import Event
+    from otree._intensity import RestartWindow
+    from otree._task import RunningChild
+
+    async def crash() -> None:
+        raise RuntimeError("crash")
+
+    async def caught(done: trio.Event | None = None) -> None:
+        with contextlib.suppress(Exception):
+            await crash()
+        if done is not None:
+            done.set()
+
+    async def timed(step: Callable[[], Awaitable[object]], count: int = n) -> float:
+        c0 = time.process_time()
+        for _ in range(count):
+            await step()
+        return (time.process_time() - c0) / count * 1e6
+
+    async def scope_cycle() -> None:
+        with trio.CancelScope(shield=True):
+            pass
+
+    async with trio.open_nursery() as nursery:
+
+        async def task_per_run() -> None:
+            done = trio.Event()
+            nursery.start_soon(caught, done)
+            await done.wait()
+
+        spawn = await timed(task_per_run, n // 4)
+
+    async def sync(fn: Callable[[], object]) -> None:
+        fn()
+
+    bus, window = EventBus(), RestartWindow(10**9, 3600.0)
+    error = RuntimeError("crash")
+    event = Event(0.0, "bench/c", "child.exited", "error", {"detail": "RuntimeError: crash"})
+    logging.getLogger().addHandler(_Dropped())  # a handler: records are built (and dropped)
+    figures = {
+        "task_per_run_floor": spawn,
+        "raise_and_catch": await timed(caught),
+        "cancel_scope_create_enter_exit": await timed(scope_cycle),
+        "scheduler_round": await timed(trio.lowlevel.cancel_shielded_checkpoint),
+        "running_child": await timed(lambda: sync(lambda: RunningChild(None, None, "bench/c"))),  # type: ignore[arg-type]
+        "window_add": await timed(lambda: sync(lambda: window.add_restart(trio.current_time()))),
+        "event_nobody_wants": await timed(lambda: sync(lambda: bus.emit("bench/c", "child.ready", "", {}))),
+        "event_with_log_record": await timed(
+            lambda: sync(lambda: bus.publish(event, logging.WARNING, error))
+        ),
+    }
+    figures["sync_step_overhead"] = await timed(lambda: sync(lambda: None))
+    return figures
+
+
 SCENARIOS = {
     "restart-otree": restart_otree,
     "restart-otree-quiet": restart_otree_quiet,
@@ -243,6 +311,7 @@ SCENARIOS = {
     "tree-otree": tree_otree,
     "tree-trio": tree_trio,
     "scale": scale,
+    "parts": parts,
 }
 
 if __name__ == "__main__":

@@ -19,6 +19,8 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import otree
 from otree._events import EventBus
@@ -376,3 +378,77 @@ def test_a_record_is_built_whenever_logging_would_see_it(setup: str, monkeypatch
         bus.publish(otree.Event(0.0, "root/c", "child.started"), logging.DEBUG)  # not enabled: not built
     assert [r.getMessage() for r in seen.records] == ["root/c child.exited error {}"]
     assert len(built) == 1
+
+
+# --- the same history either way ----------------------------------------------------------------
+
+
+async def _history(
+    reports_ready: bool, crashes: dict[str, list[float]], ops: list[tuple[float, str, str]], intensity: int
+) -> list[Any]:
+    """Run three one_for_one children that crash at the given times while an operator stops and
+    restarts them at others; everything the tree said and the end state, with ``reports_ready``
+    children (restarted through the queue) or plain ones (restarted in their task when idle)."""
+
+    async def child(name: str, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        later = [t for t in crashes[name] if t > trio.current_time()]
+        if not later:
+            await trio.sleep_forever()
+        await trio.sleep_until(later[0])
+        raise RuntimeError(f"{name} at {later[0]}")
+
+    async def plain(name: str) -> None:
+        await child(name)
+
+    fn = child if reports_ready else plain
+    tree = otree.supervisor(
+        "root", max_restarts=intensity, max_seconds=4.0, children=[otree.task(n, fn, n) for n in "abc"]
+    )
+    said: list[Any] = []
+    try:
+        async with otree.open_supervisor(tree) as sup, trio.open_nursery() as nursery:
+
+            async def listen() -> None:
+                async for e in sup.events():
+                    said.append((trio.current_time(), e.path, e.kind, e.reason, e.details))
+
+            nursery.start_soon(listen)
+            for at, op, name in ops:
+                await trio.sleep_until(at)
+                try:
+                    await (sup.terminate_child(name) if op == "stop" else sup.restart_child(name))
+                except otree.OtreeError as error:
+                    said.append((at, op, name, type(error).__name__))
+            await trio.sleep_until(30)
+            said.append([(i.id, i.state, i.restarts, i.exit) for i in sup.which_children()])
+            nursery.cancel_scope.cancel()
+    except otree.RestartIntensityExceeded as error:
+        said.append(("gave up", trio.current_time(), str(error)))
+    return said
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    crashes=st.fixed_dictionaries({n: st.lists(st.integers(1, 25), max_size=8, unique=True) for n in "abc"}),
+    ops=st.lists(st.tuples(st.integers(1, 25), st.sampled_from(["stop", "restart"]), st.sampled_from("abc"))),
+    intensity=st.integers(0, 6),
+)
+def test_restarts_in_the_task_leave_the_same_history_as_restarts_through_the_queue(
+    crashes: dict[str, list[float]], ops: list[tuple[float, str, str]], intensity: int
+) -> None:
+    # distinct moments: a crashes at n.1, b at n.2, c at n.3, the operator acts at n.5
+    crashes = {n: [t + 0.1 * (1 + "abc".index(n)) for t in ts] for n, ts in crashes.items()}
+    ops = sorted({(t + 0.5, op, n) for t, op, n in ops})
+    histories = [
+        trio.run(
+            _history,
+            reports_ready,
+            crashes,
+            ops,
+            intensity,
+            clock=trio.testing.MockClock(autojump_threshold=0),
+        )
+        for reports_ready in (True, False)
+    ]
+    assert histories[0] == histories[1]
