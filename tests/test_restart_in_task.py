@@ -15,6 +15,7 @@ import contextvars
 import logging
 from collections.abc import Callable, Iterator
 from typing import Any
+from unittest import mock
 
 import pytest
 import trio
@@ -24,6 +25,7 @@ from hypothesis import strategies as st
 
 import otree
 from otree._events import EventBus
+from otree._supervisor import _Supervisor
 
 Seen = list[tuple[trio.lowlevel.Task, otree.RunningChild, float]]
 
@@ -428,7 +430,7 @@ async def _history(
     return said
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(
     crashes=st.fixed_dictionaries({n: st.lists(st.integers(1, 25), max_size=8, unique=True) for n in "abc"}),
     ops=st.lists(st.tuples(st.integers(1, 25), st.sampled_from(["stop", "restart"]), st.sampled_from("abc"))),
@@ -440,15 +442,16 @@ def test_restarts_in_the_task_leave_the_same_history_as_restarts_through_the_que
     # distinct moments: a crashes at n.1, b at n.2, c at n.3, the operator acts at n.5
     crashes = {n: [t + 0.1 * (1 + "abc".index(n)) for t in ts] for n, ts in crashes.items()}
     ops = sorted({(t + 0.5, op, n) for t, op, n in ops})
-    histories = [
-        trio.run(
-            _history,
-            reports_ready,
-            crashes,
-            ops,
-            intensity,
-            clock=trio.testing.MockClock(autojump_threshold=0),
-        )
-        for reports_ready in (True, False)
-    ]
-    assert histories[0] == histories[1]
+
+    def history(reports_ready: bool) -> list[Any]:
+        clock = trio.testing.MockClock(autojump_threshold=0)
+        return trio.run(_history, reports_ready, crashes, ops, intensity, clock=clock)
+
+    queued = history(True)
+    assert history(False) == queued
+    with mock.patch.object(_Supervisor, "run_exited", _always_queued):  # plain children, the old way
+        assert history(False) == queued
+
+
+def _always_queued(self: _Supervisor, run: otree.RunningChild) -> None:
+    self._post(self._child_exited, run)
