@@ -46,6 +46,23 @@ def level_of(kind: str, reason: str) -> int:
     return _LEVELS.get(kind, logging.INFO)
 
 
+def _recorded(level: int) -> bool:
+    """Whether a record at ``level`` would reach more than the ``otree`` logger's NullHandler (a
+    filter, a handler, or logging's last resort), as ``Logger.callHandlers`` would find: with
+    logging left as Python starts it, a crash loop builds no ``LogRecord`` (~3 us each)."""
+    if _log.filters:
+        return True
+    found = False
+    logger: logging.Logger | None = _log
+    while logger is not None:
+        for handler in logger.handlers:
+            found = True
+            if type(handler) is not logging.NullHandler and level >= handler.level:
+                return True
+        logger = logger.parent if logger.propagate else None
+    return not found and logging.lastResort is not None and level >= logging.lastResort.level
+
+
 class EventBus:
     """Fan-out of one tree's events to its subscribers and the ``otree`` logger."""
 
@@ -89,7 +106,7 @@ class EventBus:
             for stream in self._streams:
                 stream._offer(event)
             self._subscribed = bool(self._streams)
-        if _log.isEnabledFor(level):
+        if _log.isEnabledFor(level) and _recorded(level):
             # Built by hand: Logger.log would walk the stack for a caller that is always here.
             record = _log.makeRecord(
                 _log.name,

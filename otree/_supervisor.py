@@ -44,8 +44,8 @@ from ._errors import (
     StartError,
 )
 from ._eventlog import EventLog
-from ._events import EventBus, level_of
-from ._info import ChildInfo, ChildState, Event, ExitInfo
+from ._events import EventBus
+from ._info import ChildInfo, ChildState, ExitInfo
 from ._intensity import RestartWindow
 from ._lifecycle import Rest, joins_group_restart, wake_action
 from ._logfiles import LOG_NAME
@@ -70,39 +70,23 @@ __all__ = ["Handles", "Tree"]
 ################################################################
 
 
+@dataclass(slots=True, eq=False, repr=False)
 class _Child:
     """What a supervisor holds for one child spec (OTP's ``#child{}``)."""
 
-    __slots__ = (
-        "consecutive",
-        "error",
-        "exit",
-        "nested",
-        "path",
-        "pending",
-        "pool",
-        "rest",
-        "restarts",
-        "run",
-        "spec",
-        "started_at",
-        "state",
-    )
-
-    def __init__(self, spec: ChildSpec, path: str) -> None:
-        self.spec = spec
-        self.path = path
-        self.state: ChildState = "stopped"
-        self.run: RunningChild | None = None
-        self.nested: _Supervisor | None = None
-        self.pool: Pool | None = None
-        self.restarts = 0
-        self.started_at: float | None = None
-        self.exit: ExitInfo | None = None  # the last run's exit
-        self.error: BaseException | None = None  # the last run's exception, if any
-        self.consecutive = 0  # automatic restarts in a row, for backoff
-        self.pending: object | None = None  # token of a scheduled retry while restarting
-        self.rest: Rest = ""  # parked or held: stopped until something starts it (_lifecycle)
+    spec: ChildSpec
+    path: str
+    state: ChildState = "stopped"
+    run: RunningChild | None = None
+    nested: _Supervisor | None = None
+    pool: Pool | None = None
+    restarts: int = 0
+    started_at: float | None = None
+    exit: ExitInfo | None = None  # the last run's exit
+    error: BaseException | None = None  # the last run's exception, if any
+    consecutive: int = 0  # automatic restarts in a row, for backoff
+    pending: object | None = None  # token of a scheduled retry while restarting
+    rest: Rest = ""  # parked or held: stopped until something starts it (_lifecycle)
 
 
 class _GiveUp(Exception):
@@ -282,15 +266,6 @@ class _Supervisor:
 
     def _emit(self, path: str, kind: str, reason: str = "", /, **details: Any) -> None:
         self.tree.bus.emit(path, kind, reason, details)
-
-    def _emit_end(self, kind: str, child: _Child, run: RunningChild) -> None:
-        exit_info = run.exit
-        assert exit_info is not None
-        level = level_of(kind, exit_info.reason)
-        bus = self.tree.bus
-        if bus.wants(level):
-            event = Event(time.time(), child.path, kind, exit_info.reason, run.exit_details())
-            bus.publish(event, level, run.error)
 
     # --- serving --------------------------------------------------------------
 
@@ -490,7 +465,7 @@ class _Supervisor:
         child.state = before
         child.exit = run.exit
         child.error = run.error
-        self._emit_end("child.start_failed", child, run)
+        run.publish_end(self.tree.bus, "child.start_failed")
         self._call_on_exit(child)
         raise _StartFailed(run)
 
@@ -509,9 +484,32 @@ class _Supervisor:
     def cost_reported(self, run: RunningChild) -> None:
         """A child reported spend: a supervisor only keeps it on the run (for its exit event)."""
 
-    def run_exited(self, run: RunningChild) -> None:
-        """A child's run ended by itself: queue its exit (OTP's ``'EXIT'`` message)."""
-        self._post(self._child_exited, run)
+    def run_exited(self, run: RunningChild) -> RunningChild | None:
+        """A child's run ended by itself: queue its exit (OTP's ``'EXIT'`` message); or, when the
+        supervisor is idle and restarts the child alone and at once, within the intensity, and the
+        child is a task ready at once without time limits, handle it now, as the supervisor would
+        next, and return the next run, to run in the same task."""
+        child, spec, sup = run.child, run.child.spec, self.spec
+        assert run.exit is not None
+        if not (
+            (self._parked is not None and child.run is run)  # idle (all done before), not stale
+            and (sup.strategy == "one_for_one" and sup.backoff is None and not sup.persist_intensity)
+            and (isinstance(spec, TaskSpec) and spec.max_runtime is None and spec.idle_timeout is None)
+            and not (run.parked or takes_task_status(spec.fn))
+            and spec.restarts_after(run.exit, own_exit=False)
+            and self.window.in_window(trio.current_time()) < sup.max_restarts
+        ):
+            self._post(self._child_exited, run)
+            return None
+        self._settle(child, run, stopped=False)
+        self._count_restart(child)  # within the intensity (checked above): no give-up, no delay
+        again: RunningChild = run.successor(child.exit, self._parked.context.copy())
+        child.run = again
+        child.started_at = time.time()
+        self._emit(child.path, "child.started")
+        child.state = "running"
+        self._emit(child.path, "child.ready")
+        return again
 
     def _settle(self, child: _Child, run: RunningChild, stopped: bool) -> None:
         """Record the end of ``run``: state, exit info, event; forget a temporary child."""
@@ -519,11 +517,11 @@ class _Supervisor:
         child.state = "stopped"
         child.exit = run.exit
         child.error = run.error
-        self._emit_end("child.stopped" if stopped else "child.exited", child, run)
+        run.publish_end(self.tree.bus, "child.stopped" if stopped else "child.exited")
         assert run.exit is not None
         self._call_on_exit(child)
         if stopped and (run.error is not None or (run.stop_mode == "grace" and run.exit.detail == "killed")):
-            self._emit_end("child.shutdown_error", child, run)
+            run.publish_end(self.tree.bus, "child.shutdown_error")
         if child.spec.restart == "temporary" and self.children.get(child.spec.id) is child:
             del self.children[child.spec.id]
 
@@ -566,6 +564,19 @@ class _Supervisor:
 
     async def _restart(self, child: _Child) -> None:
         """Count one restart, then restart ``child`` and its group by the strategy."""
+        delay = self._count_restart(child)
+        group = self._group(child)
+        if len(group) > 1:
+            await self._stop_children([self.children[i] for i in reversed(group) if i != child.spec.id])
+        if delay > 0:
+            assert self._timers is not None
+            token = child.pending = object()
+            self._timers.start_soon(self._wake_after, delay, child, token)
+        else:
+            await self._start_group(child)
+
+    def _count_restart(self, child: _Child) -> float:
+        """Record one restart of ``child`` (give up beyond the intensity); its backoff delay."""
         now = trio.current_time()
         within = self.window.add_restart(now)
         if self.spec.persist_intensity:
@@ -589,7 +600,10 @@ class _Supervisor:
         child.restarts += 1
         child.state = "restarting"
         child.pending = None
-        delay = self._backoff(child)
+        delay = 0.0
+        if self.spec.backoff is not None:
+            child.consecutive += 1
+            delay = self.spec.backoff.delay(child.consecutive, self.tree.random.random())
         self._emit(
             child.path,
             "child.restarting",
@@ -597,15 +611,7 @@ class _Supervisor:
             delay=delay,
             restarts_in_window=self.window.in_window(now),
         )
-        group = self._group(child)
-        if len(group) > 1:
-            await self._stop_children([self.children[i] for i in reversed(group) if i != child.spec.id])
-        if delay > 0:
-            assert self._timers is not None
-            token = child.pending = object()
-            self._timers.start_soon(self._wake_after, delay, child, token)
-        else:
-            await self._start_group(child)
+        return delay
 
     def _window_problem(self, problem: str) -> None:
         """A restart window that could not be read or kept: counted afresh, and said so."""
@@ -616,13 +622,6 @@ class _Supervisor:
         if self.spec.strategy == "one_for_one":  # spare listing every id on the hot path
             return [child.spec.id]
         return affected_children(self.spec.strategy, list(self.children), child.spec.id)
-
-    def _backoff(self, child: _Child) -> float:
-        backoff = self.spec.backoff
-        if backoff is None:
-            return 0.0
-        child.consecutive += 1
-        return backoff.delay(child.consecutive, self.tree.random.random())
 
     async def _start_group(self, trigger: _Child) -> None:
         """Start the group in order; a failed start marks that child restarting and queues a retry."""

@@ -14,8 +14,10 @@ on ``exit(Pid, shutdown)``.
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import math
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
@@ -23,7 +25,8 @@ import trio
 
 from ._appevents import app_event
 from ._errors import RestartIntensityExceeded, Shutdown
-from ._info import ExitInfo
+from ._events import EventBus, level_of
+from ._info import Event, ExitInfo
 from ._strategy import ExitReason
 
 __all__ = ["Active", "RunningChild", "TimeLimitExceeded", "current_child", "describe", "wait_quiet"]
@@ -59,7 +62,7 @@ class _Owner(Protocol):
 
     def _emit(self, path: str, kind: str, reason: str = "", /, **details: Any) -> None: ...
 
-    def run_exited(self, run: RunningChild) -> None: ...
+    def run_exited(self, run: RunningChild) -> RunningChild | None: ...
 
 
 def current_child() -> RunningChild:
@@ -74,13 +77,15 @@ def current_child() -> RunningChild:
         task = None
     # Found through the task tree rather than a ContextVar: setting a ContextVar in
     # every child costs about as much as the rest of its start. A child's task runs
-    # RunningChild.main, whose frame holds the run; tasks the child spawned in its
-    # own nurseries find it through their parents.
+    # RunningChild.main, whose frame holds the current run (``run``: a child restarted
+    # in its own task has a new one); tasks the child spawned in its own nurseries find
+    # it through their parents.
     while task is not None:
         coro = task.coro
         if getattr(coro, "cr_code", None) is _MAIN_CODE and coro.cr_frame is not None:
-            run: RunningChild = coro.cr_frame.f_locals["self"]
-            return run
+            run: RunningChild | None = coro.cr_frame.f_locals["run"]
+            if run is not None:
+                return run
         nursery = task.parent_nursery
         task = nursery.parent_task if nursery is not None else None
     raise RuntimeError("otree.current_child() called outside an otree task child")
@@ -130,12 +135,19 @@ class RunningChild:
     )
 
     def __init__(
-        self, owner: _Owner, child: Any, path: str, *, previous_exit: ExitInfo | None = None
+        self,
+        owner: _Owner,
+        child: Any,
+        path: str,
+        *,
+        previous_exit: ExitInfo | None = None,
+        scope: trio.CancelScope | None = None,
     ) -> None:
         self.owner = owner
         self.child = child
         self.path = path
-        self.scope = trio.CancelScope(shield=True)
+        # a run restarted in its predecessor's task shares its scope (never cancelled: see main)
+        self.scope = trio.CancelScope(shield=True) if scope is None else scope
         self.ready = False
         self._ready_waiter: trio.Event | None = None
         self._stopping: trio.Event | None = None
@@ -222,6 +234,14 @@ class RunningChild:
 
     # --- what the supervisor does ------------------------------------------
 
+    def successor(self, previous_exit: ExitInfo | None, context: contextvars.Context) -> RunningChild:
+        """The child's next run, ready at once, to run in this run's task (its supervisor restarts
+        it there): it shares this run's scope and runs in ``context`` (call from this task)."""
+        trio.lowlevel.current_task().context = context
+        run = RunningChild(self.owner, self.child, self.path, previous_exit=previous_exit, scope=self.scope)
+        run.ready = True
+        return run
+
     async def wait_ready(self) -> bool:
         """Wait until the child is ready (True) or has exited without being ready (False)."""
         if not self.ready and self.exit is None:
@@ -283,23 +303,42 @@ class RunningChild:
         else:
             self.stop_mode = "grace"
             self.stopping.set()
-        self.scope.deadline = min(self.scope.deadline, kill_at)
+        if kill_at == -math.inf:
+            self.scope.cancel()  # at once: a past deadline would be registered, then expired
+        else:
+            self.scope.deadline = min(self.scope.deadline, kill_at)
 
     async def main(
         self, fn: Callable[..., Awaitable[Any]], args: tuple[Any, ...], takes_status: bool
     ) -> None:
-        """Run the child's function and report how it ended to the supervisor."""
+        """Run the child's function and report how it ended to the supervisor; run it again in
+        this task, as the next run, when the supervisor restarts it here (``run_exited`` returns
+        that run) instead of in a new task.
+
+        The runs share one cancel scope: only a stop cancels it, and a stopped run is never
+        restarted here, so the scope is never cancelled under a later run.
+        """
         if self.runtime_limit is not None or self.idle_limit is not None:
             fn = functools.partial(self._watched, fn)
-        try:
-            with self.scope:
-                if takes_status:
-                    self.result = await fn(*args, task_status=self)
-                else:
-                    self.result = await fn(*args)
-                self.returned = True
-        except Exception as exc:  # noqa: BLE001 - a child's exception is its exit reason
-            self.error = exc
+        run: RunningChild | None = self
+        with self.scope:
+            while run is not None:
+                try:
+                    if takes_status:
+                        run.result = await fn(*args, task_status=run)
+                    else:
+                        run.result = await fn(*args)
+                    run.returned = True
+                except Exception as exc:  # noqa: BLE001 - a child's exception is its exit reason
+                    run.error = exc
+                run = run._ended()
+                if run is not None:  # the next run starts in a later scheduler round, as a new task would
+                    await trio.lowlevel.cancel_shielded_checkpoint()
+        if run is not None:  # a stop cancelled it
+            run._ended()
+
+    def _ended(self) -> RunningChild | None:
+        """Classify this run's end and report it; the next run when it restarts in this task."""
         if self.fault is not None:
             self.fault.__cause__ = self.error
             self.error = self.fault
@@ -311,7 +350,8 @@ class RunningChild:
         elif self.stopper is not None:
             self.stopper(self)
         else:
-            self.owner.run_exited(self)
+            return self.owner.run_exited(self)
+        return None
 
     async def _watched(self, fn: Callable[..., Awaitable[Any]], *args: Any, **kwargs: Any) -> Any:
         """``await fn(...)`` under its time limits: stopped as misbehaving once it has run
@@ -339,6 +379,16 @@ class RunningChild:
         self.fail_stop(
             TimeLimitExceeded("max_runtime", f"max_runtime: still running after {seconds:g}s"), grace
         )
+
+    def publish_end(self, bus: EventBus, kind: str) -> None:
+        """Publish how this run ended as a ``kind`` event, if anyone wants it (its exception
+        goes to the log record)."""
+        exit_info = self.exit
+        assert exit_info is not None
+        level = level_of(kind, exit_info.reason)
+        if bus.wants(level):
+            event = Event(time.time(), self.path, kind, exit_info.reason, self.exit_details())
+            bus.publish(event, level, self.error)
 
     def exit_details(self) -> dict[str, Any]:
         """How this run ended, as an exit event's details: its detail, exception, spend, and
