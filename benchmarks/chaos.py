@@ -209,6 +209,14 @@ def children_of(pid: int) -> set[int]:
     return pids
 
 
+def start_time(pid: int) -> int | None:
+    """When ``pid`` started, in clock ticks since boot; None if it is gone."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def rss_kib(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -450,14 +458,17 @@ class Run:
             return None
 
     def kill_guard(self) -> bool:
-        """SIGKILL otree's guard: its child that is none of the tree's processes (those carry a role of
-        their own; the guard has otree's environment, or none of ours). False if there is none."""
-        for pid in children_of(self.pid):
-            if self.marks.role(pid) in ("otree", None):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)  # otree's child: the pid cannot be a stranger's
-                return True
-        return False
+        """SIGKILL otree's guard (the spawn helper): its child that is none of the tree's processes
+        (those carry a role of their own; the guard has otree's environment, or none of ours). A
+        child the helper has just cloned looks the same until it execs, so the oldest one is taken:
+        the helper outlives every clone. False if there is none."""
+        candidates = [pid for pid in children_of(self.pid) if self.marks.role(pid) in ("otree", None)]
+        ages = {pid: start for pid in candidates if (start := start_time(pid)) is not None}
+        if not ages:
+            return False
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(min(ages, key=ages.__getitem__), signal.SIGKILL)  # otree's child: not a stranger's
+        return True
 
 
 def label(proc: Proc) -> str:
