@@ -15,6 +15,7 @@ from __future__ import annotations
 import datetime as dt
 import heapq
 import itertools
+import logging
 import math
 import random
 import shutil
@@ -48,6 +49,7 @@ from ._errors import (
     QueueFull,
     SpecError,
 )
+from ._events import level_of
 from ._info import ChildInfo, DeadLetter, LaneStatus, PoolStatus
 from ._intensity import CircuitState
 from ._lanes import Line, circuit_hold
@@ -162,6 +164,8 @@ class Job:
             await self._done.wait()
         else:
             await trio.lowlevel.checkpoint()  # an async call always checkpoints (trio's rule)
+        if self.state == "done":
+            return self.value
         why = self.why()
         if why is None:
             return self.value
@@ -223,6 +227,7 @@ class Pool:
         path: str,
         emit: Callable[..., None],
         *,
+        wants: Callable[[int], bool],
         store_path: Path | None,
         handle: Callable[[], Any],
         processes: Callable[[], ProcessContext],
@@ -232,6 +237,7 @@ class Pool:
         self.handle = handle  # the PoolHandle its jobs reach through current_child().supervisor
         self.path = path
         self._emit = emit
+        self._wants = wants  # whether an event at a level would reach anyone (the bus's ``wants``)
         self._store_path = store_path
         self.store: Store | None = None
         self.serving = False
@@ -341,7 +347,7 @@ class Pool:
           BudgetExceeded: under ``"reject"``, the estimate does not fit today's budget.
         """
         encoded = self._encode(kind, payload, priority, estimated_cost)
-        if not valid_max_runtime(max_runtime):
+        if max_runtime is not None and not valid_max_runtime(max_runtime):
             raise ValueError(f"{self.path}: max_runtime must be a number > 0 or None; got {max_runtime!r}")
         if lane is not None and not (
             isinstance(lane, str) and 0 < len(lane) <= MAX_LANE and lane.isprintable()
@@ -391,10 +397,12 @@ class Pool:
             self._by_key[key] = job
         if taken_over is None:
             self.queue.push(job.id, priority, job, lane)
-            self._job_event(job, "job.queued", "", job_kind=kind, priority=priority)
+            if self._wants(logging.INFO):
+                self._job_event(job, "job.queued", "", job_kind=kind, priority=priority)
         else:
             self._take_place(taken_over, job)
-        self._track(job)
+        if self._oldest is not None:
+            self._track(job)
         self._wake.set()
         return job
 
@@ -438,7 +446,8 @@ class Pool:
         it (``adds``: it takes a new place in the line). Nothing is dropped for a submission that is
         refused. Returns the estimate in micro-dollars."""
         spec = self.spec
-        self._refuse_if_circuit_open(kind, self.circuit)
+        if self.circuit is not None:
+            self._refuse_if_circuit_open(kind, self.circuit)
         if lane is not None:
             self._refuse_if_circuit_open(kind, self.queue.breaker(lane), lane)
         full = adds and len(self.queue) + self.retrying >= spec.max_queue
@@ -836,12 +845,16 @@ class Pool:
         run = RunningChild(self, job, f"{self.path}/{job.id}")
         run.ready = True
         run.started_mono = now
-        limit = job.max_runtime if job.max_runtime is not None else self.spec.runtime_of(job.kind)
+        spec = self.spec
+        limit = job.max_runtime
+        if limit is None and spec.max_runtime is not None:
+            limit = spec.runtime_of(job.kind)
         if limit is not None:
-            run.runtime_limit = (limit, self.spec.job_shutdown)
+            run.runtime_limit = (limit, spec.job_shutdown)
         job.run = run
         self.running[job.id] = job
-        self._job_event(job, "job.started", "", job_kind=job.kind, attempt=job.attempts)
+        if self._wants(logging.INFO):
+            self._job_event(job, "job.started", "", job_kind=job.kind, attempt=job.attempts)
         self._nursery.start_soon(run.main, handler, (job.payload,), False, name=run.path)
 
     # --- spend and the end of a job -------------------------------------------------------
@@ -887,9 +900,11 @@ class Pool:
             if entered:
                 self._emit(self.path, f"circuit.{entered}", "")
         if ok:
-            self._lane_ended(job, now, True)
+            if job.lane is not None:
+                self._lane_ended(job, now, True)
             job.value = run.result
-            self._job_event(job, "job.finished", "normal", duration=now - run.started_mono, cost=run.cost)
+            if self._wants(logging.INFO):
+                self._job_event(job, "job.finished", "normal", duration=now - run.started_mono, cost=run.cost)
             if self.store is not None:
                 self.store.remove(int(job.id))
             self._finish(job, "done")
@@ -929,7 +944,9 @@ class Pool:
             self._emit(self.path, f"circuit.{entered}", "", lane=job.lane)
 
     def _job_event(self, job: Job, kind: str, reason: str, **details: Any) -> None:
-        """An event under the job's path; it names the job's lane, if it has one."""
+        """An event under the job's path, if anyone wants it; it names the job's lane, if it has one."""
+        if not self._wants(level_of(kind, reason)):
+            return
         if job.lane is not None:
             details["lane"] = job.lane
         self._emit(f"{self.path}/{job.id}", kind, reason, **details)

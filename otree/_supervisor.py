@@ -424,6 +424,7 @@ class _Supervisor:
                 spec,
                 child.path,
                 self._emit,
+                wants=self.tree.bus.wants,
                 store_path=store_path,
                 handle=lambda: self.tree.handles.pool(self.tree, ids),
                 processes=self.tree.processes,
