@@ -176,6 +176,10 @@ async def main() -> None:
     if sys.argv[1:] == ["lanes"]:
         await lanes_main()
         return
+    if sys.argv[1:] == ["ab"]:  # for A/B runs of two checkouts: PYTHONPATH=CHECKOUT ... bench_pool ab
+        rates = [await jobs_per_second(20_000, 64, False) for _ in range(3)]
+        print(otree.__file__, " ".join(f"{rate:,.0f}" for rate in rates), "jobs/s")
+        return
     for durable, n in ((False, 20_000), (True, 5_000)):
         for concurrency in (1, 64, 1024):
             rate = await jobs_per_second(n, concurrency, durable)
