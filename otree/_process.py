@@ -334,11 +334,6 @@ def _notified(line: str, run: _Run, proc: ProcessRun, ready: trio.Event, emit: C
         emit(run.path, "notify.ignored", "unknown", message=line[:200])
 
 
-async def _watch_stall(proc: ProcessRun, timeout: float, stalled: trio.Event) -> None:
-    await wait_quiet(proc, timeout)
-    stalled.set()
-
-
 def _describe_exit(returncode: int) -> str:
     if returncode < 0:
         try:
@@ -546,6 +541,7 @@ class _Watch:
         self.pid = child.pid
         self.exited = trio.Event()
         self.stalled = trio.Event()
+        self.waiting: trio.CancelScope | None = None  # the wait that an exit or a stall ends
         self.signalled = False  # otree sent the signal that ended it
         self.failure: ProcessFailed | None = None
 
@@ -570,7 +566,10 @@ class _Watch:
             async with trio.open_nursery() as nursery:
                 drained = trio.Event()
                 ready = trio.Event()
-                nursery.start_soon(self._pump_all, readers, drained)
+                if readers:
+                    nursery.start_soon(self._pump_all, readers, drained)
+                else:
+                    drained.set()
                 nursery.start_soon(self._wait_exit, pidfd)
                 nursery.start_soon(_listen, sock, run, self.proc, ready, emit)
                 if feed is not None:
@@ -580,20 +579,41 @@ class _Watch:
                     if self.spec.stall_timeout is not None:
                         # the stall clock starts at readiness: a slow start is start_timeout's business
                         self.proc.last_activity = trio.current_time()
-                        nursery.start_soon(_watch_stall, self.proc, self.spec.stall_timeout, self.stalled)
-                    await wait_any(self.exited.wait, run.stopping.wait, self.stalled.wait)
+                        nursery.start_soon(self._watch_stall, self.spec.stall_timeout)
+                    await self._until_ended(run.stopping)
                 if not self.exited.is_set():
                     self.signalled = True
                     await _stop_group(self.spec, pid, self.exited)
                 # the leader is gone: take its group with it, then let the output drain
                 kill_group(pid, signal.SIGKILL)
-                with trio.move_on_after(DRAIN_SECONDS):
-                    await drained.wait()
+                if not drained.is_set():
+                    with trio.move_on_after(DRAIN_SECONDS):
+                        await drained.wait()
                 nursery.cancel_scope.cancel()
         finally:
-            with trio.CancelScope(shield=True):
-                await self._reap(pidfd)
+            if not self.exited.is_set():  # cancelled: the grace ran out, or brutal_kill
+                with trio.CancelScope(shield=True):
+                    self.signalled = True
+                    kill_group(pid, signal.SIGKILL)
+                    await trio.lowlevel.wait_readable(pidfd)
+            self._reap(pidfd)
         self._raise_error_exit(run.stopping.is_set())
+
+    async def _until_ended(self, stopping: trio.Event) -> None:
+        """Wait for a stop request, an exit or a stall; the exit and stall watchers end this wait."""
+        with trio.CancelScope() as self.waiting:
+            if not (self.exited.is_set() or self.stalled.is_set()):
+                await stopping.wait()
+        self.waiting = None
+
+    def _wake(self) -> None:
+        if self.waiting is not None:
+            self.waiting.cancel()
+
+    async def _watch_stall(self, timeout: float) -> None:
+        await wait_quiet(self.proc, timeout)
+        self.stalled.set()
+        self._wake()
 
     async def _pump_all(self, readers: list[_Reader], drained: trio.Event) -> None:
         async with trio.open_nursery() as nursery:
@@ -604,10 +624,13 @@ class _Watch:
     async def _wait_exit(self, pidfd: int) -> None:
         await trio.lowlevel.wait_readable(pidfd)
         self.exited.set()
+        self._wake()
 
     async def _wait_ready(self, ready: trio.Event, stopping: trio.Event) -> bool:
         """Whether the child became ready (it did not exit, was not stopped, did not time out)."""
         spec = self.spec
+        if spec.ready == "spawn":  # nothing to wait for, so start_timeout cannot run out
+            return not self.exited.is_set() and not stopping.is_set()
         with trio.move_on_after(spec.effective_start_timeout()) as window:
             if spec.ready == "notify":
                 await wait_any(ready.wait, self.exited.wait, stopping.wait)
@@ -620,13 +643,9 @@ class _Watch:
             return False
         return not self.exited.is_set() and not stopping.is_set()
 
-    async def _reap(self, pidfd: int) -> None:
-        """Kill what is left of the group, reap the leader, forget the group."""
+    def _reap(self, pidfd: int) -> None:
+        """Kill what is left of the group (its leader has exited), reap the leader, forget the group."""
         pid, ctx = self.pid, self.ctx
-        if not self.exited.is_set():  # cancelled: the grace ran out, or brutal_kill
-            self.signalled = True
-            kill_group(pid, signal.SIGKILL)
-            await trio.lowlevel.wait_readable(pidfd)
         kill_group(pid, signal.SIGKILL)
         ctx.spawner.forget(pid)  # while the pid is still held: it cannot name a stranger's group yet
         returncode = self.child.wait()
