@@ -634,7 +634,7 @@ class _Watch:
         with trio.move_on_after(spec.effective_start_timeout()) as window:
             if spec.ready == "notify":
                 await wait_any(ready.wait, self.exited.wait, stopping.wait)
-            elif spec.ready != "spawn":
+            else:
                 with trio.move_on_after(float(spec.ready)):
                     await wait_any(self.exited.wait, stopping.wait)
         if window.cancelled_caught:
