@@ -21,6 +21,10 @@ then measures, in one run:
   as the number of runs that left anything, out of ``LEFTOVER_RUNS`` for otree
   (one run for the peers, which leave processes every time).
 
+``python -m benchmarks.bench_process ab CHECKOUT...`` runs only otree's ``sh`` restart
+row, five times for each checkout in turns (each put first on PYTHONPATH), with otree's
+own CPU time per restart: an A/B of two versions of otree in one run.
+
 Every child carries a marker in its environment; leftovers are found by it in
 /proc and killed after each measurement. The last lines give otree's figures as
 ratios to the floor and to the peers measured in the same run.
@@ -188,6 +192,11 @@ TOOLS = ("otree", "supervisord", "circus")
 
 
 def restarts_per_second(tool: str, child: str, heap_mb: int = 0) -> float:
+    return restart_sample(tool, child, heap_mb)[0]
+
+
+def restart_sample(tool: str, child: str, heap_mb: int = 0) -> tuple[float, float]:
+    """Restarts per second, and the daemon's own CPU seconds per restart (NaN for the floor)."""
     marker = uuid.uuid4().hex
     with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as work_dir:
         work = Path(work_dir)
@@ -200,16 +209,18 @@ def restarts_per_second(tool: str, child: str, heap_mb: int = 0) -> float:
             deadline = time.monotonic() + RESTART_SECONDS
             while time.monotonic() < deadline:
                 subprocess.run(command, check=False)
-            return counter.read_text().count("\n") / RESTART_SECONDS
+            return counter.read_text().count("\n") / RESTART_SECONDS, math.nan
         daemon = Daemon(tool, work, command, 1, marker, fast=True, heap_mb=heap_mb)
         daemon.start()
+        assert daemon.proc is not None
         wait_for(counter.exists, 60)
-        first = counter.read_text().count("\n")
+        first, cpu = counter.read_text().count("\n"), cpu_seconds(daemon.proc.pid)
         time.sleep(RESTART_SECONDS)  # a measured interval, not a synchronisation
-        rate = (counter.read_text().count("\n") - first) / RESTART_SECONDS
+        starts = counter.read_text().count("\n") - first
+        cpu = cpu_seconds(daemon.proc.pid) - cpu
         daemon.stop()
         kill_marked(marker)
-        return rate
+        return starts / RESTART_SECONDS, cpu / max(starts, 1)
 
 
 def idle_cpu_and_start(tool: str) -> tuple[float, float]:
@@ -260,7 +271,26 @@ def leftover_runs(tool: str, signum: int, runs: int) -> tuple[int, int]:
     return sum(1 for count in counts if count), sum(counts)
 
 
+def ab_main(checkouts: list[str], rounds: int = 5) -> None:
+    """otree's ``sh`` restart row for each checkout (its directory put first on PYTHONPATH), in turns."""
+    samples: dict[str, list[tuple[float, float]]] = {checkout: [] for checkout in checkouts}
+    print(f"floor sh/s {restarts_per_second('floor', 'sh'):.0f}", flush=True)
+    for _ in range(rounds):
+        for checkout in checkouts:
+            os.environ["PYTHONPATH"] = checkout  # the daemon inherits the environment
+            rate, cpu = restart_sample("otree", "sh")
+            samples[checkout].append((rate, cpu))
+            print(f"{checkout}: {rate:.0f} restarts/s, {cpu * 1000:.3f} ms otree CPU per restart", flush=True)
+    for checkout, runs in samples.items():
+        rate = sorted(run[0] for run in runs)[len(runs) // 2]
+        cpu = sorted(run[1] for run in runs)[len(runs) // 2]
+        print(f"{checkout}: median {rate:.0f} restarts/s, {cpu * 1000:.3f} ms otree CPU per restart")
+
+
 def main() -> None:
+    if sys.argv[1:2] == ["ab"]:  # bench_process ab CHECKOUT... : A/B of the restart row, in turns
+        ab_main(sys.argv[2:])
+        return
     install_peers()
     print(
         f"{'':<12}{'sh/s':>8}{f'sh/s {HEAP_MB}M':>12}{'py/s':>8}{'idle CPU s':>12}{'200 up s':>10}"
