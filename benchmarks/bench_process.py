@@ -274,6 +274,7 @@ def leftover_runs(tool: str, signum: int, runs: int) -> tuple[int, int]:
 def ab_main(checkouts: list[str], rounds: int = 5) -> None:
     """otree's ``sh`` restart row for each checkout (its directory put first on PYTHONPATH), in turns."""
     samples: dict[str, list[tuple[float, float]]] = {checkout: [] for checkout in checkouts}
+    os.chdir(tempfile.gettempdir())  # `python -m otree` puts its working directory before PYTHONPATH
     print(f"floor sh/s {restarts_per_second('floor', 'sh'):.0f}", flush=True)
     for _ in range(rounds):
         for checkout in checkouts:
