@@ -236,6 +236,14 @@ class _Spec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tru
     on_exit: OnExit | None = None
     autostart: bool = True
 
+    def _check_common(self) -> str:
+        """Check the settings every child has; its path (for its own checks' errors)."""
+        path = _check_id(self.id)
+        _check_restart_and_significant(path, self.restart, self.significant)
+        _check_on_exit(path, self.on_exit)
+        _check_autostart(path, self.autostart)
+        return path
+
     def restarts_after(self, exit_info: ExitInfo, *, own_exit: bool) -> bool:
         """Whether this exit restarts the child, by its restart type (``own_exit``: a process
         exited by itself, so its exit codes may decide first)."""
@@ -253,10 +261,7 @@ class TaskSpec(_Spec, frozen=True, kw_only=True):
     idle_timeout: float | None = None
 
     def __post_init__(self) -> None:
-        path = _check_id(self.id)
-        _check_restart_and_significant(path, self.restart, self.significant)
-        _check_on_exit(path, self.on_exit)
-        _check_autostart(path, self.autostart)
+        path = self._check_common()
         _check_shutdown(path, self.shutdown)
         _check_max_runtime(path, self.max_runtime)
         _check_idle_timeout(path, self.idle_timeout, self.restart)
@@ -278,10 +283,7 @@ class SupervisorSpec(_Spec, frozen=True, kw_only=True):
     persist_intensity: bool = False
 
     def __post_init__(self) -> None:
-        path = _check_id(self.id)
-        _check_restart_and_significant(path, self.restart, self.significant)
-        _check_on_exit(path, self.on_exit)
-        _check_autostart(path, self.autostart)
+        path = self._check_common()
         _check_shutdown(path, self.shutdown)
         _check_choice(path, "strategy", self.strategy, _STRATEGIES)
         _check_choice(path, "auto_shutdown", self.auto_shutdown, _AUTO_SHUTDOWNS)
@@ -360,10 +362,7 @@ class ProcessSpec(_Spec, frozen=True, kw_only=True):
     no_restart_exit_codes: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
-        path = _check_id(self.id)
-        _check_restart_and_significant(path, self.restart, self.significant)
-        _check_on_exit(path, self.on_exit)
-        _check_autostart(path, self.autostart)
+        path = self._check_common()
         self._check_exit_codes(path)
         _check_shutdown(path, self.shutdown)
         _check_max_runtime(path, self.max_runtime)
@@ -793,10 +792,7 @@ class PoolSpec(_Spec, frozen=True, kw_only=True):
     lane_order: LaneOrder = "retry_at_back"
 
     def __post_init__(self) -> None:
-        path = _check_id(self.id)
-        _check_restart_and_significant(path, self.restart, self.significant)
-        _check_on_exit(path, self.on_exit)
-        _check_autostart(path, self.autostart)
+        path = self._check_common()
         _check_shutdown(path, self.shutdown)
         _check_shutdown(path, self.job_shutdown)
         self._check_policies(path)
@@ -997,10 +993,7 @@ class RaySpec(_Spec, frozen=True, kw_only=True):
     heartbeat: tuple[float, int] = (10.0, 3)
 
     def __post_init__(self) -> None:
-        path = _check_id(self.id)
-        _check_restart_and_significant(path, self.restart, self.significant)
-        _check_on_exit(path, self.on_exit)
-        _check_autostart(path, self.autostart)
+        path = self._check_common()
         _check_shutdown(path, self.shutdown)
         if not isinstance(self.spec, (TaskSpec, SupervisorSpec, ProcessSpec, PoolSpec)):
             raise SpecError(path, "spec", "must be a task, process, supervisor or pool spec", self.spec)
