@@ -1,7 +1,12 @@
-"""Children for runtime tests: they record what happens to them in a shared log."""
+"""Children for runtime tests (they record what happens to them in a shared log), and readers
+of /proc for tests of real processes."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import trio
@@ -100,3 +105,25 @@ async def collect(stream: otree.EventStream, until: Any) -> list[otree.Event]:
         if until(event):
             break
     return seen
+
+
+def pids_where(test: Callable[[int], bool]) -> list[int]:
+    """Pids in /proc for which ``test(pid)`` holds (processes that vanish meanwhile are skipped)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError):
+                if test(int(entry)):
+                    found.append(int(entry))
+    return found
+
+
+def proc_stat(pid: int) -> list[str]:
+    """The fields of /proc/PID/stat after the command name: state, parent, group, session, ..."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return stat[stat.rindex(")") + 2 :].split()
+
+
+def state_and_parent(pid: int) -> tuple[str, int]:
+    fields = proc_stat(pid)
+    return fields[0], int(fields[1])

@@ -31,24 +31,9 @@ import otree
 from otree import _pool
 from otree._childlogs import find_log
 
+from .helpers import pids_where, state_and_parent
+
 PY = sys.executable
-
-
-def pids_where(test: Callable[[int], bool]) -> list[int]:
-    """Pids in /proc for which ``test(pid)`` holds (processes that vanish meanwhile are skipped)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            with contextlib.suppress(OSError):
-                if test(int(entry)):
-                    found.append(int(entry))
-    return found
-
-
-def state_and_parent(pid: int) -> tuple[str, int]:
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    fields = stat[stat.rindex(")") + 2 :].split()
-    return fields[0], int(fields[1])
 
 
 def marked_pids(marker: str) -> list[int]:

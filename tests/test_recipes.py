@@ -21,6 +21,7 @@ import pytest
 from otree._client import call
 from otree._paths import control_socket
 
+from .helpers import pids_where, proc_stat, state_and_parent
 from .otree_subprocess import REPO, OtreeProcess, is_text_event, run_otree, subprocess_env
 
 SUPERVISORS = REPO / "supervisors"
@@ -128,33 +129,22 @@ def run_tree(tmp_path: Path) -> Iterator[Callable[[str, str], Tree]]:
         tree.process.stop()
 
 
-def group_of(pid: int) -> set[int]:
-    """Live (not zombie) processes in ``pid``'s process group."""
-    members = set()
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[2]) == pid and fields[0] != "Z":
-                members.add(int(entry.name))
-    return members
+def group_of(pgid: int) -> set[int]:
+    """Live (not zombie) processes in process group ``pgid``."""
+    return set(pids_where(lambda pid: (fields := proc_stat(pid))[0] != "Z" and int(fields[2]) == pgid))
 
 
-def children_of(pid: int) -> dict[int, tuple[str, str]]:
-    """``{child pid: (state, command line)}`` of ``pid``'s children, zombies included."""
-    found = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
-            except OSError:
-                continue
-            if int(fields[1]) == pid:
-                found[int(entry.name)] = (fields[0], cmdline)
-    return found
+def children_of(parent: int) -> list[int]:
+    """``parent``'s children, zombies included (a zombie is a child not yet reaped)."""
+    return pids_where(lambda pid: state_and_parent(pid)[1] == parent)
+
+
+def command_line(pid: int) -> str:
+    """``pid``'s command line, words joined by spaces ("" once it is gone)."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
+    except OSError:
+        return ""
 
 
 def ignores_sigterm(pid: int) -> bool:
@@ -270,7 +260,7 @@ def test_job_daemon_loop_gives_up_orphans_reaped_and_stop_grace(
         == 0
     )
     orphan = wait(
-        lambda: next((p for p, (_, cmd) in children_of(otree_pid).items() if cmd == "sleep 2.731"), None),
+        lambda: next((p for p in children_of(otree_pid) if command_line(p) == "sleep 2.731"), None),
         "the orphan under otree",
     )
     wait(lambda: True if orphan not in children_of(otree_pid) else None, "the orphan reaped")
