@@ -55,6 +55,7 @@ if _TYPE_CHECKING:
     from ._pool import Job as Job
     from ._pool import ProcessJob as ProcessJob
     from ._pool import process_job as process_job
+    from ._ray_executor import RayExecutor as RayExecutor
     from ._reaper import adopt_orphans as adopt_orphans
     from ._run import open_supervisor as open_supervisor
     from ._run import run as run
@@ -99,6 +100,7 @@ __all__ = [
     "ProcessJob",
     "ProcessSpec",
     "QueueFull",
+    "RayExecutor",
     "RaySpec",
     "RestartIntensityExceeded",
     "Restarting",
@@ -152,6 +154,7 @@ _SOURCES = {
     "Job": "._pool",
     "ProcessJob": "._pool",
     "process_job": "._pool",
+    "RayExecutor": "._ray_executor",
     "adopt_orphans": "._reaper",
     "Backoff": "._spec",
     "CircuitBreaker": "._spec",

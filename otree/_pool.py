@@ -347,6 +347,8 @@ class Pool:
           BudgetExceeded: under ``"reject"``, the estimate does not fit today's budget.
         """
         encoded = self._encode(kind, payload, priority, estimated_cost)
+        if self.spec.executor is not None:  # a job run elsewhere gets its payload there
+            self.spec.executor.check_payload(self.path, kind, payload)
         if max_runtime is not None and not valid_max_runtime(max_runtime):
             raise ValueError(f"{self.path}: max_runtime must be a number > 0 or None; got {max_runtime!r}")
         if lane is not None and not (
@@ -855,6 +857,8 @@ class Pool:
         self.running[job.id] = job
         if self._wants(logging.INFO):
             self._job_event(job, "job.started", "", job_kind=job.kind, attempt=job.attempts)
+        if spec.executor is not None:  # it runs elsewhere (Ray); its slot is held here until it ends
+            handler = spec.executor.body(handler)
         self._nursery.start_soon(run.main, handler, (job.payload,), False, name=run.path)
 
     # --- spend and the end of a job -------------------------------------------------------
@@ -1092,11 +1096,21 @@ class ProcessJob(msgspec.Struct, frozen=True):
         pool = run.owner
         if not isinstance(pool, Pool):
             raise TypeError("a process_job handler runs only as a pool's job")
-        encoded = msgspec.json.encode(payload)
         log_dir = _job_log_dir(pool, run.path.rpartition("/")[2]) if self.logs else None
-        out = await run_job_process(
-            self.template, encoded, run, pool.processes(), pool._emit, log_dir=log_dir
-        )
+        return await self.execute(payload, run, pool.processes(), pool._emit, log_dir)
+
+    async def execute(
+        self,
+        payload: Any,
+        run: RunningChild,
+        processes: ProcessContext,
+        emit: Callable[..., None],
+        log_dir: Path | None = None,
+    ) -> Any:
+        """Run the job ``run`` as a process with ``processes``' services (the pool's, or a Ray
+        worker's); its result, or ``ProcessFailed``."""
+        encoded = msgspec.json.encode(payload)
+        out = await run_job_process(self.template, encoded, run, processes, emit, log_dir=log_dir)
         if run.stop_mode and run.proc.exit_code != 0:  # stopped (a cancel, the pool's stop): not done
             raise ProcessFailed("shutdown", "stopped before it was done")
         try:

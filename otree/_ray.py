@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 import trio
@@ -31,7 +31,7 @@ import trio
 from ._errors import Shutdown, SpecError, StartError
 from ._loader import MODULE_PREFIX
 from ._ray_actor import Batch, Host
-from ._spec import ChildSpec, ProcessSpec, RaySpec, SupervisorSpec
+from ._spec import ChildSpec, PoolSpec, ProcessSpec, RaySpec, SupervisorSpec
 from ._task import current_child
 
 # Publishes an event on the local bus: (path, kind, reason, **details).
@@ -50,9 +50,16 @@ __all__ = [
 INSTALL = "pip install 'trio-otree[ray]'"
 ADDRESS_ENV = "OTREE_RAY_ADDRESS"
 
-# Set by otree on every actor; a tree may not choose them (otree restarts, Ray never does).
-_FORCED_ZERO = ("max_restarts", "max_task_retries")
-_RESERVED = ("concurrency_groups", "max_concurrency", "name", "namespace", "get_if_exists")
+# Per kind of Ray call: what otree forces (a tree may give only that value: otree restarts and
+# retries, Ray never does), why, and what otree sets itself.
+_FORCED: dict[str, tuple[dict[str, object], str]] = {
+    "actor": ({"max_restarts": 0, "max_task_retries": 0}, "otree restarts Ray children, Ray never does"),
+    "task": ({"max_retries": 0, "retry_exceptions": False}, "otree retries jobs, Ray never does"),
+}
+_RESERVED = {
+    "actor": ("concurrency_groups", "max_concurrency", "name", "namespace", "get_if_exists"),
+    "task": ("num_returns", "_generator_backpressure_num_objects", "_num_objects_per_yield"),
+}
 # The actor's run() holds one thread; ready, ping, stop and events need their own while it runs.
 _GROUPS = {"run": 1, "ctl": 4}
 # Ray's messages span lines and carry ids; an exit detail keeps one line of at most this.
@@ -85,25 +92,27 @@ def import_ray(path: str) -> ModuleType:
         raise SpecError(path, "otree.ray", f"needs Ray ({INSTALL})", "ray not installed") from None
 
 
-def check_options(path: str, options: object) -> None:
-    """Refuse what Ray would refuse, and what otree sets itself, when the spec is built."""
+def check_options(path: str, options: object, kind: Literal["actor", "task"] = "actor") -> None:
+    """Refuse what Ray would refuse, and what otree sets itself, when the spec is built: options of
+    an actor (``otree.ray``) or of a task (``otree.RayExecutor``)."""
     if not isinstance(options, dict) or not all(isinstance(key, str) for key in options):
         raise SpecError(path, "ray options", "must be keyword arguments", options)
     import_ray(path)
     option_utils = importlib.import_module("ray._common.ray_option_utils")
-    actor_options, validate_actor_options = option_utils.actor_options, option_utils.validate_actor_options
-
+    known = getattr(option_utils, f"{kind}_options")
+    forced, why = _FORCED[kind]
     for key, value in options.items():
-        if key in _FORCED_ZERO and value != 0:
-            raise SpecError(path, key, "must be 0: otree restarts Ray children, Ray never does", value)
-        if key in _RESERVED:
+        if key in forced and value != forced[key]:
+            raise SpecError(path, key, f"must be {forced[key]}: {why}", value)
+        if key in _RESERVED[kind]:
             raise SpecError(path, key, "is set by otree; leave it out", value)
         if key == "lifetime" and value not in (None, "non_detached"):
             raise SpecError(path, "lifetime", "must be non-detached: Ray children die with the tree", value)
-        if key not in actor_options:
-            raise SpecError(path, key, "is not a Ray actor option", value)
+        if key not in known:
+            raise SpecError(path, key, f"is not a Ray {kind} option", value)
     try:
-        validate_actor_options(dict(options), in_options=True)
+        # an actor's are checked as .options() (otree sets its concurrency groups), a task's as @ray.remote
+        getattr(option_utils, f"validate_{kind}_options")(dict(options), in_options=kind == "actor")
     except (ValueError, TypeError) as error:
         raise SpecError(path, "ray options", f"are refused by Ray ({error})", options) from None
 
@@ -117,8 +126,9 @@ def check_picklable(path: str, spec: ChildSpec) -> None:
 
 
 def contains_ray(spec: ChildSpec) -> bool:
-    """Whether ``spec`` is or holds a Ray spec (so the tree needs a Ray connection)."""
-    if isinstance(spec, RaySpec):
+    """Whether ``spec`` is or holds a Ray spec or a pool whose jobs run on Ray (so the tree needs a
+    Ray connection)."""
+    if isinstance(spec, RaySpec) or (isinstance(spec, PoolSpec) and spec.executor is not None):
         return True
     return isinstance(spec, SupervisorSpec) and any(contains_ray(child) for child in spec.children)
 

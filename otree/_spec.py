@@ -18,7 +18,7 @@ import resource
 import signal
 import zoneinfo
 from collections.abc import Awaitable, Callable, Container, Sequence
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, Protocol
 
 import msgspec
 import trio
@@ -52,6 +52,23 @@ OnExit = Callable[[str, ExitInfo], Awaitable[Any]]
 AutoShutdown = Literal["never", "any_significant", "all_significant"]
 # Seconds of grace before a stop turns into a kill, or one of OTP's two words.
 ShutdownValue = float | Literal["brutal_kill", "infinity"]
+
+
+class Executor(Protocol):
+    """Where a pool's jobs run, if not in the pool's own trio loop (``otree.RayExecutor``).
+
+    The pool keeps its queue, cap, budget gate and retries; the executor only runs each job's body.
+    """
+
+    def check(self, path: str, handlers: dict[str, Callable[..., Awaitable[Any]]]) -> None:
+        """Refuse, as ``SpecError``, what cannot run there (when the pool spec is built)."""
+
+    def check_payload(self, path: str, kind: str, payload: Any) -> None:
+        """Refuse, as ``ValueError`` naming the pool, a payload that cannot travel (at submit)."""
+
+    def body(self, handler: Callable[..., Awaitable[Any]]) -> Callable[[Any], Awaitable[Any]]:
+        """The job's body: ``await body(payload)`` runs ``handler(payload)`` there."""
+
 
 _ID_RE = re.compile(ID_PATTERN)
 _RESTARTS = ("permanent", "transient", "temporary", "on_demand")
@@ -790,6 +807,7 @@ class PoolSpec(_Spec, frozen=True, kw_only=True):
     lane_concurrency: int | None = None
     lane_circuit_breaker: CircuitBreaker | None = None
     lane_order: LaneOrder = "retry_at_back"
+    executor: Executor | None = None
 
     def __post_init__(self) -> None:
         path = self._check_common()
@@ -835,6 +853,12 @@ class PoolSpec(_Spec, frozen=True, kw_only=True):
             raise SpecError(path, "durable", "must be None, True or False", self.durable)
         if self.now is not None and not callable(self.now):
             raise SpecError(path, "now", "must be None or a callable returning an aware datetime", self.now)
+        if self.executor is not None:
+            from ._ray_executor import RayExecutor  # not Ray itself: a RayExecutor imported it when built
+
+            if not isinstance(self.executor, RayExecutor):
+                raise SpecError(path, "executor", "must be None or an otree.RayExecutor", self.executor)
+            self.executor.check(path, self.handlers)
 
     def _check_max_runtime(self, path: str) -> None:
         """``max_runtime``: seconds for every kind, or a dict of handler kind to seconds (or None)."""
@@ -896,6 +920,7 @@ def pool(
     lane_concurrency: int | None = None,
     lane_circuit_breaker: CircuitBreaker | None = None,
     lane_order: LaneOrder = "retry_at_back",
+    executor: Executor | None = None,
     restart: Restart = "permanent",
     shutdown: ShutdownValue = "infinity",
     significant: bool = False,
@@ -939,6 +964,8 @@ def pool(
         and where a lane's retried job goes: ``"retry_at_back"`` (the back of its priority
         class, as without lanes) or ``"fifo"`` (it stays at the head of its lane and holds
         the lane until it runs again). A job held only by its lane lets other lanes' jobs start.
+      executor: None (jobs run in the pool's trio loop) or ``otree.RayExecutor(**ray_options)``:
+        each job runs as a Ray task; the queue, cap, budget and retries stay here.
       on_exit, autostart: as for ``task``.
 
     Raises:
@@ -969,6 +996,7 @@ def pool(
         lane_concurrency=lane_concurrency,
         lane_circuit_breaker=lane_circuit_breaker,
         lane_order=lane_order,
+        executor=executor,
         restart=restart,
         shutdown=shutdown,
         significant=significant,

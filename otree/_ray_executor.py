@@ -1,0 +1,330 @@
+"""Pool jobs on Ray: ``otree.RayExecutor`` runs each job of a pool as a Ray task.
+
+The pool stays local and decides everything: queue, priorities, lanes, ``max_concurrency``,
+the budget gate, retries, dead letters, the circuit breaker. Only the job's body moves: the
+local run of a job submits one task and holds its slot until the task has ended, so at most
+``max_concurrency`` jobs are ever inside Ray, and priority order and the cap hold however many
+nodes there are. Ray never retries (``max_retries=0``): a job lost with its worker or node is
+an ``error`` that otree retries by its own ``max_attempts``, through the budget gate again.
+
+On the node the handler runs under otree's runtime, in a trio loop each worker process keeps
+for its jobs: ``current_child()``, ``report_cost``, ``emit`` and ``stopping`` work as in a local
+job, and a ``process_job`` is a real process child there (own group, killed as a group when the
+job ends or is stopped). What a job spent and emitted comes back with its outcome, once.
+
+A stop (cancel, ``max_runtime``, the pool's stop) is a graceful ``ray.cancel``, which the task
+turns into a stop of the remote run under the pool's ``job_shutdown``; once the local grace runs
+out, ``ray.cancel(force=True)`` kills the worker. A job whose outcome never came back (its worker
+or node died, it was killed) has an unknown cost: it is charged its full estimate.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import pickle
+import signal
+import threading
+from collections.abc import Awaitable, Callable
+from contextlib import suppress
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from ._errors import Shutdown, SpecError
+from ._process import ProcessContext
+from ._ray import _SESSION, RemoteError, _one_line, _send_tree_files_by_value, aref, check_options, import_ray
+from ._spec import ShutdownValue
+from ._task import RunningChild, current_child, describe
+
+__all__ = ["RayExecutor"]
+
+Handler = Callable[..., Awaitable[Any]]
+# What a remote run sends back: how it ended ("ok", "error" or "stopped"), its value (the result,
+# the exception, or the stop's detail), what it spent, and its events as (path, kind, reason, details).
+Outcome = tuple[str, Any, float, list[tuple[str, str, str, dict[str, Any]]]]
+
+_KILLED_SECONDS = 5.0  # for a force-cancelled task to be out of Ray before its slot is given back
+_SIGNAL_POLL = 0.05  # how often the task's thread looks for Ray's cancel (a signal handler runs then)
+
+
+class RayExecutor:
+    """Runs each job of a pool as a Ray task: ``otree.pool(..., executor=otree.RayExecutor(...))``.
+
+    ``ray_options`` are Ray task options, passed through (``num_cpus``, ``num_gpus``,
+    ``resources``, ``memory``, ``scheduling_strategy``, ``runtime_env``...), checked when the
+    pool spec is built. ``max_retries`` is forced to 0 and ``retry_exceptions`` to False.
+
+    Raises:
+      SpecError: Ray is not installed.
+    """
+
+    __slots__ = ("_remotes", "options")
+
+    def __init__(self, **ray_options: Any) -> None:
+        import_ray("RayExecutor")
+        self.options = ray_options
+        self._remotes: dict[int, tuple[Handler, Handler]] = {}  # id(handler) -> (handler, its body)
+
+    def __repr__(self) -> str:
+        options = ", ".join(f"{key}={value!r}" for key, value in self.options.items())
+        return f"otree.RayExecutor({options})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, RayExecutor) and other.options == self.options
+
+    def __hash__(self) -> int:
+        return hash(tuple(sorted(self.options)))
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return functools.partial(RayExecutor, **self.options), ()
+
+    def check(self, path: str, handlers: dict[str, Handler]) -> None:
+        """Refuse an option Ray does not know or that would let it retry, a handler that cannot
+        travel to a node, and a ``process_job`` with ``logs=True`` (its logs would be on the node)."""
+        from ._pool import ProcessJob  # not at import: _pool -> _spec -> here
+
+        check_options(path, self.options, "task")
+        ray = import_ray(path)
+        for kind, handler in handlers.items():
+            if isinstance(handler, ProcessJob) and handler.logs:
+                raise SpecError(path, f"handlers[{kind!r}]", "cannot keep logs on Ray (logs=True)", handler)
+            try:
+                ray.cloudpickle.dumps(handler)
+            except Exception as error:  # noqa: BLE001 - whatever pickling raises, it cannot travel
+                raise SpecError(
+                    path, f"handlers[{kind!r}]", "must be picklable to run on a Ray node", _one_line(error)
+                ) from None
+
+    def check_payload(self, path: str, kind: str, payload: Any) -> None:
+        """Refuse a payload that cannot be pickled to a node, at submit, in one line.
+
+        Raises:
+          ValueError: naming the pool and the job's kind.
+        """
+        try:
+            import_ray(path).cloudpickle.dumps(payload)
+        except Exception as error:  # noqa: BLE001 - whatever pickling raises, it cannot travel
+            raise ValueError(
+                f"{path}: payload of a {kind!r} job cannot be pickled to run on Ray: {_one_line(error)}"
+            ) from None
+
+    def body(self, handler: Handler) -> Handler:
+        """The local body of a job of ``handler``: one Ray task, awaited (made once per handler)."""
+        known = self._remotes.get(id(handler))
+        if known is not None and known[0] is handler:
+            return known[1]
+        ray = import_ray("RayExecutor")
+        _SESSION.connect(ray)
+        _send_tree_files_by_value(ray)
+        remote = ray.remote(**self.options, max_retries=0, retry_exceptions=False)(_task_of(handler))
+        run = functools.partial(_run_job, ray, remote)
+        self._remotes[id(handler)] = (handler, run)
+        return run
+
+
+def _task_of(handler: Handler) -> Callable[[Any, str, ShutdownValue], Outcome]:
+    """The Ray task of ``handler``'s jobs: the handler travels with it, once per worker (not with
+    every job), and the task is named after it."""
+
+    def job(payload: Any, path: str, grace: ShutdownValue) -> Outcome:
+        return _task(handler, payload, path, grace)
+
+    job.__name__ = job.__qualname__ = getattr(handler, "__qualname__", type(handler).__name__)
+    return job
+
+
+# --- the local side: one job's run ------------------------------------------------------------
+
+
+async def _run_job(ray: Any, remote: Any, payload: Any) -> Any:
+    """Submit the job's task and wait for its outcome; a stop cancels the task (gracefully, then
+    by force when the grace runs out). Ends as the remote run ended: returns its result, raises
+    its error, or a ``Shutdown`` for a remote run that was stopped before it was done."""
+    me = current_child()
+    pool: Any = me.owner  # a Pool
+    ref = remote.remote(payload, me.path, pool.spec.job_shutdown)
+    grace = trio.CancelScope()  # cancelled when the stop's grace runs out
+    me.on_stop = functools.partial(_stop, ray, ref, grace)  # the run's stop comes here, not as a cancel
+    outcome: Outcome | None = None
+    lost: BaseException | None = None
+    with grace:
+        try:
+            outcome = await aref(ref)
+        except ray.exceptions.RayError as error:
+            lost = error
+    if grace.cancelled_caught:
+        ray.cancel(ref, force=True)  # kills its worker: whatever the task does, it stops now
+        with trio.move_on_after(_KILLED_SECONDS), suppress(ray.exceptions.RayError):
+            await aref(ref)  # out of Ray before the pool gives its slot to another job
+    if outcome is None:
+        estimate = me.child.estimate
+        if estimate:
+            me.report_cost(estimate / 1e6)  # its spend is unknown: the worst it was allowed
+        if lost is None:
+            raise Shutdown("killed")
+        raise RemoteError(_one_line(getattr(lost, "cause", None) or lost)) from lost
+    how, value, cost, events = outcome
+    for path, kind, reason, details in events:
+        pool._emit(path, kind, reason, **details)
+    if cost:
+        me.report_cost(cost)
+    if how == "ok":
+        return value
+    if how == "error":
+        raise value
+    raise Shutdown(value)
+
+
+def _stop(ray: Any, ref: Any, grace: trio.CancelScope, kill_at: float) -> None:
+    """The job's run is asked to stop by ``kill_at`` (trio time; -inf: at once)."""
+    if kill_at == -math.inf:
+        grace.cancel()
+        return
+    if grace.deadline == math.inf:  # the first request: the remote run is stopped in order
+        ray.cancel(ref)
+    grace.deadline = min(grace.deadline, kill_at)
+
+
+# --- the remote side: in a Ray worker ---------------------------------------------------------
+
+
+def _task(handler: Handler, payload: Any, path: str, grace: ShutdownValue) -> Outcome:
+    """The Ray task: run the job in this worker's trio loop; Ray's cancel (an interrupt of this
+    thread) stops it under ``grace``."""
+    job = _RemoteJob(handler, payload, path, grace)
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, job.interrupt) if main else None
+    try:
+        _WORKER.start(job)
+        # a signal handler runs only between bytecodes of this thread: wake up to let it
+        while not job.done.acquire(timeout=_SIGNAL_POLL):
+            pass
+    finally:
+        if main:
+            signal.signal(signal.SIGINT, previous)
+    assert job.outcome is not None
+    return job.outcome
+
+
+class _RemoteJob:
+    """One job run in a worker: the owner of its ``RunningChild`` (spend and events kept for the
+    outcome, no pool handle), and the stop that Ray's cancel asks for."""
+
+    def __init__(self, handler: Handler, payload: Any, path: str, grace: ShutdownValue) -> None:
+        self.handler = handler
+        self.payload = payload
+        self.path = path
+        self.grace = grace
+        self.done = threading.Lock()
+        self.done.acquire()  # released once the outcome is in
+        self.outcome: Outcome | None = None
+        self.events: list[tuple[str, str, str, dict[str, Any]]] = []
+        self.run: RunningChild | None = None
+        self.stop_asked = False
+
+    def handle(self) -> Any:
+        raise RuntimeError(f"{self.path} runs on Ray: its pool's handle is not reachable from there")
+
+    def cost_reported(self, run: RunningChild) -> None:
+        """Kept in ``run.cost``: it goes home with the outcome."""
+
+    def _emit(self, path: str, kind: str, reason: str = "", /, **details: Any) -> None:
+        self.events.append((path, kind, reason, details))
+
+    def run_exited(self, run: RunningChild) -> None:
+        self.finish(run)
+
+    def finish(self, run: RunningChild) -> None:
+        """The run has ended: its outcome, with an error that can travel home."""
+        if run.returned:
+            outcome: Outcome = ("ok", run.result, run.cost, self.events)
+        elif run.error is not None and not run.stop_mode:
+            outcome = ("error", _portable(run.error), run.cost, self.events)
+        else:
+            outcome = ("stopped", run.exit.detail if run.exit is not None else "", run.cost, self.events)
+        self.outcome = outcome
+        self.done.release()
+
+    def interrupt(self, signum: int, frame: object) -> None:
+        """Ray's cancel (in the task's thread): stop the run in order, in the worker's loop."""
+        self.stop_asked = True  # seen by the loop when it starts the run, if it has not yet
+        _WORKER.soon(self.stop)
+
+    def stop(self) -> None:
+        if self.run is not None and self.run.exit is None:
+            self.run.request_stop(self.grace, self.finish)
+
+
+def _portable(error: BaseException) -> BaseException:
+    """``error`` if it survives pickling, else a ``RemoteError`` with its one-line description."""
+    try:
+        pickle.loads(pickle.dumps(error))
+    except Exception:  # noqa: BLE001 - whatever pickling raises, it cannot travel
+        return RemoteError(describe(error))
+    return error
+
+
+class _Worker:
+    """This worker process's trio loop, in a thread of its own, started by its first job and
+    kept for the next ones (a trio loop per job would cost more than a Ray task)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._nursery: trio.Nursery | None = None
+        self._processes: ProcessContext | None = None
+
+    def start(self, job: _RemoteJob) -> None:
+        """Run ``job`` in the loop (started by the first job)."""
+        with self._lock:
+            if self._token is None:
+                ready = threading.Event()
+                loop = threading.Thread(
+                    target=trio.run, args=(self._serve, ready), name="otree-jobs", daemon=True
+                )
+                loop.start()
+                ready.wait()
+        self.soon(self._spawn, job)
+
+    def soon(self, fn: Callable[..., None], *args: Any) -> None:
+        """``fn(*args)`` in the loop, soon, if it runs (from any thread, a signal handler too)."""
+        if self._token is not None:
+            self._token.run_sync_soon(fn, *args)
+
+    async def _serve(self, ready: threading.Event) -> None:
+        async with trio.open_nursery() as nursery:
+            self._token, self._nursery = trio.lowlevel.current_trio_token(), nursery
+            ready.set()
+            await trio.sleep_forever()
+
+    def _spawn(self, job: _RemoteJob) -> None:
+        from ._pool import ProcessJob  # not at import: _pool -> _spec -> here
+
+        assert self._nursery is not None
+        run = job.run = RunningChild(job, None, job.path)
+        run.ready = True
+        if isinstance(job.handler, ProcessJob):
+            body: Handler = functools.partial(self._process_job, job.handler)
+        else:
+            body = job.handler
+        self._nursery.start_soon(run.main, body, (job.payload,), False, name=job.path)
+        if job.stop_asked:  # Ray cancelled it before it was here
+            job.stop()
+
+    async def _process_job(self, handler: Any, payload: Any) -> Any:
+        """A ``process_job`` run here: a process child of this worker, with otree's guarantees."""
+        run = current_child()
+        return await handler.execute(payload, run, self.processes(), run.owner._emit)
+
+    def processes(self) -> ProcessContext:
+        """This worker's process services (its reaper served in the loop), made at its first process job."""
+        if self._processes is None:
+            assert self._nursery is not None
+            self._processes = ProcessContext(Path("/nonexistent"))  # jobs keep no logs on Ray
+            self._nursery.start_soon(self._processes.reaper.serve)
+        return self._processes
+
+
+_WORKER = _Worker()
