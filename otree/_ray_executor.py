@@ -144,27 +144,21 @@ async def _run_job(ray: Any, remote: Any, payload: Any) -> Any:
     its error, or a ``Shutdown`` for a remote run that was stopped before it was done."""
     me = current_child()
     pool: Any = me.owner  # a Pool
-    ref = remote.remote(payload, me.path, pool.spec.job_shutdown)
-    grace = trio.CancelScope()  # cancelled when the stop's grace runs out
-    me.on_stop = functools.partial(_stop, ray, ref, grace)  # the run's stop comes here, not as a cancel
-    outcome: Outcome | None = None
-    lost: BaseException | None = None
-    with grace:
-        try:
-            outcome = await aref(ref)
-        except ray.exceptions.RayError as error:
-            lost = error
-    if grace.cancelled_caught:
-        ray.cancel(ref, force=True)  # kills its worker: whatever the task does, it stops now
-        with trio.move_on_after(_KILLED_SECONDS), suppress(ray.exceptions.RayError):
-            await aref(ref)  # out of Ray before the pool gives its slot to another job
-    if outcome is None:
-        estimate = me.child.estimate
-        if estimate:
-            me.report_cost(estimate / 1e6)  # its spend is unknown: the worst it was allowed
-        if lost is None:
-            raise Shutdown("killed")
-        raise RemoteError(_one_line(getattr(lost, "cause", None) or lost)) from lost
+    task = _Task(ray, remote.remote(payload, me.path, pool.spec.job_shutdown))
+    # a stop comes to the task first; the run is cancelled only when its grace runs out
+    me.on_stop = task.stop
+    try:
+        outcome: Outcome = await aref(task.ref)
+    except ray.exceptions.RayError as error:
+        _charge_estimate(me)
+        raise RemoteError(_one_line(getattr(error, "cause", None) or error)) from error
+    except trio.Cancelled:  # the grace ran out, or a brutal stop
+        ray.cancel(task.ref, force=True)  # kills its worker: whatever the task does, it stops now
+        deadline = trio.current_time() + _KILLED_SECONDS
+        with trio.CancelScope(shield=True, deadline=deadline), suppress(ray.exceptions.RayError):
+            await aref(task.ref)  # out of Ray before the pool gives its slot to another job
+        _charge_estimate(me)
+        raise
     how, value, cost, events = outcome
     for path, kind, reason, details in events:
         pool._emit(path, kind, reason, **details)
@@ -177,14 +171,29 @@ async def _run_job(ray: Any, remote: Any, payload: Any) -> Any:
     raise Shutdown(value)
 
 
-def _stop(ray: Any, ref: Any, grace: trio.CancelScope, kill_at: float) -> None:
-    """The job's run is asked to stop by ``kill_at`` (trio time; -inf: at once)."""
-    if kill_at == -math.inf:
-        grace.cancel()
-        return
-    if grace.deadline == math.inf:  # the first request: the remote run is stopped in order
-        ray.cancel(ref)
-    grace.deadline = min(grace.deadline, kill_at)
+def _charge_estimate(me: RunningChild) -> None:
+    """The job's outcome never came back: its spend is unknown, so it is the most it was allowed."""
+    estimate = me.child.estimate
+    if estimate:
+        me.report_cost(estimate / 1e6)
+
+
+class _Task:
+    """A job's Ray task, and the stop its run passes on to it."""
+
+    __slots__ = ("asked", "ray", "ref")
+
+    def __init__(self, ray: Any, ref: Any) -> None:
+        self.ray = ray
+        self.ref = ref
+        self.asked = False
+
+    def stop(self, kill_at: float) -> None:
+        """The run is asked to stop by ``kill_at`` (its scope is cancelled then): the remote run
+        is stopped in order (Ray interrupts the task, which stops it under the pool's grace)."""
+        if not self.asked and kill_at != -math.inf:
+            self.asked = True
+            self.ray.cancel(self.ref)
 
 
 # --- the remote side: in a Ray worker ---------------------------------------------------------

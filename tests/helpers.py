@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -127,3 +128,35 @@ def proc_stat(pid: int) -> list[str]:
 def state_and_parent(pid: int) -> tuple[str, int]:
     fields = proc_stat(pid)
     return fields[0], int(fields[1])
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` is a live process (not gone, not a zombie)."""
+    try:
+        return proc_stat(pid)[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def descendants(root: int) -> set[int]:
+    """Every live process below ``root``, by the parent links in /proc."""
+    parents = {pid: int(proc_stat(pid)[1]) for pid in pids_where(lambda pid: True)}
+    found: set[int] = set()
+    frontier = {root}
+    while frontier:
+        frontier = {pid for pid, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return found
+
+
+def with_cmdline(text: str) -> set[int]:
+    """The processes whose command line holds ``text``."""
+    return set(pids_where(lambda pid: text.encode() in Path(f"/proc/{pid}/cmdline").read_bytes()))
+
+
+def wait_gone(pids: set[int], seconds: float = 20.0) -> set[int]:
+    """Poll until none of ``pids`` is alive; those still alive at the deadline."""
+    deadline = time.monotonic() + seconds
+    while (left := {pid for pid in pids if alive(pid)}) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return left

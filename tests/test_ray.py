@@ -1,9 +1,9 @@
 """Ray children (``otree.ray``) on one real local Ray instance, loopback only.
 
-One instance serves the module (started once, ~4 s); at the end it is shut down and every
-process it started is checked gone by pid. The children talk to the test through files,
-since they run in Ray's worker processes. Skipped only outside CI when Ray is not installed:
-in CI (``CI`` set) a missing Ray is a failure, not a skip.
+One instance serves the test session (``ray_instance`` in conftest.py, started once, ~4 s); at
+the end it is shut down and every process it started is checked gone by pid. The children talk
+to the test through files, since they run in Ray's worker processes. Skipped only outside CI
+when Ray is not installed: in CI (``CI`` set) a missing Ray is a failure, not a skip.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import tempfile
 import textwrap
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,10 @@ import pytest
 import trio
 
 import otree
+from tests.helpers import alive as _alive
+from tests.helpers import descendants as _descendants
+from tests.helpers import wait_gone as _wait_gone
+from tests.helpers import with_cmdline as _with_cmdline
 
 ray: Any = importlib.import_module("ray") if os.environ.get("CI") else pytest.importorskip("ray")
 
@@ -46,53 +50,6 @@ OTREE = [sys.executable, "-m", "otree"]
 # --- processes --------------------------------------------------------------------------------
 
 
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rpartition(")")[2].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-
-
-def _descendants(root: int) -> set[int]:
-    """Every live process below ``root``, by the parent links in /proc."""
-    parents: dict[int, int] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as stat:
-                    parents[int(entry)] = int(stat.read().rpartition(")")[2].split()[1])
-            except (FileNotFoundError, ProcessLookupError):
-                continue
-    found: set[int] = set()
-    frontier = {root}
-    while frontier:
-        frontier = {pid for pid, parent in parents.items() if parent in frontier} - found
-        found |= frontier
-    return found
-
-
-def _with_cmdline(text: str) -> set[int]:
-    found = set()
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/cmdline", "rb") as cmdline:
-                    if text.encode() in cmdline.read():
-                        found.add(int(entry))
-            except (FileNotFoundError, ProcessLookupError):
-                continue
-    return found
-
-
-def _wait_gone(pids: set[int], seconds: float = 20.0) -> set[int]:
-    """Poll until none of ``pids`` is alive; those still alive at the deadline."""
-    deadline = time.monotonic() + seconds
-    while (left := {pid for pid in pids if _alive(pid)}) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return left
-
-
 def _wait_file(path: Path, lines: int = 1, seconds: float = 30.0) -> str:
     """The first of ``lines`` lines written to ``path``, once they all are."""
     deadline = time.monotonic() + seconds
@@ -101,24 +58,6 @@ def _wait_file(path: Path, lines: int = 1, seconds: float = 30.0) -> str:
             return text.splitlines()[0]
         time.sleep(0.02)
     raise AssertionError(f"{path} not written in {seconds}s")
-
-
-@pytest.fixture(scope="module")
-def ray_instance() -> Iterator[str]:
-    """One local Ray for the module; afterwards nothing it started is left running."""
-    temp = tempfile.mkdtemp(prefix="otree-ray-")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _temp_dir=temp)
-    try:
-        yield ray.get_runtime_context().gcs_address
-    finally:
-        started = _descendants(os.getpid()) | _with_cmdline(temp)
-        assert len(started) >= 3  # gcs_server, raylet, workers: what the check below watches
-        ray.shutdown()
-        left = _wait_gone(started)
-        for pid in left:
-            os.kill(pid, signal.SIGKILL)
-        shutil.rmtree(temp, ignore_errors=True)
-        assert not left, f"Ray left processes running: {sorted(left)}"
 
 
 @pytest.fixture(autouse=True)
