@@ -1,10 +1,17 @@
 """``python -m benchmarks.bench_ray``: Ray children restarted by otree against Ray's own actor
-restart, and the cost of a remote event, in one run on one local Ray instance (loopback only).
+restart, the cost of a remote event, and pool jobs on Ray (``otree.RayExecutor``) against bare Ray
+tasks, in one run on one local Ray instance (loopback only).
 
 Needs the ``ray`` extra (``pip install -e '.[ray]'``). Restart time is from the moment the
 remote process dies (it writes the time, then ``os._exit(1)``) to the replacement being
 ready: for otree the child's next ``child.ready``, for Ray the first call that succeeds on
 the restarted actor (``max_restarts=-1``, ``max_task_retries=0``).
+
+Pool throughput: ``JOBS`` no-op jobs through a pool with ``max_concurrency=64`` and a
+``RayExecutor`` (each job a Ray task, one CPU each as Ray's default), from the first submission to
+the last result, against bare Ray: the same number of no-op tasks, at most 64 in flight
+(``ray.wait`` windowing), each result fetched with ``ray.get``. Alternated ``ROUNDS`` times
+after a warm-up; the medians are compared.
 """
 
 from __future__ import annotations
@@ -28,6 +35,9 @@ import otree
 
 RESTARTS = 20
 EVENTS = 2000
+JOBS = 2000
+IN_FLIGHT = 64
+ROUNDS = 3
 
 
 async def crasher(notes: str, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -109,26 +119,102 @@ async def event_cost() -> float:
     return (last - first) / (EVENTS - 1)
 
 
-def main() -> None:
-    ray: Any = importlib.import_module("ray")
-    temp = tempfile.mkdtemp(prefix="otree-bench-ray-")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _temp_dir=temp)
-    try:
-        with tempfile.TemporaryDirectory() as scratch:
-            ours = trio.run(otree_restarts, Path(scratch) / "otree")
-            theirs = ray_restarts(ray, Path(scratch) / "ray")
-        per_event = trio.run(event_cost)
-    finally:
-        ray.shutdown()
+async def noop(payload: Any) -> Any:
+    """A pool job that does nothing."""
+    return payload
+
+
+async def pool_throughput(jobs: int) -> float:
+    """Jobs per second through a pool whose jobs run as Ray tasks."""
+    pool = otree.pool(
+        "jobs", {"noop": noop}, max_concurrency=IN_FLIGHT, max_queue=jobs, executor=otree.RayExecutor()
+    )
+    async with otree.open_supervisor(otree.supervisor("bench", children=[pool])) as sup:
+        handle = sup.child("jobs")
+        start = time.perf_counter()
+        submitted = [handle.submit_nowait("noop", i) for i in range(jobs)]
+        for job in submitted:
+            await job.result()
+        return jobs / (time.perf_counter() - start)
+
+
+def bare_throughput(ray: Any, task: Any, jobs: int) -> float:
+    """Tasks per second through bare Ray: at most ``IN_FLIGHT`` submitted and not yet fetched."""
+    start = time.perf_counter()
+    pending: list[Any] = []
+    submitted = 0
+    while submitted < jobs or pending:
+        while submitted < jobs and len(pending) < IN_FLIGHT:
+            pending.append(task.remote(submitted))
+            submitted += 1
+        done, pending = ray.wait(pending, num_returns=1)
+        ray.get(done)
+    return jobs / (time.perf_counter() - start)
+
+
+def pool_against_bare(ray: Any) -> tuple[list[float], list[float]]:
+    """Throughputs (jobs/s) of the pool on Ray and of bare Ray, ``ROUNDS`` of each, alternated."""
+
+    @ray.remote(max_retries=0)
+    def bare_noop(payload: Any) -> Any:
+        return payload
+
+    bare_throughput(ray, bare_noop, IN_FLIGHT * 4)  # workers started, functions exported
+    trio.run(pool_throughput, IN_FLIGHT * 4)
+    ours, theirs = [], []
+    for _ in range(ROUNDS):
+        theirs.append(bare_throughput(ray, bare_noop, JOBS))
+        ours.append(trio.run(pool_throughput, JOBS))
+    return ours, theirs
+
+
+def report_restarts(ray: Any) -> None:
+    with tempfile.TemporaryDirectory() as scratch:
+        ours = trio.run(otree_restarts, Path(scratch) / "otree")
+        theirs = ray_restarts(ray, Path(scratch) / "ray")
     ours_median, theirs_median = statistics.median(ours), statistics.median(theirs)
-    print(f"ray {ray.__version__}, {RESTARTS} restarts each, one local instance (num_cpus=2)")
     print(
-        f"restart (death -> replacement ready): otree {ours_median:.3f} s median"
+        f"restart (death -> replacement ready, {RESTARTS} each): otree {ours_median:.3f} s median"
         f" (max {max(ours):.3f}), Ray's own {theirs_median:.3f} s median (max {max(theirs):.3f});"
         f" Ray / otree {theirs_median / ours_median:.1f}x"
     )
+
+
+def report_events(ray: Any) -> None:
+    per_event = trio.run(event_cost)
     print(f"remote event forwarding: {per_event * 1e6:.0f} us per event ({EVENTS} app events in a burst)")
-    sys.stdout.flush()
+
+
+def report_pool(ray: Any) -> None:
+    pool_rates, bare_rates = pool_against_bare(ray)
+    pool_rate, bare_rate = statistics.median(pool_rates), statistics.median(bare_rates)
+    print(
+        f"pool jobs on Ray ({JOBS} no-op jobs, {IN_FLIGHT} in flight, median of {ROUNDS}):"
+        f" otree.RayExecutor {pool_rate:.0f} jobs/s ({', '.join(f'{r:.0f}' for r in pool_rates)}),"
+        f" bare Ray {bare_rate:.0f} tasks/s ({', '.join(f'{r:.0f}' for r in bare_rates)});"
+        f" otree / bare {pool_rate / bare_rate:.2f}x"
+    )
+
+
+PARTS = {"restart": report_restarts, "events": report_events, "pool": report_pool}
+
+
+def main() -> None:
+    """``python -m benchmarks.bench_ray [restart|events|pool ...]`` (default: all three)."""
+    parts = sys.argv[1:] or list(PARTS)
+    unknown = [part for part in parts if part not in PARTS]
+    if unknown:
+        sys.exit(f"bench_ray: unknown part {unknown[0]!r} (parts: {', '.join(PARTS)})")
+    ray: Any = importlib.import_module("ray")
+    temp = tempfile.mkdtemp(prefix="otree-bench-ray-")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _temp_dir=temp)
+    print(f"ray {ray.__version__}, one local instance (num_cpus=2)")
+    try:
+        for part in parts:
+            PARTS[part](ray)
+            sys.stdout.flush()
+    finally:
+        ray.shutdown()
 
 
 if __name__ == "__main__":

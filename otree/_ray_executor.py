@@ -44,6 +44,9 @@ Handler = Callable[..., Awaitable[Any]]
 # What a remote run sends back: how it ended ("ok", "error" or "stopped"), its value (the result,
 # the exception, or the stop's detail), what it spent, and its events as (path, kind, reason, details).
 Outcome = tuple[str, Any, float, list[tuple[str, str, str, dict[str, Any]]]]
+# What a job's task is given (one argument: Ray serializes each one apart): its payload, its path
+# (of its events) and the grace of a stop.
+JobArgs = tuple[Any, str, ShutdownValue]
 
 _KILLED_SECONDS = 5.0  # for a force-cancelled task to be out of Ray before its slot is given back
 _SIGNAL_POLL = 0.05  # how often the task's thread looks for Ray's cancel (a signal handler runs then)
@@ -124,12 +127,12 @@ class RayExecutor:
         return run
 
 
-def _task_of(handler: Handler) -> Callable[[Any, str, ShutdownValue], Outcome]:
+def _task_of(handler: Handler) -> Callable[[JobArgs], Outcome]:
     """The Ray task of ``handler``'s jobs: the handler travels with it, once per worker (not with
     every job), and the task is named after it."""
 
-    def job(payload: Any, path: str, grace: ShutdownValue) -> Outcome:
-        return _task(handler, payload, path, grace)
+    def job(args: JobArgs) -> Outcome:
+        return _task(handler, args)  # a module function: the closure travels without this module's state
 
     job.__name__ = job.__qualname__ = getattr(handler, "__qualname__", type(handler).__name__)
     return job
@@ -144,7 +147,7 @@ async def _run_job(ray: Any, remote: Any, payload: Any) -> Any:
     its error, or a ``Shutdown`` for a remote run that was stopped before it was done."""
     me = current_child()
     pool: Any = me.owner  # a Pool
-    task = _Task(ray, remote.remote(payload, me.path, pool.spec.job_shutdown))
+    task = _Task(ray, remote.remote((payload, me.path, pool.spec.job_shutdown)))
     # a stop comes to the task first; the run is cancelled only when its grace runs out
     me.on_stop = task.stop
     try:
@@ -199,22 +202,9 @@ class _Task:
 # --- the remote side: in a Ray worker ---------------------------------------------------------
 
 
-def _task(handler: Handler, payload: Any, path: str, grace: ShutdownValue) -> Outcome:
-    """The Ray task: run the job in this worker's trio loop; Ray's cancel (an interrupt of this
-    thread) stops it under ``grace``."""
-    job = _RemoteJob(handler, payload, path, grace)
-    main = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGINT, job.interrupt) if main else None
-    try:
-        _WORKER.start(job)
-        # a signal handler runs only between bytecodes of this thread: wake up to let it
-        while not job.done.acquire(timeout=_SIGNAL_POLL):
-            pass
-    finally:
-        if main:
-            signal.signal(signal.SIGINT, previous)
-    assert job.outcome is not None
-    return job.outcome
+def _task(handler: Handler, args: JobArgs) -> Outcome:
+    """A job's Ray task, in a worker: the job run in the worker's loop."""
+    return _WORKER.run(_RemoteJob(handler, *args))
 
 
 class _RemoteJob:
@@ -256,7 +246,7 @@ class _RemoteJob:
         self.outcome = outcome
         self.done.release()
 
-    def interrupt(self, signum: int, frame: object) -> None:
+    def interrupt(self) -> None:
         """Ray's cancel (in the task's thread): stop the run in order, in the worker's loop."""
         self.stop_asked = True  # seen by the loop when it starts the run, if it has not yet
         _WORKER.soon(self.stop)
@@ -284,18 +274,41 @@ class _Worker:
         self._token: trio.lowlevel.TrioToken | None = None
         self._nursery: trio.Nursery | None = None
         self._processes: ProcessContext | None = None
+        self._current: _RemoteJob | None = None  # the job of the task running now
 
-    def start(self, job: _RemoteJob) -> None:
-        """Run ``job`` in the loop (started by the first job)."""
+    def run(self, job: _RemoteJob) -> Outcome:
+        """Run ``job`` in the loop and wait for its outcome, in the task's thread, which Ray's
+        cancel interrupts: the job is then stopped under its grace."""
         with self._lock:
             if self._token is None:
-                ready = threading.Event()
-                loop = threading.Thread(
-                    target=trio.run, args=(self._serve, ready), name="otree-jobs", daemon=True
-                )
-                loop.start()
-                ready.wait()
-        self.soon(self._spawn, job)
+                self._start()
+        self._current = job
+        try:
+            self.soon(self._spawn, job)
+            # a signal handler runs only between bytecodes of this thread: wake up to let it
+            while not job.done.acquire(timeout=_SIGNAL_POLL):
+                pass
+        finally:
+            self._current = None
+        assert job.outcome is not None
+        return job.outcome
+
+    def _start(self) -> None:
+        ready = threading.Event()
+        loop = threading.Thread(target=trio.run, args=(self._serve, ready), name="otree-jobs", daemon=True)
+        loop.start()
+        ready.wait()
+        if (
+            threading.current_thread() is threading.main_thread()
+        ):  # where Ray runs tasks (and interrupts them)
+            signal.signal(signal.SIGINT, self._interrupt)
+
+    def _interrupt(self, signum: int, frame: object) -> None:
+        """Ray cancels the task running now: if it is a job's, the job stops in order."""
+        job = self._current
+        if job is None:  # another task's, or none: what Python's own handler does
+            raise KeyboardInterrupt
+        job.interrupt()
 
     def soon(self, fn: Callable[..., None], *args: Any) -> None:
         """``fn(*args)`` in the loop, soon, if it runs (from any thread, a signal handler too)."""
