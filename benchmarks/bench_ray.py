@@ -26,6 +26,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,7 @@ RESTARTS = 20
 EVENTS = 2000
 JOBS = 2000
 IN_FLIGHT = 64
-ROUNDS = 3
+ROUNDS = 5
 
 
 async def crasher(notes: str, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -124,23 +125,55 @@ async def noop(payload: Any) -> Any:
     return payload
 
 
-async def pool_throughput(jobs: int) -> float:
-    """Jobs per second through a pool whose jobs run as Ray tasks."""
+Figures = tuple[float, float, float]  # jobs per second, CPU us per job in the driver, in the rest of Ray
+
+
+def _cpu_seconds() -> tuple[float, float]:
+    """CPU seconds used so far by this process (the driver) and by its descendants (the local Ray
+    instance: GCS, raylet, workers), from /proc."""
+    stats: dict[int, list[str]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                text = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue  # gone meanwhile
+            stats[int(entry)] = text[text.rindex(")") + 2 :].split()
+    tick = os.sysconf("SC_CLK_TCK")
+
+    def used(pid: int) -> float:
+        return (int(stats[pid][11]) + int(stats[pid][12])) / tick
+
+    found, frontier = set(), {os.getpid()}
+    while frontier:
+        frontier = {pid for pid, fields in stats.items() if int(fields[1]) in frontier} - found
+        found |= frontier
+    return used(os.getpid()), sum(used(pid) for pid in found)
+
+
+def _measured(jobs: int, run: Callable[[], None]) -> Figures:
+    cpu_before, wall_before = _cpu_seconds(), time.perf_counter()
+    run()
+    wall, cpu_after = time.perf_counter() - wall_before, _cpu_seconds()
+    driver, rest = (after - before for after, before in zip(cpu_after, cpu_before, strict=True))
+    return jobs / wall, driver / jobs * 1e6, rest / jobs * 1e6
+
+
+async def pool_jobs(jobs: int) -> None:
+    """``jobs`` no-op jobs through a pool whose jobs run as Ray tasks, from the first submission
+    to the last result."""
     pool = otree.pool(
         "jobs", {"noop": noop}, max_concurrency=IN_FLIGHT, max_queue=jobs, executor=otree.RayExecutor()
     )
     async with otree.open_supervisor(otree.supervisor("bench", children=[pool])) as sup:
         handle = sup.child("jobs")
-        start = time.perf_counter()
         submitted = [handle.submit_nowait("noop", i) for i in range(jobs)]
         for job in submitted:
             await job.result()
-        return jobs / (time.perf_counter() - start)
 
 
-def bare_throughput(ray: Any, task: Any, jobs: int) -> float:
-    """Tasks per second through bare Ray: at most ``IN_FLIGHT`` submitted and not yet fetched."""
-    start = time.perf_counter()
+def bare_tasks(ray: Any, task: Any, jobs: int) -> None:
+    """``jobs`` tasks through bare Ray: at most ``IN_FLIGHT`` submitted and not yet fetched."""
     pending: list[Any] = []
     submitted = 0
     while submitted < jobs or pending:
@@ -149,22 +182,21 @@ def bare_throughput(ray: Any, task: Any, jobs: int) -> float:
             submitted += 1
         done, pending = ray.wait(pending, num_returns=1)
         ray.get(done)
-    return jobs / (time.perf_counter() - start)
 
 
-def pool_against_bare(ray: Any) -> tuple[list[float], list[float]]:
-    """Throughputs (jobs/s) of the pool on Ray and of bare Ray, ``ROUNDS`` of each, alternated."""
+def pool_against_bare(ray: Any) -> tuple[list[Figures], list[Figures]]:
+    """The pool on Ray and bare Ray, ``ROUNDS`` of each, alternated."""
 
     @ray.remote(max_retries=0)
     def bare_noop(payload: Any) -> Any:
         return payload
 
-    bare_throughput(ray, bare_noop, IN_FLIGHT * 4)  # workers started, functions exported
-    trio.run(pool_throughput, IN_FLIGHT * 4)
+    bare_tasks(ray, bare_noop, IN_FLIGHT * 4)  # workers started, functions exported
+    trio.run(pool_jobs, IN_FLIGHT * 4)
     ours, theirs = [], []
     for _ in range(ROUNDS):
-        theirs.append(bare_throughput(ray, bare_noop, JOBS))
-        ours.append(trio.run(pool_throughput, JOBS))
+        theirs.append(_measured(JOBS, lambda: bare_tasks(ray, bare_noop, JOBS)))
+        ours.append(_measured(JOBS, lambda: trio.run(pool_jobs, JOBS)))
     return ours, theirs
 
 
@@ -186,13 +218,20 @@ def report_events(ray: Any) -> None:
 
 
 def report_pool(ray: Any) -> None:
-    pool_rates, bare_rates = pool_against_bare(ray)
-    pool_rate, bare_rate = statistics.median(pool_rates), statistics.median(bare_rates)
+    ours, theirs = pool_against_bare(ray)
+    medians = [
+        [statistics.median(figures[i] for figures in side) for i in range(3)] for side in (ours, theirs)
+    ]
+    (rate, driver, rest), (bare_rate, bare_driver, bare_rest) = medians
     print(
         f"pool jobs on Ray ({JOBS} no-op jobs, {IN_FLIGHT} in flight, median of {ROUNDS}):"
-        f" otree.RayExecutor {pool_rate:.0f} jobs/s ({', '.join(f'{r:.0f}' for r in pool_rates)}),"
-        f" bare Ray {bare_rate:.0f} tasks/s ({', '.join(f'{r:.0f}' for r in bare_rates)});"
-        f" otree / bare {pool_rate / bare_rate:.2f}x"
+        f" otree.RayExecutor {rate:.0f} jobs/s ({', '.join(f'{f[0]:.0f}' for f in ours)}),"
+        f" bare Ray {bare_rate:.0f} tasks/s ({', '.join(f'{f[0]:.0f}' for f in theirs)});"
+        f" otree / bare {rate / bare_rate:.2f}x"
+    )
+    print(
+        f"  CPU per job: driver {driver:.0f} us (bare {bare_driver:.0f}),"
+        f" Ray's processes {rest:.0f} us (bare {bare_rest:.0f})"
     )
 
 

@@ -140,7 +140,10 @@ def alive(pid: int) -> bool:
 
 def descendants(root: int) -> set[int]:
     """Every live process below ``root``, by the parent links in /proc."""
-    parents = {pid: int(proc_stat(pid)[1]) for pid in pids_where(lambda pid: True)}
+    parents: dict[int, int] = {}
+    for pid in pids_where(lambda pid: True):
+        with contextlib.suppress(OSError):  # gone meanwhile
+            parents[pid] = int(proc_stat(pid)[1])
     found: set[int] = set()
     frontier = {root}
     while frontier:
