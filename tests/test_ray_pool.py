@@ -15,6 +15,7 @@ os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
 
 import importlib
 import signal
+import subprocess
 import sys
 import textwrap
 import threading
@@ -272,6 +273,43 @@ async def test_a_job_that_ignores_its_stop_is_killed_at_the_grace(tmp_path: Path
     assert spent == pytest.approx(0.5)  # its spend is unknown: its estimate
 
 
+async def test_max_runtime_stops_a_ray_job_on_its_node_and_fails_the_attempt(tmp_path: Path) -> None:
+    notes = tmp_path / "notes"
+    tree = _pool({"stoppable": stoppable}, max_runtime=1.0)
+    with trio.fail_after(DEADLINE):
+        async with otree.open_supervisor(tree) as sup:
+            job = await sup.child("jobs").submit("stoppable", {"notes": os.fspath(notes)})
+            with pytest.raises(otree.JobFailed, match="dead-lettered after 1 attempt"):
+                await job.result()
+            (letter,) = sup.child("jobs").dead_letters()
+    assert letter.error.startswith("max_runtime")
+    assert _lines(notes)[1] == "stopped"
+
+
+async def test_jobs_running_on_ray_stop_with_their_pool(tmp_path: Path) -> None:
+    notes = [tmp_path / "a", tmp_path / "b"]
+    with trio.fail_after(DEADLINE):
+        async with otree.open_supervisor(_pool({"stoppable": stoppable}, max_concurrency=2)) as sup:
+            jobs = [await sup.child("jobs").submit("stoppable", {"notes": os.fspath(n)}) for n in notes]
+            await _until(lambda: all(len(_lines(n)) == 1 for n in notes))
+    for job in jobs:
+        with pytest.raises(otree.JobFailed, match="dropped: pool_stopped"):
+            await job.result()
+    assert [_lines(n)[1] for n in notes] == ["stopped", "stopped"]
+
+
+def test_ray_is_imported_only_when_a_ray_executor_is_built() -> None:
+    script = (
+        "import sys, otree\n"
+        "async def noop(payload): return payload\n"
+        "otree.pool('jobs', {'noop': noop})\n"
+        "assert 'ray' not in sys.modules, 'ray imported by otree'\n"
+        "otree.RayExecutor()\n"
+        "assert 'ray' in sys.modules\n"
+    )
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=DEADLINE)
+
+
 async def test_a_payload_or_handler_that_cannot_travel_is_refused_in_one_line() -> None:
     class Secret(dict[str, str]):
         def __reduce__(self) -> Any:
@@ -326,9 +364,7 @@ with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
     notify.sendto(b"OTREE_COST=0.2", "\\0" + address[1:] if address.startswith("@") else address)
 if payload.get("hang"):
     time.sleep(300)
-grandchild.kill()
-grandchild.wait()
-print(json.dumps({"got": payload["n"]}))
+print(json.dumps({"got": payload["n"]}))  # its grandchild is left in its group
 """
 
 
@@ -349,12 +385,14 @@ async def test_a_process_job_runs_as_a_process_on_a_ray_node(tmp_path: Path) -> 
             with pytest.raises(otree.JobFailed, match="cancelled"):
                 await hung.result()
             spent = jobs.status().spent_today
-    worker, child, grandchild, group = map(int, _lines(notes)[0].split())
+    runs = [list(map(int, line.split())) for line in _lines(notes)]
+    (worker, child, _, group), _hung = runs
     assert worker != os.getpid() and worker in descendants(os.getpid())  # a Ray worker (under the raylet)
     assert group == child  # its own process group
     assert spent == pytest.approx(0.4)  # OTREE_COST=0.2 from each, reported on the node
-    _, child, grandchild, _ = map(int, _lines(notes)[1].split())
-    left = wait_gone({child, grandchild})  # the stopped job's group went with it
+    # each job's group went with it: the one that exited, and the one that was stopped
+    left = wait_gone({pid for run in runs for pid in run[1:3]})
     for pid in left:
         os.kill(pid, signal.SIGKILL)
     assert not left
+    assert alive(worker)  # stopped in order: its worker lives on
