@@ -780,7 +780,8 @@ class Pool:
                 allowed, entered = circuit.allow(now, job.id)
                 if entered:
                     self._emit(self.path, f"circuit.{entered}", "")
-                if not allowed:  # half-open: the trial's end wakes us
+                if not allowed:
+                    # open: wake when it turns half-open; half-open: the trial's end wakes us
                     wake = now + circuit.reopen_in(now) if circuit.state == "open" else math.inf
                     return None, (job, "circuit"), wake
             # a job its own lane holds is not the head: the line gives the best of the lanes not held
