@@ -24,6 +24,17 @@ from ._supervisor import Handles, Tree, _Supervisor
 __all__ = ["HANDLES", "PoolHandle", "SupervisorHandle"]
 
 
+def _supervisor_at(tree: Tree, ids: tuple[str, ...]) -> _Supervisor:
+    """The running supervisor at ``ids`` below the root. Raises NotFound, NotRunning."""
+    sup = tree.root
+    for child_id in ids:
+        child = sup._get(child_id)
+        if child.nested is None or child.run is None:
+            raise NotRunning(child.path, child.state)
+        sup = child.nested
+    return sup
+
+
 class _Handle:
     """What the handles share: a tree and a path of ids from its root, resolved on each call."""
 
@@ -59,13 +70,7 @@ class SupervisorHandle(_Handle):
     __slots__ = ()
 
     def _sup(self) -> _Supervisor:
-        sup = self._tree.root
-        for child_id in self._ids:
-            child = sup._get(child_id)
-            if child.nested is None or child.run is None:
-                raise NotRunning(child.path, child.state)
-            sup = child.nested
-        return sup
+        return _supervisor_at(self._tree, self._ids)
 
     async def start_child(self, spec: ChildSpec) -> ChildInfo:
         """Add and start a child at the end of the start order.
@@ -187,8 +192,8 @@ class PoolHandle(_Handle):
     __slots__ = ()
 
     def _pool(self) -> Pool:
-        parent = SupervisorHandle(self._tree, self._ids[:-1])._sup()
-        child = parent._get(self._ids[-1])
+        ids = self._ids
+        child = _supervisor_at(self._tree, ids[:-1])._get(ids[-1])
         if child.pool is None or child.run is None:
             raise NotRunning(child.path, child.state)
         return child.pool

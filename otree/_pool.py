@@ -12,6 +12,7 @@ dispatcher, decides what starts; the decisions are the pure ``Line`` (its lanes)
 
 from __future__ import annotations
 
+import contextvars
 import datetime as dt
 import heapq
 import itertools
@@ -22,7 +23,7 @@ import shutil
 import time
 import zoneinfo
 from collections import OrderedDict
-from collections.abc import Callable, Hashable
+from collections.abc import Awaitable, Callable, Hashable
 from pathlib import Path
 from typing import Any, Literal, TypedDict
 
@@ -87,6 +88,7 @@ class Job:
 
     __slots__ = (
         "_done",
+        "_handler",
         "_pool",
         "attempts",
         "cost",
@@ -147,6 +149,7 @@ class Job:
         self.dropped = ""  # why the pool dropped it (the reason of its job.dropped event)
         self.max_runtime: float | None = None  # its own limit per attempt (None: its kind's)
         self._done: trio.Event | None = None  # created only if someone awaits the result
+        self._handler: Callable[[Any], Awaitable[Any]] | None = None  # its running attempt's handler
 
     def __repr__(self) -> str:
         return f"<otree.Job {self.id} {self.kind} {self.state}>"
@@ -262,6 +265,8 @@ class Pool:
         self._order_for_drops()
         self._wake = trio.Event()
         self._nursery: trio.Nursery | None = None
+        self._context = contextvars.Context()  # the dispatcher's: what a job's run starts with
+        self._idle: dict[RunningChild, None] = {}  # runs whose task waits for a job
         self._stopping = False
         self._stop_requested = False
         self._kill_at = math.inf  # the pool's own stop deadline (trio time)
@@ -697,6 +702,7 @@ class Pool:
         self._open_store()
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            self._context = contextvars.copy_context()
             self.serving = True
             task_status.started()
             try:
@@ -720,22 +726,45 @@ class Pool:
     def _dispatch(self) -> float:
         """Start what may start now; the trio time at which to look again (inf: on the next event)."""
         now = trio.current_time()
-        while self.waiting and self.waiting[0][0] <= now:
-            _, _, job = heapq.heappop(self.waiting)
+        look_again = self._catch_up(now)
+        running, limit = self.running, self.spec.max_concurrency
+        held: tuple[Job, HoldReason] | None = None
+        while len(running) < limit:
+            job, held, wake = self._next_job(now)
+            if job is None:
+                look_again = min(look_again, wake)
+                break
+            self._start(job, now)
+        self._set_hold(held)
+        budget = self.budget
+        if budget.limit is not None and budget.spent:
+            # wake at midnight, so the reset is reported (and reject mode opens) when it happens
+            look_again = min(look_again, now + seconds_until_midnight(self._now(), self._tz))
+        return look_again
+
+    def _catch_up(self, now: float) -> float:
+        """Before a decision at ``now``: retries that are due join the line, lanes whose breaker
+        cooled down may start again, the budget day rolls. The time of the next such change."""
+        waiting = self.waiting
+        while waiting and waiting[0][0] <= now:
+            _, _, job = heapq.heappop(waiting)
             if job.state != "waiting":  # cancelled, dropped or replaced while it waited
                 continue
             self.retrying -= 1
             job.state = "queued"
             self.queue.push(job.id, job.priority, job, job.lane)  # a FIFO lane's pinned retry: its head again
-        look_again = min(self.waiting[0][0] if self.waiting else math.inf, self.queue.wake(now))
+        look_again = min(waiting[0][0] if waiting else math.inf, self.queue.wake(now))
         self._roll()
-        queue, running, budget, rate = self.queue, self.running, self.budget, self._rate
-        limit = self.spec.max_concurrency
-        held: tuple[Job, HoldReason] | None = None
-        while len(running) < limit:
+        return look_again
+
+    def _next_job(self, now: float) -> tuple[Job | None, tuple[Job, HoldReason] | None, float]:
+        """Take the job that starts next out of the line; or None, with what holds the head (None:
+        nothing, or only the start rate) and when to look again (inf: on the next event)."""
+        queue, budget, rate = self.queue, self.budget, self._rate
+        while True:
             head = queue.peek()
             if head is None:
-                break
+                return None, None, math.inf
             job = head[1]
             if job.kind not in self.spec.handlers:  # its kind left the tree file: it can never run
                 queue.remove(job.id, job.lane)
@@ -745,33 +774,25 @@ class Pool:
             if not budget.can_start(job.estimate):
                 # strict priority order: the head that does not fit holds the jobs behind it until
                 # a running job ends (a wake) or the budget day does (a timer)
-                look_again = min(look_again, now + seconds_until_midnight(self._now(), self._tz))
-                held = (job, "budget")
-                break
+                return None, (job, "budget"), now + seconds_until_midnight(self._now(), self._tz)
             if rate is not None and not rate.allows(now):  # max_starts_per_second: wake for the token
-                look_again = min(look_again, rate.ready_at())
-                break
-            if self.circuit is not None:
-                allowed, entered = self.circuit.allow(now, job.id)
+                return None, None, rate.ready_at()
+            circuit = self.circuit
+            if circuit is not None:
+                allowed, entered = circuit.allow(now, job.id)
                 if entered:
                     self._emit(self.path, f"circuit.{entered}", "")
                 if not allowed:
-                    if self.circuit.state == "open":  # half-open: the trial's end wakes us
-                        look_again = min(look_again, now + self.circuit.reopen_in(now))
-                    held = (job, "circuit")
-                    break
+                    # open: wake when it turns half-open; half-open: the trial's end wakes us
+                    wake = now + circuit.reopen_in(now) if circuit.state == "open" else math.inf
+                    return None, (job, "circuit"), wake
             # a job its own lane holds is not the head: the line gives the best of the lanes not held
             _, _, entered = queue.take(now)
             if entered:
                 self._emit(self.path, f"circuit.{entered}", "", lane=job.lane)
             if rate is not None:
                 rate.take(now)
-            self._start(job, now)
-        self._set_hold(held)
-        if budget.limit is not None and budget.spent:
-            # wake at midnight, so the reset is reported (and reject mode opens) when it happens
-            look_again = min(look_again, now + seconds_until_midnight(self._now(), self._tz))
-        return look_again
+            return job, None, math.inf
 
     def _set_hold(self, held: tuple[Job, HoldReason] | None) -> None:
         """Record what holds the head job; a new hold (a new head, or a new reason) is one
@@ -836,30 +857,78 @@ class Pool:
         return status
 
     def _start(self, job: Job, now: float) -> None:
+        """Start ``job``'s attempt at ``now``: in the task of an idle run (one whose job just ended),
+        else in a task of its own."""
+        limit = self._runtime_limit(job)
+        if self._idle and limit is None:  # a task's first run sets up the watchers of a time limit
+            run, _ = self._idle.popitem()  # its task, due to run in this scheduler round, runs it
+            self._begin(job, now, run, None)
+            return
         assert self._nursery is not None
+        run = RunningChild(self, job, self.path)
+        self._begin(job, now, run, limit)
+        self._nursery.start_soon(run.main, self._run_job, (), True, name=run.path)
+
+    def _begin(self, job: Job, now: float, run: RunningChild, limit: float | None) -> None:
+        """``job``'s attempt starts at ``now`` as ``run`` (``limit``: its max_runtime): counted
+        running, its estimate reserved."""
         handler = self.spec.handlers[job.kind]
+        executor = self.spec.executor
+        if executor is not None:  # it runs elsewhere (Ray); its slot is held here until it ends
+            handler = executor.body(handler)
+        job._handler = handler
         job.attempts += 1
         job.state = "running"
         job.started_at = time.time()
         if self.store is not None:
             self.store.started(int(job.id))
         self.budget.reserve(job.id, job.estimate)
-        run = RunningChild(self, job, f"{self.path}/{job.id}")
+        run.child = job
+        run.path = f"{self.path}/{job.id}"
         run.ready = True
         run.started_mono = now
-        spec = self.spec
-        limit = job.max_runtime
-        if limit is None and spec.max_runtime is not None:
-            limit = spec.runtime_of(job.kind)
         if limit is not None:
-            run.runtime_limit = (limit, spec.job_shutdown)
+            run.runtime_limit = (limit, self.spec.job_shutdown)
         job.run = run
         self.running[job.id] = job
         if self._wants(logging.INFO):
             self._job_event(job, "job.started", "", job_kind=job.kind, attempt=job.attempts)
-        if spec.executor is not None:  # it runs elsewhere (Ray); its slot is held here until it ends
-            handler = spec.executor.body(handler)
-        self._nursery.start_soon(run.main, handler, (job.payload,), False, name=run.path)
+
+    def _runtime_limit(self, job: Job) -> float | None:
+        """Seconds ``job``'s attempt may run: its own ``max_runtime``, else its kind's (None: no limit)."""
+        spec = self.spec
+        limit = job.max_runtime
+        if limit is None and spec.max_runtime is not None:
+            limit = spec.runtime_of(job.kind)
+        return limit
+
+    async def _run_job(self, *, task_status: RunningChild) -> Any:
+        """The body of a job's run (``RunningChild.main`` passes the run): its handler on its payload.
+        An idle run that the dispatcher gave no job meanwhile takes the next itself, or ends."""
+        run = task_status
+        if run.child is None and not self._claim(run):
+            return None
+        job: Job = run.child
+        assert job._handler is not None
+        return await job._handler(job.payload)
+
+    def _claim(self, run: RunningChild) -> bool:
+        """An idle run takes the job that starts next, as the dispatcher would if it woke now (it
+        is woken, and decides instead when it has a hold to look at); whether it got one."""
+        del self._idle[run]
+        if self.held is not None or self._stop_requested or len(self.running) >= self.spec.max_concurrency:
+            return False
+        now = trio.current_time()
+        self._catch_up(now)
+        job = self._next_job(now)[0]
+        if job is None:
+            return False
+        limit = self._runtime_limit(job)
+        if limit is not None:
+            self._start(job, now)  # in a task of its own
+            return False
+        self._begin(job, now, run, None)
+        return True
 
     # --- spend and the end of a job -------------------------------------------------------
 
@@ -888,9 +957,22 @@ class Pool:
         job.logged = 0
         self.budget.release(job.id)
 
-    def run_exited(self, run: RunningChild) -> None:
-        """A job's handler returned or raised (the owner protocol of ``RunningChild``)."""
+    def run_exited(self, run: RunningChild) -> RunningChild | None:
+        """A job's handler returned or raised (the owner protocol of ``RunningChild``).
+
+        Its task runs on as an idle run (returned), which runs the next job in the next scheduler
+        round, when the dispatcher would decide it: a task and a cancel scope per job cost as much
+        as the rest of a short job. Not after a run with a time limit (a task's first run sets up
+        the watchers; its stop cancels the scope), nor once the pool stops."""
+        if run.child is None:  # an idle run that found no job: its task ends
+            return None
         self._ended(run, ok=run.exit is not None and run.exit.reason == "normal")
+        if run.runtime_limit is not None or self._stop_requested:
+            return None
+        idle = RunningChild(self, None, self.path, scope=run.scope)
+        self._idle[idle] = None
+        trio.lowlevel.current_task().context = self._context.copy()  # a fresh one, as a new task's
+        return idle
 
     def _ended(self, run: RunningChild, *, ok: bool) -> None:
         """A job's run is over: it succeeded (``ok``), or it failed and is retried or buried."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import datetime as dt
 import json
 import sqlite3
@@ -1514,3 +1515,84 @@ async def test_a_job_reaches_its_pools_siblings_through_parent(
         siblings, holder = await job.result()
         assert siblings == ["worker"]
         assert holder.path == "root" and holder.parent is None
+
+
+async def test_a_jobs_task_runs_the_next_jobs_each_as_its_own_child_in_a_fresh_context(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A job's task runs on with the next job (no task per job), and each job still has its own
+    run (``current_child()``: its path, its pool) and a fresh context: a ContextVar a job set is
+    not seen by the job after it in the same task."""
+    var: contextvars.ContextVar[str] = contextvars.ContextVar("var", default="fresh")
+    seen: list[tuple[trio.lowlevel.Task, str, str]] = []
+
+    async def work(payload: int) -> int:
+        me = otree.current_child()
+        assert isinstance(me.supervisor, otree.PoolHandle) and me.supervisor.path == "root/jobs"
+        seen.append((trio.lowlevel.current_task(), me.path, var.get()))
+        var.set(f"set by job {payload}")
+        if payload % 3 == 0:
+            await trio.sleep(0.1)
+        return payload
+
+    tree = otree.supervisor("root", children=[otree.pool("jobs", {"work": work}, max_concurrency=4)])
+    async with otree.open_supervisor(tree) as sup:
+        pool = pool_of(sup)
+        jobs = [pool.submit_nowait("work", n) for n in range(200)]
+        assert [await job.result() for job in jobs] == list(range(200))
+    assert sorted(path for _, path, _ in seen) == sorted(f"root/jobs/{job.id}" for job in jobs)
+    assert {value for _, _, value in seen} == {"fresh"}
+    assert len({task for task, _, _ in seen}) <= 8  # 200 jobs, 4 at once: the tasks ran many each
+
+
+async def test_a_job_with_a_time_limit_never_runs_in_the_task_of_a_job_without_and_vice_versa(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A task's watchers of ``max_runtime`` are its first run's: a job with a limit after one without
+    is still stopped at its limit, and a job without one after one with it is not stopped at it."""
+
+    async def nap(seconds: float) -> float:
+        await trio.sleep(seconds)
+        return seconds
+
+    tree = otree.supervisor("root", children=[otree.pool("jobs", {"nap": nap}, max_concurrency=1)])
+    with trio.fail_after(100):
+        async with otree.open_supervisor(tree) as sup:
+            pool = pool_of(sup)
+            quick = pool.submit_nowait("nap", 0.5)
+            limited = pool.submit_nowait("nap", 50.0, max_runtime=1.0)
+            after = pool.submit_nowait("nap", 0.5, max_runtime=1.0)
+            unlimited = pool.submit_nowait("nap", 2.0)
+            assert await quick.result() == 0.5
+            with pytest.raises(otree.JobFailed, match="dead-lettered after 1 attempt"):
+                await limited.result()
+            assert pool.dead_letters()[0].error == "max_runtime"
+            assert await after.result() == 0.5
+            assert await unlimited.result() == 2.0
+            assert trio.current_time() == pytest.approx(4.0)  # 0.5 + 1 (stopped) + 0.5 + 2
+
+
+async def test_a_retry_due_at_once_starts_before_a_lower_priority_job_queued_before_it(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A retry due when a job ends is in the line when the next job is chosen, whether the
+    dispatcher or the ended job's own task chooses it (either may come first: ten rounds)."""
+    starts: list[str] = []
+    tries: dict[str, int] = {}
+
+    async def work(name: str) -> None:
+        starts.append(name)
+        tries[name] = tries.get(name, 0) + 1
+        await trio.sleep(0.1)
+        if name.startswith("high") and tries[name] == 1:
+            raise RuntimeError("first attempt fails")
+
+    pool_spec = otree.pool("jobs", {"work": work}, max_concurrency=1, max_attempts=2)
+    async with otree.open_supervisor(otree.supervisor("root", children=[pool_spec])) as sup:
+        pool = pool_of(sup)
+        for n in range(10):
+            high = pool.submit_nowait("work", f"high {n}", priority=5)
+            low = pool.submit_nowait("work", f"low {n}")
+            await high.result()
+            await low.result()
+    assert starts == [name for n in range(10) for name in (f"high {n}", f"high {n}", f"low {n}")]
