@@ -24,7 +24,7 @@ from ._output import OutputLosses, guard_output
 from ._paths import control_socket, state_dir
 from ._protocol import EXIT_REFUSED, EXIT_USAGE
 from ._reaper import Reaper, adopt_orphans
-from ._spec import Backoff, ChildSpec, ProcessSpec, SupervisorSpec
+from ._spec import Backoff, ChildSpec, ProcessSpec, RaySpec, SupervisorSpec
 
 __all__ = ["tree_command"]
 
@@ -100,6 +100,7 @@ _NOT_SETTINGS = frozenset(
         "children",
         "handlers",
         "argv",
+        "spec",
     }
 )
 
@@ -155,6 +156,8 @@ def _shown(name: str, value: object) -> str:
 
 def _print_tree(spec: ChildSpec, depth: int, out: TextIO) -> None:
     out.write("  " * depth + _describe(spec) + "\n")
-    if isinstance(spec, SupervisorSpec):
+    if isinstance(spec, RaySpec):  # what runs in the actor, under the same id, one level down
+        _print_tree(spec.spec, depth + 1, out)
+    elif isinstance(spec, SupervisorSpec):
         for child in spec.children:
             _print_tree(child, depth + 1, out)

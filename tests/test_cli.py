@@ -290,6 +290,37 @@ def test_check_shows_every_setting_that_is_not_its_default(
     assert field(jobs, "backoff") == "[0,30,120]s"
 
 
+RAY_TREE = """
+import otree
+
+async def work():
+    pass
+
+tree = otree.supervisor("root", children=[
+    otree.ray(otree.supervisor("crew", children=[otree.task("a", work)]), num_cpus=0, start_timeout=90),
+])
+"""
+
+
+def test_check_shows_what_runs_on_ray_one_level_down(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pytest.importorskip("ray")  # the test command installs the extra: this runs in CI
+    assert main(["check", str(write_tree(tmp_path, RAY_TREE))]) == 0
+    lines = [tokens(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(depth, fields[:2]) for depth, fields in lines] == [
+        (0, ["root", "supervisor"]),
+        (1, ["crew", "ray"]),
+        (2, ["crew", "supervisor"]),
+        (3, ["a", "task"]),
+    ]
+    ray_line = lines[1][1]
+    assert (field(ray_line, "options"), field(ray_line, "start_timeout")) == ("num_cpus:0", "90")
+    assert not [
+        word for word in ray_line if word.startswith("spec=")
+    ]  # the wrapped spec has lines of its own
+
+
 def test_check_attr_picks_another_name(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = write_tree(tmp_path, RICH_TREE)
     assert main(["check", str(path), "--attr", "other"]) == 0
