@@ -426,25 +426,25 @@ class Spawner:
         was refused) if it could not start; nothing of it is left then.
         """
         candidates = self._candidates(argv[0], env.get("PATH"))
+        environment = env if type(env) is dict else dict(env)
         body = marshal.dumps(
-            [candidates, list(argv), dict(env), cwd, [list(limit) for limit in setup.rlimits], setup.user]
+            [candidates, list(argv), environment, cwd, [list(limit) for limit in setup.rlimits], setup.user]
         )
         fds = [self._stdio(fd, target) for target, fd in enumerate(stdio)]
-        with trio.CancelScope(shield=True):  # a spawn in flight finishes; the caller then owns the child
-            deadline = trio.current_time() + HELPER_WAIT_SECONDS
-            while True:
-                generation = self.generation
-                report = await self._request(body, fds)
-                if report.pid is not None or report.failure() is not None:
-                    break
-                # nothing written: the helper died before it cloned; its replacement takes the request
-                with trio.move_on_at(deadline):
-                    while self.generation == generation:
-                        await self._replaced.wait()
-                if self.generation == generation:
-                    raise OSError(11, "no spawn helper could be started", argv[0])
-            child = await self._outcome(report, generation, argv, cwd, setup)
-        return child
+        # every wait of a spawn is shielded: a spawn in flight finishes; the caller then owns the child
+        deadline = trio.current_time() + HELPER_WAIT_SECONDS
+        while True:
+            generation = self.generation
+            report = await self._request(body, fds)
+            if report.pid is not None or report.failure() is not None:
+                break
+            # nothing written: the helper died before it cloned; its replacement takes the request
+            with trio.CancelScope(deadline=deadline, shield=True):
+                while self.generation == generation:
+                    await self._replaced.wait()
+            if self.generation == generation:
+                raise OSError(11, "no spawn helper could be started", argv[0])
+        return self._outcome(report, generation, argv, cwd, setup)
 
     def _candidates(self, program: str, path: str | None) -> list[str]:
         """The paths the child tries to execute ``program`` at, in order (``$PATH``'s folders)."""
@@ -455,7 +455,7 @@ class Spawner:
                 found = [program]
             else:
                 folders = os.get_exec_path({} if path is None else {"PATH": path})
-                found = [os.path.join(folder, program) for folder in folders]
+                found = list(dict.fromkeys(os.path.join(folder, program) for folder in folders))
             if len(self._searched) >= SEARCH_CACHE:
                 self._searched.clear()
             self._searched[key] = found
@@ -490,7 +490,8 @@ class Spawner:
             with select.epoll() as ended:
                 ended.register(read_end, 0)  # only its hangup: every writer gone (exec, exit, helper death)
                 done = False
-                with trio.move_on_after(WEDGED_SECONDS):  # until the helper has cloned the child
+                # shielded (see spawn); the deadline: until the helper has cloned the child
+                with trio.CancelScope(deadline=trio.current_time() + WEDGED_SECONDS, shield=True):
                     try:
                         await self._send(message, [write_end, *fds, *extra])
                     finally:
@@ -501,7 +502,8 @@ class Spawner:
                 if not done:  # wedged: with nothing cloned, the helper dies and the caller sends it again
                     if report.pid is None:
                         self._replace(generation)
-                    await self._read(report, ended)
+                    with trio.CancelScope(shield=True):
+                        await self._read(report, ended)
         finally:
             self._reports.discard(report)
             os.close(read_end)
@@ -537,7 +539,7 @@ class Spawner:
             else:
                 return
 
-    async def _outcome(
+    def _outcome(
         self, report: _Report, generation: int, argv: Sequence[str], cwd: str | None, setup: ChildSetup
     ) -> Child:
         """The child that runs, or the error it failed with (once it is reaped and forgotten)."""
