@@ -576,7 +576,8 @@ class _Watch:
                     nursery.start_soon(self._pump_all, readers, drained)
                 else:
                     drained.set()
-                nursery.start_soon(self._wait_exit, pidfd, sock, run, ready, emit)
+                # while output may still drain after the exit, notify datagrams are read too
+                nursery.start_soon(self._wait_exit, pidfd, sock, run, ready, emit, bool(readers))
                 if feed is not None:
                     nursery.start_soon(_feed, *feed)
                 if await self._wait_ready(ready, run.stopping):
@@ -626,12 +627,20 @@ class _Watch:
                 nursery.start_soon(_pump, stream, log, self.proc, keep_tail, stamp)
         drained.set()
 
-    async def _wait_exit(
-        self, pidfd: int, sock: socket.socket, run: _Run, ready: trio.Event, emit: Callable[..., None]
+    async def _wait_exit(  # noqa: PLR0917 - the notify protocol's parts, passed on
+        self,
+        pidfd: int,
+        sock: socket.socket,
+        run: _Run,
+        ready: trio.Event,
+        emit: Callable[..., None],
+        listen_after: bool,
     ) -> None:
-        """The child's exit and its notify datagrams, in one task (one epoll holds both), until cancelled.
+        """The child's exit and its notify datagrams, in one task (one epoll holds both).
 
-        Datagrams are read before the exit is seen: a READY=1 sent just before exiting counts.
+        Datagrams are read before the exit is seen (the ones sent before it are in its run's
+        accounts). After the exit, the task keeps reading them until cancelled if ``listen_after``,
+        else returns.
         """
         with select.epoll() as events:
             events.register(pidfd, select.EPOLLIN)
@@ -641,9 +650,11 @@ class _Watch:
                     await trio.lowlevel.wait_readable(events.fileno())
                     _listen(sock, run, self.proc, ready, emit)
                     if not self.exited.is_set() and any(fd == pidfd for fd, _ in events.poll(0)):
-                        events.unregister(pidfd)
                         self.exited.set()
                         self._wake()
+                        if not listen_after:
+                            return
+                        events.unregister(pidfd)
             finally:
                 trio.lowlevel.notify_closing(events.fileno())
 
