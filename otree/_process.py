@@ -387,16 +387,21 @@ class _Tee:
             sink.close()
 
 
+class _Started(_Run, Protocol):
+    """A process child's run, which is also its task status (``RunningChild``)."""
+
+    def started(self, value: None = None) -> None: ...
+
+
 async def run_process(
-    spec: ProcessSpec,
-    run: _Run,
-    proc: ProcessRun,
-    ctx: ProcessContext,
-    emit: Callable[..., None],
-    *,
-    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    spec: ProcessSpec, ctx: ProcessContext, emit: Callable[..., None], *, task_status: _Started
 ) -> None:
-    """Run ``spec`` as a child until it exits or is stopped; raise ProcessFailed on an error exit."""
+    """Run ``spec`` as a child until it exits or is stopped; raise ProcessFailed on an error exit.
+
+    ``task_status`` is the run itself (its ``proc`` made beforehand): a child restarted in its
+    own task gets a new run, so nothing of one run is bound before it starts.
+    """
+    run = task_status
     sinks: dict[str, _Sink | int | None] = {}
     for name in ("stdout", "stderr"):
         mode = getattr(spec, name)
@@ -407,7 +412,7 @@ async def run_process(
             sinks[name] = None if mode == "inherit" else subprocess.DEVNULL
     stamped = ("stdout", "stderr") if spec.log_timestamps else ()
     await _run(
-        spec, run, proc, ctx, emit, sinks=sinks, stamped=stamped, stdin_data=None, task_status=task_status
+        spec, run, run.proc, ctx, emit, sinks=sinks, stamped=stamped, stdin_data=None, task_status=task_status
     )
 
 
