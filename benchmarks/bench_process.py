@@ -15,7 +15,8 @@ then measures, in one run:
   (circus polls: the restart test uses ``check_delay=0.001``, its fastest stable
   setting; the other tests use its default of 5 s; supervisord's loop wakes once a
   second whatever its settings, and ``startsecs=0`` is its fastest restart);
-* time from launching the daemon until 200 ``sleep`` children run;
+* time from launching the daemon until 200 ``sleep`` children run (each tool with its modules
+  compiled: the peers' by pip, otree's by ``compile_otree`` to a cache outside the checkout);
 * processes left after a SIGTERM stop of the daemon, and after a SIGKILL of it,
   with children that each leave a background grandchild (each tool's defaults),
   as the number of runs that left anything, out of ``LEFTOVER_RUNS`` for otree
@@ -46,6 +47,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 PEERS = Path(tempfile.gettempdir()) / "otree-bench-peers"
+# otree's bytecode, kept outside the checkout: the peers run from pip installs, whose modules pip
+# compiled, while otree runs from its source tree (where PYTHONDONTWRITEBYTECODE may keep it uncompiled)
+PYCACHE = Path(tempfile.gettempdir()) / "otree-bench-pycache"
 PY = sys.executable
 RESTART_SECONDS = 5.0
 IDLE_SECONDS = 20.0
@@ -61,6 +65,13 @@ def install_peers() -> None:
     if not (PEERS / "bin" / "circusd").exists() or not (PEERS / "bin" / "supervisord").exists():
         subprocess.run([PY, "-m", "venv", str(PEERS)], check=True)
         subprocess.run([peer_bin("pip"), "install", "-q", "supervisor", "circus"], check=True)
+
+
+def compile_otree() -> None:
+    """Write the bytecode of everything ``otree run`` imports (the otree on PYTHONPATH) to PYCACHE."""
+    env = {**os.environ, "PYTHONPYCACHEPREFIX": str(PYCACHE)}
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    subprocess.run([PY, "-c", "import otree._treecmd"], env=env, check=True, cwd=tempfile.gettempdir())
 
 
 def marked(marker: str) -> list[int]:
@@ -140,6 +151,8 @@ class Daemon:
 
     def start(self) -> None:
         env = {**os.environ, "BENCH_MARKER": self.marker}
+        if self.tool == "otree":
+            env["PYTHONPYCACHEPREFIX"] = str(PYCACHE)  # see compile_otree
         argv = getattr(self, f"_{self.tool}")()
         self.proc = subprocess.Popen(
             argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
@@ -279,6 +292,7 @@ def ab_main(checkouts: list[str], rounds: int = 5) -> None:
     for _ in range(rounds):
         for checkout in checkouts:
             os.environ["PYTHONPATH"] = checkout  # the daemon inherits the environment
+            compile_otree()
             rate, cpu = restart_sample("otree", "sh")
             samples[checkout].append((rate, cpu))
             print(f"{checkout}: {rate:.0f} restarts/s, {cpu * 1000:.3f} ms otree CPU per restart", flush=True)
@@ -293,6 +307,7 @@ def main() -> None:
         ab_main(sys.argv[2:])
         return
     install_peers()
+    compile_otree()
     print(
         f"{'':<12}{'sh/s':>8}{f'sh/s {HEAP_MB}M':>12}{'py/s':>8}{'idle CPU s':>12}{'200 up s':>10}"
         f"{'left stop':>14}{'left kill':>14}"

@@ -42,6 +42,7 @@ class _SocketDir:
         self.kind = kind
         self.mode = mode
         self.path: Path | None = None
+        self.text = ""  # the path as a string, once made
         self._lock = -1
 
     def ensure(self) -> Path:
@@ -58,13 +59,13 @@ class _SocketDir:
                 break
             # another tree took it for abandoned between its making and our lock, and removed it
             os.close(lock)
-        self._lock, self.path = lock, path
+        self._lock, self.path, self.text = lock, path, os.fspath(path)
         return path
 
     def close(self) -> None:
         if self.path is not None:
             shutil.rmtree(self.path, ignore_errors=True)
-            self.path = None
+            self.path, self.text = None, ""
         if self._lock >= 0:
             os.close(self._lock)
             self._lock = -1
@@ -111,7 +112,7 @@ class NotifySockets:
         self._shared: _SocketDir | None = None  # children running as another user
         self._count = 0
 
-    def bind(self, sock: socket.socket, owner: tuple[int, int] | None) -> Path:
+    def bind(self, sock: socket.socket, owner: tuple[int, int] | None) -> str:
         """Bind ``sock`` to a fresh path that only otree and the child's user (``owner``) can reach.
 
         Raises:
@@ -120,23 +121,29 @@ class NotifySockets:
         if owner is None:
             if self._own is None:
                 self._own = _SocketDir(check_private_dir(runtime_dir()), "notify-", 0o700)
-            directory = self._own.ensure()
+            directory = self._own
         else:
             if self._shared is None:
                 self._shared = _SocketDir(Path(tempfile.gettempdir()), "otree-notify-", 0o711)
-            directory = self._shared.ensure()
+            directory = self._shared
         self._count += 1
-        path = directory / f"{self._count}.sock"  # short: sun_path is 108 bytes
-        sock.bind(os.fspath(path))
+        name = f"{self._count}.sock"  # short: sun_path is 108 bytes
+        where = directory.text or os.fspath(directory.ensure())
+        try:
+            sock.bind(f"{where}/{name}")
+        except FileNotFoundError:  # its directory was removed meanwhile (a temp cleaner): made again
+            where = os.fspath(directory.ensure())
+            sock.bind(f"{where}/{name}")
+        path = f"{where}/{name}"
         # nobody else can write in these directories: the path cannot be swapped under us
         os.chmod(path, 0o600)
         if owner is not None:
             os.chown(path, *owner, follow_symlinks=False)
         return path
 
-    def release(self, path: Path) -> None:
+    def release(self, path: str) -> None:
         with contextlib.suppress(OSError):
-            path.unlink()
+            os.unlink(path)
 
     def close(self) -> None:
         for directory in (self._own, self._shared):

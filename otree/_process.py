@@ -15,6 +15,7 @@ import datetime
 import os
 import pwd
 import resource
+import select
 import signal
 import socket
 import subprocess
@@ -39,6 +40,7 @@ __all__ = ["ProcessContext", "ProcessFailed", "ProcessRun", "run_job_process", "
 TAIL_BYTES = 4096
 RESULT_LIMIT = 1024 * 1024  # a process job's stdout kept as its result
 NOTIFY_LIMIT = 4096  # bytes of one notify datagram, as systemd's
+NOTIFY_BATCH = 64  # notify datagrams read in one go before other tasks get a turn
 DRAIN_SECONDS = 0.5  # how long output may keep flowing after the group is gone (escaped holders)
 
 
@@ -227,13 +229,13 @@ def previous_exit_value(exit_info: ExitInfo) -> str:
 
 
 def _environment(
-    spec: ProcessSpec, notify: Path, user: pwd.struct_passwd | None, previous: ExitInfo | None
+    spec: ProcessSpec, notify: str, user: pwd.struct_passwd | None, previous: ExitInfo | None
 ) -> dict[str, str]:
     env = dict(os.environ) if spec.inherit_env else {}
     if user is not None:  # its own home and name, not otree's (``env`` may still set them)
         env.update(HOME=user.pw_dir, USER=user.pw_name, LOGNAME=user.pw_name)
     env.update(spec.env or {})
-    env["NOTIFY_SOCKET"] = os.fspath(notify)
+    env["NOTIFY_SOCKET"] = notify
     env.pop("OTREE_PREVIOUS_EXIT", None)  # never otree's own, nor a stale one
     if previous is not None:
         env["OTREE_PREVIOUS_EXIT"] = previous_exit_value(previous)
@@ -281,8 +283,8 @@ async def _pump(
 _Reader = tuple[trio.lowlevel.FdStream, "_Sink", bool, bool]  # stream, sink, keeps the tail, stamped
 
 
-async def _listen(
-    sock: trio.socket.SocketType,
+def _listen(
+    sock: socket.socket,
     run: _Run,
     proc: ProcessRun,
     ready: trio.Event,
@@ -290,13 +292,17 @@ async def _listen(
 ) -> None:
     """The sd_notify protocol: READY=1, STATUS=..., WATCHDOG=1, and otree's OTREE_COST= and OTREE_EVENT=.
 
+    Reads what is queued on the (non-blocking) socket, at most ``NOTIFY_BATCH`` datagrams.
     A datagram is one or more lines split at ``\\n`` only (systemd's framing; a JSON
     string may hold other line breaks, such as U+2028, raw). A datagram longer than
     ``NOTIFY_LIMIT`` is ignored whole, as systemd ignores it: its cut end would
     be read as a different message.
     """
-    while True:
-        data, _, flags, _ = await sock.recvmsg(NOTIFY_LIMIT)
+    for _ in range(NOTIFY_BATCH):
+        try:
+            data, _, flags, _ = sock.recvmsg(NOTIFY_LIMIT)
+        except BlockingIOError:
+            return
         if flags & socket.MSG_TRUNC:
             head = data[:200].decode("utf-8", "replace")
             emit(run.path, "notify.ignored", "malformed", message=head, detail=f"over {NOTIFY_LIMIT} bytes")
@@ -381,16 +387,21 @@ class _Tee:
             sink.close()
 
 
+class _Started(_Run, Protocol):
+    """A process child's run, which is also its task status (``RunningChild``)."""
+
+    def started(self, value: None = None) -> None: ...
+
+
 async def run_process(
-    spec: ProcessSpec,
-    run: _Run,
-    proc: ProcessRun,
-    ctx: ProcessContext,
-    emit: Callable[..., None],
-    *,
-    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    spec: ProcessSpec, ctx: ProcessContext, emit: Callable[..., None], *, task_status: _Started
 ) -> None:
-    """Run ``spec`` as a child until it exits or is stopped; raise ProcessFailed on an error exit."""
+    """Run ``spec`` as a child until it exits or is stopped; raise ProcessFailed on an error exit.
+
+    ``task_status`` is the run itself (its ``proc`` made beforehand): a child restarted in its
+    own task gets a new run, so nothing of one run is bound before it starts.
+    """
+    run = task_status
     sinks: dict[str, _Sink | int | None] = {}
     for name in ("stdout", "stderr"):
         mode = getattr(spec, name)
@@ -401,7 +412,7 @@ async def run_process(
             sinks[name] = None if mode == "inherit" else subprocess.DEVNULL
     stamped = ("stdout", "stderr") if spec.log_timestamps else ()
     await _run(
-        spec, run, proc, ctx, emit, sinks=sinks, stamped=stamped, stdin_data=None, task_status=task_status
+        spec, run, run.proc, ctx, emit, sinks=sinks, stamped=stamped, stdin_data=None, task_status=task_status
     )
 
 
@@ -479,10 +490,10 @@ async def _run(
     child_ends: list[int] = []
     setup, user = child_setup(spec)
     owner = setup.user[:2] if setup.user is not None else None
-    plain = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    sock = trio.socket.from_stdlib_socket(plain)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.setblocking(False)
     feeder: trio.lowlevel.FdStream | None = None
-    notify_path: Path | None = None
+    notify_path: str | None = None
     try:
         for name in ("stdout", "stderr"):
             sink = sinks[name]
@@ -501,7 +512,7 @@ async def _run(
             feeder = trio.lowlevel.FdStream(write_end)
             targets["stdin"] = read_end
         # bound directly: trio's bind would take a worker thread
-        notify_path = ctx.notify.bind(plain, owner)
+        notify_path = ctx.notify.bind(sock, owner)
         try:
             child = await ctx.spawner.spawn(
                 spec.argv,
@@ -549,7 +560,7 @@ class _Watch:
         self,
         run: _Run,
         readers: list[_Reader],
-        sock: trio.socket.SocketType,
+        sock: socket.socket,
         *,
         emit: Callable[..., None],
         task_status: trio.TaskStatus[None],
@@ -570,8 +581,8 @@ class _Watch:
                     nursery.start_soon(self._pump_all, readers, drained)
                 else:
                     drained.set()
-                nursery.start_soon(self._wait_exit, pidfd)
-                nursery.start_soon(_listen, sock, run, self.proc, ready, emit)
+                # while output may still drain after the exit, notify datagrams are read too
+                nursery.start_soon(self._wait_exit, pidfd, sock, run, ready, emit, bool(readers))
                 if feed is not None:
                     nursery.start_soon(_feed, *feed)
                 if await self._wait_ready(ready, run.stopping):
@@ -621,10 +632,36 @@ class _Watch:
                 nursery.start_soon(_pump, stream, log, self.proc, keep_tail, stamp)
         drained.set()
 
-    async def _wait_exit(self, pidfd: int) -> None:
-        await trio.lowlevel.wait_readable(pidfd)
-        self.exited.set()
-        self._wake()
+    async def _wait_exit(  # noqa: PLR0917 - the notify protocol's parts, passed on
+        self,
+        pidfd: int,
+        sock: socket.socket,
+        run: _Run,
+        ready: trio.Event,
+        emit: Callable[..., None],
+        listen_after: bool,
+    ) -> None:
+        """The child's exit and its notify datagrams, in one task (one epoll holds both).
+
+        Datagrams are read before the exit is seen (the ones sent before it are in its run's
+        accounts). After the exit, the task keeps reading them until cancelled if ``listen_after``,
+        else returns.
+        """
+        with select.epoll() as events:
+            events.register(pidfd, select.EPOLLIN)
+            events.register(sock.fileno(), select.EPOLLIN)
+            try:
+                while True:
+                    await trio.lowlevel.wait_readable(events.fileno())
+                    _listen(sock, run, self.proc, ready, emit)
+                    if not self.exited.is_set() and any(fd == pidfd for fd, _ in events.poll(0)):
+                        self.exited.set()
+                        self._wake()
+                        if not listen_after:
+                            return
+                        events.unregister(pidfd)
+            finally:
+                trio.lowlevel.notify_closing(events.fileno())
 
     async def _wait_ready(self, ready: trio.Event, stopping: trio.Event) -> bool:
         """Whether the child became ready (it did not exit, was not stopped, did not time out)."""

@@ -73,16 +73,29 @@ def _children(pid: int | str) -> set[int]:
     """Pids whose parent is ``pid`` (any of its threads); empty once ``pid`` is gone."""
     pids: set[int] = set()
     try:
-        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+        tasks = os.listdir(f"/proc/{pid}/task")
     except OSError:
         return pids
     for task in tasks:
         try:
-            text = (task / "children").read_text()
+            fd = os.open(f"/proc/{pid}/task/{task}/children", os.O_RDONLY | os.O_CLOEXEC)
         except OSError:
             continue
-        pids.update(int(child) for child in text.split())
+        try:
+            text = _read_all(fd)
+        except OSError:
+            continue
+        finally:
+            os.close(fd)
+        pids.update(map(int, text.split()))
     return pids
+
+
+def _read_all(fd: int) -> bytes:
+    data = b""
+    while chunk := os.read(fd, 65536):
+        data += chunk
+    return data
 
 
 def _group_and_session(pid: int) -> tuple[int, int] | None:
@@ -152,7 +165,18 @@ class Reaper:
         On SIGCHLD at most once per ``SIGCHLD_COALESCE``: a crash loop's exits are its runners'
         to reap, and one sweep then covers every orphan that exited meanwhile.
         """
-        if threading.current_thread() is threading.main_thread():
+        if threading.current_thread() is threading.main_thread() and self.reap_all:
+            # otree run owns the process: while it waits out the pause, SIGCHLD has no handler (no
+            # Python code and no wake per exit of a crash loop); the sweep that follows finds the
+            # zombies (SIG_DFL keeps them)
+            while True:
+                with trio.open_signal_receiver(signal.SIGCHLD) as signals:
+                    self.sweep()
+                    await signals.__anext__()
+                self.sweep()
+                await trio.sleep(SIGCHLD_COALESCE)
+        elif threading.current_thread() is threading.main_thread():
+            # a host's own SIGCHLD handler must never run in between: it could reap otree's children
             with trio.open_signal_receiver(signal.SIGCHLD) as signals:
                 self.sweep()
                 async for _ in signals:

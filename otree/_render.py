@@ -22,9 +22,17 @@ __all__ = [
 _VERBOSE = frozenset({"detail", "exception", "message", "traceback"})
 
 
+_second: list[tuple[int, str]] = [(-1, "")]  # the last whole second formatted: events come in bursts
+
+
 def time_of_day(stamp: float) -> str:
     """``14:05:33.753``: how an event line (and a summary of repeats) is stamped."""
-    return time.strftime("%H:%M:%S", time.localtime(stamp)) + f".{int(stamp % 1 * 1000):03d}"
+    whole = int(stamp)
+    second, text = _second[0]
+    if second != whole:
+        text = time.strftime("%H:%M:%S", time.localtime(whole))
+        _second[0] = (whole, text)
+    return f"{text}.{int(stamp % 1 * 1000):03d}"
 
 
 def format_event(event: Event, *, date: bool = False) -> str:

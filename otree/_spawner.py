@@ -231,6 +231,7 @@ MESSAGE_LIMIT = 32768  # a larger request goes in a memfd (the helper reads 64 K
 HELPER_EXIT_SECONDS = 5.0  # how long a clean stop waits for the helper to exit before killing it
 HELPER_RETRY_SECONDS = 1.0  # how soon the keeper tries again when no helper could be started
 HELPER_WAIT_SECONDS = 10.0  # how long a spawn waits for a helper to replace a dead one
+SEARCH_CACHE = 256  # (program, $PATH) pairs whose search paths are kept
 WEDGED_SECONDS = 10.0  # a helper that clones nothing this long after a request is replaced
 
 
@@ -283,6 +284,7 @@ class Spawner:
         self._lock = threading.Lock()  # what otree lists and what the helper was told stay the same
         self._closing = False
         self._reports: set[_Report] = set()  # spawns whose pid may not be read yet
+        self._searched: dict[tuple[str, str | None], list[str]] = {}  # (program, $PATH): where to look
         self._token = trio.lowlevel.current_trio_token()
         self._replaced = trio.Event()  # set (and made anew) whenever a new helper starts
         self.generation = 0
@@ -423,29 +425,41 @@ class Spawner:
         or None for otree's own. Raises OSError (naming the path, cwd, limit or user that
         was refused) if it could not start; nothing of it is left then.
         """
-        if os.path.dirname(argv[0]):
-            candidates = [argv[0]]
-        else:
-            candidates = [os.path.join(folder, argv[0]) for folder in os.get_exec_path(dict(env))]
+        candidates = self._candidates(argv[0], env.get("PATH"))
+        environment = env if type(env) is dict else dict(env)
         body = marshal.dumps(
-            [candidates, list(argv), dict(env), cwd, [list(limit) for limit in setup.rlimits], setup.user]
+            [candidates, list(argv), environment, cwd, [list(limit) for limit in setup.rlimits], setup.user]
         )
         fds = [self._stdio(fd, target) for target, fd in enumerate(stdio)]
-        with trio.CancelScope(shield=True):  # a spawn in flight finishes; the caller then owns the child
-            deadline = trio.current_time() + HELPER_WAIT_SECONDS
-            while True:
-                generation = self.generation
-                report = await self._request(body, fds)
-                if report.pid is not None or report.failure() is not None:
-                    break
-                # nothing written: the helper died before it cloned; its replacement takes the request
-                with trio.move_on_at(deadline):
-                    while self.generation == generation:
-                        await self._replaced.wait()
-                if self.generation == generation:
-                    raise OSError(11, "no spawn helper could be started", argv[0])
-            child = await self._outcome(report, generation, argv, cwd, setup)
-        return child
+        # every wait of a spawn is shielded: a spawn in flight finishes; the caller then owns the child
+        deadline = trio.current_time() + HELPER_WAIT_SECONDS
+        while True:
+            generation = self.generation
+            report = await self._request(body, fds)
+            if report.pid is not None or report.failure() is not None:
+                break
+            # nothing written: the helper died before it cloned; its replacement takes the request
+            with trio.CancelScope(deadline=deadline, shield=True):
+                while self.generation == generation:
+                    await self._replaced.wait()
+            if self.generation == generation:
+                raise OSError(11, "no spawn helper could be started", argv[0])
+        return self._outcome(report, generation, argv, cwd, setup)
+
+    def _candidates(self, program: str, path: str | None) -> list[str]:
+        """The paths the child tries to execute ``program`` at, in order (``$PATH``'s folders)."""
+        key = (program, path)
+        found = self._searched.get(key)
+        if found is None:
+            if os.path.dirname(program):
+                found = [program]
+            else:
+                folders = os.get_exec_path({} if path is None else {"PATH": path})
+                found = list(dict.fromkeys(os.path.join(folder, program) for folder in folders))
+            if len(self._searched) >= SEARCH_CACHE:
+                self._searched.clear()
+            self._searched[key] = found
+        return found
 
     def _stdio(self, fd: int | None, target: int) -> int:
         if fd == subprocess.DEVNULL:
@@ -473,33 +487,43 @@ class Spawner:
                 os.lseek(big, 0, os.SEEK_SET)
                 message = b"S"
             generation = self.generation
-            with trio.move_on_after(WEDGED_SECONDS) as waited:  # until the helper has cloned the child
-                try:
-                    await self._send(message, [write_end, *fds, *extra])
-                finally:
-                    os.close(write_end)
-                    for fd in extra:
-                        os.close(fd)
-                await self._read(report, until_pid=True)
-            if waited.cancelled_caught:  # the request dies with the helper; the caller sends it again
-                self._replace(generation)
-            await self._read(report, until_pid=False)
+            with select.epoll() as ended:
+                ended.register(read_end, 0)  # only its hangup: every writer gone (exec, exit, helper death)
+                done = False
+                # shielded (see spawn); the deadline: until the helper has cloned the child
+                with trio.CancelScope(deadline=trio.current_time() + WEDGED_SECONDS, shield=True):
+                    try:
+                        await self._send(message, [write_end, *fds, *extra])
+                    finally:
+                        os.close(write_end)
+                        for fd in extra:
+                            os.close(fd)
+                    done = await self._read(report, ended)
+                if not done:  # wedged: with nothing cloned, the helper dies and the caller sends it again
+                    if report.pid is None:
+                        self._replace(generation)
+                    with trio.CancelScope(shield=True):
+                        await self._read(report, ended)
         finally:
             self._reports.discard(report)
             os.close(read_end)
         return report
 
-    async def _read(self, report: _Report, *, until_pid: bool) -> None:
-        """Read the report to end of file (or until the pid is known), registering the pid at once."""
-        while True:
+    async def _read(self, report: _Report, ended: select.epoll) -> bool:
+        """Wait for the report's end (the child's exec or exit closes it) and read it, registering the
+        pid; True once it is read to its end (False: cancelled before).
+
+        Woken once, at the end, not by each line: the child writes its pid at once, and a wake
+        then would take the CPU from the child on its way to exec.
+        """
+        try:
+            await trio.lowlevel.wait_readable(ended.fileno())
+        finally:
+            trio.lowlevel.notify_closing(ended.fileno())
             done = report.read()
             if report.pid is not None:
                 self._register(report.pid)
-                if until_pid:
-                    return
-            if done:
-                return
-            await trio.lowlevel.wait_readable(report.fd)
+        return done
 
     async def _send(self, message: bytes, fds: list[int]) -> None:
         """Send a request (waiting while the helper's queue is full); a dead helper drops it."""
@@ -515,7 +539,7 @@ class Spawner:
             else:
                 return
 
-    async def _outcome(
+    def _outcome(
         self, report: _Report, generation: int, argv: Sequence[str], cwd: str | None, setup: ChildSetup
     ) -> Child:
         """The child that runs, or the error it failed with (once it is reaped and forgotten)."""

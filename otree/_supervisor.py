@@ -256,6 +256,7 @@ class _Supervisor:
         self.state: ChildState = "starting"
         self._ops: deque[_Op] = deque()
         self._parked: trio.lowlevel.Task | None = None  # the supervisor's task, waiting for an op
+        self._starting: RunningChild | None = None  # a process child restarting in its own task
         self._stop_requested = False
         self._kill_at = math.inf
         self._kill_scope: trio.CancelScope | None = None
@@ -314,7 +315,12 @@ class _Supervisor:
 
     async def _loop(self) -> BaseException | None:
         ops = self._ops
-        while not self._stop_requested:
+        while True:
+            if self._starting is not None:  # a restart in the child's own task: its start comes first
+                await self._starting.wait_ready()
+                continue
+            if self._stop_requested:
+                break
             if not ops:
                 self._parked = trio.lowlevel.current_task()
                 await trio.lowlevel.wait_task_rescheduled(self._unpark_on_cancel)
@@ -413,7 +419,7 @@ class _Supervisor:
         elif isinstance(spec, ProcessSpec):
             run.proc = ProcessRun()
             fn, takes_status = run_process, True
-            args = (spec, run, run.proc, self.tree.processes(), self._emit)
+            args = (spec, self.tree.processes(), self._emit)
         elif isinstance(spec, RaySpec):
             fn, args, takes_status = run_ray, (spec, self.tree.state_dir), True
         elif isinstance(spec, PoolSpec):
@@ -462,13 +468,16 @@ class _Supervisor:
 
     def _start_failed(self, child: _Child, run: RunningChild, before: ChildState) -> NoReturn:
         """``run`` ended before it was ready: the child is back as it was, with that exit."""
+        self._record_failed_start(child, run, before)
+        raise _StartFailed(run)
+
+    def _record_failed_start(self, child: _Child, run: RunningChild, before: ChildState) -> None:
         child.run = None
         child.state = before
         child.exit = run.exit
         child.error = run.error
         run.publish_end(self.tree.bus, "child.start_failed")
         self._call_on_exit(child)
-        raise _StartFailed(run)
 
     def _start_error(self, child: _Child, run: RunningChild) -> StartError:
         assert run.exit is not None
@@ -488,29 +497,53 @@ class _Supervisor:
     def run_exited(self, run: RunningChild) -> RunningChild | None:
         """A child's run ended by itself: queue its exit (OTP's ``'EXIT'`` message); or, when the
         supervisor is idle and restarts the child alone and at once, within the intensity, and the
-        child is a task ready at once without time limits, handle it now, as the supervisor would
-        next, and return the next run, to run in the same task."""
+        child is a task ready at once or a process, without time limits, handle it now, as the
+        supervisor would next, and return the next run, to run in the same task. A process's next
+        run is ready once it is spawned; until then the supervisor serves nothing else, as it would
+        while it started the child itself."""
         child, spec, sup = run.child, run.child.spec, self.spec
         assert run.exit is not None
+        process = isinstance(spec, ProcessSpec)
         if not (
-            (self._parked is not None and child.run is run)  # idle (all done before), not stale
+            (self._parked is not None and self._starting is None and child.run is run)  # idle, not stale
             and (sup.strategy == "one_for_one" and sup.backoff is None and not sup.persist_intensity)
-            and (isinstance(spec, TaskSpec) and spec.max_runtime is None and spec.idle_timeout is None)
-            and not (run.parked or takes_task_status(spec.fn))
-            and spec.restarts_after(run.exit, own_exit=False)
+            and (process or (isinstance(spec, TaskSpec) and not takes_task_status(spec.fn)))
+            and (spec.max_runtime is None and spec.idle_timeout is None and not run.parked)
+            and spec.restarts_after(run.exit, own_exit=process and run.proc.own_exit)
             and self.window.in_window(trio.current_time()) < sup.max_restarts
         ):
             self._post(self._child_exited, run)
             return None
         self._settle(child, run, stopped=False)
         self._count_restart(child)  # within the intensity (checked above): no give-up, no delay
-        again: RunningChild = run.successor(child.exit, self._parked.context.copy())
+        again: RunningChild = run.successor(child.exit, self._parked.context.copy(), ready=not process)
         child.run = again
         child.started_at = time.time()
+        if process:
+            again.proc = ProcessRun()
+            again.starting = self._restarted_in_task
+            self._starting = again
+            self._emit(child.path, "child.started")
+            return again
         self._emit(child.path, "child.started")
         child.state = "running"
         self._emit(child.path, "child.ready")
         return again
+
+    def _restarted_in_task(self, run: RunningChild) -> None:
+        """A process child restarted in its own task is ready, or ended before it was."""
+        self._starting = None
+        child = run.child
+        if run.ready:
+            if child.run is run:
+                child.state = "running"
+            child.rest = ""
+            self._emit(child.path, "child.ready")
+        elif run.stopper is not None:  # the supervisor stops it meanwhile (it was cancelled)
+            run.stopper(run)
+        else:
+            self._record_failed_start(child, run, "restarting")
+            self._retry_later(child)
 
     def _settle(self, child: _Child, run: RunningChild, stopped: bool) -> None:
         """Record the end of ``run``: state, exit info, event; forget a temporary child."""
@@ -636,10 +669,14 @@ class _Supervisor:
             try:
                 await self._start(child)
             except _StartFailed:
-                child.state = "restarting"
-                token = child.pending = object()
-                self._post(self._retry, child, token)
+                self._retry_later(child)
                 return
+
+    def _retry_later(self, child: _Child) -> None:
+        """A restart's start failed: the child stays restarting, and its retry is queued."""
+        child.state = "restarting"
+        token = child.pending = object()
+        self._post(self._retry, child, token)
 
     def _joins(self, child: _Child) -> bool:
         return joins_group_restart(child.spec.restart, child.rest, ever_started=child.started_at is not None)

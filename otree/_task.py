@@ -130,6 +130,7 @@ class RunningChild:
         "runtime_limit",
         "scope",
         "started_mono",
+        "starting",
         "stop_mode",
         "stopper",
     )
@@ -174,6 +175,9 @@ class RunningChild:
         self.parked = False  # stopped for idleness: its supervisor parks it instead of restarting it
         # how the child's last run ended (None on its first run): resume, or start fresh
         self.previous_exit = previous_exit
+        # a run restarted in its predecessor's task that is not ready at once (a process): told to
+        # its supervisor when it is ready, or when it ends before it was
+        self.starting: Callable[[RunningChild], None] | None = None
 
     # --- what a child sees -------------------------------------------------
 
@@ -231,15 +235,20 @@ class RunningChild:
         self.ready = True
         if self._ready_waiter is not None:
             self._ready_waiter.set()
+        if self.starting is not None:
+            self.starting(self)
 
     # --- what the supervisor does ------------------------------------------
 
-    def successor(self, previous_exit: ExitInfo | None, context: contextvars.Context) -> RunningChild:
-        """The child's next run, ready at once, to run in this run's task (its supervisor restarts
-        it there): it shares this run's scope and runs in ``context`` (call from this task)."""
+    def successor(
+        self, previous_exit: ExitInfo | None, context: contextvars.Context, *, ready: bool = True
+    ) -> RunningChild:
+        """The child's next run, to run in this run's task (its supervisor restarts it there),
+        ``ready`` at once or not: it shares this run's scope and runs in ``context`` (call from
+        this task)."""
         trio.lowlevel.current_task().context = context
         run = RunningChild(self.owner, self.child, self.path, previous_exit=previous_exit, scope=self.scope)
-        run.ready = True
+        run.ready = ready
         return run
 
     async def wait_ready(self) -> bool:
@@ -343,7 +352,11 @@ class RunningChild:
             self.fault.__cause__ = self.error
             self.error = self.fault
         self.exit = self._classify(self.returned)
-        if self._ready_waiter is not None and not self.ready:
+        if self.starting is not None and not self.ready:  # restarted in this task, never ready
+            if self._ready_waiter is not None:
+                self._ready_waiter.set()
+            self.starting(self)
+        elif self._ready_waiter is not None and not self.ready:
             self._ready_waiter.set()  # a failed start: the waiting supervisor handles it
             if self.stopper is not None:  # unless the supervisor is stopping it meanwhile
                 self.stopper(self)

@@ -356,6 +356,16 @@ def test_echo_json_prints_every_event() -> None:
     assert [json.loads(line)["kind"] for line in out.getvalue().splitlines()] == ["job.rejected"] * 5
 
 
+def test_event_lines_are_stamped_with_their_own_second_across_a_burst() -> None:
+    """Stamps reuse the formatted second while events stay in it, and only then."""
+    from otree._render import time_of_day
+
+    base = float(int(time.time()))
+    for stamp in (base + 0.25, base + 0.999, base + 1.0, base + 1.5, base - 59.5, base + 0.25):
+        expected = time.strftime("%H:%M:%S", time.localtime(int(stamp))) + f".{int(stamp % 1 * 1000):03d}"
+        assert time_of_day(stamp) == expected
+
+
 FLOOD_TREE = """\
 import trio
 

@@ -15,6 +15,8 @@ import re
 import resource
 import shutil
 import signal
+import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -646,6 +648,27 @@ def test_a_socket_dir_removed_behind_our_back_is_made_again(tmp_path: Path) -> N
     shutil.rmtree(first)  # e.g. a tmp cleaner
     second = sockets.ensure()
     assert second.is_dir() and (second / ".lock").exists()
+    sockets.close()
+
+
+def test_a_socket_dir_removed_between_two_binds_is_made_again_by_the_next(tmp_path: Path) -> None:
+    """A bind does not look at the directory first: one that finds it gone makes it again."""
+    from otree import _notify
+
+    sockets = _notify.NotifySockets()
+    sockets._own = _notify._SocketDir(tmp_path, "notify-", 0o700)
+    with (
+        socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as one,
+        socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as two,
+    ):
+        first_path = sockets.bind(one, None)
+        shutil.rmtree(Path(first_path).parent)  # e.g. a tmp cleaner
+        second_path = sockets.bind(two, None)
+        assert Path(second_path).parent != Path(first_path).parent
+        assert Path(second_path).is_socket() and (Path(second_path).parent / ".lock").exists()
+        assert stat.S_IMODE(os.stat(second_path).st_mode) == 0o600
+        sockets.release(second_path)
+        assert not Path(second_path).exists()
     sockets.close()
 
 

@@ -15,8 +15,12 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import trio
+import trio.testing
 
 import otree
+from otree import _reaper
+from otree._reaper import Reaper
 from tests.test_process import (
     GRANDCHILDREN,
     PY,
@@ -188,3 +192,32 @@ async def test_the_notify_dir_of_a_dead_tree_is_swept(
             assert [p.name.startswith(f"notify-{os.getpid()}-") for p in runtime.iterdir()] == [True]
     finally:
         shutil.rmtree(runtime, ignore_errors=True)
+
+
+# --- orphan reaping under otree run ------------------------------------------------------------
+
+
+async def test_between_two_sweeps_a_crash_loop_runs_no_sigchld_handler(
+    marker: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under ``otree run`` the reaper takes SIGCHLD only while it waits for one: during the pause
+    after a sweep the signal has no handler (no Python code, no wake per exit), and the sweep
+    that follows the pause reaps what exited meanwhile."""
+    monkeypatch.setattr(_reaper, "SIGCHLD_COALESCE", 0.5)
+    monkeypatch.setattr(Reaper, "reap_all", True)
+    env = {**os.environ, "OTREE_TEST_MARKER": marker}
+    reaper = Reaper()
+
+    def gone(pid: int) -> bool:
+        return not Path(f"/proc/{pid}").exists()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(reaper.serve)
+        await trio.testing.wait_all_tasks_blocked()
+        assert signal.getsignal(signal.SIGCHLD) not in (signal.SIG_DFL, signal.SIG_IGN)
+        first = os.posix_spawn("/bin/sh", ["sh", "-c", "exit 0"], env)
+        assert await trio.to_thread.run_sync(wait_until, lambda: gone(first), 5.0)  # reaped at once
+        assert signal.getsignal(signal.SIGCHLD) == signal.SIG_DFL  # the pause: no handler
+        second = os.posix_spawn("/bin/sh", ["sh", "-c", "exit 0"], env)
+        assert await trio.to_thread.run_sync(wait_until, lambda: gone(second), 5.0)  # after the pause
+        nursery.cancel_scope.cancel()

@@ -13,7 +13,8 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
 from typing import Any
 from unittest import mock
 
@@ -26,6 +27,9 @@ from hypothesis import strategies as st
 import otree
 from otree._events import EventBus
 from otree._supervisor import _Supervisor
+from tests.test_process import first, marker, state
+
+__all__ = ["marker", "state"]  # fixtures, imported for pytest
 
 Seen = list[tuple[trio.lowlevel.Task, otree.RunningChild, float]]
 
@@ -455,3 +459,110 @@ def test_restarts_in_the_task_leave_the_same_history_as_restarts_through_the_que
 
 def _always_queued(self: _Supervisor, run: otree.RunningChild) -> None:
     self._post(self._child_exited, run)
+
+
+# --- process children ---------------------------------------------------------------------------
+
+
+def _child_tasks(sup: otree.SupervisorHandle) -> set[trio.lowlevel.Task]:
+    nursery = sup._sup()._nursery
+    assert nursery is not None
+    return set(nursery.child_tasks)
+
+
+async def test_a_crash_looping_process_restarts_in_its_task_with_the_same_events(
+    marker: str, state: Path
+) -> None:
+    """Each run after the first is told how the last one ended, and the supervisor reports it
+    as it reports a restart through its queue."""
+    runs = state.parent / "runs"
+    script = (
+        f'echo "run ${{OTREE_PREVIOUS_EXIT:-first}}" >> {runs}; '
+        f'[ "$(wc -l < {runs})" -gt 3 ] && exec sleep 1000; exit 3'
+    )
+    spec = otree.process("p", ["sh", "-c", script], env={"OTREE_TEST_MARKER": marker}, shutdown=0.0)
+    tree = otree.supervisor("root", max_restarts=5, children=[spec])
+    async with otree.open_supervisor(tree, state_dir=state) as sup:
+        tasks = _child_tasks(sup)
+        events: list[otree.Event] = []
+        async with sup.events() as stream:
+            async for event in stream:
+                events.append(event)
+                if len(events) == 12:
+                    break
+        assert _child_tasks(sup) == tasks  # the same one task ran every run
+        [info] = sup.which_children()
+        assert (info.state, info.restarts, info.exit) == (
+            "running",
+            3,
+            otree.ExitInfo("error", "exit code 3", 3),
+        )
+    assert runs.read_text().splitlines() == ["run first", "run error:3", "run error:3", "run error:3"]
+    detail = {"detail": "exit code 3", "exception": "ProcessFailed", "message": "exit code 3", "exit_code": 3}
+    expected: list[tuple[str, str, str, dict[str, Any]]] = []
+    for n in (1, 2, 3):
+        expected += [
+            ("root/p", "child.exited", "error", detail),
+            ("root/p", "child.restarting", "restart", {"delay": 0.0, "restarts_in_window": n}),
+            ("root/p", "child.started", "", {}),
+            ("root/p", "child.ready", "", {}),
+        ]
+    assert event_tuples(events) == expected
+
+
+async def test_a_process_restart_in_its_task_that_fails_to_start_is_retried_through_the_queue(
+    marker: str, state: Path
+) -> None:
+    """The program removes itself on its first run: the restart's spawn fails, and each retry too."""
+    program = state.parent / "agent"
+    program.write_text(f"#!/bin/sh\nrm {program}\nexit 1\n")
+    program.chmod(0o700)
+    spec = otree.process("p", [str(program)], env={"OTREE_TEST_MARKER": marker})
+    tree = otree.supervisor("root", max_restarts=2, max_seconds=60.0, children=[spec])
+    events: list[tuple[str, str]] = []
+    with pytest.raises(otree.RestartIntensityExceeded):
+        async with otree.open_supervisor(tree, state_dir=state) as sup, sup.events() as stream:
+            async for event in stream:
+                events.append((event.kind, event.reason))
+    assert events == [
+        ("child.exited", "error"),
+        ("child.restarting", "restart"),
+        ("child.started", ""),
+        ("child.start_failed", "error"),
+        ("child.restarting", "restart"),
+        ("child.started", ""),
+        ("child.start_failed", "error"),
+        ("supervisor.intensity_exceeded", "shutdown"),
+        ("supervisor.stopped", "shutdown"),
+    ]
+
+
+async def test_a_request_during_a_process_restart_in_its_task_waits_for_its_start(
+    marker: str, state: Path
+) -> None:
+    """OTP's synchronous start: the supervisor serves nothing while the restarted process is not
+    ready (here for 0.3 s after its spawn)."""
+    spec = otree.process(
+        "p", ["sh", "-c", "sleep 0.5; exit 1"], env={"OTREE_TEST_MARKER": marker}, ready=0.3, shutdown=0.0
+    )
+    tree = otree.supervisor("root", max_restarts=5, children=[spec])
+    async with otree.open_supervisor(tree, state_dir=state) as sup:
+        tasks = _child_tasks(sup)
+        async with sup.events() as stream:
+            await first(stream, "child.restarting")
+            await sup.start_child(otree.task("t", trio.sleep_forever))
+            after = [(event.path, event.kind) async for event in _until(stream, "root/t", "child.ready")]
+        assert tasks <= _child_tasks(sup)  # the process still runs in the task it started in
+    assert after == [
+        ("root/p", "child.started"),
+        ("root/p", "child.ready"),
+        ("root/t", "child.started"),
+        ("root/t", "child.ready"),
+    ]
+
+
+async def _until(stream: otree.EventStream, path: str, kind: str) -> AsyncIterator[otree.Event]:
+    async for event in stream:
+        yield event
+        if (event.path, event.kind) == (path, kind):
+            return

@@ -89,6 +89,48 @@ async def test_a_request_too_big_for_one_message_goes_through_a_memfd(marker: st
         assert output.read() == f"{len(big)}\n"
 
 
+async def test_a_spawn_is_woken_once_when_its_report_ends(
+    marker: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not by the pid line the child writes at once: that wake took the CPU from the child on its
+    way to exec, and cost otree a scheduler round per spawn."""
+    waits: list[int] = []
+    wait_readable = trio.lowlevel.wait_readable
+
+    async def counted(fd: int) -> None:
+        waits.append(fd)
+        await wait_readable(fd)
+
+    async with open_spawner() as (spawner, _):
+        monkeypatch.setattr(_spawner.trio.lowlevel, "wait_readable", counted)
+        children = [
+            await spawner.spawn(["sh", "-c", "exit 3"], env={"OTREE_TEST_MARKER": marker}) for _ in range(20)
+        ]
+        spawns = len(waits)
+        with pytest.raises(FileNotFoundError):
+            await spawner.spawn(["/nonexistent/agent"], env={"OTREE_TEST_MARKER": marker})
+        monkeypatch.undo()
+        for child in children:
+            assert await exit_status(child.pid) == 3
+    assert spawns == 20 and len(waits) == 21
+
+
+async def test_a_program_is_looked_up_on_the_path_of_each_spawn(marker: str, tmp_path: Path) -> None:
+    """The search paths are kept per (program, PATH): a spawn with another PATH finds another program."""
+    for name, code in (("one", 11), ("two", 12)):
+        (tmp_path / name).mkdir()
+        tool = tmp_path / name / "tool"
+        tool.write_text(f"#!/bin/sh\nexit {code}\n")
+        tool.chmod(0o700)
+    async with open_spawner() as (spawner, _):
+        for name, code in (("one", 11), ("two", 12), ("one", 11)):
+            env = {"OTREE_TEST_MARKER": marker, "PATH": f"{tmp_path / name}:/usr/bin:/bin"}
+            child = await spawner.spawn(["tool"], env=env)
+            assert await exit_status(child.pid) == code
+        with pytest.raises(FileNotFoundError):
+            await spawner.spawn(["tool"], env={"OTREE_TEST_MARKER": marker, "PATH": "/usr/bin:/bin"})
+
+
 # --- a spawn that fails --------------------------------------------------------------------------
 
 
