@@ -28,9 +28,11 @@ from typing import Any
 import msgspec
 import trio
 
-from ._errors import Shutdown, SpecError, StartError
+from . import _errors
+from ._errors import NotRunning, Shutdown, SpecError, StartError
+from ._info import ChildInfo, StatusNode
 from ._loader import MODULE_PREFIX
-from ._ray_actor import Batch, Host
+from ._ray_actor import Batch, Host, Reply
 from ._spec import ChildSpec, ProcessSpec, RaySpec, SupervisorSpec
 from ._task import current_child
 
@@ -40,6 +42,7 @@ Emit = Callable[..., None]
 __all__ = [
     "INSTALL",
     "RemoteError",
+    "RemoteRun",
     "check_options",
     "check_picklable",
     "contains_ray",
@@ -257,9 +260,12 @@ def _host_class(ray: ModuleType) -> Any:
     return ray.remote(concurrency_groups=_GROUPS)(Host)
 
 
-async def run_ray(spec: RaySpec, state_dir: Path, *, task_status: trio.TaskStatus[None]) -> None:
+async def run_ray(
+    spec: RaySpec, state_dir: Path, durable: bool, *, task_status: trio.TaskStatus[None]
+) -> None:
     """One run of a Ray child: place the actor, wait until the remote child is ready, then
-    until it exits, mapping its exit (or the actor's death) onto this child's exit."""
+    until it exits, mapping its exit (or the actor's death) onto this child's exit. Pools in
+    it are durable (under ``state_dir`` on the node) when the local tree's are."""
     me = current_child()
     stopping = me.stopping  # trapping: a stop is a graceful remote stop under this child's grace
     ray = import_ray(me.path)
@@ -268,7 +274,9 @@ async def run_ray(spec: RaySpec, state_dir: Path, *, task_status: trio.TaskStatu
     _send_tree_files_by_value(ray)
     root = _remote_root(me.path, spec)
     remote_path = f"{root.id}/{spec.spec.id}"
-    run = _Actor(ray, actor.remote(root, os.fspath(state_dir)), me.path, remote_path, me.owner._emit)
+    run = RemoteRun(
+        ray, actor.remote(root, os.fspath(state_dir), durable), me.path, remote_path, me.owner._emit
+    )
     try:
         outcome = await run.serve(spec, stopping, task_status)
     except ray.exceptions.RayError as error:
@@ -276,15 +284,17 @@ async def run_ray(spec: RaySpec, state_dir: Path, *, task_status: trio.TaskStatu
             raise RemoteError(run.hung) from error
         raise RemoteError(_one_line(getattr(error, "cause", None) or error)) from error
     finally:
+        me.remote = None  # handles and status no longer reach this run
         ray.kill(run.handle)  # the remote tree has stopped, or never will (presumed dead): it goes
     if outcome["cost"]:
         me.report_cost(outcome["cost"])  # in this child's exit event, once: the remote run's total
     _exit_as(outcome, stopped=stopping.is_set())
 
 
-class _Actor:
-    """The actor of one run, watched from here: its start, its heartbeat, a stop passed on, and
-    the remote tree's events forwarded to the local bus under local paths."""
+class RemoteRun:
+    """The actor of one run, watched from here: its start, its heartbeat, a stop passed on, the
+    remote tree's events forwarded to the local bus and its status kept, under local paths, and
+    requests carried into it (``call``). While the child runs, its ``RunningChild.remote``."""
 
     def __init__(self, ray: ModuleType, handle: Any, path: str, remote_path: str, emit: Emit) -> None:
         self.ray = ray
@@ -295,6 +305,69 @@ class _Actor:
         self._emit = emit
         self._watching = trio.CancelScope()  # the heartbeat and the stop, once ready
         self._ended = False  # the remote run has ended: the forwarder stops polling
+        self._node: str | None = None  # the address of the node the actor runs on
+        self._pid: int | None = None  # the actor's process there
+        self._version = 0  # of the status snapshot held
+        self.snapshot: StatusNode | None = None  # the wrapped child's status, under local paths
+
+    # --- what the local side shows of the remote run -----------------------------------------
+
+    def where(self) -> tuple[int | None, str | None, str | None]:
+        """The pid (a wrapped process's own, else the actor's), node and ``STATUS=`` text for the
+        Ray child's own line."""
+        info = self.snapshot.info if self.snapshot is not None else None
+        if info is None:
+            return self._pid, self._node, None
+        return info.pid or self._pid, self._node, info.status
+
+    def status_node(self, info: ChildInfo) -> StatusNode:
+        """The Ray child's status line ``info`` with the remote sub-tree below it."""
+        remote = self.snapshot
+        if remote is None:
+            return StatusNode(info)
+        return msgspec.structs.replace(remote, info=info)
+
+    def _local(self, path: str) -> str:
+        return self._path + path[len(self._remote) :]
+
+    def _local_text(self, text: str) -> str:
+        return text.replace(self._remote, self._path) if self._remote != self._path else text
+
+    def _rehome(self, node: StatusNode) -> StatusNode:
+        """A remote status node under local paths, each line naming the node it runs on."""
+        info = msgspec.structs.replace(node.info, path=self._local(node.info.path), node=self._node)
+        return msgspec.structs.replace(node, info=info, children=[self._rehome(c) for c in node.children])
+
+    def rehome_info(self, info: ChildInfo) -> ChildInfo:
+        return msgspec.structs.replace(info, path=self._local(info.path), node=self._node)
+
+    async def call(
+        self, op: str, rest: tuple[str, ...], args: tuple[Any, ...], cause: tuple[str, dict[str, Any]]
+    ) -> Any:
+        """Carry out ``op`` on the supervisor or pool ``rest`` below the wrapped child, on the
+        actor; its result, or its error raised here as itself (under local paths). ``cause``:
+        the child it is about and what its events there carry (see ``Host.control``).
+
+        Raises:
+          NotRunning: the actor is gone (the run is ending: its exit says why).
+          OtreeError, ValueError, TypeError: what the remote tree refused.
+        """
+        ids = (self._remote.rpartition("/")[2], *rest)
+        try:
+            reply: Reply = await aref(self._ctl("control", op, ids, args, cause))
+        except self.ray.exceptions.RayError:
+            raise NotRunning(self._path, "stopped") from None
+        ok, value = reply
+        if ok:
+            return value
+        name, attrs, message = value
+        cls: type[Exception] = {"ValueError": ValueError, "TypeError": TypeError}.get(name) or getattr(
+            _errors, name
+        )
+        error = cls.__new__(cls)
+        Exception.__init__(error, self._local_text(message))
+        error.__dict__.update({k: self._local_text(v) if isinstance(v, str) else v for k, v in attrs.items()})
+        raise error
 
     def _ctl(self, method: str, *args: Any) -> Any:
         return getattr(self.handle, method).options(concurrency_group="ctl").remote(*args)
@@ -318,10 +391,12 @@ class _Actor:
                 " (Ray could not place the actor, or the remote child did not start)"
             )
         self._emit(self._path, "ray.placed", "", **where)
+        self._node, self._pid = where["node"], where["pid"]
         self._publish(batch)
         if not ready:
             outcome: dict[str, Any] = await aref(run_ref)  # the failed start's exit
             return outcome
+        current_child().remote = self
         task_status.started()
         error: BaseException | None = None
         async with trio.open_nursery() as nursery:
@@ -337,7 +412,8 @@ class _Actor:
         if error is not None:
             raise error
         with trio.move_on_after(_LAST_EVENTS_SECONDS):
-            self._publish(await aref(self._ctl("events", 0.0)))  # what the stopped tree said last
+            # what the stopped tree said last
+            self._publish(await aref(self._ctl("events", 0.0, self._version)))
         return outcome
 
     async def _watch(self, beat: tuple[float, int], stopping: trio.Event) -> None:
@@ -349,15 +425,18 @@ class _Actor:
     async def _forward(self) -> None:
         with suppress(self.ray.exceptions.RayError):  # the actor died: its run says how
             while not self._ended:
-                self._publish(await aref(self._ctl("events", _EVENT_POLL_SECONDS)))
+                self._publish(await aref(self._ctl("events", _EVENT_POLL_SECONDS, self._version)))
 
     def _publish(self, batch: Batch) -> None:
-        """Publish remote events on the local bus under local paths.
+        """Publish remote events on the local bus under local paths, and keep the remote status.
 
         The remote root's own events and the wrapped child's ``child.*`` events are left out:
         this child's supervisor reports the child's start, readiness and exit itself.
         """
-        taken, dropped = batch
+        taken, dropped, snapshot = batch
+        if snapshot is not None:
+            self._version = snapshot[0]
+            self.snapshot = self._rehome(msgspec.msgpack.decode(snapshot[1], type=StatusNode))
         remote, kept = self._remote, self._path
         for path, kind, reason, details in taken:
             if not (path == remote or path.startswith(remote + "/")):
