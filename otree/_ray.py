@@ -21,9 +21,8 @@ import socket
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
-from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 import trio
@@ -35,6 +34,9 @@ from ._loader import MODULE_PREFIX
 from ._ray_actor import Batch, Host, Reply
 from ._spec import ChildSpec, ProcessSpec, RaySpec, SupervisorSpec
 from ._task import current_child
+
+if TYPE_CHECKING:
+    from ._supervisor import Tree
 
 # Publishes an event on the local bus: (path, kind, reason, **details).
 Emit = Callable[..., None]
@@ -63,6 +65,8 @@ _DETAIL_CHARS = 600
 _EVENT_POLL_SECONDS = 1.0  # how long one fetch of remote events waits for one on the actor
 _LAST_EVENTS_SECONDS = 2.0  # for the last remote events once the remote tree has stopped
 _PROBE_SECONDS = 5.0  # for a TCP connection to the head before Ray is asked to join it
+_NODE_DIED = "because its node has died"  # Ray's words in an ActorDiedError when the node went (Ray 2.60)
+SPARE_LINGER = 30.0  # seconds a spare waits for its child's next run once a run has ended
 
 
 class RemoteError(Exception):
@@ -260,12 +264,10 @@ def _host_class(ray: ModuleType) -> Any:
     return ray.remote(concurrency_groups=_GROUPS)(Host)
 
 
-async def run_ray(
-    spec: RaySpec, state_dir: Path, durable: bool, *, task_status: trio.TaskStatus[None]
-) -> None:
-    """One run of a Ray child: place the actor, wait until the remote child is ready, then
-    until it exits, mapping its exit (or the actor's death) onto this child's exit. Pools in
-    it are durable (under ``state_dir`` on the node) when the local tree's are."""
+async def run_ray(spec: RaySpec, tree: Tree, *, task_status: trio.TaskStatus[None]) -> None:
+    """One run of a Ray child: place the actor (or take the child's spare), wait until the remote
+    child is ready, then until it exits, mapping its exit (or the actor's death) onto this
+    child's exit. Pools in it are durable (under the state dir, on the node) when the tree's are."""
     me = current_child()
     stopping = me.stopping  # trapping: a stop is a graceful remote stop under this child's grace
     ray = import_ray(me.path)
@@ -273,22 +275,102 @@ async def run_ray(
     actor = _host_class(ray).options(**spec.options, max_restarts=0, max_task_retries=0)
     _send_tree_files_by_value(ray)
     root = _remote_root(me.path, spec)
+    work = (root, os.fspath(tree.state_dir), tree.durable)
     remote_path = f"{root.id}/{spec.spec.id}"
-    run = RemoteRun(
-        ray, actor.remote(root, os.fspath(state_dir), durable), me.path, remote_path, me.owner._emit
-    )
+    claimed = _SPARES.claim(ray, me.child)
+    spare = _Spare(actor) if spec.spare else None  # made now: it comes up while this run starts
+    run = RemoteRun(ray, claimed or actor.remote(), me.path, remote_path, me.owner._emit)
+    suspect: str | None = None  # the node this run's actor was on, if the way it died puts it in doubt
     try:
-        outcome = await run.serve(spec, stopping, task_status)
+        try:
+            outcome = await run.serve(spec, work, stopping, task_status)
+        except ray.exceptions.RayError:
+            if claimed is None or run.node_id is not None:
+                raise
+            ray.kill(run.handle)  # the spare died before it took the run over: start afresh, once
+            run = RemoteRun(ray, actor.remote(), me.path, remote_path, me.owner._emit)
+            outcome = await run.serve(spec, work, stopping, task_status)
     except ray.exceptions.RayError as error:
+        if run.hung or isinstance(error, ray.exceptions.ActorUnavailableError) or _NODE_DIED in str(error):
+            suspect = run.node_id
         if run.hung:
             raise RemoteError(run.hung) from error
         raise RemoteError(_one_line(getattr(error, "cause", None) or error)) from error
     finally:
         me.remote = None  # handles and status no longer reach this run
         ray.kill(run.handle)  # the remote tree has stopped, or never will (presumed dead): it goes
+        if spare is not None:  # for the next run; none follows a stop by the supervisor
+            _SPARES.park(ray, me.child, spare, None if stopping.is_set() else tree.services, suspect)
     if outcome["cost"]:
         me.report_cost(outcome["cost"])  # in this child's exit event, once: the remote run's total
     _exit_as(outcome, stopped=stopping.is_set())
+
+
+class _Spare:
+    """A warm replacement actor for a Ray child's next run (``otree.ray(..., spare=True)``): made
+    with the child's options, so Ray places it as it would place the replacement."""
+
+    __slots__ = ("handle", "suspect", "warm")
+
+    def __init__(self, actor: Any) -> None:
+        self.handle = actor.remote()
+        self.warm = self.handle.where.options(concurrency_group="ctl").remote()  # done once it is up
+        self.suspect: str | None = None  # the node of the run it was to replace, if in doubt
+
+
+class _Spares:
+    """Spares parked between runs, by the supervisor's record of their child. A spare not claimed
+    within ``SPARE_LINGER`` s (no restart came), or when the tree stops, is killed."""
+
+    def __init__(self) -> None:
+        self._parked: dict[object, _Spare] = {}
+
+    def claim(self, ray: ModuleType, child: object) -> Any:
+        """The parked spare of ``child`` if it can take the next run, else None (it is killed).
+
+        One that is up is taken unless it is on the node the last run's actor died with; one
+        still coming up is further along than a new actor, so it is taken too, unless the
+        last run's node is in doubt (it may be there).
+        """
+        spare = self._parked.pop(child, None)
+        if spare is None:
+            return None
+        up, _ = ray.wait([spare.warm], timeout=0)
+        node = None
+        if up:
+            with suppress(ray.exceptions.RayError):
+                node = ray.get(spare.warm)["node_id"]
+        if (node is not None and node != spare.suspect) or (not up and spare.suspect is None):
+            return spare.handle
+        ray.kill(spare.handle)
+        return None
+
+    def park(
+        self,
+        ray: ModuleType,
+        child: object,
+        spare: _Spare,
+        services: trio.Nursery | None,
+        suspect: str | None,
+    ) -> None:
+        """Keep ``spare`` for ``child``'s next run (or kill it: no ``services``, no next run)."""
+        if services is None:
+            ray.kill(spare.handle)
+            return
+        spare.suspect = suspect
+        self._parked[child] = spare
+        services.start_soon(self._expire, ray, child, spare)
+
+    async def _expire(self, ray: ModuleType, child: object, spare: _Spare) -> None:
+        try:
+            await trio.sleep(SPARE_LINGER)
+        finally:  # also when the tree stops (its services are cancelled)
+            if self._parked.get(child) is spare:
+                del self._parked[child]
+                ray.kill(spare.handle)
+
+
+_SPARES = _Spares()
 
 
 class RemoteRun:
@@ -307,6 +389,7 @@ class RemoteRun:
         self._ended = False  # the remote run has ended: the forwarder stops polling
         self._node: str | None = None  # the address of the node the actor runs on
         self._pid: int | None = None  # the actor's process there
+        self.node_id: str | None = None  # Ray's id of that node, once the actor has said where it is
         self._version = 0  # of the status snapshot held
         self.snapshot: StatusNode | None = None  # the wrapped child's status, under local paths
 
@@ -373,7 +456,11 @@ class RemoteRun:
         return getattr(self.handle, method).options(concurrency_group="ctl").remote(*args)
 
     async def serve(
-        self, spec: RaySpec, stopping: trio.Event, task_status: trio.TaskStatus[None]
+        self,
+        spec: RaySpec,
+        work: tuple[SupervisorSpec, str, bool],
+        stopping: trio.Event,
+        task_status: trio.TaskStatus[None],
     ) -> dict[str, Any]:
         """Start the remote run, report ready when it is, and return how it ended; the remote
         events are forwarded meanwhile, the last ones included.
@@ -382,7 +469,7 @@ class RemoteRun:
           RemoteError: not ready within ``start_timeout``.
           ray.exceptions.RayError: the actor died (or was killed by the heartbeat: ``hung``).
         """
-        run_ref = self.handle.run.options(concurrency_group="run").remote()
+        run_ref = self.handle.run.options(concurrency_group="run").remote(*work)
         with trio.move_on_after(spec.start_timeout) as timer:
             ready, where, batch = await aref(self._ctl("ready"))
         if timer.cancelled_caught:
@@ -391,7 +478,7 @@ class RemoteRun:
                 " (Ray could not place the actor, or the remote child did not start)"
             )
         self._emit(self._path, "ray.placed", "", **where)
-        self._node, self._pid = where["node"], where["pid"]
+        self._node, self._pid, self.node_id = where["node"], where["pid"], where["node_id"]
         self._publish(batch)
         if not ready:
             outcome: dict[str, Any] = await aref(run_ref)  # the failed start's exit

@@ -47,10 +47,14 @@ EVENT_BUFFER = 10_000  # remote events held for the local side, as a subscriber'
 class Host:
     """One remote run of a wrapped spec (one actor per run: a restart is a new actor)."""
 
-    def __init__(self, root: SupervisorSpec, state_dir: str, durable: bool) -> None:
-        self._root = root
-        self._state_dir = state_dir
-        self._durable = durable  # as the local tree's pools: a library tree without a state dir keeps none
+    def __init__(self) -> None:
+        # what to run comes with ``run``: an actor made ahead (a spare) is warm before it is needed,
+        # the runtime it will run imported (not at module import: _run -> _supervisor -> _ray -> here)
+        for module in ("_run", "_handles", "_status", "_ray_handles", "_paths"):
+            importlib.import_module(f"{__package__}.{module}")
+        self._root: SupervisorSpec | None = None
+        self._state_dir = ""
+        self._durable = False  # as the local tree's pools: a library tree without a state dir keeps none
         self._settled = threading.Event()  # the remote child is ready, or the run has ended
         self._ready = False
         self._lock = threading.Lock()
@@ -63,15 +67,19 @@ class Host:
         self._dropped = 0
         self._arrived = threading.Condition(self._lock)
         self._finished = False  # run() has returned: no event will come
-        self._root_child_id = root.children[0].id
-        self._child_path = f"{root.id}/{self._root_child_id}"
+        self._root_child_id = ""
+        self._child_path = ""
         self._cost = 0.0
         self._top: Any = None  # the remote tree's root handle, while it runs
         self._snapshot: tuple[int, bytes] = (0, b"")  # the wrapped child's status, and its version
         self._changed: trio.Event | None = None  # an event since the last snapshot
 
-    def run(self) -> dict[str, Any]:
-        """Run the remote tree until its child exits or a stop; how the child's last run ended."""
+    def run(self, root: SupervisorSpec, state_dir: str, durable: bool) -> dict[str, Any]:
+        """Run the remote tree ``root`` (a root supervisor holding the wrapped spec alone) until
+        its child exits or a stop; how the child's last run ended."""
+        self._root, self._state_dir, self._durable = root, state_dir, durable
+        self._root_child_id = root.children[0].id
+        self._child_path = f"{root.id}/{self._root_child_id}"
         # the actor process is this tree's alone: orphans of its process children come to it
         adopt_orphans()
         try:
@@ -84,7 +92,6 @@ class Host:
         return {"reason": self._exit.reason, "detail": self._exit.detail, "cost": self._cost}
 
     async def _serve(self) -> None:
-        # not at import: _run -> _supervisor -> _ray -> here
         from ._handles import HANDLES
         from ._paths import state_dir
         from ._run import open_tree
@@ -96,6 +103,7 @@ class Host:
             if self._stop_asked:
                 stop.set()
         # the hook is made here: a bound method of this actor cannot travel in the pickled spec
+        assert self._root is not None
         child = msgspec.structs.replace(self._root.children[0], on_exit=self._record)
         hooked = msgspec.structs.replace(self._root, children=(child,))
         tree = Tree(
@@ -128,7 +136,7 @@ class Host:
 
     def _take_snapshot(self) -> None:
         """The wrapped child's status now (in the remote trio loop, where its records live)."""
-        from ._status import child_status  # not at import: _status -> _handles -> _supervisor -> here
+        from ._status import child_status  # not at import (see __init__)
 
         root = self._top
         if root is None:
@@ -173,16 +181,20 @@ class Host:
     def ready(self) -> tuple[bool, dict[str, Any], Batch]:
         """Wait until the remote child is ready (True) or failed to start (False); with where the
         actor runs, and the events of the start, published before the local child is ready."""
-        ray: Any = importlib.import_module("ray")  # only in an actor, where Ray is: to say where
-
         self._settled.wait()
-        where = {
+        where = self.where()
+        with self._lock:
+            return self._ready, where, self._take(0)
+
+    def where(self) -> dict[str, Any]:
+        """Where the actor runs: the node's address and Ray id, and its process (answered at once:
+        a spare's answer says it is up, warm and where)."""
+        ray: Any = importlib.import_module("ray")  # only in an actor, where Ray is
+        return {
             "node": ray.util.get_node_ip_address(),
             "node_id": ray.get_runtime_context().get_node_id(),
             "pid": os.getpid(),
         }
-        with self._lock:
-            return self._ready, where, self._take(0)
 
     def ping(self, seconds: float) -> bool:
         """Whether the remote trio loop answers within ``seconds`` (False: it is blocked)."""
@@ -227,7 +239,7 @@ class Host:
     async def _control(
         self, op: str, ids: tuple[str, ...], args: tuple[Any, ...], cause: tuple[str, dict[str, Any]]
     ) -> Reply:
-        from ._ray_handles import REMOTE_OPS  # not at import, as above
+        from ._ray_handles import REMOTE_OPS  # not at import (see __init__)
 
         root = self._top
         try:

@@ -415,7 +415,7 @@ class _Supervisor:
             fn, takes_status = run_process, True
             args = (spec, run, run.proc, self.tree.processes(), self._emit)
         elif isinstance(spec, RaySpec):
-            fn, args, takes_status = run_ray, (spec, self.tree.state_dir, self.tree.durable), True
+            fn, args, takes_status = run_ray, (spec, self.tree), True
         elif isinstance(spec, PoolSpec):
             durable = self.tree.durable if spec.durable is None else spec.durable
             store_path = pool_database(self.tree.state_dir, child.path) if durable else None
