@@ -278,8 +278,8 @@ async def run_ray(spec: RaySpec, tree: Tree, *, task_status: trio.TaskStatus[Non
     work = (root, os.fspath(tree.state_dir), tree.durable)
     remote_path = f"{root.id}/{spec.spec.id}"
     claimed = _SPARES.claim(ray, me.child)
-    spare = _Spare(actor) if spec.spare else None  # made now: it comes up while this run starts
     run = RemoteRun(ray, claimed or actor.remote(), me.path, remote_path, me.owner._emit)
+    spare = _Spare(actor) if spec.spare else None  # made now, after it: it comes up while this run starts
     suspect: str | None = None  # the node this run's actor was on, if the way it died puts it in doubt
     try:
         try:

@@ -503,7 +503,7 @@ async def test_a_ray_pool_runs_remotely_and_stops_with_the_tree() -> None:
 # --- several nodes (ray.cluster_utils.Cluster, in a process of its own: one Ray per process) ---
 
 MULTINODE = """
-import json, logging, os, time
+import json, logging, os, sys, time
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
 import ray, trio, otree
@@ -537,7 +537,10 @@ async def wait_for(kind, after):
 async def run(cluster, nodes, out):
     # pinned softly to the first node: when it goes, Ray places the replacement elsewhere
     pinned = NodeAffinitySchedulingStrategy(node_id=nodes[0].node_id, soft=True)
-    spec = otree.ray(otree.task("agent", agent), num_cpus=1, heartbeat=(1.0, 3), scheduling_strategy=pinned)
+    spare = sys.argv[1] == "spare"  # a spare is placed like the child: on its node, and goes with it
+    spec = otree.ray(
+        otree.task("agent", agent), num_cpus=1, heartbeat=(1.0, 3), scheduling_strategy=pinned, spare=spare
+    )
     tree = otree.supervisor("fleet", max_restarts=5, max_seconds=60, children=[spec])
     async with otree.open_supervisor(tree) as sup:
         placed, seen = await wait_for("ray.placed", 0)
@@ -575,11 +578,12 @@ main()
 """
 
 
-def test_a_child_whose_node_is_lost_comes_back_on_another_node(tmp_path: Path) -> None:
+@pytest.mark.parametrize("spare", ["no_spare", "spare"])
+def test_a_child_whose_node_is_lost_comes_back_on_another_node(tmp_path: Path, spare: str) -> None:
     (tmp_path / "multinode.py").write_text(MULTINODE)
     temp = tempfile.mkdtemp(prefix="otree-ray-nodes-")  # short: Ray's socket paths must fit 107 bytes
     process = subprocess.Popen(
-        [sys.executable, os.fspath(tmp_path / "multinode.py")],
+        [sys.executable, os.fspath(tmp_path / "multinode.py"), spare],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         env={**os.environ, "RAY_TMPDIR": temp},
@@ -1048,3 +1052,54 @@ class _Line:
 
 def _events(log: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in log.read_text().splitlines()]
+
+
+# --- spare=True: a warm replacement actor ---------------------------------------------------------
+
+
+def _hosts() -> set[int]:
+    """The Ray worker processes that hold an otree actor (Ray titles them after the class)."""
+    return {pid for pid in _with_cmdline("ray::Host") if _alive(pid)}
+
+
+async def test_a_spare_takes_the_next_run_and_goes_with_the_tree(tmp_path: Path) -> None:
+    notes = tmp_path / "pids"
+    spec = _remote("wait", os.fspath(notes), spare=True)
+    with trio.fail_after(DEADLINE):
+        async with otree.open_supervisor(_tree(spec), state_dir=tmp_path / "state") as sup:
+            first = int(_wait_file(notes))
+            await _until(lambda: len(_hosts()) >= 2)  # the run's actor and its spare, up
+            (spare,) = _hosts() - {first}
+            async with sup.events() as stream:
+                os.kill(first, signal.SIGKILL)
+                placed = await _next(stream, _exit_of("ray.placed"))
+                await _next(stream, _exit_of("child.ready"))
+            assert placed.details["pid"] == spare  # the run went to the actor made beforehand
+            await _until(lambda: len(_hosts() - {spare}) >= 1)  # and a new spare is made for the next
+            (second_spare,) = _hosts() - {spare}
+            await sup.terminate_child("agent")  # a stop: no next run, so no spare either
+            assert not _wait_gone({spare, second_spare})
+            await sup.restart_child("agent")
+            await _until(lambda: len(_hosts()) >= 2)
+            left = _hosts()
+    assert not _wait_gone(left)  # the tree's end takes the run's actor and the spare
+
+
+async def test_a_spare_is_killed_when_no_restart_claims_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from otree import _ray as ray_children
+
+    monkeypatch.setattr(ray_children, "SPARE_LINGER", 0.5)
+    notes = tmp_path / "pids"
+    spec = _remote("wait", os.fspath(notes), spare=True, restart="temporary")
+    with trio.fail_after(DEADLINE):
+        async with otree.open_supervisor(_tree(spec), state_dir=tmp_path / "state") as sup:
+            first = int(_wait_file(notes))
+            await _until(lambda: len(_hosts()) >= 2)
+            (spare,) = _hosts() - {first}
+            async with sup.events() as stream:
+                os.kill(first, signal.SIGKILL)  # temporary: not restarted
+                await _next(stream, _exit_of())
+            assert sup.which_children() == []
+            await _until(lambda: not _alive(spare))  # gone once it waited out SPARE_LINGER
