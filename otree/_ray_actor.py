@@ -39,6 +39,9 @@ Batch = tuple[list[tuple[str, str, str, dict[str, Any]]], int, tuple[int, bytes]
 # What ``control`` answers: (True, the result) or (False, (error class name, its attributes, message)).
 Reply = tuple[bool, Any]
 SNAPSHOT_SECONDS = 1.0  # a quiet remote tree's status is remade this often (restart windows age)
+# Events closer together than this share a snapshot: one costs ~50 us on the actor and ~80 us
+# here for 100 remote children, ~1.3 ms and ~1.6 ms for 1,000 (msgpack both ways).
+SNAPSHOT_GAP = 0.05
 # The events that end a run of a child (their details carry its spend).
 _EXITS = frozenset({"child.exited", "child.stopped", "child.start_failed"})
 EVENT_BUFFER = 10_000  # remote events held for the local side, as a subscriber's buffer
@@ -125,13 +128,13 @@ class Host:
             self._top = None
 
     async def _keep_snapshot(self) -> None:
-        """Remake the status snapshot after each burst of events (one per scheduling round, however
-        many events it held), or every ``SNAPSHOT_SECONDS`` when none came."""
+        """Remake the status snapshot after each burst of events (at most one per
+        ``SNAPSHOT_GAP``, however many events came), or every ``SNAPSHOT_SECONDS`` when none came."""
         while True:
             changed = self._changed = trio.Event()
             with trio.move_on_after(SNAPSHOT_SECONDS):
                 await changed.wait()
-            await trio.lowlevel.cancel_shielded_checkpoint()  # the rest of the burst first
+            await trio.sleep(SNAPSHOT_GAP)  # the rest of the burst first
             self._take_snapshot()
 
     def _take_snapshot(self) -> None:
