@@ -58,8 +58,10 @@ ADDRESS_ENV = "OTREE_RAY_ADDRESS"
 # Set by otree on every actor; a tree may not choose them (otree restarts, Ray never does).
 _FORCED_ZERO = ("max_restarts", "max_task_retries")
 _RESERVED = ("concurrency_groups", "max_concurrency", "name", "namespace", "get_if_exists")
-# The actor's run() holds one thread; ready, ping, stop and events need their own while it runs.
-_GROUPS = {"run": 1, "ctl": 4}
+# The actor's run() holds one thread; ready, ping, stop and control need their own while it runs,
+# and the events' long poll one apart: Ray runs a caller's calls in one group in order, so a ping
+# or a request queued behind a poll would wait out its second (measured: 0.76 s per request).
+_GROUPS = {"run": 1, "ctl": 4, "events": 1}
 # Ray's messages span lines and carry ids; an exit detail keeps one line of at most this.
 _DETAIL_CHARS = 600
 _EVENT_POLL_SECONDS = 1.0  # how long one fetch of remote events waits for one on the actor
@@ -452,8 +454,8 @@ class RemoteRun:
         error.__dict__.update({k: self._local_text(v) if isinstance(v, str) else v for k, v in attrs.items()})
         raise error
 
-    def _ctl(self, method: str, *args: Any) -> Any:
-        return getattr(self.handle, method).options(concurrency_group="ctl").remote(*args)
+    def _ctl(self, method: str, *args: Any, group: str = "ctl") -> Any:
+        return getattr(self.handle, method).options(concurrency_group=group).remote(*args)
 
     async def serve(
         self,
@@ -500,7 +502,7 @@ class RemoteRun:
             raise error
         with trio.move_on_after(_LAST_EVENTS_SECONDS):
             # what the stopped tree said last
-            self._publish(await aref(self._ctl("events", 0.0, self._version)))
+            self._publish(await aref(self._ctl("events", 0.0, self._version, group="events")))
         return outcome
 
     async def _watch(self, beat: tuple[float, int], stopping: trio.Event) -> None:
@@ -512,7 +514,9 @@ class RemoteRun:
     async def _forward(self) -> None:
         with suppress(self.ray.exceptions.RayError):  # the actor died: its run says how
             while not self._ended:
-                self._publish(await aref(self._ctl("events", _EVENT_POLL_SECONDS, self._version)))
+                self._publish(
+                    await aref(self._ctl("events", _EVENT_POLL_SECONDS, self._version, group="events"))
+                )
 
     def _publish(self, batch: Batch) -> None:
         """Publish remote events on the local bus under local paths, and keep the remote status.

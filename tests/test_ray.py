@@ -1103,3 +1103,18 @@ async def test_a_spare_is_killed_when_no_restart_claims_it(
                 await _next(stream, _exit_of())
             assert sup.which_children() == []
             await _until(lambda: not _alive(spare))  # gone once it waited out SPARE_LINGER
+
+
+async def test_a_quiet_actor_answers_pings_and_requests_while_its_events_are_polled(tmp_path: Path) -> None:
+    # pings 0.2 s apart, two misses: a ping queued behind the 1 s wait for remote events would miss
+    gpu = otree.supervisor("gpu", children=[otree.task("agent-3", ends, "wait")])
+    spec = otree.ray(gpu, num_cpus=0, heartbeat=(0.2, 2))
+    with trio.fail_after(DEADLINE):
+        async with otree.open_supervisor(otree.supervisor("fleet", children=[spec])) as sup:
+            async with sup.events() as stream:
+                with trio.move_on_after(3.0):
+                    event = await _next(stream, lambda e: e.path == "fleet/gpu" and e.kind == "child.exited")
+                    raise AssertionError(f"a quiet actor was given up: {event}")
+                await sup.find("gpu").terminate_child("agent-3")  # through the same group as the pings
+            (info,) = sup.which_children()
+            assert (info.state, info.restarts) == ("running", 0)
