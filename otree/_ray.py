@@ -10,6 +10,11 @@ Locally the child is a task that traps stops: a stop asks the remote tree to sto
 graces apply there) and waits for it under this child's ``shutdown`` grace; when the grace
 runs out, or for ``brutal_kill``, the actor is killed (``ray.kill``). All Ray waits go
 through ``ObjectRef.future()`` and the trio token: no thread per call.
+
+While a run is ready, its ``RemoteRun`` is the child's ``RunningChild.remote``: what the
+local side shows of the remote tree (its status, as the actor last sent it) and the way
+requests reach into it (``_ray_handles``). With ``spare=True`` each run also makes the actor
+the next run takes over (``_Spares``).
 """
 
 from __future__ import annotations

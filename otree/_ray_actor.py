@@ -1,17 +1,18 @@
 """Ray children, the remote side: the actor that runs a wrapped spec under otree's own runtime.
 
-``Host`` is a plain class; ``_ray`` makes it a threaded Ray actor with two concurrency
-groups: ``run`` (one thread, holding the remote tree's trio loop for the actor's life) and
-``ctl`` (``ready``, ``ping``, ``stop``, ``events``, ``control``, answered while ``run`` is
-busy). The remote tree is a root supervisor holding the wrapped spec alone, run once: its exit
-ends the tree, and ``run`` returns that exit for the local child to end the same way.
+``Host`` is a plain class; ``_ray`` makes it a threaded Ray actor with three concurrency
+groups: ``run`` (one thread, holding the remote tree's trio loop for the actor's life),
+``ctl`` (``ready``, ``where``, ``ping``, ``stop``, ``control``, answered while ``run`` is busy)
+and ``events`` (the local side's long poll, apart so that nothing queues behind it). The
+remote tree is a root supervisor holding the wrapped spec alone, run once: its exit ends the
+tree, and ``run`` returns that exit for the local child to end the same way.
 
 The local side sees the remote tree through what ``events`` hands over: the events, and a
 status snapshot of the wrapped child, remade in the remote trio loop after each burst of
 events (and at least every ``SNAPSHOT_SECONDS`` while something in it may age) and sent only
 when it changed. ``control`` carries an operator's or a handle's request into the remote tree.
 
-Ray itself is imported only by ``ready``, which runs in an actor, to say where it runs.
+Ray itself is imported only by ``where``, which runs in an actor, to say where it runs.
 """
 
 from __future__ import annotations
@@ -230,14 +231,12 @@ class Host:
         errors come back as values, to be raised on the local side as themselves."""
         with self._lock:
             token = self._token
+        if token is None:  # not yet: the local side sends requests only once the run is ready
+            return _carried(NotRunning(self._child_path, "starting"))
         try:
-            if token is None:
-                raise NotRunning(self._child_path, "starting")
             return trio.from_thread.run(self._control, op, ids, args, cause, trio_token=token)
         except trio.RunFinishedError:
             return _carried(NotRunning(self._child_path, "stopped"))
-        except NotRunning as error:
-            return _carried(error)
 
     async def _control(
         self, op: str, ids: tuple[str, ...], args: tuple[Any, ...], cause: tuple[str, dict[str, Any]]
