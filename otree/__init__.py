@@ -55,6 +55,8 @@ if _TYPE_CHECKING:
     from ._pool import Job as Job
     from ._pool import ProcessJob as ProcessJob
     from ._pool import process_job as process_job
+    from ._ray_handles import RemotePoolHandle as RemotePoolHandle
+    from ._ray_handles import RemoteSupervisorHandle as RemoteSupervisorHandle
     from ._reaper import adopt_orphans as adopt_orphans
     from ._run import open_supervisor as open_supervisor
     from ._run import run as run
@@ -100,6 +102,8 @@ __all__ = [
     "ProcessSpec",
     "QueueFull",
     "RaySpec",
+    "RemotePoolHandle",
+    "RemoteSupervisorHandle",
     "RestartIntensityExceeded",
     "Restarting",
     "Running",
@@ -166,6 +170,8 @@ _SOURCES = {
     "supervisor": "._spec",
     "task": "._spec",
     "PoolHandle": "._handles",
+    "RemotePoolHandle": "._ray_handles",
+    "RemoteSupervisorHandle": "._ray_handles",
     "SupervisorHandle": "._handles",
     "open_supervisor": "._run",
     "run": "._run",

@@ -1007,10 +1007,6 @@ def test_the_cli_reaches_into_remote_children_of_a_running_tree(tmp_path: Path, 
         before = rows["fleet/gpu/agent-3"].started_at
         assert _cli(tmp_path, "restart", "fleet/gpu/agent-3").returncode == 0
         _cli_status(tmp_path, lambda rows: rows["fleet/gpu/agent-3"].started_at != before)
-        by_operator = [
-            e["kind"] for e in _events(log) if e["path"] == "fleet/gpu/agent-3" and e["details"].get("by")
-        ]
-        assert by_operator[:3] == ["child.stopped", "child.woken", "child.started"]  # seen remotely
 
         missing = _cli(tmp_path, "stop", "fleet/gpu/agent-9")
         assert (missing.returncode, missing.stderr) == (
@@ -1023,6 +1019,16 @@ def test_the_cli_reaches_into_remote_children_of_a_running_tree(tmp_path: Path, 
             "otree: no child at fleet/gpu/agent-3/x"
             " (fleet/gpu/agent-3 is a task, not a supervisor or pool)\n",
         )
+    # the log is whole once the tree has stopped: the operator's requests, as the remote tree did them
+    by_operator = [
+        e["kind"] for e in _events(log) if e["path"] == "fleet/gpu/agent-3" and e["details"].get("by")
+    ]
+    stop, start, restart = (
+        ["child.stopped"],
+        ["child.woken", "child.started", "child.ready"],
+        ["child.stopped"],
+    )
+    assert by_operator == [*stop, *start, *restart, "child.started", "child.ready"]
 
 
 def test_the_cli_submits_to_a_remote_pool_and_its_spend_counts_once(
@@ -1033,13 +1039,13 @@ def test_the_cli_submits_to_a_remote_pool_and_its_spend_counts_once(
         assert submitted.returncode == 0, submitted.stderr
         rows = _cli_status(tmp_path, lambda rows: rows["fleet/jobs"].spent_today > 0)
         assert rows["fleet/jobs"].spent_today == 0.25  # the remote pool's budget, once
-        finished = [e for e in _events(log) if e["kind"] == "job.finished"]
-        assert [(e["path"], e["details"]["cost"]) for e in finished] == [("fleet/jobs/1", 0.25)]
         refused = _cli(tmp_path, "jobs", "fleet/jobs")
         assert (refused.returncode, refused.stderr) == (
             4,
             "otree: fleet/jobs runs on a Ray node: jobs does not reach it (submit does)\n",
         )
+    finished = [e for e in _events(log) if e["kind"] == "job.finished"]  # the whole log: the tree stopped
+    assert [(e["path"], e["details"]["cost"]) for e in finished] == [("fleet/jobs/1", 0.25)]
 
 
 class _Line:
@@ -1118,3 +1124,10 @@ async def test_a_quiet_actor_answers_pings_and_requests_while_its_events_are_pol
                 await sup.find("gpu").terminate_child("agent-3")  # through the same group as the pings
             (info,) = sup.which_children()
             assert (info.state, info.restarts) == ("running", 0)
+
+
+def test_spare_must_be_a_bool() -> None:
+    with pytest.raises(otree.SpecError) as caught:
+        otree.ray(otree.task("agent", ends, "wait"), spare=1)  # type: ignore[arg-type]
+    assert str(caught.value) == "agent: spare must be True or False; got 1"
+    assert otree.ray(otree.task("agent", ends, "wait"), spare=True).spare is True
