@@ -1130,3 +1130,23 @@ def test_spare_must_be_a_bool() -> None:
         otree.ray(otree.task("agent", ends, "wait"), spare=1)  # type: ignore[arg-type]
     assert str(caught.value) == "agent: spare must be True or False; got 1"
     assert otree.ray(otree.task("agent", ends, "wait"), spare=True).spare is True
+
+
+async def test_a_remote_pool_is_in_memory_when_the_local_tree_keeps_no_state(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def echo(payload: Any) -> Any:
+        return payload
+
+    monkeypatch.delenv("OTREE_STATE_DIR", raising=False)
+    monkeypatch.setenv("XDG_STATE_HOME", os.fspath(tmp_path))  # the default state dir, for this test
+    spec = otree.ray(otree.pool("jobs", {"echo": echo}), num_cpus=0)
+    with trio.fail_after(DEADLINE):
+        async with (
+            otree.open_supervisor(otree.supervisor("fleet", children=[spec])) as sup,
+            sup.events() as stream,
+        ):
+            await sup.find("jobs").submit("echo", 1)
+            await _next(stream, lambda e: e.kind == "job.finished")
+    assert sup._tree.state_dir == tmp_path / "otree" and not sup._tree.durable
+    assert not (tmp_path / "otree" / "pools").exists()  # as a local pool would be: nothing on disk
