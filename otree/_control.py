@@ -356,7 +356,10 @@ class ControlServer:
         if not self._ids(path):
             raise _Refused(f"{self.root.path} is a supervisor: {command} needs a pool")
         parent, info = self._child(path)
-        pool = parent.find(info.id) if info.kind in ("pool", "ray") else None
+        pool = None
+        if info.kind in ("pool", "ray"):
+            with suppress(TypeError):  # a Ray child that wraps a task or process
+                pool = parent.find(info.id)
         if not isinstance(pool, (PoolHandle, RemotePoolHandle)):
             raise _Refused(f"{info.path} is a {info.kind}: {command} needs a pool")
         return pool

@@ -1038,6 +1038,11 @@ def test_the_cli_submits_to_a_remote_pool_and_its_spend_counts_once(
         assert submitted.returncode == 0, submitted.stderr
         rows = _cli_status(tmp_path, lambda rows: rows["fleet/jobs"].spent_today > 0)
         assert rows["fleet/jobs"].spent_today == 0.25  # the remote pool's budget, once
+        not_a_pool = _cli(tmp_path, "submit", "fleet/gpu", "spend")
+        assert (not_a_pool.returncode, not_a_pool.stderr) == (
+            4,
+            "otree: fleet/gpu is a ray: submit needs a pool\n",
+        )
         refused = _cli(tmp_path, "jobs", "fleet/jobs")
         assert (refused.returncode, refused.stderr) == (
             4,
