@@ -427,6 +427,8 @@ class ControlServer:
             _, info = self._child(args.path)
             if info.kind != "process":
                 raise _Refused(f"{info.path} is a {info.kind}: only a process child takes a signal")
+            if info.node is not None:  # its pid is a process on that node, not here
+                raise _Refused(f"{info.path} runs on the Ray node {info.node}: signal does not reach it")
             if info.pid is None:
                 raise NotRunning(info.path, info.state)
             path, pid, kind = info.path, info.pid, "child.signalled"

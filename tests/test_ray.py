@@ -938,7 +938,8 @@ async def spend(payload):
     otree.current_child().report_cost(0.25)
     return payload
 
-gpu = otree.supervisor("gpu", children=[otree.task("agent-3", agent), otree.task("agent-4", agent)])
+worker = otree.process("worker", ["sleep", "300"])
+gpu = otree.supervisor("gpu", children=[otree.task("agent-3", agent), otree.task("agent-4", agent), worker])
 jobs = otree.pool("jobs", {"spend": spend}, daily_budget=1.0)
 tree = otree.supervisor("fleet", children=[otree.ray(gpu, num_cpus=0), otree.ray(jobs, num_cpus=0)])
 """
@@ -994,6 +995,11 @@ def test_the_cli_reaches_into_remote_children_of_a_running_tree(tmp_path: Path, 
     with _daemon(tmp_path, CONTROLLED, ray_instance) as log:
         rows = _cli_status(tmp_path, lambda rows: "fleet/gpu/agent-3" in rows)
         assert rows["fleet/gpu"].kind == "ray" and rows["fleet/gpu"].node == "127.0.0.1"
+        remote = _cli(tmp_path, "signal", "fleet/gpu/worker", "TERM")  # its pid is not one of ours
+        assert (remote.returncode, remote.stderr) == (
+            4,
+            "otree: fleet/gpu/worker runs on the Ray node 127.0.0.1: signal does not reach it\n",
+        )
         assert (rows["fleet/gpu/agent-3"].state, rows["fleet/gpu/agent-3"].node) == ("running", "127.0.0.1")
         text = _cli(tmp_path, "status").stdout
         assert f"  gpu        ray        running    pid {rows['fleet/gpu'].pid} on 127.0.0.1 up" in text
@@ -1011,7 +1017,7 @@ def test_the_cli_reaches_into_remote_children_of_a_running_tree(tmp_path: Path, 
         missing = _cli(tmp_path, "stop", "fleet/gpu/agent-9")
         assert (missing.returncode, missing.stderr) == (
             4,
-            "otree: no child at fleet/gpu/agent-9 (children of fleet/gpu: agent-3, agent-4)\n",
+            "otree: no child at fleet/gpu/agent-9 (children of fleet/gpu: agent-3, agent-4, worker)\n",
         )
         deeper = _cli(tmp_path, "stop", "fleet/gpu/agent-3/x")
         assert (deeper.returncode, deeper.stderr) == (
