@@ -5,7 +5,9 @@ tasks, in one run on one local Ray instance (loopback only).
 Needs the ``ray`` extra (``pip install -e '.[ray]'``). Restart time is from the moment the
 remote process dies (it writes the time, then ``os._exit(1)``) to the replacement being
 ready: for otree the child's next ``child.ready``, for Ray the first call that succeeds on
-the restarted actor (``max_restarts=-1``, ``max_task_retries=0``).
+the restarted actor (``max_restarts=-1``, ``max_task_retries=0``). otree is timed with the
+child dying 0.2 s after it is ready (a crash loop) and 2 s after, each without and with
+``spare=True`` (a warm replacement actor).
 
 Pool throughput: ``JOBS`` no-op jobs through a pool with ``max_concurrency=64`` and a
 ``RayExecutor`` (each job a Ray task, one CPU each as Ray's default), from the first submission to
@@ -35,16 +37,22 @@ import trio
 import otree
 
 RESTARTS = 20
+# how long the remote child lives once ready: a crash loop, and crashes spaced further apart than
+# a new Ray worker takes to come up (each restart of an actor needs a new worker process)
+LIVES = (0.2, 2.0)
 EVENTS = 2000
 JOBS = 2000
 IN_FLIGHT = 64
 ROUNDS = 5
 
 
-async def crasher(notes: str, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-    """Ready, then dies as a process does: the time of death first, then ``os._exit(1)``."""
+async def crasher(
+    notes: str, life: float, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """Ready, then ``life`` s later dies as a process does: the time of death first, then
+    ``os._exit(1)``."""
     task_status.started()
-    await trio.sleep(0.2)
+    await trio.sleep(life)
     with open(notes, "a") as file:
         file.write(f"{time.time()}\n")
     os._exit(1)
@@ -54,13 +62,14 @@ async def emitter(n: int, *, task_status: trio.TaskStatus[None] = trio.TASK_STAT
     task_status.started()
     await trio.sleep(0.5)
     me = otree.current_child()
-    for i in range(n):
+    me.emit("app.tick", i=0, sent=time.time())  # when the burst began, on the actor (one machine: one clock)
+    for i in range(1, n):
         me.emit("app.tick", i=i)
     await trio.sleep_forever()
 
 
-async def otree_restarts(notes: Path) -> list[float]:
-    spec = otree.ray(otree.task("agent", crasher, os.fspath(notes)), num_cpus=0)
+async def otree_restarts(notes: Path, life: float, spare: bool) -> list[float]:
+    spec = otree.ray(otree.task("agent", crasher, os.fspath(notes), life), num_cpus=0, spare=spare)
     tree = otree.supervisor("bench", max_restarts=RESTARTS * 2, max_seconds=600, children=[spec])
     ready: list[float] = []
     async with otree.open_supervisor(tree) as sup, sup.events() as stream:
@@ -103,21 +112,29 @@ def ray_restarts(ray: Any, notes: Path) -> list[float]:
     return times
 
 
+def _restart_line(what: str, ours: list[float], theirs: float) -> str:
+    median, p90 = statistics.median(ours), statistics.quantiles(ours, n=10)[-1]
+    return (
+        f"  {what}: {median:.3f} s median (p90 {p90:.3f}, max {max(ours):.3f});"
+        f" Ray's own / otree {theirs / median:.1f}x"
+    )
+
+
 async def event_cost() -> float:
-    """Seconds per remote ``app.*`` event, emitted in a burst, until the local stream has it."""
+    """Seconds per remote ``app.*`` event of a burst: from the first emitted on the actor to the
+    last one on the local stream, over the number of events."""
     spec = otree.ray(otree.task("emitter", emitter, EVENTS), num_cpus=0)
     tree = otree.supervisor("bench", children=[spec])
     async with otree.open_supervisor(tree) as sup, sup.events() as stream:
-        first = last = 0.0
+        sent = 0.0
         seen = 0
         async for event in stream:
             if event.kind == "app.tick":
                 seen += 1
-                first = first or time.perf_counter()
-                last = time.perf_counter()
+                sent = sent or event.details["sent"]
                 if seen == EVENTS:
-                    break
-    return (last - first) / (EVENTS - 1)
+                    return (time.time() - sent) / EVENTS
+    raise AssertionError("the event stream ended")
 
 
 async def noop(payload: Any) -> Any:
@@ -202,19 +219,26 @@ def pool_against_bare(ray: Any) -> tuple[list[Figures], list[Figures]]:
 
 def report_restarts(ray: Any) -> None:
     with tempfile.TemporaryDirectory() as scratch:
-        ours = trio.run(otree_restarts, Path(scratch) / "otree")
         theirs = ray_restarts(ray, Path(scratch) / "ray")
-    ours_median, theirs_median = statistics.median(ours), statistics.median(theirs)
-    print(
-        f"restart (death -> replacement ready, {RESTARTS} each): otree {ours_median:.3f} s median"
-        f" (max {max(ours):.3f}), Ray's own {theirs_median:.3f} s median (max {max(theirs):.3f});"
-        f" Ray / otree {theirs_median / ours_median:.1f}x"
-    )
+        ours = {
+            (life, spare): trio.run(otree_restarts, Path(scratch) / f"otree-{life}-{spare}", life, spare)
+            for life in LIVES
+            for spare in (False, True)
+        }
+    theirs_median = statistics.median(theirs)
+    print(f"restart (death -> replacement ready, {RESTARTS} each), load average {os.getloadavg()[0]:.2f}:")
+    print(f"  Ray's own (max_restarts=-1): {theirs_median:.3f} s median (max {max(theirs):.3f})")
+    for (life, spare), times in ours.items():
+        what = f"otree, dies {life:g} s after ready, {'spare=True' if spare else 'default'}"
+        print(_restart_line(what, times, theirs_median))
 
 
 def report_events(ray: Any) -> None:
     per_event = trio.run(event_cost)
-    print(f"remote event forwarding: {per_event * 1e6:.0f} us per event ({EVENTS} app events in a burst)")
+    print(
+        f"remote event forwarding: {per_event * 1e6:.0f} us per event ({EVENTS} app events in a burst,"
+        " from the first emitted on the actor to the last on the local stream)"
+    )
 
 
 def report_pool(ray: Any) -> None:

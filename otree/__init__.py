@@ -56,6 +56,8 @@ if _TYPE_CHECKING:
     from ._pool import ProcessJob as ProcessJob
     from ._pool import process_job as process_job
     from ._ray_executor import RayExecutor as RayExecutor
+    from ._ray_handles import RemotePoolHandle as RemotePoolHandle
+    from ._ray_handles import RemoteSupervisorHandle as RemoteSupervisorHandle
     from ._reaper import adopt_orphans as adopt_orphans
     from ._run import open_supervisor as open_supervisor
     from ._run import run as run
@@ -102,6 +104,8 @@ __all__ = [
     "QueueFull",
     "RayExecutor",
     "RaySpec",
+    "RemotePoolHandle",
+    "RemoteSupervisorHandle",
     "RestartIntensityExceeded",
     "Restarting",
     "Running",
@@ -169,6 +173,8 @@ _SOURCES = {
     "supervisor": "._spec",
     "task": "._spec",
     "PoolHandle": "._handles",
+    "RemotePoolHandle": "._ray_handles",
+    "RemoteSupervisorHandle": "._ray_handles",
     "SupervisorHandle": "._handles",
     "open_supervisor": "._run",
     "run": "._run",

@@ -22,7 +22,6 @@ import select
 import signal
 import socket
 import struct
-import time
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
@@ -35,7 +34,7 @@ import trio
 from ._errors import JobFailed, NotFound, NotRunning, OtreeError
 from ._eventlog import EventLog
 from ._handles import PoolHandle, SupervisorHandle
-from ._info import ChildInfo, Status, StatusNode
+from ._info import ChildInfo, JobInfo
 from ._logfiles import EventFilter
 from ._paths import check_private_dir
 from ._pool import Job, ProcessJob
@@ -54,8 +53,9 @@ from ._protocol import (
     decode_request,
     encode,
 )
+from ._ray_handles import RemotePoolHandle
 from ._reaper import kill_group
-from ._status import job_of, jobs_of, status_of
+from ._status import child_status, job_of, jobs_of, status_of
 from ._supervisor import _flatten
 from ._task import describe
 
@@ -336,7 +336,7 @@ class ControlServer:
                 ) from None
             except TypeError as worker:  # a task or process has no children
                 raise _Refused(f"no child at {'/'.join([self.root.path, *ids])} ({worker})") from None
-            if isinstance(found, PoolHandle):
+            if isinstance(found, (PoolHandle, RemotePoolHandle)):
                 raise _Refused(f"{found.path} is a pool: see its jobs with otree jobs {found.path}")
             parent = found
         return parent, ids[-1]
@@ -350,15 +350,26 @@ class ControlServer:
             raise NotFound(parent.path, child_id, [i.id for i in reversed(children)])
         return parent, info
 
-    def _pool(self, path: str, command: str) -> PoolHandle:
-        """The pool at ``path``; ``command`` names what needs it, for the refusal of anything else."""
+    def _pool(self, path: str, command: str) -> PoolHandle | RemotePoolHandle:
+        """The pool at ``path`` (here, or on a Ray node); ``command`` names what needs it, for the
+        refusal of anything else."""
         if not self._ids(path):
             raise _Refused(f"{self.root.path} is a supervisor: {command} needs a pool")
         parent, info = self._child(path)
-        if info.kind != "pool":
+        pool = None
+        if info.kind in ("pool", "ray"):
+            with suppress(TypeError):  # a Ray child that wraps a task or process
+                pool = parent.find(info.id)
+        if not isinstance(pool, (PoolHandle, RemotePoolHandle)):
             raise _Refused(f"{info.path} is a {info.kind}: {command} needs a pool")
-        pool = parent.find(info.id)
-        assert isinstance(pool, PoolHandle)
+        return pool
+
+    def _local_pool(self, path: str, command: str) -> PoolHandle:
+        """The pool at ``path`` for a command that needs its records: refused for a pool on a Ray
+        node, whose queue and jobs stay there."""
+        pool = self._pool(path, command)
+        if isinstance(pool, RemotePoolHandle):
+            raise _Refused(f"{pool.path} runs on a Ray node: {command} does not reach it (submit does)")
         return pool
 
     @contextmanager
@@ -376,10 +387,8 @@ class ControlServer:
         if not self._ids(args.path):
             whole = status_of(self.root, self.root_info())
             return msgspec.structs.replace(whole, output_lost=self.output_lost())
-        parent, info = self._child(args.path)
-        if info.kind in ("supervisor", "pool") and info.state == "running":
-            return status_of(parent.find(info.id), info)
-        return Status(time.time(), StatusNode(info))  # a worker, or not running
+        parent, child_id = self._parent_of(args.path)
+        return child_status(parent, child_id)
 
     async def _start(self, args: _PathArgs) -> Any:
         """Wake or spawn: start the child unless it runs (a stop by hand too); ``started`` says which."""
@@ -399,12 +408,8 @@ class ControlServer:
     async def _restart(self, args: _PathArgs) -> Any:
         """supervisorctl's restart: stop the child if it runs, then start it again."""
         parent, child_id = self._parent_of(args.path)
-        spec = parent.get_childspec(child_id)
         with self._by_operator(f"{parent.path}/{child_id}"):
-            await parent.terminate_child(child_id)
-            if spec.restart == "temporary":  # terminating dropped its spec: add it again
-                return await parent.start_child(spec)
-            return await parent.restart_child(child_id)
+            return await parent._restart_by_operator(child_id)
 
     async def _delete(self, args: _PathArgs) -> Any:
         parent, child_id = self._parent_of(args.path)
@@ -422,6 +427,8 @@ class ControlServer:
             _, info = self._child(args.path)
             if info.kind != "process":
                 raise _Refused(f"{info.path} is a {info.kind}: only a process child takes a signal")
+            if info.node is not None:  # its pid is a process on that node, not here
+                raise _Refused(f"{info.path} runs on the Ray node {info.node}: signal does not reach it")
             if info.pid is None:
                 raise NotRunning(info.path, info.state)
             path, pid, kind = info.path, info.pid, "child.signalled"
@@ -435,7 +442,7 @@ class ControlServer:
 
     def _job_process(self, pool_path: str, job_id: str) -> tuple[str, int]:
         """The path and pid of a pool's running process job (what ``signal --job`` reaches)."""
-        pool = self._pool(pool_path, "signal --job")
+        pool = self._local_pool(pool_path, "signal --job")
         job = pool.job(job_id)
         if not isinstance(pool._pool().spec.handlers.get(job.kind), ProcessJob):
             raise _Refused(f"job {job.id} of {pool.path} is a task job: only a process job takes a signal")
@@ -444,37 +451,23 @@ class ControlServer:
             raise _Refused(f"job {job.id} of {pool.path} is not running ({job.state})")
         return f"{pool.path}/{job.id}", pid
 
-    async def _queue(self, args: _SubmitArgs) -> tuple[PoolHandle, Job]:
-        pool = self._pool(args.pool, "submit")
-        job = await pool.submit(
-            args.kind,
-            args.payload,
-            priority=args.priority,
-            estimated_cost=args.cost,
-            key=args.key,
-            max_runtime=args.max_runtime,
-            lane=args.lane,
-        )
-        return pool, job
-
     async def _submit(self, args: _SubmitArgs) -> Any:
-        _, job = await self._queue(args)
-        return _queued(job)
+        return _queued(await _queue(self._pool(args.pool, "submit"), args))
 
     async def _jobs(self, args: _PoolArgs) -> Any:
-        return jobs_of(self._pool(args.pool, "jobs"))
+        return jobs_of(self._local_pool(args.pool, "jobs"))
 
     async def _dead_letters(self, args: _PoolArgs) -> Any:
-        return self._pool(args.pool, "dead-letters").dead_letters()
+        return self._local_pool(args.pool, "dead-letters").dead_letters()
 
     async def _job(self, args: _JobArgs) -> Any:
-        return job_of(self._pool(args.pool, "job"), args.id)
+        return job_of(self._local_pool(args.pool, "job"), args.id)
 
     async def _lane(self, args: _LaneArgs) -> Any:
-        return self._pool(args.pool, "lane").lane(args.lane)
+        return self._local_pool(args.pool, "lane").lane(args.lane)
 
     async def _cancel(self, args: _JobArgs) -> Any:
-        pool = self._pool(args.pool, "cancel")
+        pool = self._local_pool(args.pool, "cancel")
         job = pool.job(args.id)
         if job.finished:
             raise _Refused(f"job {job.id} of {pool.path} already finished ({job.state})")
@@ -483,7 +476,7 @@ class ControlServer:
         return _queued(job)
 
     async def _requeue(self, args: _JobArgs) -> Any:
-        return _queued(await self._pool(args.pool, "requeue").requeue(args.id))
+        return _queued(await self._local_pool(args.pool, "requeue").requeue(args.id))
 
     async def _reload(self, args: _NoArgs) -> Any:
         try:
@@ -562,7 +555,9 @@ class ControlServer:
         """
         try:
             with _refusals():
-                pool, job = await self._queue(args)
+                pool = self._local_pool(args.pool, "submit --wait")
+                job = await _queue(pool, args)
+                assert isinstance(job, Job)  # a local pool's
         except _Refused as refused:
             await _reply_error(stream, str(refused), refused.code)
             return
@@ -650,7 +645,19 @@ def _refusals() -> Iterator[None]:
         raise _Refused(str(error)) from None
 
 
-def _queued(job: Job) -> dict[str, str]:
+async def _queue(pool: PoolHandle | RemotePoolHandle, args: _SubmitArgs) -> Job | JobInfo:
+    return await pool.submit(
+        args.kind,
+        args.payload,
+        priority=args.priority,
+        estimated_cost=args.cost,
+        key=args.key,
+        max_runtime=args.max_runtime,
+        lane=args.lane,
+    )
+
+
+def _queued(job: Job | JobInfo) -> dict[str, str]:
     return {"id": job.id, "state": job.state}
 
 

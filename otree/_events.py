@@ -121,8 +121,13 @@ class EventBus:
             _log.handle(record)
 
     def _attributed(self, event: Event) -> Event:
-        extra = {k: v for cause in self._causes if cause.covers(event.path) for k, v in cause.details.items()}
+        extra = self.causes(event.path)
         return msgspec.structs.replace(event, details={**event.details, **extra}) if extra else event
+
+    def causes(self, path: str) -> dict[str, Any]:
+        """What an event of ``path`` would carry now from ``attribute`` (a request carried into a
+        Ray child takes it along, for the remote events it causes)."""
+        return {k: v for cause in self._causes if cause.covers(path) for k, v in cause.details.items()}
 
     def subscribe(self, prefix: str, buffer: int = DEFAULT_BUFFER) -> EventStream:
         stream = EventStream(prefix, buffer)

@@ -10,7 +10,7 @@ module and the import graph stays one way.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Unpack
+from typing import TYPE_CHECKING, Any, Unpack
 
 import trio
 
@@ -20,6 +20,9 @@ from ._info import ChildInfo, Counts, DeadLetter, LaneStatus, PoolStatus
 from ._pool import Job, Pool, SubmitOptions
 from ._spec import ChildSpec
 from ._supervisor import Handles, Tree, _Supervisor
+
+if TYPE_CHECKING:
+    from ._ray_handles import RemotePoolHandle
 
 __all__ = ["HANDLES", "PoolHandle", "SupervisorHandle"]
 
@@ -105,6 +108,15 @@ class SupervisorHandle(_Handle):
         info: ChildInfo = await sup.call(sup.op_restart_child, child_id)
         return info
 
+    async def _restart_by_operator(self, child_id: str) -> ChildInfo:
+        """``otree restart``: stop the child if it runs, then start it again (supervisorctl's
+        meaning; ``restart_child`` keeps OTP's)."""
+        spec = self.get_childspec(child_id)
+        await self.terminate_child(child_id)
+        if spec.restart == "temporary":  # terminating dropped its spec: add it again
+            return await self.start_child(spec)
+        return await self.restart_child(child_id)
+
     async def wake(self, child_id: str) -> ChildInfo:
         """Start a child unless it runs ("wake or spawn"), and return its info.
 
@@ -158,7 +170,7 @@ class SupervisorHandle(_Handle):
         """The spec of a child."""
         return self._sup()._get(child_id).spec
 
-    def child(self, child_id: str) -> SupervisorHandle | PoolHandle:
+    def child(self, child_id: str) -> SupervisorHandle | PoolHandle | RemotePoolHandle:
         """The handle of the nested supervisor or pool ``child_id``.
 
         Raises:
@@ -167,8 +179,9 @@ class SupervisorHandle(_Handle):
         """
         return self.find(child_id)
 
-    def find(self, path: str) -> SupervisorHandle | PoolHandle:
-        """The handle of a nested supervisor or pool by a path relative to this one (``"db/jobs"``)."""
+    def find(self, path: str) -> SupervisorHandle | PoolHandle | RemotePoolHandle:
+        """The handle of a nested supervisor or pool by a path relative to this one (``"db/jobs"``);
+        through a Ray child that wraps one, the handle of the supervisor or pool on its node."""
         ids = tuple(part for part in path.split("/") if part)
         sup = self._sup()
         for depth, child_id in enumerate(ids):
@@ -176,6 +189,10 @@ class SupervisorHandle(_Handle):
             last = depth == len(ids) - 1
             if child.spec.kind == "pool" and last:
                 return PoolHandle(self._tree, self._ids + ids)
+            if child.spec.kind == "ray":
+                from ._ray_handles import remote_handle  # only for a tree that holds a Ray child
+
+                return remote_handle(self._tree, self._ids + ids[: depth + 1], child, ids[depth + 1 :])
             if child.spec.kind != "supervisor":
                 raise TypeError(f"{child.path} is a {child.spec.kind}, not a supervisor or pool")
             if last:

@@ -50,7 +50,9 @@ class ChildInfo(msgspec.Struct, frozen=True):
     """One child as ``which_children`` reports it.
 
     ``restarts`` counts automatic restarts only; ``started_at`` is the
-    wall-clock time of the last start (None if never started).
+    wall-clock time of the last start (None if never started). ``node`` is the
+    address of the Ray node a child runs on (``otree.ray`` children and what runs
+    inside them; then ``pid`` is a process on that node), None for a local child.
     """
 
     id: str
@@ -62,6 +64,7 @@ class ChildInfo(msgspec.Struct, frozen=True):
     started_at: float | None
     exit: ExitInfo | None
     status: str | None
+    node: str | None = None
 
 
 class Counts(msgspec.Struct, frozen=True):

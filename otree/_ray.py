@@ -10,6 +10,11 @@ Locally the child is a task that traps stops: a stop asks the remote tree to sto
 graces apply there) and waits for it under this child's ``shutdown`` grace; when the grace
 runs out, or for ``brutal_kill``, the actor is killed (``ray.kill``). All Ray waits go
 through ``ObjectRef.future()`` and the trio token: no thread per call.
+
+While a run is ready, its ``RemoteRun`` is the child's ``RunningChild.remote``: what the
+local side shows of the remote tree (its status, as the actor last sent it) and the way
+requests reach into it (``_ray_handles``). With ``spare=True`` each run also makes the actor
+the next run takes over (``_Spares``).
 """
 
 from __future__ import annotations
@@ -21,18 +26,22 @@ import socket
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
-from pathlib import Path
 from types import ModuleType
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import msgspec
 import trio
 
-from ._errors import Shutdown, SpecError, StartError
+from . import _errors
+from ._errors import NotRunning, Shutdown, SpecError, StartError
+from ._info import ChildInfo, StatusNode
 from ._loader import MODULE_PREFIX
-from ._ray_actor import Batch, Host
+from ._ray_actor import Batch, Host, Reply
 from ._spec import ChildSpec, PoolSpec, ProcessSpec, RaySpec, SupervisorSpec
 from ._task import current_child
+
+if TYPE_CHECKING:
+    from ._supervisor import Tree
 
 # Publishes an event on the local bus: (path, kind, reason, **details).
 Emit = Callable[..., None]
@@ -40,6 +49,7 @@ Emit = Callable[..., None]
 __all__ = [
     "INSTALL",
     "RemoteError",
+    "RemoteRun",
     "check_options",
     "check_picklable",
     "contains_ray",
@@ -60,13 +70,17 @@ _RESERVED = {
     "actor": ("concurrency_groups", "max_concurrency", "name", "namespace", "get_if_exists"),
     "task": ("num_returns", "_generator_backpressure_num_objects", "_num_objects_per_yield"),
 }
-# The actor's run() holds one thread; ready, ping, stop and events need their own while it runs.
-_GROUPS = {"run": 1, "ctl": 4}
+# The actor's run() holds one thread; ready, ping, stop and control need their own while it runs,
+# and the events' long poll one apart: Ray runs a caller's calls in one group in order, so a ping
+# or a request queued behind a poll would wait out its second (measured: 0.76 s per request).
+_GROUPS = {"run": 1, "ctl": 4, "events": 1}
 # Ray's messages span lines and carry ids; an exit detail keeps one line of at most this.
 _DETAIL_CHARS = 600
 _EVENT_POLL_SECONDS = 1.0  # how long one fetch of remote events waits for one on the actor
 _LAST_EVENTS_SECONDS = 2.0  # for the last remote events once the remote tree has stopped
 _PROBE_SECONDS = 5.0  # for a TCP connection to the head before Ray is asked to join it
+_NODE_DIED = "because its node has died"  # Ray's words in an ActorDiedError when the node went (Ray 2.60)
+SPARE_LINGER = 30.0  # seconds a spare waits for its child's next run once a run has ended
 
 
 class RemoteError(Exception):
@@ -267,9 +281,10 @@ def _host_class(ray: ModuleType) -> Any:
     return ray.remote(concurrency_groups=_GROUPS)(Host)
 
 
-async def run_ray(spec: RaySpec, state_dir: Path, *, task_status: trio.TaskStatus[None]) -> None:
-    """One run of a Ray child: place the actor, wait until the remote child is ready, then
-    until it exits, mapping its exit (or the actor's death) onto this child's exit."""
+async def run_ray(spec: RaySpec, tree: Tree, *, task_status: trio.TaskStatus[None]) -> None:
+    """One run of a Ray child: place the actor (or take the child's spare), wait until the remote
+    child is ready, then until it exits, mapping its exit (or the actor's death) onto this
+    child's exit. Pools in it are durable (under the state dir, on the node) when the tree's are."""
     me = current_child()
     stopping = me.stopping  # trapping: a stop is a graceful remote stop under this child's grace
     ray = import_ray(me.path)
@@ -277,24 +292,108 @@ async def run_ray(spec: RaySpec, state_dir: Path, *, task_status: trio.TaskStatu
     actor = _host_class(ray).options(**spec.options, max_restarts=0, max_task_retries=0)
     _send_tree_files_by_value(ray)
     root = _remote_root(me.path, spec)
+    work = (root, os.fspath(tree.state_dir), tree.durable)
     remote_path = f"{root.id}/{spec.spec.id}"
-    run = _Actor(ray, actor.remote(root, os.fspath(state_dir)), me.path, remote_path, me.owner._emit)
+    claimed = _SPARES.claim(ray, me.child)
+    run = RemoteRun(ray, claimed or actor.remote(), me.path, remote_path, me.owner._emit)
+    spare = _Spare(actor) if spec.spare else None  # made now, after it: it comes up while this run starts
+    suspect: str | None = None  # the node this run's actor was on, if the way it died puts it in doubt
     try:
-        outcome = await run.serve(spec, stopping, task_status)
+        try:
+            outcome = await run.serve(spec, work, stopping, task_status)
+        except ray.exceptions.RayError:
+            if claimed is None or run.node_id is not None:
+                raise
+            ray.kill(run.handle)  # the spare died before it took the run over: start afresh, once
+            run = RemoteRun(ray, actor.remote(), me.path, remote_path, me.owner._emit)
+            outcome = await run.serve(spec, work, stopping, task_status)
     except ray.exceptions.RayError as error:
+        if run.hung or isinstance(error, ray.exceptions.ActorUnavailableError) or _NODE_DIED in str(error):
+            suspect = run.node_id
         if run.hung:
             raise RemoteError(run.hung) from error
         raise RemoteError(_one_line(getattr(error, "cause", None) or error)) from error
     finally:
+        me.remote = None  # handles and status no longer reach this run
         ray.kill(run.handle)  # the remote tree has stopped, or never will (presumed dead): it goes
+        if spare is not None:  # for the next run; none follows a stop by the supervisor
+            _SPARES.park(ray, me.child, spare, None if stopping.is_set() else tree.services, suspect)
     if outcome["cost"]:
         me.report_cost(outcome["cost"])  # in this child's exit event, once: the remote run's total
     _exit_as(outcome, stopped=stopping.is_set())
 
 
-class _Actor:
-    """The actor of one run, watched from here: its start, its heartbeat, a stop passed on, and
-    the remote tree's events forwarded to the local bus under local paths."""
+class _Spare:
+    """A warm replacement actor for a Ray child's next run (``otree.ray(..., spare=True)``): made
+    with the child's options, so Ray places it as it would place the replacement."""
+
+    __slots__ = ("handle", "suspect", "warm")
+
+    def __init__(self, actor: Any) -> None:
+        self.handle = actor.remote()
+        self.warm = self.handle.where.options(concurrency_group="ctl").remote()  # done once it is up
+        self.suspect: str | None = None  # the node of the run it was to replace, if in doubt
+
+
+class _Spares:
+    """Spares parked between runs, by the supervisor's record of their child. A spare not claimed
+    within ``SPARE_LINGER`` s (no restart came), or when the tree stops, is killed."""
+
+    def __init__(self) -> None:
+        self._parked: dict[object, _Spare] = {}
+
+    def claim(self, ray: ModuleType, child: object) -> Any:
+        """The parked spare of ``child`` if it can take the next run, else None (it is killed).
+
+        One that is up is taken unless it is on the node the last run's actor died with; one
+        still coming up is further along than a new actor, so it is taken too, unless the
+        last run's node is in doubt (it may be there).
+        """
+        spare = self._parked.pop(child, None)
+        if spare is None:
+            return None
+        up, _ = ray.wait([spare.warm], timeout=0)
+        node = None
+        if up:
+            with suppress(ray.exceptions.RayError):
+                node = ray.get(spare.warm)["node_id"]
+        if (node is not None and node != spare.suspect) or (not up and spare.suspect is None):
+            return spare.handle
+        ray.kill(spare.handle)
+        return None
+
+    def park(
+        self,
+        ray: ModuleType,
+        child: object,
+        spare: _Spare,
+        services: trio.Nursery | None,
+        suspect: str | None,
+    ) -> None:
+        """Keep ``spare`` for ``child``'s next run (or kill it: no ``services``, no next run)."""
+        if services is None:
+            ray.kill(spare.handle)
+            return
+        spare.suspect = suspect
+        self._parked[child] = spare
+        services.start_soon(self._expire, ray, child, spare)
+
+    async def _expire(self, ray: ModuleType, child: object, spare: _Spare) -> None:
+        try:
+            await trio.sleep(SPARE_LINGER)
+        finally:  # also when the tree stops (its services are cancelled)
+            if self._parked.get(child) is spare:
+                del self._parked[child]
+                ray.kill(spare.handle)
+
+
+_SPARES = _Spares()
+
+
+class RemoteRun:
+    """The actor of one run, watched from here: its start, its heartbeat, a stop passed on, the
+    remote tree's events forwarded to the local bus and its status kept, under local paths, and
+    requests carried into it (``call``). While the child runs, its ``RunningChild.remote``."""
 
     def __init__(self, ray: ModuleType, handle: Any, path: str, remote_path: str, emit: Emit) -> None:
         self.ray = ray
@@ -305,12 +404,80 @@ class _Actor:
         self._emit = emit
         self._watching = trio.CancelScope()  # the heartbeat and the stop, once ready
         self._ended = False  # the remote run has ended: the forwarder stops polling
+        self._node: str | None = None  # the address of the node the actor runs on
+        self._pid: int | None = None  # the actor's process there
+        self.node_id: str | None = None  # Ray's id of that node, once the actor has said where it is
+        self._version = 0  # of the status snapshot held
+        self.snapshot: StatusNode | None = None  # the wrapped child's status, under local paths
 
-    def _ctl(self, method: str, *args: Any) -> Any:
-        return getattr(self.handle, method).options(concurrency_group="ctl").remote(*args)
+    # --- what the local side shows of the remote run -----------------------------------------
+
+    def where(self) -> tuple[int | None, str | None, str | None]:
+        """The pid (a wrapped process's own, else the actor's), node and ``STATUS=`` text for the
+        Ray child's own line."""
+        info = self.snapshot.info if self.snapshot is not None else None
+        if info is None:
+            return self._pid, self._node, None
+        return info.pid or self._pid, self._node, info.status
+
+    def status_node(self, info: ChildInfo) -> StatusNode:
+        """The Ray child's status line ``info`` with the remote sub-tree below it."""
+        remote = self.snapshot
+        if remote is None:
+            return StatusNode(info)
+        return msgspec.structs.replace(remote, info=info)
+
+    def _local(self, path: str) -> str:
+        return self._path + path[len(self._remote) :]
+
+    def _local_text(self, text: str) -> str:
+        return text.replace(self._remote, self._path) if self._remote != self._path else text
+
+    def _rehome(self, node: StatusNode) -> StatusNode:
+        """A remote status node under local paths, each line naming the node it runs on."""
+        info = msgspec.structs.replace(node.info, path=self._local(node.info.path), node=self._node)
+        return msgspec.structs.replace(node, info=info, children=[self._rehome(c) for c in node.children])
+
+    def rehome_info(self, info: ChildInfo) -> ChildInfo:
+        return msgspec.structs.replace(info, path=self._local(info.path), node=self._node)
+
+    async def call(
+        self, op: str, rest: tuple[str, ...], args: tuple[Any, ...], cause: tuple[str, dict[str, Any]]
+    ) -> Any:
+        """Carry out ``op`` on the supervisor or pool ``rest`` below the wrapped child, on the
+        actor; its result, or its error raised here as itself (under local paths). ``cause``:
+        the child it is about and what its events there carry (see ``Host.control``).
+
+        Raises:
+          NotRunning: the actor is gone (the run is ending: its exit says why).
+          OtreeError, ValueError, TypeError: what the remote tree refused.
+        """
+        ids = (self._remote.rpartition("/")[2], *rest)
+        try:
+            reply: Reply = await aref(self._ctl("control", op, ids, args, cause))
+        except self.ray.exceptions.RayError:
+            raise NotRunning(self._path, "stopped") from None
+        ok, value = reply
+        if ok:
+            return value
+        name, attrs, message = value
+        cls: type[Exception] = {"ValueError": ValueError, "TypeError": TypeError}.get(name) or getattr(
+            _errors, name
+        )
+        error = cls.__new__(cls)
+        Exception.__init__(error, self._local_text(message))
+        error.__dict__.update({k: self._local_text(v) if isinstance(v, str) else v for k, v in attrs.items()})
+        raise error
+
+    def _ctl(self, method: str, *args: Any, group: str = "ctl") -> Any:
+        return getattr(self.handle, method).options(concurrency_group=group).remote(*args)
 
     async def serve(
-        self, spec: RaySpec, stopping: trio.Event, task_status: trio.TaskStatus[None]
+        self,
+        spec: RaySpec,
+        work: tuple[SupervisorSpec, str, bool],
+        stopping: trio.Event,
+        task_status: trio.TaskStatus[None],
     ) -> dict[str, Any]:
         """Start the remote run, report ready when it is, and return how it ended; the remote
         events are forwarded meanwhile, the last ones included.
@@ -319,7 +486,7 @@ class _Actor:
           RemoteError: not ready within ``start_timeout``.
           ray.exceptions.RayError: the actor died (or was killed by the heartbeat: ``hung``).
         """
-        run_ref = self.handle.run.options(concurrency_group="run").remote()
+        run_ref = self.handle.run.options(concurrency_group="run").remote(*work)
         with trio.move_on_after(spec.start_timeout) as timer:
             ready, where, batch = await aref(self._ctl("ready"))
         if timer.cancelled_caught:
@@ -328,10 +495,12 @@ class _Actor:
                 " (Ray could not place the actor, or the remote child did not start)"
             )
         self._emit(self._path, "ray.placed", "", **where)
+        self._node, self._pid, self.node_id = where["node"], where["pid"], where["node_id"]
         self._publish(batch)
         if not ready:
             outcome: dict[str, Any] = await aref(run_ref)  # the failed start's exit
             return outcome
+        current_child().remote = self
         task_status.started()
         error: BaseException | None = None
         async with trio.open_nursery() as nursery:
@@ -347,7 +516,8 @@ class _Actor:
         if error is not None:
             raise error
         with trio.move_on_after(_LAST_EVENTS_SECONDS):
-            self._publish(await aref(self._ctl("events", 0.0)))  # what the stopped tree said last
+            # what the stopped tree said last
+            self._publish(await aref(self._ctl("events", 0.0, self._version, group="events")))
         return outcome
 
     async def _watch(self, beat: tuple[float, int], stopping: trio.Event) -> None:
@@ -359,15 +529,20 @@ class _Actor:
     async def _forward(self) -> None:
         with suppress(self.ray.exceptions.RayError):  # the actor died: its run says how
             while not self._ended:
-                self._publish(await aref(self._ctl("events", _EVENT_POLL_SECONDS)))
+                self._publish(
+                    await aref(self._ctl("events", _EVENT_POLL_SECONDS, self._version, group="events"))
+                )
 
     def _publish(self, batch: Batch) -> None:
-        """Publish remote events on the local bus under local paths.
+        """Publish remote events on the local bus under local paths, and keep the remote status.
 
         The remote root's own events and the wrapped child's ``child.*`` events are left out:
         this child's supervisor reports the child's start, readiness and exit itself.
         """
-        taken, dropped = batch
+        taken, dropped, snapshot = batch
+        if snapshot is not None:
+            self._version = snapshot[0]
+            self.snapshot = self._rehome(msgspec.msgpack.decode(snapshot[1], type=StatusNode))
         remote, kept = self._remote, self._path
         for path, kind, reason, details in taken:
             if not (path == remote or path.startswith(remote + "/")):

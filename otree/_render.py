@@ -113,8 +113,10 @@ def _exit_words(info: ChildInfo) -> list[str]:
 def _node_line(node: StatusNode, depth: int, now: float, width: int) -> str:
     info = node.info
     words = [f"{'  ' * depth}{info.id}".ljust(width), f"{info.kind:<10}", f"{info.state:<10}"]
-    if info.pid is not None and info.kind == "process":
+    if info.pid is not None and info.kind in ("process", "ray"):
         words.append(f"pid {info.pid}")
+    if info.node is not None:
+        words.append(f"on {info.node}")
     if info.started_at is not None and info.state in ("running", "starting", "stopping"):
         words.append(f"up {duration(now - info.started_at)}")
     if info.restarts:

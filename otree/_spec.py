@@ -1019,10 +1019,13 @@ class RaySpec(_Spec, frozen=True, kw_only=True):
     shutdown: ShutdownValue = 5.0
     start_timeout: float = 60.0
     heartbeat: tuple[float, int] = (10.0, 3)
+    spare: bool = False
 
     def __post_init__(self) -> None:
         path = self._check_common()
         _check_shutdown(path, self.shutdown)
+        if not isinstance(self.spare, bool):
+            raise SpecError(path, "spare", "must be True or False", self.spare)
         if not isinstance(self.spec, (TaskSpec, SupervisorSpec, ProcessSpec, PoolSpec)):
             raise SpecError(path, "spec", "must be a task, process, supervisor or pool spec", self.spec)
         if not _is_number(self.start_timeout) or not 0 < self.start_timeout < math.inf:
@@ -1050,6 +1053,7 @@ def ray(
     *,
     start_timeout: float = 60.0,
     heartbeat: tuple[float, int] = (10.0, 3),
+    spare: bool = False,
     **ray_options: Any,
 ) -> RaySpec:
     """Run ``spec`` (a task, process, supervisor or pool) inside a Ray actor, under otree's own
@@ -1063,6 +1067,9 @@ def ray(
       heartbeat: ``(seconds, misses)``: the actor is pinged every ``seconds``; after
         ``misses`` pings in a row without an answer it is presumed dead, killed, and the
         child exits ``error``.
+      spare: keep a warm replacement actor (same options, placed by Ray) while the child
+        runs, so a restart takes it instead of waiting for a new Ray worker; it costs an idle
+        actor process and holds the resources the options ask for.
       ray_options: Ray actor options, passed through (``num_cpus``, ``resources``,
         ``memory``, ``scheduling_strategy``, ``runtime_env``...). ``max_restarts`` and
         ``max_task_retries`` are forced to 0 (otree restarts, Ray never does).
@@ -1084,6 +1091,7 @@ def ray(
         options=ray_options,
         start_timeout=start_timeout,
         heartbeat=heartbeat,
+        spare=spare,
     )
 
 

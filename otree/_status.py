@@ -16,28 +16,37 @@ from ._handles import PoolHandle, SupervisorHandle
 from ._info import ChildInfo, JobInfo, Jobs, Status, StatusNode
 from ._pool import Job
 from ._protocol import carriable
-from ._supervisor import _Supervisor
+from ._ray_handles import RemoteSupervisorHandle
+from ._supervisor import _Child, _Supervisor
 from ._task import describe
 
-__all__ = ["job_of", "jobs_of", "status_of"]
+__all__ = ["child_status", "job_of", "jobs_of", "status_of"]
+
+
+def _node(sup: _Supervisor, child: _Child) -> StatusNode:
+    """One child's line and what is below it: a supervisor's children, a pool's queue, a Ray
+    child's remote sub-tree (as its actor last reported it: no call to Ray here)."""
+    info = sup.info(child)
+    run = child.run
+    if run is None:
+        return StatusNode(info)
+    if child.nested is not None:
+        return _supervisor_node(child.nested, info)
+    if child.pool is not None:
+        return StatusNode(info, pool=child.pool.status())
+    if run.remote is not None:
+        node: StatusNode = run.remote.status_node(info)
+        return node
+    return StatusNode(info)
 
 
 def _supervisor_node(sup: _Supervisor, info: ChildInfo) -> StatusNode:
-    children = []
-    for child in sup.children.values():
-        child_info = sup.info(child)
-        if child.nested is not None and child.run is not None:
-            children.append(_supervisor_node(child.nested, child_info))
-        elif child.pool is not None and child.run is not None:
-            children.append(StatusNode(child_info, pool=child.pool.status()))
-        else:
-            children.append(StatusNode(child_info))
     return StatusNode(
         info,
         restarts_in_window=sup.window.in_window(trio.current_time()),
         max_restarts=sup.spec.max_restarts,
         max_seconds=sup.spec.max_seconds,
-        children=children,
+        children=[_node(sup, child) for child in sup.children.values()],
     )
 
 
@@ -48,6 +57,18 @@ def status_of(handle: SupervisorHandle | PoolHandle, info: ChildInfo) -> Status:
     else:
         root = _supervisor_node(handle._sup(), info)
     return Status(time.time(), root)
+
+
+def child_status(parent: SupervisorHandle, child_id: str) -> Status:
+    """The snapshot of one child of ``parent`` and what is below it (``otree status PATH``).
+
+    Raises:
+      NotFound: ``parent`` has no such child.
+    """
+    if isinstance(parent, RemoteSupervisorHandle):
+        return Status(time.time(), parent.child_node(child_id))
+    sup = parent._sup()
+    return Status(time.time(), _node(sup, sup._get(child_id)))
 
 
 def _job_info(job: Job, held: str | None = None, *, result: Any = None, error: str | None = None) -> JobInfo:

@@ -421,7 +421,7 @@ class _Supervisor:
             fn, takes_status = run_process, True
             args = (spec, self.tree.processes(), self._emit)
         elif isinstance(spec, RaySpec):
-            fn, args, takes_status = run_ray, (spec, self.tree.state_dir), True
+            fn, args, takes_status = run_ray, (spec, self.tree), True
         elif isinstance(spec, PoolSpec):
             durable = self.tree.durable if spec.durable is None else spec.durable
             store_path = pool_database(self.tree.state_dir, child.path) if durable else None
@@ -871,15 +871,22 @@ class _Supervisor:
     # --- reading state ------------------------------------------------------------
 
     def info(self, child: _Child) -> ChildInfo:
-        proc = child.run.proc if child.run is not None else None
+        run = child.run
+        pid = status = node = None
+        if run is not None:
+            if run.proc is not None:
+                pid, status = run.proc.pid, run.proc.status
+            elif run.remote is not None:  # a Ray child: where it runs, as its actor last said
+                pid, node, status = run.remote.where()
         return ChildInfo(
             id=child.spec.id,
             path=child.path,
             kind=child.spec.kind,
             state=child.state,
-            pid=proc.pid if proc is not None else None,
+            pid=pid,
             restarts=child.restarts,
             started_at=child.started_at,
             exit=child.exit,
-            status=proc.status if proc is not None else None,
+            status=status,
+            node=node,
         )

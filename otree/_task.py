@@ -125,6 +125,7 @@ class RunningChild:
         "previous_exit",
         "proc",
         "ready",
+        "remote",
         "result",
         "returned",
         "runtime_limit",
@@ -163,6 +164,7 @@ class RunningChild:
         self.error: BaseException | None = None
         self.cost = 0.0
         self.proc: Any = None  # a process child's ProcessRun (pid, status, stderr tail)
+        self.remote: Any = None  # a Ray child's running actor (_ray.RemoteRun), once it is ready
         self.result: Any = None  # what the function returned (a pool job's result)
         self.returned = False  # the function returned (so ``result`` is its value), even under a stop
         self.started_mono = 0.0  # trio time of the start, set where backoff needs it

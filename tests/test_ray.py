@@ -24,14 +24,18 @@ import tempfile
 import textwrap
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 import trio
 
 import otree
+from otree._info import Status, StatusNode
+from otree._status import status_of
 from tests.helpers import alive as _alive
 from tests.helpers import descendants as _descendants
 from tests.helpers import wait_gone as _wait_gone
@@ -438,7 +442,7 @@ async def test_a_ray_pool_runs_remotely_and_stops_with_the_tree() -> None:
 # --- several nodes (ray.cluster_utils.Cluster, in a process of its own: one Ray per process) ---
 
 MULTINODE = """
-import json, logging, os, time
+import json, logging, os, sys, time
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
 import ray, trio, otree
@@ -472,7 +476,10 @@ async def wait_for(kind, after):
 async def run(cluster, nodes, out):
     # pinned softly to the first node: when it goes, Ray places the replacement elsewhere
     pinned = NodeAffinitySchedulingStrategy(node_id=nodes[0].node_id, soft=True)
-    spec = otree.ray(otree.task("agent", agent), num_cpus=1, heartbeat=(1.0, 3), scheduling_strategy=pinned)
+    spare = sys.argv[1] == "spare"  # a spare is placed like the child: on its node, and goes with it
+    spec = otree.ray(
+        otree.task("agent", agent), num_cpus=1, heartbeat=(1.0, 3), scheduling_strategy=pinned, spare=spare
+    )
     tree = otree.supervisor("fleet", max_restarts=5, max_seconds=60, children=[spec])
     async with otree.open_supervisor(tree) as sup:
         placed, seen = await wait_for("ray.placed", 0)
@@ -510,11 +517,12 @@ main()
 """
 
 
-def test_a_child_whose_node_is_lost_comes_back_on_another_node(tmp_path: Path) -> None:
+@pytest.mark.parametrize("spare", ["no_spare", "spare"])
+def test_a_child_whose_node_is_lost_comes_back_on_another_node(tmp_path: Path, spare: str) -> None:
     (tmp_path / "multinode.py").write_text(MULTINODE)
     temp = tempfile.mkdtemp(prefix="otree-ray-nodes-")  # short: Ray's socket paths must fit 107 bytes
     process = subprocess.Popen(
-        [sys.executable, os.fspath(tmp_path / "multinode.py")],
+        [sys.executable, os.fspath(tmp_path / "multinode.py"), spare],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         env={**os.environ, "RAY_TMPDIR": temp},
@@ -691,3 +699,404 @@ def test_otree_check_names_the_extra_to_install_when_ray_is_missing(tmp_path: Pa
         f"otree: {tmp_path / 'tree.py'}:9: SpecError: agent: otree.ray needs Ray"
         " (pip install 'trio-otree[ray]'); got 'ray not installed'\n"
     )
+
+
+# --- the remote side, visible and reachable (status, handles, the CLI) --------------------------
+
+
+async def _until(check: Callable[[], bool], seconds: float = 10.0) -> None:
+    """Poll ``check`` (the remote status reaches the local side with the events) until it holds."""
+    with trio.fail_after(seconds):
+        while not check():
+            await trio.sleep(0.02)
+
+
+def _whole(sup: otree.SupervisorHandle) -> Any:
+    return status_of(sup, sup._tree.root_info())
+
+
+def _rows(node: Any) -> dict[str, Any]:
+    """Every line of a status snapshot by path (a ``ChildInfo``'s fields, and a pool's spend)."""
+    rows = {node.info.path: _Line(node)}
+    for child in node.children:
+        rows |= _rows(child)
+    return rows
+
+
+async def test_status_shows_the_remote_children_with_their_node_pid_and_full_paths(tmp_path: Path) -> None:
+    notes = tmp_path / "pids"
+    argv = _script(
+        tmp_path,
+        f"import os, time\nopen({os.fspath(notes)!r}, 'a').write(f'{{os.getpid()}}\\n')\ntime.sleep(300)\n",
+    )
+    gpu = otree.supervisor(
+        "gpu", children=[otree.task("agent-3", ends, "wait"), otree.process("worker", argv)]
+    )
+    tree = otree.supervisor(
+        "fleet",
+        children=[
+            otree.ray(gpu, num_cpus=0),
+            otree.ray(otree.task("solo", ends, "wait"), num_cpus=0),
+            otree.ray(otree.process("proc", argv), num_cpus=0),
+        ],
+    )
+    with trio.fail_after(DEADLINE):
+        async with otree.open_supervisor(tree, state_dir=tmp_path / "state") as sup:
+            remote_pids = {int(pid) for pid in _wait_file(notes, lines=2).split()} | {
+                int(pid) for pid in notes.read_text().split()
+            }
+            rows = _rows(_whole(sup).root)
+            assert rows["fleet/gpu/agent-3"].kind == "task" and rows["fleet/gpu/agent-3"].state == "running"
+            worker = rows["fleet/gpu/worker"]
+            assert (worker.kind, worker.state, worker.node) == ("process", "running", "127.0.0.1")
+            assert worker.pid in remote_pids and _alive(worker.pid)
+            by_id = {info.id: info for info in sup.which_children()}
+            # a wrapped supervisor or task: the actor's pid and node on its own line
+            for wrapper in ("gpu", "solo"):
+                assert (by_id[wrapper].kind, by_id[wrapper].node) == ("ray", "127.0.0.1")
+                assert _alive(by_id[wrapper].pid) and by_id[wrapper].pid not in remote_pids
+            assert worker.pid in _descendants(by_id["gpu"].pid)  # the process runs below the actor
+            # a wrapped process: the remote process's own pid
+            assert by_id["proc"].pid in remote_pids and by_id["proc"].pid != worker.pid
+            # what a handle into the remote sub-tree reads, without a call to Ray
+            team = sup.find("gpu")
+            assert [info.path for info in team.which_children()] == ["fleet/gpu/worker", "fleet/gpu/agent-3"]
+            assert team.count_children() == otree.Counts(specs=2, active=2, supervisors=0, workers=2)
+            # and the remote restart shows there once the remote tree has done it
+            async with sup.events() as stream:
+                os.kill(worker.pid, signal.SIGKILL)
+                await _next(stream, lambda e: e.path == "fleet/gpu/worker" and e.kind == "child.ready")
+            await _until(lambda: _rows(_whole(sup).root)["fleet/gpu/worker"].restarts == 1)
+            restarted = _rows(_whole(sup).root)["fleet/gpu/worker"]
+            assert restarted.pid != worker.pid and restarted.exit is not None
+            assert restarted.exit.reason == "error"
+
+
+async def test_a_handle_reaches_into_a_remote_subtree(tmp_path: Path) -> None:
+    gpu = otree.supervisor(
+        "gpu", children=[otree.task("agent-3", ends, "trap"), otree.task("agent-4", ends, "wait")]
+    )
+    with trio.fail_after(DEADLINE):
+        async with otree.open_supervisor(
+            otree.supervisor("fleet", children=[otree.ray(gpu, num_cpus=0)])
+        ) as sup:
+            team = sup.find("gpu")
+            assert team.path == "fleet/gpu" and team.parent is not None and team.parent.path == "fleet"
+            async with sup.events() as stream:
+                await team.terminate_child("agent-3")
+                stopped = await _next(
+                    stream, lambda e: e.path == "fleet/gpu/agent-3" and e.kind == "child.stopped"
+                )
+            assert stopped.reason == "shutdown"
+            await _until(lambda: team.which_children()[1].state == "stopped")
+            with pytest.raises(otree.Running, match=r"^fleet/gpu/agent-4: cannot restart a running child$"):
+                await team.restart_child("agent-4")
+            info = await team.restart_child("agent-3")
+            assert (info.path, info.state, info.node) == ("fleet/gpu/agent-3", "running", "127.0.0.1")
+            added = await team.start_child(otree.task("agent-5", ends, "wait", restart="temporary"))
+            assert added.path == "fleet/gpu/agent-5"
+            with pytest.raises(otree.AlreadyPresent) as present:
+                await team.start_child(otree.task("agent-5", ends, "wait"))
+            assert (str(present.value), present.value.running) == ("fleet/gpu/agent-5: already running", True)
+            with pytest.raises(otree.NotFound) as missing:
+                await team.terminate_child("agent-9")
+            assert (
+                str(missing.value)
+                == "no child at fleet/gpu/agent-9 (children of fleet/gpu: agent-3, agent-4, agent-5)"
+            )
+            assert missing.value.existing == ["agent-3", "agent-4", "agent-5"]
+            with pytest.raises(TypeError, match=r"^fleet/gpu/agent-3 is a task, not a supervisor or pool$"):
+                sup.find("gpu/agent-3")
+
+
+async def test_a_request_into_a_hung_actor_ends_with_the_heartbeat_and_status_never_waits(
+    tmp_path: Path,
+) -> None:
+    notes = tmp_path / "pids"
+    gpu = otree.supervisor(
+        "gpu", restart="temporary", children=[otree.task("agent-3", ends, "hang", os.fspath(notes))]
+    )
+    spec = otree.ray(gpu, num_cpus=0, heartbeat=(0.5, 3))
+    with trio.fail_after(DEADLINE):
+        async with otree.open_supervisor(otree.supervisor("fleet", children=[spec])) as sup:
+            _wait_file(notes, lines=2)  # its trio loop is blocked from now on
+            team = sup.find("gpu")
+            started = trio.current_time()
+            for _ in range(20):  # status and reads answer from what the actor said last: at once
+                assert _rows(_whole(sup).root)["fleet/gpu/agent-3"].state == "running"
+                assert [info.id for info in team.which_children()] == ["agent-3"]
+            assert trio.current_time() - started < 0.5
+            async with sup.events() as stream:
+                with pytest.raises(otree.NotRunning, match=r"^fleet/gpu: not running"):
+                    await team.terminate_child("agent-3")  # answered by the heartbeat's verdict
+                assert trio.current_time() - started < 5
+                exited = await _next(stream, lambda e: e.path == "fleet/gpu" and e.kind == "child.exited")
+            assert exited.details["detail"].startswith("heartbeat: no answer to 3 pings")
+            with pytest.raises(otree.NotFound, match=r"^no child at fleet/gpu "):
+                team.which_children()  # the run is gone (temporary: its spec too): nothing stale is shown
+
+
+async def test_a_remote_pool_takes_submissions_and_counts_a_jobs_spend_once() -> None:
+    async def spend(payload: Any) -> Any:
+        otree.current_child().report_cost(0.25)
+        return payload
+
+    spec = otree.ray(otree.pool("jobs", {"spend": spend}, daily_budget=1.0), num_cpus=0)
+    with trio.fail_after(DEADLINE):
+        async with otree.open_supervisor(otree.supervisor("fleet", children=[spec])) as sup:
+            jobs = sup.find("jobs")
+            assert jobs.status().spent_today == 0.0
+            finished: list[otree.Event] = []
+            async with sup.events() as stream:
+                job = await jobs.submit("spend", {"n": 1}, estimated_cost=0.25)
+                assert job.kind == "spend" and job.state in ("queued", "running")
+                event = await _next(stream, lambda e: e.kind == "job.finished")
+                finished.append(event)
+                await _until(lambda: jobs.status().spent_today > 0)
+                assert jobs.status().spent_today == 0.25  # the remote pool's own budget, once
+                with pytest.raises(otree.BudgetExceeded, match=r"^fleet/jobs: "):
+                    await jobs.submit("spend", None, estimated_cost=2.0)
+                await sup.terminate_child("jobs")
+                async for event in stream:
+                    finished += [event] if event.kind == "job.finished" else []
+                    if event.path == "fleet/jobs" and event.kind == "child.stopped":
+                        break
+    assert [(e.path, e.details["cost"]) for e in finished] == [("fleet/jobs/1", 0.25)]  # forwarded once
+    assert "cost" not in event.details  # the wrapper's own exit: the spend is the remote pool's alone
+
+
+CONTROLLED = """
+import trio
+import otree
+
+async def agent(*, task_status=trio.TASK_STATUS_IGNORED):
+    task_status.started()
+    await trio.sleep_forever()
+
+async def spend(payload):
+    otree.current_child().report_cost(0.25)
+    return payload
+
+worker = otree.process("worker", ["sleep", "300"])
+gpu = otree.supervisor("gpu", children=[otree.task("agent-3", agent), otree.task("agent-4", agent), worker])
+jobs = otree.pool("jobs", {"spend": spend}, daily_budget=1.0)
+tree = otree.supervisor("fleet", children=[otree.ray(gpu, num_cpus=0), otree.ray(jobs, num_cpus=0)])
+"""
+
+
+@contextmanager
+def _daemon(tmp_path: Path, text: str, ray_address: str) -> Iterator[Path]:
+    """``otree run`` of the tree ``text`` on the test's Ray instance until it is up; its event log.
+    Stopped by SIGTERM afterwards (and killed if it does not exit 0 then)."""
+    (tmp_path / "tree.py").write_text(text)
+    state = os.fspath(tmp_path / "state")
+    process = subprocess.Popen(
+        [*OTREE, "run", os.fspath(tmp_path / "tree.py"), "--state-dir", state, "--ray", ray_address],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        log = tmp_path / "state" / "events.jsonl"
+        deadline = time.monotonic() + DEADLINE
+        while not (log.exists() and '"fleet","kind":"supervisor.started"' in log.read_text()):
+            assert process.poll() is None, process.stderr.read().decode() if process.stderr else ""
+            assert time.monotonic() < deadline, "the tree never came up"
+            time.sleep(0.1)
+        yield log
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=DEADLINE) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def _cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    command = [*OTREE, *args, "--state-dir", os.fspath(tmp_path / "state")]
+    return subprocess.run(command, capture_output=True, text=True, timeout=DEADLINE, check=False)
+
+
+def _cli_status(tmp_path: Path, check: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
+    """``otree status --json``, each line by path (a pool's with its ``pool`` status), once
+    ``check`` holds for them."""
+    deadline = time.monotonic() + DEADLINE
+    while True:
+        result = _cli(tmp_path, "status", "--json")
+        assert result.returncode == 0, result.stderr
+        status = msgspec.json.decode(result.stdout, type=Status)
+        if check(rows := _rows(status.root)):
+            return rows
+        assert time.monotonic() < deadline, rows
+        time.sleep(0.1)
+
+
+def test_the_cli_reaches_into_remote_children_of_a_running_tree(tmp_path: Path, ray_instance: str) -> None:
+    with _daemon(tmp_path, CONTROLLED, ray_instance) as log:
+        rows = _cli_status(tmp_path, lambda rows: "fleet/gpu/agent-3" in rows)
+        assert rows["fleet/gpu"].kind == "ray" and rows["fleet/gpu"].node == "127.0.0.1"
+        remote = _cli(tmp_path, "signal", "fleet/gpu/worker", "TERM")  # its pid is not one of ours
+        assert (remote.returncode, remote.stderr) == (
+            4,
+            "otree: fleet/gpu/worker runs on the Ray node 127.0.0.1: signal does not reach it\n",
+        )
+        assert (rows["fleet/gpu/agent-3"].state, rows["fleet/gpu/agent-3"].node) == ("running", "127.0.0.1")
+        text = _cli(tmp_path, "status").stdout
+        assert f"  gpu        ray        running    pid {rows['fleet/gpu'].pid} on 127.0.0.1 up" in text
+        assert "    agent-3  task       running    on 127.0.0.1 up" in text
+
+        assert _cli(tmp_path, "stop", "fleet/gpu/agent-3").returncode == 0
+        rows = _cli_status(tmp_path, lambda rows: rows["fleet/gpu/agent-3"].state == "stopped")
+        assert rows["fleet/gpu/agent-3"].exit == otree.ExitInfo("shutdown")
+        assert _cli(tmp_path, "start", "gpu/agent-3").returncode == 0
+        rows = _cli_status(tmp_path, lambda rows: rows["fleet/gpu/agent-3"].state == "running")
+        before = rows["fleet/gpu/agent-3"].started_at
+        assert _cli(tmp_path, "restart", "fleet/gpu/agent-3").returncode == 0
+        _cli_status(tmp_path, lambda rows: rows["fleet/gpu/agent-3"].started_at != before)
+
+        missing = _cli(tmp_path, "stop", "fleet/gpu/agent-9")
+        assert (missing.returncode, missing.stderr) == (
+            4,
+            "otree: no child at fleet/gpu/agent-9 (children of fleet/gpu: agent-3, agent-4, worker)\n",
+        )
+        deeper = _cli(tmp_path, "stop", "fleet/gpu/agent-3/x")
+        assert (deeper.returncode, deeper.stderr) == (
+            4,
+            "otree: no child at fleet/gpu/agent-3/x"
+            " (fleet/gpu/agent-3 is a task, not a supervisor or pool)\n",
+        )
+    # the log is whole once the tree has stopped: the operator's requests, as the remote tree did them
+    by_operator = [
+        e["kind"] for e in _events(log) if e["path"] == "fleet/gpu/agent-3" and e["details"].get("by")
+    ]
+    assert by_operator == [
+        *["child.stopped"],  # otree stop
+        *["child.woken", "child.started", "child.ready"],  # otree start
+        *["child.stopped", "child.started", "child.ready"],  # otree restart
+    ]
+
+
+def test_the_cli_submits_to_a_remote_pool_and_its_spend_counts_once(
+    tmp_path: Path, ray_instance: str
+) -> None:
+    with _daemon(tmp_path, CONTROLLED, ray_instance) as log:
+        submitted = _cli(tmp_path, "submit", "fleet/jobs", "spend", '{"n": 1}', "--cost", "0.25")
+        assert submitted.returncode == 0, submitted.stderr
+        rows = _cli_status(tmp_path, lambda rows: rows["fleet/jobs"].spent_today > 0)
+        assert rows["fleet/jobs"].spent_today == 0.25  # the remote pool's budget, once
+        not_a_pool = _cli(tmp_path, "submit", "fleet/gpu", "spend")
+        assert (not_a_pool.returncode, not_a_pool.stderr) == (
+            4,
+            "otree: fleet/gpu is a ray: submit needs a pool\n",
+        )
+        refused = _cli(tmp_path, "jobs", "fleet/jobs")
+        assert (refused.returncode, refused.stderr) == (
+            4,
+            "otree: fleet/jobs runs on a Ray node: jobs does not reach it (submit does)\n",
+        )
+    finished = [e for e in _events(log) if e["kind"] == "job.finished"]  # the whole log: the tree stopped
+    assert [(e["path"], e["details"]["cost"]) for e in finished] == [("fleet/jobs/1", 0.25)]
+
+
+class _Line:
+    """A status line by attribute: the child's ``ChildInfo`` fields, and a pool's spend."""
+
+    def __init__(self, node: StatusNode) -> None:
+        self.__dict__.update(msgspec.structs.asdict(node.info))
+        self.spent_today = node.pool.spent_today if node.pool is not None else None
+
+
+def _events(log: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in log.read_text().splitlines()]
+
+
+# --- spare=True: a warm replacement actor ---------------------------------------------------------
+
+
+def _hosts() -> set[int]:
+    """The Ray worker processes that hold an otree actor (Ray titles them after the class)."""
+    return {pid for pid in _with_cmdline("ray::Host") if _alive(pid)}
+
+
+async def test_a_spare_takes_the_next_run_and_goes_with_the_tree(tmp_path: Path) -> None:
+    notes = tmp_path / "pids"
+    spec = _remote("wait", os.fspath(notes), spare=True)
+    with trio.fail_after(DEADLINE):
+        async with otree.open_supervisor(_tree(spec), state_dir=tmp_path / "state") as sup:
+            first = int(_wait_file(notes))
+            await _until(lambda: len(_hosts()) >= 2)  # the run's actor and its spare, up
+            (spare,) = _hosts() - {first}
+            async with sup.events() as stream:
+                os.kill(first, signal.SIGKILL)
+                placed = await _next(stream, _exit_of("ray.placed"))
+                await _next(stream, _exit_of("child.ready"))
+            assert placed.details["pid"] == spare  # the run went to the actor made beforehand
+            await _until(lambda: len(_hosts() - {spare}) >= 1)  # and a new spare is made for the next
+            (second_spare,) = _hosts() - {spare}
+            await sup.terminate_child("agent")  # a stop: no next run, so no spare either
+            assert not _wait_gone({spare, second_spare})
+            await sup.restart_child("agent")
+            await _until(lambda: len(_hosts()) >= 2)
+            left = _hosts()
+    assert not _wait_gone(left)  # the tree's end takes the run's actor and the spare
+
+
+async def test_a_spare_is_killed_when_no_restart_claims_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from otree import _ray as ray_children
+
+    monkeypatch.setattr(ray_children, "SPARE_LINGER", 0.5)
+    notes = tmp_path / "pids"
+    spec = _remote("wait", os.fspath(notes), spare=True, restart="temporary")
+    with trio.fail_after(DEADLINE):
+        async with otree.open_supervisor(_tree(spec), state_dir=tmp_path / "state") as sup:
+            first = int(_wait_file(notes))
+            await _until(lambda: len(_hosts()) >= 2)
+            (spare,) = _hosts() - {first}
+            async with sup.events() as stream:
+                os.kill(first, signal.SIGKILL)  # temporary: not restarted
+                await _next(stream, _exit_of())
+            assert sup.which_children() == []
+            await _until(lambda: not _alive(spare))  # gone once it waited out SPARE_LINGER
+
+
+async def test_a_quiet_actor_answers_pings_and_requests_while_its_events_are_polled(tmp_path: Path) -> None:
+    # pings 0.2 s apart, two misses: a ping queued behind the 1 s wait for remote events would miss
+    gpu = otree.supervisor("gpu", children=[otree.task("agent-3", ends, "wait")])
+    spec = otree.ray(gpu, num_cpus=0, heartbeat=(0.2, 2))
+    with trio.fail_after(DEADLINE):
+        async with otree.open_supervisor(otree.supervisor("fleet", children=[spec])) as sup:
+            async with sup.events() as stream:
+                with trio.move_on_after(3.0):
+                    event = await _next(stream, lambda e: e.path == "fleet/gpu" and e.kind == "child.exited")
+                    raise AssertionError(f"a quiet actor was given up: {event}")
+                await sup.find("gpu").terminate_child("agent-3")  # through the same group as the pings
+            (info,) = sup.which_children()
+            assert (info.state, info.restarts) == ("running", 0)
+
+
+def test_spare_must_be_a_bool() -> None:
+    with pytest.raises(otree.SpecError) as caught:
+        otree.ray(otree.task("agent", ends, "wait"), spare=1)  # type: ignore[arg-type]
+    assert str(caught.value) == "agent: spare must be True or False; got 1"
+    assert otree.ray(otree.task("agent", ends, "wait"), spare=True).spare is True
+
+
+async def test_a_remote_pool_is_in_memory_when_the_local_tree_keeps_no_state(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def echo(payload: Any) -> Any:
+        return payload
+
+    monkeypatch.delenv("OTREE_STATE_DIR", raising=False)
+    monkeypatch.setenv("XDG_STATE_HOME", os.fspath(tmp_path))  # the default state dir, for this test
+    spec = otree.ray(otree.pool("jobs", {"echo": echo}), num_cpus=0)
+    with trio.fail_after(DEADLINE):
+        async with (
+            otree.open_supervisor(otree.supervisor("fleet", children=[spec])) as sup,
+            sup.events() as stream,
+        ):
+            await sup.find("jobs").submit("echo", 1)
+            await _next(stream, lambda e: e.kind == "job.finished")
+    assert sup._tree.state_dir == tmp_path / "otree" and not sup._tree.durable
+    assert not (tmp_path / "otree" / "pools").exists()  # as a local pool would be: nothing on disk
