@@ -155,9 +155,11 @@ def _shown(name: str, value: object) -> str:
 
 
 def _print_tree(spec: ChildSpec, depth: int, out: TextIO) -> None:
-    out.write("  " * depth + _describe(spec) + "\n")
-    if isinstance(spec, RaySpec):  # what runs in the actor, under the same id, one level down
-        _print_tree(spec.spec, depth + 1, out)
-    elif isinstance(spec, SupervisorSpec):
+    line = _describe(spec)
+    if isinstance(spec, RaySpec):  # then what runs in the actor (same id and path), its children below
+        line += "  |  " + _describe(spec.spec).split("  ", 1)[1]
+        spec = spec.spec
+    out.write("  " * depth + line + "\n")
+    if isinstance(spec, SupervisorSpec):
         for child in spec.children:
             _print_tree(child, depth + 1, out)

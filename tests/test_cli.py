@@ -302,23 +302,22 @@ tree = otree.supervisor("root", children=[
 """
 
 
-def test_check_shows_what_runs_on_ray_one_level_down(
+def test_check_shows_what_runs_on_ray_after_the_ray_settings(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     pytest.importorskip("ray")  # the test command installs the extra: this runs in CI
     assert main(["check", str(write_tree(tmp_path, RAY_TREE))]) == 0
     lines = [tokens(line) for line in capsys.readouterr().out.splitlines()]
+    # the depth gives each child's path, as for any tree: root/crew/a
     assert [(depth, fields[:2]) for depth, fields in lines] == [
         (0, ["root", "supervisor"]),
         (1, ["crew", "ray"]),
-        (2, ["crew", "supervisor"]),
-        (3, ["a", "task"]),
+        (2, ["a", "task"]),
     ]
     ray_line = lines[1][1]
     assert (field(ray_line, "options"), field(ray_line, "start_timeout")) == ("num_cpus:0", "90")
-    assert not [
-        word for word in ray_line if word.startswith("spec=")
-    ]  # the wrapped spec has lines of its own
+    assert ray_line[ray_line.index("|") + 1 :][:3] == ["supervisor", "restart=permanent", "shutdown=infinity"]
+    assert not [word for word in ray_line if word.startswith("spec=")]  # not one long field
 
 
 def test_check_attr_picks_another_name(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
