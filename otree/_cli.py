@@ -346,8 +346,9 @@ def _parser() -> argparse.ArgumentParser:
         "--ray",
         default=None,
         metavar="ADDRESS",
-        help="the Ray cluster for otree.ray children: HOST:PORT of its head, or 'auto' (default:"
-        " $OTREE_RAY_ADDRESS, else a local Ray started for the tree)",
+        help="the Ray cluster for otree.ray children and RayExecutor jobs: HOST:PORT of its head,"
+        " 'auto', or 'local[:N]' for a local Ray of N nodes started for the tree (default:"
+        " $OTREE_RAY_ADDRESS, else 'local')",
     )
     run.set_defaults(handler=_tree_command)
     check = commands.add_parser("check", help="validate a tree file and print the tree")

@@ -59,6 +59,8 @@ __all__ = [
 
 INSTALL = "pip install 'trio-otree[ray]'"
 ADDRESS_ENV = "OTREE_RAY_ADDRESS"
+LOCAL = "local"  # the address of a local instance started for the tree (N nodes: local:N)
+_MAX_LOCAL_NODES = 16
 
 # Per kind of Ray call: what otree forces (a tree may give only that value: otree restarts and
 # retries, Ray never does), why, and what otree sets itself.
@@ -151,15 +153,18 @@ class _Session:
     """This process's connection to Ray, and whether otree started the instance itself."""
 
     embedded = False
+    _cluster: Any = None  # a local cluster of several nodes (``local:N``), shut down with the tree
 
     def connect(self, ray: ModuleType) -> None:
         """Connect to Ray once: ``$OTREE_RAY_ADDRESS`` (``--ray``), or else start a local instance
-        for the tree (the embedded default), loopback only and without usage stats or dashboard,
-        shut down with the tree. A Ray the host program already joined is used as it is."""
+        for the tree (the embedded default; ``local:N``: N nodes on this machine, each a raylet of
+        its own, as Ray's multi-node tests run), loopback only and without usage stats or
+        dashboard, shut down with the tree. A Ray the host program already joined is used as it is."""
         if ray.is_initialized():
             return
-        address = os.environ.get(ADDRESS_ENV) or None
-        if address is not None:
+        address = os.environ.get(ADDRESS_ENV) or LOCAL
+        nodes = _local_nodes(address)
+        if nodes is None:
             _probe(address)
             ray.init(address=address, log_to_driver=False, configure_logging=False)
             return
@@ -169,13 +174,44 @@ class _Session:
             os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
             ray._private.ray_constants.ENABLE_RAY_CLUSTER = False
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-        ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+        if nodes == 1:
+            ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+        else:
+            from ray.cluster_utils import Cluster
+
+            self._cluster = Cluster(initialize_head=True, head_node_args={"include_dashboard": False})
+            for _ in range(nodes - 1):
+                self._cluster.add_node()
+            self._cluster.wait_for_nodes()
+            ray.init(address=self._cluster.address, log_to_driver=False, configure_logging=False)
         self.embedded = True
 
     def shutdown_embedded(self) -> None:
         if self.embedded:
             import_ray("<ray>").shutdown()
+            if self._cluster is not None:
+                self._cluster.shutdown()
+                self._cluster = None
             self.embedded = False
+
+
+def _local_nodes(address: str) -> int | None:
+    """How many nodes a local instance for the tree has (``local``: 1, ``local:N``: N), or None for
+    the address of a cluster to join.
+
+    Raises:
+      ConnectionError: ``local:`` followed by anything but a number of nodes from 1 to 16.
+    """
+    if address == LOCAL:
+        return 1
+    if not address.startswith(LOCAL + ":"):
+        return None
+    count = address[len(LOCAL) + 1 :]
+    if not count.isdigit() or not 1 <= int(count) <= _MAX_LOCAL_NODES:
+        raise ConnectionError(
+            f"{address!r}: 'local:N' needs N, a number of nodes from 1 to {_MAX_LOCAL_NODES}"
+        )
+    return int(count)
 
 
 _SESSION = _Session()

@@ -28,6 +28,7 @@ DEMOS = {  # file -> root id
     "outbox": "outbox",
     "cadence": "cadence",
     "peers": "lifecycle",
+    "ray_fleet": "ray_fleet",  # on the embedded Ray: one node (tests/test_ray.py runs it on three)
 }
 RUN_FOR = 60.0  # seconds each demo runs in the long test
 STOP_DEADLINE = 20.0  # seconds a demo may take to stop after SIGINT
@@ -134,6 +135,11 @@ def check_what_it_showed(name: str, counts: Counter[tuple[str, str]], root: dict
         # the day's end, a budget.reset
         assert counts["fleet/turns", "budget.warning"] + counts["fleet/turns", "budget.reset"] > 0
         assert [child["info"]["restarts"] for child in root["children"]] == [0, 0]
+    elif name == "ray_fleet":
+        assert kinds_below(counts, "ray_fleet/crew-", "child.restarting") > 0  # agents, on their node
+        assert kinds_below(counts, "ray_fleet/turns/", "job.finished") > 10  # turns, as Ray tasks
+        assert counts["ray_fleet/crew-1", "ray.placed"] + counts["ray_fleet/crew-2", "ray.placed"] >= 2
+        assert [child["info"]["restarts"] for child in root["children"]] == [0, 0, 0, 0]
     else:  # a ready tree (tests/test_recipes.py drives each behaviour): left alone, it restarts nothing
         assert kinds_below(counts, "", "child.restarting") == 0
 

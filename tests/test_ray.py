@@ -40,6 +40,7 @@ from tests.helpers import alive as _alive
 from tests.helpers import descendants as _descendants
 from tests.helpers import wait_gone as _wait_gone
 from tests.helpers import with_cmdline as _with_cmdline
+from tests.otree_subprocess import REPO
 
 ray: Any = importlib.import_module("ray") if os.environ.get("CI") else pytest.importorskip("ray")
 
@@ -618,6 +619,8 @@ def test_otree_run_with_ray_address_joins_a_running_instance(tmp_path: Path, ray
             "ray://127.0.0.1:10001",
             "'ray://127.0.0.1:10001': give the head's GCS address HOST:PORT or 'auto' (not a URL)",
         ),
+        ("local:0", "'local:0': 'local:N' needs N, a number of nodes from 1 to 16"),
+        ("local:many", "'local:many': 'local:N' needs N, a number of nodes from 1 to 16"),
     ],
 )
 def test_otree_run_with_an_address_it_cannot_use_fails_at_once(
@@ -637,6 +640,46 @@ def test_otree_run_with_an_address_it_cannot_use_fails_at_once(
         f"otree: StartError: fleet: failed to start: cannot connect to Ray at {address}:"
         f" ConnectionError: {why}\n"
     )
+
+
+def test_ray_fleet_spreads_over_a_local_cluster_of_three_nodes(tmp_path: Path) -> None:
+    """``otree run supervisors/ray_fleet.py --ray local:3``: the two crews on different nodes,
+    turns on more than one, a clean stop on Ctrl-C, and nothing of the cluster left running."""
+    temp = tempfile.mkdtemp(prefix="otree-ray-fleet-")
+    fleet = REPO / "supervisors" / "ray_fleet.py"
+    state = tmp_path / "state"
+    process = subprocess.Popen(
+        [*OTREE, "run", os.fspath(fleet), "--ray", "local:3", "--state-dir", os.fspath(state)],
+        env={**os.environ, "RAY_TMPDIR": temp, "OTREE_DEMO_SPEED": "10"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        log, deadline = state / "events.jsonl", time.monotonic() + 3 * DEADLINE  # three nodes to start
+        while True:
+            events = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+            placed = {
+                event["path"]: event["details"]["node_id"]
+                for event in events
+                if event["kind"] == "ray.placed"
+            }
+            turns_on = {event["details"]["node"] for event in events if event["kind"] == "app.turn"}
+            if len(placed) == 2 and len(turns_on) >= 2:
+                break
+            assert process.poll() is None, "ray_fleet exited by itself"
+            assert time.monotonic() < deadline, (placed, turns_on)
+            time.sleep(0.2)
+        assert placed["ray_fleet/crew-1"] != placed["ray_fleet/crew-2"]  # SPREAD
+        seen = _descendants(process.pid)
+        assert len(seen) >= 12  # three nodes' raylets and agents, the GCS, the crews' actors
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=DEADLINE) == 0
+        assert not _wait_gone(seen | _with_cmdline(temp))
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 def test_the_root_killed_takes_its_actors_and_their_processes_with_it(
