@@ -643,8 +643,8 @@ def test_otree_run_with_an_address_it_cannot_use_fails_at_once(
 
 
 def test_ray_fleet_spreads_over_a_local_cluster_of_three_nodes(tmp_path: Path) -> None:
-    """``otree run supervisors/ray_fleet.py --ray local:3``: the two crews on different nodes,
-    turns on more than one, a clean stop on Ctrl-C, and nothing of the cluster left running."""
+    """``otree run supervisors/ray_fleet.py --ray local:3``: both crews placed, turns run on more
+    than one node, a clean stop on Ctrl-C, and nothing of the cluster left running."""
     temp = tempfile.mkdtemp(prefix="otree-ray-fleet-")
     fleet = REPO / "supervisors" / "ray_fleet.py"
     state = tmp_path / "state"
@@ -664,12 +664,13 @@ def test_ray_fleet_spreads_over_a_local_cluster_of_three_nodes(tmp_path: Path) -
                 if event["kind"] == "ray.placed"
             }
             turns_on = {event["details"]["node"] for event in events if event["kind"] == "app.turn"}
-            if len(placed) == 2 and len(turns_on) >= 2:
+            if (
+                len(placed) == 2 and len(turns_on) >= 2
+            ):  # (SPREAD is Ray's best effort: the crews may share a node)
                 break
             assert process.poll() is None, "ray_fleet exited by itself"
             assert time.monotonic() < deadline, (placed, turns_on)
             time.sleep(0.2)
-        assert placed["ray_fleet/crew-1"] != placed["ray_fleet/crew-2"]  # SPREAD
         seen = _descendants(process.pid)
         assert len(seen) >= 12  # three nodes' raylets and agents, the GCS, the crews' actors
         process.send_signal(signal.SIGINT)
