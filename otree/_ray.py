@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import logging
 import os
 import socket
 import sys
@@ -37,6 +38,7 @@ from ._errors import NotRunning, Shutdown, SpecError, StartError
 from ._info import ChildInfo, StatusNode
 from ._loader import MODULE_PREFIX
 from ._ray_actor import Batch, Host, Reply
+from ._rayguard import RayGuard, descendants
 from ._spec import ChildSpec, PoolSpec, ProcessSpec, RaySpec, SupervisorSpec
 from ._task import current_child
 
@@ -154,6 +156,7 @@ class _Session:
 
     embedded = False
     _cluster: Any = None  # a local cluster of several nodes (``local:N``), shut down with the tree
+    _guard: RayGuard  # kills what is left of the embedded instance when otree ends
 
     def connect(self, ray: ModuleType) -> None:
         """Connect to Ray once: ``$OTREE_RAY_ADDRESS`` (``--ray``), or else start a local instance
@@ -174,17 +177,27 @@ class _Session:
             os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
             ray._private.ray_constants.ENABLE_RAY_CLUSTER = False
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-        if nodes == 1:
-            ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
-        else:
-            from ray.cluster_utils import Cluster
+        before = descendants(os.getpid())
+        # a new local instance has token authentication on (Ray's default), and Ray says so on
+        # otree's stderr at every start: a warning about nothing to do
+        quiet = logging.getLogger("ray._private.authentication.authentication_token_setup")
+        level = quiet.level
+        quiet.setLevel(logging.ERROR)
+        try:
+            if nodes == 1:
+                ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+            else:
+                from ray.cluster_utils import Cluster
 
-            self._cluster = Cluster(initialize_head=True, head_node_args={"include_dashboard": False})
-            for _ in range(nodes - 1):
-                self._cluster.add_node()
-            self._cluster.wait_for_nodes()
-            ray.init(address=self._cluster.address, log_to_driver=False, configure_logging=False)
+                self._cluster = Cluster(initialize_head=True, head_node_args={"include_dashboard": False})
+                for _ in range(nodes - 1):
+                    self._cluster.add_node()
+                self._cluster.wait_for_nodes()
+                ray.init(address=self._cluster.address, log_to_driver=False, configure_logging=False)
+        finally:
+            quiet.setLevel(level)
         self.embedded = True
+        self._guard = RayGuard(descendants(os.getpid()) - before)
 
     def shutdown_embedded(self) -> None:
         if self.embedded:
@@ -192,6 +205,7 @@ class _Session:
             if self._cluster is not None:
                 self._cluster.shutdown()
                 self._cluster = None
+            self._guard.close()
             self.embedded = False
 
 

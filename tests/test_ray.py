@@ -605,6 +605,39 @@ def test_otree_run_starts_an_embedded_ray_and_shuts_it_down_with_the_tree(tmp_pa
         shutil.rmtree(temp, ignore_errors=True)
 
 
+def test_a_sigkill_of_otree_run_leaves_nothing_of_its_embedded_ray(tmp_path: Path) -> None:
+    # Ray's agents outlived such a SIGKILL for good (they hang telling the dead GCS their raylet
+    # died): otree's watcher of the instance kills them
+    temp = tempfile.mkdtemp(prefix="otree-ray-kill-")
+    (tmp_path / "tree.py").write_text(TREE)
+    state = tmp_path / "state"
+    process = subprocess.Popen(
+        [*OTREE, "run", os.fspath(tmp_path / "tree.py"), "--state-dir", os.fspath(state)],
+        env={**os.environ, "RAY_TMPDIR": temp},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    seen: set[int] = set()
+    try:
+        log, deadline = state / "events.jsonl", time.monotonic() + DEADLINE
+        while not (log.exists() and '"child.ready"' in log.read_text()):
+            assert process.poll() is None and time.monotonic() < deadline, "the Ray child never became ready"
+            time.sleep(0.1)
+        seen = _descendants(process.pid)
+        agents = {pid for pid in seen if Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"ray::")}
+        assert len(agents) >= 3  # DashboardAgent, RuntimeEnvAgent, the actor
+        process.kill()
+        process.wait()
+        assert not _wait_gone(seen | _with_cmdline(temp))
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        for pid in _wait_gone(seen | _with_cmdline(temp), 0):
+            os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
 def test_otree_run_with_ray_address_joins_a_running_instance(tmp_path: Path, ray_instance: str) -> None:
     seen = _run_until_ready(tmp_path, "--ray", ray_instance)
     assert not _wait_gone(seen)
