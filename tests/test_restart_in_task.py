@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 import otree
 from otree._events import EventBus
 from otree._supervisor import _Supervisor
-from tests.test_process import first, marker, state
+from tests.test_process import first, marker, state, wait_until
 
 __all__ = ["marker", "state"]  # fixtures, imported for pytest
 
@@ -497,6 +497,8 @@ async def test_a_crash_looping_process_restarts_in_its_task_with_the_same_events
             3,
             otree.ExitInfo("error", "exit code 3", 3),
         )
+        # ready at its exec: the fourth run's shell may not have written its line yet
+        assert wait_until(lambda: len(runs.read_text().splitlines()) == 4, 10.0)
     assert runs.read_text().splitlines() == ["run first", "run error:3", "run error:3", "run error:3"]
     detail = {"detail": "exit code 3", "exception": "ProcessFailed", "message": "exit code 3", "exit_code": 3}
     expected: list[tuple[str, str, str, dict[str, Any]]] = []
