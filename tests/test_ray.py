@@ -1090,8 +1090,9 @@ def _events(log: Path) -> list[dict[str, Any]]:
 
 
 def _hosts() -> set[int]:
-    """The Ray worker processes that hold an otree actor (Ray titles them after the class)."""
-    return {pid for pid in _with_cmdline("ray::Host") if _alive(pid)}
+    """This session's Ray worker processes that hold an otree actor (Ray titles them after the
+    class); not another Ray's on the machine (the demos' embedded ones run beside these tests)."""
+    return {pid for pid in _with_cmdline("ray::Host") & _descendants(os.getpid()) if _alive(pid)}
 
 
 async def test_a_spare_takes_the_next_run_and_goes_with_the_tree(tmp_path: Path) -> None:
