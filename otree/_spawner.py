@@ -206,8 +206,8 @@ def serve():
                     for word in message.split():
                         if word[:1] == b"+" and int(word[1:]) not in leaders.values():
                             watch(int(word[1:]))
-            finally:
-                for fd in fds:
+            finally:  # the report pipe last: otree sees its end only once this holds nothing of the child's
+                for fd in reversed(fds):
                     os.close(fd)
 
 for word in sys.argv[1:]:
