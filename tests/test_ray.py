@@ -567,32 +567,51 @@ tree = otree.supervisor("fleet", children=[otree.ray(otree.task("agent", agent),
 """
 
 
-def _run_until_ready(tmp_path: Path, *extra: str, env: dict[str, str] | None = None) -> set[int]:
-    """``otree run`` a one-Ray-child tree until the child is ready, then SIGTERM; its processes."""
-    (tmp_path / "tree.py").write_text(TREE)
-    state = tmp_path / "state"
-    process = subprocess.Popen(
-        [*OTREE, "run", os.fspath(tmp_path / "tree.py"), "--state-dir", os.fspath(state), *extra],
-        env={**os.environ, **(env or {})},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    seen: set[int] = set()
+@contextmanager
+def _otree_run(
+    tree: Path,
+    state: Path,
+    *extra: str,
+    until: Callable[[str], bool],
+    env: dict[str, str] | None = None,
+    seconds: float = DEADLINE,
+) -> Iterator[subprocess.Popen[bytes]]:
+    """``otree run TREE`` until ``until`` holds of its event log's text (within ``seconds``), then
+    the block; stopped by SIGTERM afterwards unless the block ended it (it must then exit 0),
+    killed if still running. Its stderr goes to a file beside the state dir (a pipe nobody reads
+    would fill and block it)."""
+    with open(state.parent / "stderr.txt", "wb") as stderr:
+        process = subprocess.Popen(
+            [*OTREE, "run", os.fspath(tree), "--state-dir", os.fspath(state), *extra],
+            env={**os.environ, **(env or {})},
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+        )
     try:
-        log = state / "events.jsonl"
-        deadline = time.monotonic() + DEADLINE
-        while not (log.exists() and '"child.ready"' in log.read_text()):
-            assert process.poll() is None, process.stderr.read().decode() if process.stderr else ""
-            assert time.monotonic() < deadline, "the Ray child never became ready"
+        log, deadline = state / "events.jsonl", time.monotonic() + seconds
+        while not (log.exists() and until(log.read_text())):
+            assert process.poll() is None, (state.parent / "stderr.txt").read_text()[-2000:]
+            assert time.monotonic() < deadline, f"{tree.name} never got there"
             time.sleep(0.1)
-        seen = _descendants(process.pid)
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(timeout=DEADLINE) == 0
+        yield process
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(timeout=DEADLINE) == 0
     finally:
         if process.poll() is None:
             process.kill()
             process.wait()
-    return seen
+
+
+def _ready(log: str) -> bool:
+    return '"child.ready"' in log
+
+
+def _run_until_ready(tmp_path: Path, *extra: str, env: dict[str, str] | None = None) -> set[int]:
+    """``otree run`` a one-Ray-child tree until the child is ready, then SIGTERM; its processes."""
+    (tmp_path / "tree.py").write_text(TREE)
+    with _otree_run(tmp_path / "tree.py", tmp_path / "state", *extra, until=_ready, env=env) as process:
+        return _descendants(process.pid)
 
 
 def test_otree_run_starts_an_embedded_ray_and_shuts_it_down_with_the_tree(tmp_path: Path) -> None:
@@ -610,29 +629,17 @@ def test_a_sigkill_of_otree_run_leaves_nothing_of_its_embedded_ray(tmp_path: Pat
     # died): otree's watcher of the instance kills them
     temp = tempfile.mkdtemp(prefix="otree-ray-kill-")
     (tmp_path / "tree.py").write_text(TREE)
-    state = tmp_path / "state"
-    process = subprocess.Popen(
-        [*OTREE, "run", os.fspath(tmp_path / "tree.py"), "--state-dir", os.fspath(state)],
-        env={**os.environ, "RAY_TMPDIR": temp},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
     seen: set[int] = set()
     try:
-        log, deadline = state / "events.jsonl", time.monotonic() + DEADLINE
-        while not (log.exists() and '"child.ready"' in log.read_text()):
-            assert process.poll() is None and time.monotonic() < deadline, "the Ray child never became ready"
-            time.sleep(0.1)
-        seen = _descendants(process.pid)
-        agents = {pid for pid in seen if Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"ray::")}
-        assert len(agents) >= 3  # DashboardAgent, RuntimeEnvAgent, the actor
-        process.kill()
-        process.wait()
-        assert not _wait_gone(seen | _with_cmdline(temp))
-    finally:
-        if process.poll() is None:
+        env = {"RAY_TMPDIR": temp}
+        with _otree_run(tmp_path / "tree.py", tmp_path / "state", until=_ready, env=env) as process:
+            seen = _descendants(process.pid)
+            agents = {pid for pid in seen if Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"ray::")}
+            assert len(agents) >= 3  # DashboardAgent, RuntimeEnvAgent, the actor
             process.kill()
             process.wait()
+        assert not _wait_gone(seen | _with_cmdline(temp))
+    finally:
         for pid in _wait_gone(seen | _with_cmdline(temp), 0):
             os.kill(pid, signal.SIGKILL)
         shutil.rmtree(temp, ignore_errors=True)
@@ -680,39 +687,26 @@ def test_ray_fleet_spreads_over_a_local_cluster_of_three_nodes(tmp_path: Path) -
     than one node, a clean stop on Ctrl-C, and nothing of the cluster left running."""
     temp = tempfile.mkdtemp(prefix="otree-ray-fleet-")
     fleet = REPO / "supervisors" / "ray_fleet.py"
-    state = tmp_path / "state"
-    process = subprocess.Popen(
-        [*OTREE, "run", os.fspath(fleet), "--ray", "local:3", "--state-dir", os.fspath(state)],
-        env={**os.environ, "RAY_TMPDIR": temp, "OTREE_DEMO_SPEED": "10"},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    env = {"RAY_TMPDIR": temp, "OTREE_DEMO_SPEED": "10"}
+
+    def spread(log: str) -> bool:
+        """Both crews placed (SPREAD is Ray's best effort: they may share a node), turns on two nodes."""
+        events = [json.loads(line) for line in log.splitlines()]
+        crews = {e["path"] for e in events if e["kind"] == "ray.placed"}
+        turns_on = {e["details"]["node"] for e in events if e["kind"] == "app.turn"}
+        return len(crews) == 2 and len(turns_on) >= 2
+
     try:
-        log, deadline = state / "events.jsonl", time.monotonic() + 3 * DEADLINE  # three nodes to start
-        while True:
-            events = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
-            placed = {
-                event["path"]: event["details"]["node_id"]
-                for event in events
-                if event["kind"] == "ray.placed"
-            }
-            turns_on = {event["details"]["node"] for event in events if event["kind"] == "app.turn"}
-            if (
-                len(placed) == 2 and len(turns_on) >= 2
-            ):  # (SPREAD is Ray's best effort: the crews may share a node)
-                break
-            assert process.poll() is None, "ray_fleet exited by itself"
-            assert time.monotonic() < deadline, (placed, turns_on)
-            time.sleep(0.2)
-        seen = _descendants(process.pid)
-        assert len(seen) >= 12  # three nodes' raylets and agents, the GCS, the crews' actors
-        process.send_signal(signal.SIGINT)
-        assert process.wait(timeout=DEADLINE) == 0
+        state = tmp_path / "state"  # three nodes to start: three times the deadline
+        with _otree_run(
+            fleet, state, "--ray", "local:3", until=spread, env=env, seconds=3 * DEADLINE
+        ) as process:
+            seen = _descendants(process.pid)
+            assert len(seen) >= 12  # three nodes' raylets and agents, the GCS, the crews' actors
+            process.send_signal(signal.SIGINT)
+            assert process.wait(timeout=DEADLINE) == 0
         assert not _wait_gone(seen | _with_cmdline(temp))
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
         shutil.rmtree(temp, ignore_errors=True)
 
 
@@ -966,26 +960,13 @@ def _daemon(tmp_path: Path, text: str, ray_address: str) -> Iterator[Path]:
     """``otree run`` of the tree ``text`` on the test's Ray instance until it is up; its event log.
     Stopped by SIGTERM afterwards (and killed if it does not exit 0 then)."""
     (tmp_path / "tree.py").write_text(text)
-    state = os.fspath(tmp_path / "state")
-    process = subprocess.Popen(
-        [*OTREE, "run", os.fspath(tmp_path / "tree.py"), "--state-dir", state, "--ray", ray_address],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    try:
-        log = tmp_path / "state" / "events.jsonl"
-        deadline = time.monotonic() + DEADLINE
-        while not (log.exists() and '"fleet","kind":"supervisor.started"' in log.read_text()):
-            assert process.poll() is None, process.stderr.read().decode() if process.stderr else ""
-            assert time.monotonic() < deadline, "the tree never came up"
-            time.sleep(0.1)
-        yield log
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(timeout=DEADLINE) == 0
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+    state = tmp_path / "state"
+
+    def up(log: str) -> bool:
+        return '"fleet","kind":"supervisor.started"' in log
+
+    with _otree_run(tmp_path / "tree.py", state, "--ray", ray_address, until=up):
+        yield state / "events.jsonl"
 
 
 def _cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
