@@ -36,26 +36,14 @@ from __future__ import annotations
 import os
 import random
 import sys
-from pathlib import Path
 from typing import Any
 
 import trio
+from cli_agents import agent  # the agents of cli_agents.py (this file's directory is on sys.path)
 
 import otree
 
 SPEED = float(os.environ.get("OTREE_DEMO_SPEED", "1"))  # > 1: the fleet lives SPEED times faster
-AGENT = str(Path(__file__).with_name("cli_agent.py"))  # the same path on every node of the cluster
-
-
-def agent(name: str, crash_rate: float, hang_rate: float) -> otree.ProcessSpec:
-    return otree.process(
-        name,
-        [sys.executable, AGENT, name, str(crash_rate), str(hang_rate), str(SPEED)],
-        ready="notify",
-        start_timeout=5.0,
-        stall_timeout=3.0,
-        shutdown=2.0,
-    )
 
 
 def crew(name: str, *agents: otree.ProcessSpec) -> otree.RaySpec:
