@@ -201,12 +201,14 @@ class _Session:
 
     def shutdown_embedded(self) -> None:
         if self.embedded:
-            import_ray("<ray>").shutdown()
-            if self._cluster is not None:
-                self._cluster.shutdown()
-                self._cluster = None
-            self._guard.close()
             self.embedded = False
+            try:
+                import_ray("<ray>").shutdown()
+                if self._cluster is not None:
+                    self._cluster.shutdown()
+                    self._cluster = None
+            finally:  # whatever a failed shutdown left running goes too
+                self._guard.close()
 
 
 def _local_nodes(address: str) -> int | None:
