@@ -135,6 +135,20 @@ def check_options(path: str, options: object, kind: Literal["actor", "task"] = "
         raise SpecError(path, "ray options", f"are refused by Ray ({error})", options) from None
 
 
+# Ray's worker SIGKILLs its own children as it exits (killed by ``ray.kill``, its owner's death or
+# its raylet's): the spawn helper among them, whose last act, killing every group it listed (an
+# agent's tools), would then never happen. otree's helper does that work, whole groups included.
+_WORKER_KEEPS_CHILDREN = {"RAY_kill_child_processes_on_worker_exit": "false"}
+
+
+def owned_by_otree(options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` for a worker whose process children otree keeps and kills: Ray must not kill
+    them itself (a ``runtime_env`` the options give keeps all else it says)."""
+    runtime_env = dict(options.get("runtime_env") or {})
+    runtime_env["env_vars"] = {**(runtime_env.get("env_vars") or {}), **_WORKER_KEEPS_CHILDREN}
+    return {**options, "runtime_env": runtime_env}
+
+
 def check_picklable(path: str, spec: ChildSpec) -> None:
     """Refuse a spec that cannot travel to a Ray node (a lock, a socket, a generator in it)."""
     try:
@@ -341,7 +355,7 @@ async def run_ray(spec: RaySpec, tree: Tree, *, task_status: trio.TaskStatus[Non
     stopping = me.stopping  # trapping: a stop is a graceful remote stop under this child's grace
     ray = import_ray(me.path)
     _SESSION.connect(ray)
-    actor = _host_class(ray).options(**spec.options, max_restarts=0, max_task_retries=0)
+    actor = _host_class(ray).options(**owned_by_otree(spec.options), max_restarts=0, max_task_retries=0)
     _send_tree_files_by_value(ray)
     root = _remote_root(me.path, spec)
     work = (root, os.fspath(tree.state_dir), tree.durable)

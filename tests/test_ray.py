@@ -356,7 +356,10 @@ async def test_a_ray_process_exits_with_its_exit_code(
     assert (event.reason, event.details["detail"]) == (reason, detail)
 
 
-async def test_a_ray_process_and_its_grandchildren_die_with_the_actor(tmp_path: Path) -> None:
+@pytest.mark.parametrize("death", ["SIGKILL", "ray.kill"])
+async def test_a_ray_process_and_its_grandchildren_die_with_the_actor(tmp_path: Path, death: str) -> None:
+    """The actor's process SIGKILLed, or killed by Ray (a brutal stop: ``ray.kill``, whose worker
+    SIGKILLs its own children, the spawn helper among them, as it exits)."""
     notes = tmp_path / "pids"
     argv = _script(
         tmp_path,
@@ -368,14 +371,21 @@ async def test_a_ray_process_and_its_grandchildren_die_with_the_actor(tmp_path: 
         time.sleep(300)
         """,
     )
-    spec = otree.ray(otree.process("agent", argv, restart="temporary"), num_cpus=0)
+    spec = otree.ray(otree.process("agent", argv, restart="temporary", shutdown="brutal_kill"), num_cpus=0)
     with trio.fail_after(DEADLINE):
         async with otree.open_supervisor(_tree(spec), state_dir=tmp_path / "state") as sup:
             actor, child, grandchild = map(int, _wait_file(notes).split())
             async with sup.events() as stream:
-                os.kill(actor, signal.SIGKILL)
-                event = await _next(stream, _exit_of())
-    assert event.reason == "error" and event.details["detail"].startswith("ActorDiedError:")
+                if death == "SIGKILL":
+                    os.kill(actor, signal.SIGKILL)
+                    event = await _next(stream, _exit_of())
+                else:
+                    await sup.terminate_child("agent")
+                    event = await _next(stream, _exit_of("child.stopped"))
+    if death == "SIGKILL":
+        assert event.reason == "error" and event.details["detail"].startswith("ActorDiedError:")
+    else:
+        assert (event.reason, event.details["detail"]) == ("shutdown", "killed")
     left = _wait_gone({actor, child, grandchild})
     for pid in left:
         os.kill(pid, signal.SIGKILL)
@@ -717,9 +727,10 @@ def test_the_root_killed_takes_its_actors_and_their_processes_with_it(
     argv = _script(
         tmp_path,
         f"""
-        import os, time
+        import os, subprocess, sys, time
+        grandchild = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
         with open({os.fspath(notes)!r}, "w") as notes:
-            notes.write(f"{{os.getppid()}} {{os.getpid()}}\\n")
+            notes.write(f"{{os.getppid()}} {{os.getpid()}} {{grandchild.pid}}\\n")
         time.sleep(300)
         """,
     )
@@ -739,11 +750,11 @@ def test_the_root_killed_takes_its_actors_and_their_processes_with_it(
         stderr=subprocess.DEVNULL,
     )
     try:
-        actor, child = map(int, _wait_file(notes, seconds=DEADLINE).split())
+        actor, child, grandchild = map(int, _wait_file(notes, seconds=DEADLINE).split())
         assert _alive(actor) and _alive(child)
         process.kill()
         process.wait()
-        left = _wait_gone({actor, child})
+        left = _wait_gone({actor, child, grandchild})
         for pid in left:
             os.kill(pid, signal.SIGKILL)
         assert not left
