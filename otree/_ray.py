@@ -38,7 +38,7 @@ from ._errors import NotRunning, Shutdown, SpecError, StartError
 from ._info import ChildInfo, StatusNode
 from ._loader import MODULE_PREFIX
 from ._ray_actor import Batch, Host, Reply
-from ._rayguard import RayGuard, descendants
+from ._rayguard import RayGuard
 from ._spec import ChildSpec, PoolSpec, ProcessSpec, RaySpec, SupervisorSpec
 from ._task import current_child
 
@@ -191,27 +191,35 @@ class _Session:
             os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
             ray._private.ray_constants.ENABLE_RAY_CLUSTER = False
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-        before = descendants(os.getpid())
+        guard = RayGuard()
         # a new local instance has token authentication on (Ray's default), and Ray says so on
         # otree's stderr at every start: a warning about nothing to do
         quiet = logging.getLogger("ray._private.authentication.authentication_token_setup")
         level = quiet.level
         quiet.setLevel(logging.ERROR)
         try:
-            if nodes == 1:
-                ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
-            else:
-                from ray.cluster_utils import Cluster
-
-                self._cluster = Cluster(initialize_head=True, head_node_args={"include_dashboard": False})
-                for _ in range(nodes - 1):
-                    self._cluster.add_node()
-                self._cluster.wait_for_nodes()
-                ray.init(address=self._cluster.address, log_to_driver=False, configure_logging=False)
+            with guard.holding_what_starts():
+                self._start_local(ray, nodes)
+        except BaseException:
+            self._cluster = None
+            guard.close()  # whatever of the instance had started goes with the failed start
+            raise
         finally:
             quiet.setLevel(level)
         self.embedded = True
-        self._guard = RayGuard(descendants(os.getpid()) - before)
+        self._guard = guard
+
+    def _start_local(self, ray: ModuleType, nodes: int) -> None:
+        if nodes == 1:
+            ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+            return
+        from ray.cluster_utils import Cluster
+
+        self._cluster = Cluster(initialize_head=True, head_node_args={"include_dashboard": False})
+        for _ in range(nodes - 1):
+            self._cluster.add_node()
+        self._cluster.wait_for_nodes()
+        ray.init(address=self._cluster.address, log_to_driver=False, configure_logging=False)
 
     def shutdown_embedded(self) -> None:
         if self.embedded:

@@ -7,34 +7,40 @@ seen to outlive a SIGKILL of otree for good: they notice their raylet is gone, t
 reporting it to the dead GCS. A small watcher process, started once the instance is up,
 holds a pidfd of every process of the instance and waits for the end of its standard
 input, which only otree holds open: when otree ends (a clean stop, a crash or SIGKILL),
-it SIGKILLs whatever of them is still alive. Pidfds make a reused pid harmless.
+it SIGKILLs whatever of them is still alive. Pidfds make a reused pid harmless. The watcher
+starts before the instance does and is told of each of its processes as it appears, so a
+SIGKILL of otree while the instance comes up (seconds, for several nodes) leaves nothing either.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
-from collections.abc import Iterable
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
-__all__ = ["RayGuard", "descendants"]
+__all__ = ["RayGuard"]
 
 _WATCHER = """
 import os, signal, sys
 signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C is for otree, which stops Ray itself
 fds = []
-for word in sys.argv[1:]:
+for line in sys.stdin.buffer:  # a pid a line; the end of file: otree has ended or is done with them
     try:
-        fds.append(os.pidfd_open(int(word)))
+        fds.append(os.pidfd_open(int(line)))
     except OSError:  # gone already
         pass
-sys.stdin.buffer.read()  # end of file: otree has ended or is done with this instance
 for fd in fds:
     try:
         signal.pidfd_send_signal(fd, signal.SIGKILL)
     except OSError:  # exited already
         pass
 """
+
+POLL_SECONDS = 0.05  # how often otree looks for new processes while an instance comes up
 
 
 def descendants(root: int) -> set[int]:
@@ -59,18 +65,48 @@ def descendants(root: int) -> set[int]:
 
 
 class RayGuard:
-    """The watcher of one local Ray instance's processes (``pids``)."""
+    """The watcher of one local Ray instance's processes: every process below otree that was not
+    there when the guard was made, and that ``holding_what_starts`` saw appear."""
 
-    def __init__(self, pids: Iterable[int]) -> None:
+    def __init__(self) -> None:
         self._watcher = subprocess.Popen(
-            [sys.executable, "-I", "-S", "-c", _WATCHER, *map(str, sorted(pids))],
+            [sys.executable, "-I", "-S", "-c", _WATCHER],
             stdin=subprocess.PIPE,
             stdout=subprocess.DEVNULL,
             start_new_session=True,  # a signal to otree's process group is not one to the watcher
         )
+        self._known = descendants(os.getpid())  # the watcher and what otree ran before: not Ray's
+
+    @contextmanager
+    def holding_what_starts(self) -> Iterator[None]:
+        """While the block starts the instance, tell the watcher of each new process below otree
+        as it appears (every ``POLL_SECONDS``), and of the last ones once the block is done."""
+        done = threading.Event()
+        poller = threading.Thread(target=self._poll, args=(done,), name="otree-rayguard", daemon=True)
+        poller.start()
+        try:
+            yield
+        finally:
+            done.set()
+            poller.join()
+            self._hold_new()
+
+    def _poll(self, done: threading.Event) -> None:
+        while not done.wait(POLL_SECONDS):
+            self._hold_new()
+
+    def _hold_new(self) -> None:
+        new = descendants(os.getpid()) - self._known
+        self._known |= new
+        assert self._watcher.stdin is not None
+        with contextlib.suppress(OSError):  # a watcher that died cannot be told: otree goes on without it
+            self._watcher.stdin.write(b"".join(b"%d\n" % pid for pid in sorted(new)))
+            self._watcher.stdin.flush()
 
     def close(self) -> None:
-        """Otree is done with the instance (it has shut it down): whatever is left of it dies now."""
+        """Otree is done with the instance (it has shut it down, or failed to start it): whatever
+        is left of it dies now."""
         assert self._watcher.stdin is not None
-        self._watcher.stdin.close()
+        with contextlib.suppress(OSError):
+            self._watcher.stdin.close()
         self._watcher.wait()

@@ -157,6 +157,13 @@ def with_cmdline(text: str) -> set[int]:
     return set(pids_where(lambda pid: text.encode() in Path(f"/proc/{pid}/cmdline").read_bytes()))
 
 
+def with_environ(text: str) -> set[int]:
+    """The processes whose environment holds ``text`` (``NAME=value``): what a program started,
+    however its processes renamed themselves or were reparented."""
+    wanted = text.encode()
+    return set(pids_where(lambda pid: wanted in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")))
+
+
 def wait_gone(pids: set[int], seconds: float = 20.0) -> set[int]:
     """Poll until none of ``pids`` is alive; those still alive at the deadline."""
     deadline = time.monotonic() + seconds

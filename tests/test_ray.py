@@ -40,6 +40,7 @@ from tests.helpers import alive as _alive
 from tests.helpers import descendants as _descendants
 from tests.helpers import wait_gone as _wait_gone
 from tests.helpers import with_cmdline as _with_cmdline
+from tests.helpers import with_environ as _with_environ
 from tests.otree_subprocess import REPO
 
 ray: Any = importlib.import_module("ray") if os.environ.get("CI") else pytest.importorskip("ray")
@@ -613,6 +614,14 @@ def _otree_run(
             process.wait()
 
 
+def _cmdline(pid: int) -> bytes:
+    """Its command line (empty once it is gone)."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
 def _ready(log: str) -> bool:
     return '"child.ready"' in log
 
@@ -644,13 +653,83 @@ def test_a_sigkill_of_otree_run_leaves_nothing_of_its_embedded_ray(tmp_path: Pat
         env = {"RAY_TMPDIR": temp}
         with _otree_run(tmp_path / "tree.py", tmp_path / "state", until=_ready, env=env) as process:
             seen = _descendants(process.pid)
-            agents = {pid for pid in seen if Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"ray::")}
+            agents = {pid for pid in seen if _cmdline(pid).startswith(b"ray::")}
             assert len(agents) >= 3  # DashboardAgent, RuntimeEnvAgent, the actor
             process.kill()
             process.wait()
         assert not _wait_gone(seen | _with_cmdline(temp))
     finally:
         for pid in _wait_gone(seen | _with_cmdline(temp), 0):
+            os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def test_a_local_cluster_that_fails_to_come_up_is_one_line_and_leaves_nothing(tmp_path: Path) -> None:
+    """The second node never comes up (its wait fails, as it would past Ray's timeout): one line,
+    exit 1, and what had started of the cluster (the head, the nodes, their agents) is gone."""
+    temp = tempfile.mkdtemp(prefix="otree-ray-fail-")
+    (tmp_path / "tree.py").write_text(
+        "from ray.cluster_utils import Cluster\n"
+        "def never(self, timeout=30):\n"
+        "    raise TimeoutError('timed out waiting for nodes to join')\n"
+        "Cluster.wait_for_nodes = never\n" + TREE
+    )
+    try:
+        result = subprocess.run(
+            [*OTREE, "run", os.fspath(tmp_path / "tree.py"), "--state-dir", os.fspath(tmp_path / "state")],
+            env={**os.environ, "OTREE_RAY_ADDRESS": "local:2", "RAY_TMPDIR": temp},
+            capture_output=True,
+            text=True,
+            timeout=DEADLINE,
+            check=False,
+        )
+        assert (result.returncode, result.stderr) == (
+            1,
+            "otree: StartError: fleet: failed to start: cannot connect to Ray at local:2:"
+            " TimeoutError: timed out waiting for nodes to join\n",
+        )
+        assert not _wait_gone(_with_environ(f"RAY_TMPDIR={temp}"))
+    finally:
+        for pid in _wait_gone(_with_environ(f"RAY_TMPDIR={temp}"), 0):
+            os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def test_a_sigkill_of_otree_run_while_its_cluster_comes_up_leaves_nothing(tmp_path: Path) -> None:
+    """Killed while the second node is coming up: the head's and the nodes' processes started so
+    far (their agents hang for good without otree's watcher) are gone."""
+    temp = tempfile.mkdtemp(prefix="otree-ray-up-")
+    marker = tmp_path / "coming-up"
+    (tmp_path / "tree.py").write_text(
+        "import pathlib, time\n"
+        "from ray.cluster_utils import Cluster\n"
+        "def slow(self, timeout=30):\n"
+        f"    pathlib.Path({os.fspath(marker)!r}).touch()\n"
+        "    time.sleep(300)\n"
+        "Cluster.wait_for_nodes = slow\n" + TREE
+    )
+    env = {**os.environ, "OTREE_RAY_ADDRESS": "local:2", "RAY_TMPDIR": temp}
+    process = subprocess.Popen(
+        [*OTREE, "run", os.fspath(tmp_path / "tree.py"), "--state-dir", os.fspath(tmp_path / "state")],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + DEADLINE
+        while not marker.exists():
+            assert process.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        agents = {pid for pid in _with_environ(f"RAY_TMPDIR={temp}") if _cmdline(pid).startswith(b"ray::")}
+        assert len(agents) >= 2  # the head's DashboardAgent and RuntimeEnvAgent at least
+        process.kill()
+        process.wait()
+        assert not _wait_gone(_with_environ(f"RAY_TMPDIR={temp}"))
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        for pid in _wait_gone(_with_environ(f"RAY_TMPDIR={temp}"), 0):
             os.kill(pid, signal.SIGKILL)
         shutil.rmtree(temp, ignore_errors=True)
 
