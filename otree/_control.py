@@ -38,6 +38,7 @@ from ._info import ChildInfo, JobInfo
 from ._logfiles import EventFilter
 from ._paths import check_private_dir
 from ._pool import Job, ProcessJob
+from ._poolops import POOL_OPS
 from ._protocol import (
     EXIT_JOB_FAILED,
     EXIT_JOB_PENDING,
@@ -55,7 +56,7 @@ from ._protocol import (
 )
 from ._ray_handles import RemotePoolHandle
 from ._reaper import kill_group
-from ._status import child_status, job_of, jobs_of, status_of
+from ._status import child_status, status_of
 from ._supervisor import _flatten
 from ._task import describe
 
@@ -365,12 +366,21 @@ class ControlServer:
         return pool
 
     def _local_pool(self, path: str, command: str) -> PoolHandle:
-        """The pool at ``path`` for a command that needs its records: refused for a pool on a Ray
-        node, whose queue and jobs stay there."""
+        """The pool at ``path`` for a command that needs its records here: refused for a pool on a
+        Ray node, whose queue and jobs stay there."""
         pool = self._pool(path, command)
         if isinstance(pool, RemotePoolHandle):
-            raise _Refused(f"{pool.path} runs on a Ray node: {command} does not reach it (submit does)")
+            raise _Refused(f"{pool.path} runs on a Ray node: {command} does not reach it")
         return pool
+
+    async def _on_pool(self, path: str, command: str, op: str, *args: Any, about: str = "") -> Any:
+        """``POOL_OPS[op](pool, *args)`` on the pool at ``path``: here, or on its Ray node; the
+        events it causes about ``about`` (a job) or the pool say an operator caused them."""
+        pool = self._pool(path, command)
+        with self._by_operator(f"{pool.path}/{about}" if about else pool.path):
+            if isinstance(pool, RemotePoolHandle):
+                return await pool.request(op, about, *args)
+            return await POOL_OPS[op](pool, *args)
 
     @contextmanager
     def _by_operator(self, path: str) -> Iterator[None]:
@@ -455,28 +465,22 @@ class ControlServer:
         return _queued(await _queue(self._pool(args.pool, "submit"), args))
 
     async def _jobs(self, args: _PoolArgs) -> Any:
-        return jobs_of(self._local_pool(args.pool, "jobs"))
+        return await self._on_pool(args.pool, "jobs", "jobs")
 
     async def _dead_letters(self, args: _PoolArgs) -> Any:
-        return self._local_pool(args.pool, "dead-letters").dead_letters()
+        return await self._on_pool(args.pool, "dead-letters", "dead_letters")
 
     async def _job(self, args: _JobArgs) -> Any:
-        return job_of(self._local_pool(args.pool, "job"), args.id)
+        return await self._on_pool(args.pool, "job", "job", args.id)
 
     async def _lane(self, args: _LaneArgs) -> Any:
-        return self._local_pool(args.pool, "lane").lane(args.lane)
+        return await self._on_pool(args.pool, "lane", "lane", args.lane)
 
     async def _cancel(self, args: _JobArgs) -> Any:
-        pool = self._local_pool(args.pool, "cancel")
-        job = pool.job(args.id)
-        if job.finished:
-            raise _Refused(f"job {job.id} of {pool.path} already finished ({job.state})")
-        with self._by_operator(f"{pool.path}/{job.id}"):
-            await pool.cancel(job.id)
-        return _queued(job)
+        return _queued(await self._on_pool(args.pool, "cancel", "cancel", args.id, about=args.id))
 
     async def _requeue(self, args: _JobArgs) -> Any:
-        return _queued(await self._local_pool(args.pool, "requeue").requeue(args.id))
+        return _queued(await self._on_pool(args.pool, "requeue", "requeue", args.id))
 
     async def _reload(self, args: _NoArgs) -> Any:
         try:

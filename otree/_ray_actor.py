@@ -241,7 +241,8 @@ class Host:
     async def _control(
         self, op: str, ids: tuple[str, ...], args: tuple[Any, ...], cause: tuple[str, dict[str, Any]]
     ) -> Reply:
-        from ._ray_handles import REMOTE_OPS  # not at import (see __init__)
+        from ._poolops import POOL_OPS  # not at import (see __init__)
+        from ._ray_handles import REMOTE_OPS
 
         root = self._top
         try:
@@ -251,7 +252,7 @@ class Host:
             about, details = cause
             end = root._tree.bus.attribute(f"{target.path}/{about}" if about else target.path, details)
             try:
-                return True, await REMOTE_OPS[op](target, *args)
+                return True, await (REMOTE_OPS.get(op) or POOL_OPS[op])(target, *args)
             finally:
                 end()
         except (OtreeError, ValueError, TypeError) as error:

@@ -171,10 +171,15 @@ class RemoteSupervisorHandle(_Remote, SupervisorHandle):
 
 
 class RemotePoolHandle(_Remote):
-    """A pool running inside a Ray child: ``submit`` and ``status`` reach it; its queue, jobs and
-    dead letters stay on the node (``otree jobs`` does not reach them)."""
+    """A pool running inside a Ray child: ``submit`` and ``status`` reach it, and what the
+    control plane asks of a pool (``request``); its queue, jobs and dead letters stay on the node."""
 
     __slots__ = ()
+
+    async def request(self, op: str, about: str, *args: Any) -> Any:
+        """``POOL_OPS[op](pool, *args)`` carried out on the actor (``about``: the job it concerns,
+        if any, whose events say who caused them); its errors raised here as themselves."""
+        return await self._call(op, about, *args)
 
     async def submit(self, kind: str, payload: Any = None, **options: Unpack[SubmitOptions]) -> JobInfo:
         """Queue a job in the remote pool; the job as it stands once queued there (its ``id``,

@@ -193,7 +193,6 @@ async def test_a_failing_request_is_an_internal_error_not_a_crash(
     def broken(*args: object) -> object:
         raise RuntimeError("bug")
 
-    monkeypatch.setattr(_control, "jobs_of", broken)
     monkeypatch.setattr(_control, "status_of", broken)
     async with serving(tmp_path) as served:
         events = served.sup.events()

@@ -1038,9 +1038,15 @@ async def spend(payload):
     otree.current_child().report_cost(0.25)
     return payload
 
+async def wait(payload):
+    await trio.sleep_forever()
+
+async def fail(payload):
+    raise ValueError("no model answers")
+
 worker = otree.process("worker", ["sleep", "300"])
 gpu = otree.supervisor("gpu", children=[otree.task("agent-3", agent), otree.task("agent-4", agent), worker])
-jobs = otree.pool("jobs", {"spend": spend}, daily_budget=1.0)
+jobs = otree.pool("jobs", {"spend": spend, "wait": wait, "fail": fail}, daily_budget=1.0)
 tree = otree.supervisor("fleet", children=[otree.ray(gpu, num_cpus=0), otree.ray(jobs, num_cpus=0)])
 """
 
@@ -1136,13 +1142,65 @@ def test_the_cli_submits_to_a_remote_pool_and_its_spend_counts_once(
             4,
             "otree: fleet/gpu is a ray: submit needs a pool\n",
         )
-        refused = _cli(tmp_path, "jobs", "fleet/jobs")
-        assert (refused.returncode, refused.stderr) == (
-            4,
-            "otree: fleet/jobs runs on a Ray node: jobs does not reach it (submit does)\n",
-        )
     finished = [e for e in _events(log) if e["kind"] == "job.finished"]  # the whole log: the tree stopped
     assert [(e["path"], e["details"]["cost"]) for e in finished] == [("fleet/jobs/1", 0.25)]
+
+
+def test_the_cli_reads_and_changes_the_records_of_a_remote_pool(tmp_path: Path, ray_instance: str) -> None:
+    """``otree jobs``, ``job``, ``cancel``, ``dead-letters`` (``--requeue``) and ``lane`` answer for a
+    pool on a Ray node as for a local one; ``submit --wait`` and ``signal --job`` say in one line
+    that they do not reach it."""
+
+    def ok(*args: str) -> Any:
+        done = _cli(tmp_path, *args, "--json")
+        assert done.returncode == 0, (args, done.stderr)
+        return json.loads(done.stdout)
+
+    with _daemon(tmp_path, CONTROLLED, ray_instance) as log:
+        assert ok("submit", "fleet/jobs", "wait", "--lane", "ada")["id"] == "1"
+        assert ok("submit", "fleet/jobs", "fail")["id"] == "2"  # queued: the pool runs one job at a time
+        jobs = ok("jobs", "fleet/jobs")
+        assert [(j["id"], j["state"], j["lane"]) for j in jobs["running"]] == [("1", "running", "ada")]
+        assert [j["id"] for j in jobs["queued"]] == ["2"]
+        assert ok("job", "fleet/jobs", "1")["state"] == "running"
+        assert ok("lane", "fleet/jobs", "ada") == {
+            "lane": "ada",
+            "queued": 0,
+            "running": 1,
+            "circuit": None,
+            "held": None,
+        }
+        assert ok("cancel", "fleet/jobs", "1") == {"id": "1", "state": "cancelled"}
+        again = _cli(tmp_path, "cancel", "fleet/jobs", "1")
+        assert (again.returncode, again.stderr) == (
+            4,
+            "otree: job 1 of fleet/jobs already finished (cancelled)\n",
+        )
+        deadline = time.monotonic() + DEADLINE
+        while not (letters := ok("dead-letters", "fleet/jobs")):  # job 2 runs, and fails for good
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        assert [(letter["id"], letter["error"]) for letter in letters] == [
+            ("2", "ValueError: no model answers")
+        ]
+        missing = _cli(tmp_path, "job", "fleet/jobs", "9")
+        assert (missing.returncode, missing.stderr) == (
+            4,
+            "otree: fleet/jobs: no job 9 (jobs: 0 running, 0 queued, 0 retrying, 2 recent finished)\n",
+        )
+        assert ok("dead-letters", "fleet/jobs", "--requeue", "2")["id"] == "3"
+        refused = _cli(tmp_path, "submit", "fleet/jobs", "spend", "--wait")
+        assert (refused.returncode, refused.stderr) == (
+            4,
+            "otree: fleet/jobs runs on a Ray node: submit --wait does not reach it\n",
+        )
+        signal_job = _cli(tmp_path, "signal", "fleet/jobs", "TERM", "--job", "3")
+        assert (signal_job.returncode, signal_job.stderr) == (
+            4,
+            "otree: fleet/jobs runs on a Ray node: signal --job does not reach it\n",
+        )
+    cancelled = [e for e in _events(log) if e["path"] == "fleet/jobs/1" and e["kind"] == "job.cancelled"]
+    assert [e["details"].get("by") for e in cancelled] == ["operator"]
 
 
 class _Line:
