@@ -734,6 +734,51 @@ def test_a_sigkill_of_otree_run_while_its_cluster_comes_up_leaves_nothing(tmp_pa
         shutil.rmtree(temp, ignore_errors=True)
 
 
+PROCESS_JOB_TREE = """
+import subprocess, sys
+import trio
+import otree
+
+SCRIPT = (
+    "import os, subprocess, sys, time\\n"
+    "grandchild = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)'])\\n"
+    "with open(sys.argv[1], 'w') as notes:\\n"
+    "    notes.write(f'{os.getppid()} {os.getpid()} {grandchild.pid}\\\\n')\\n"
+    "time.sleep(300)\\n"
+)
+
+async def feeder():
+    await otree.current_child().supervisor.child("jobs").submit("work")
+    await trio.sleep_forever()
+
+work = otree.process_job([sys.executable, "-c", SCRIPT, NOTES])
+jobs = otree.pool("jobs", {"work": work}, executor=otree.RayExecutor(num_cpus=0))
+tree = otree.supervisor("fleet", children=[jobs, otree.task("feeder", feeder)])
+"""
+
+
+def test_a_sigkill_of_otree_run_takes_a_running_process_job_and_its_group_with_it(tmp_path: Path) -> None:
+    """On its embedded Ray: the job's Ray worker sees its raylet die and exits; Ray's worker would
+    SIGKILL its own children as it went, otree's spawn helper among them, before the helper could
+    kill the job's group."""
+    temp = tempfile.mkdtemp(prefix="otree-ray-job-")
+    notes = tmp_path / "pids"
+    (tmp_path / "tree.py").write_text(f"NOTES = {os.fspath(notes)!r}\n" + PROCESS_JOB_TREE)
+    left: set[int] = set()
+    try:
+        env = {"RAY_TMPDIR": temp}
+        with _otree_run(tmp_path / "tree.py", tmp_path / "state", until=_ready, env=env) as process:
+            worker, child, grandchild = map(int, _wait_file(notes, seconds=DEADLINE).split())
+            process.kill()
+            process.wait()
+        left = _wait_gone({worker, child, grandchild})
+        assert not left
+    finally:
+        for pid in left | _wait_gone(_with_environ(f"RAY_TMPDIR={temp}"), 0):
+            os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
 def test_otree_run_with_ray_address_joins_a_running_instance(tmp_path: Path, ray_instance: str) -> None:
     seen = _run_until_ready(tmp_path, "--ray", ray_instance)
     assert not _wait_gone(seen)

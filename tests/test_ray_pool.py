@@ -354,8 +354,10 @@ def test_options_ray_would_refuse_or_use_to_retry_are_refused_when_the_spec_is_b
 # --- process jobs ------------------------------------------------------------------------------------
 
 JOB_SCRIPT = """
-import json, os, socket, subprocess, sys, time
+import json, os, signal, socket, subprocess, sys, time
 payload = json.load(sys.stdin)
+if payload.get("deaf"):
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # before its grandchild: the grandchild is deaf too
 grandchild = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
 with open(payload["notes"], "a") as notes:
     notes.write(f"{os.getppid()} {os.getpid()} {grandchild.pid} {os.getpgid(0)}\\n")
@@ -396,3 +398,27 @@ async def test_a_process_job_runs_as_a_process_on_a_ray_node(tmp_path: Path) -> 
         os.kill(pid, signal.SIGKILL)
     assert not left
     assert alive(worker)  # stopped in order: its worker lives on
+
+
+async def test_a_process_job_killed_with_its_worker_takes_its_group_with_it(tmp_path: Path) -> None:
+    """A process job deaf to its stop signal, past the pool's grace: its task is force-cancelled,
+    which kills its Ray worker; the job, and its grandchild in its group, go with the worker."""
+    script = tmp_path / "job.py"
+    script.write_text(textwrap.dedent(JOB_SCRIPT))
+    notes = tmp_path / "pids"
+    handler = otree.process_job([sys.executable, os.fspath(script)], shutdown=60.0)
+    tree = _pool({"proc": handler}, job_shutdown=1.0)
+    with trio.fail_after(DEADLINE):
+        async with otree.open_supervisor(tree) as sup:
+            job = await sup.child("jobs").submit(
+                "proc", {"notes": os.fspath(notes), "n": 1, "deaf": True, "hang": True}
+            )
+            await _until(lambda: len(_lines(notes)) == 1)
+            job.cancel()
+            with pytest.raises(otree.JobFailed, match="cancelled"):
+                await job.result()
+    worker, child, grandchild, _ = map(int, _lines(notes)[0].split())
+    left = wait_gone({worker, child, grandchild})
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    assert not left
