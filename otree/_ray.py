@@ -84,6 +84,8 @@ _EVENT_POLL_SECONDS = 1.0  # how long one fetch of remote events waits for one o
 _LAST_EVENTS_SECONDS = 2.0  # for the last remote events once the remote tree has stopped
 _PROBE_SECONDS = 5.0  # for a TCP connection to the head before Ray is asked to join it
 _NODE_DIED = "because its node has died"  # Ray's words in an ActorDiedError when the node went (Ray 2.60)
+_GCS_PATIENCE_ENV = "RAY_gcs_rpc_server_reconnect_timeout_s"  # the seconds Ray's driver lives without the GCS
+_GCS_PATIENCE_SECONDS = 10 * 365 * 24 * 3600  # otree's: ten years
 SPARE_LINGER = 30.0  # seconds a spare waits for its child's next run once a run has ended
 
 
@@ -181,6 +183,10 @@ class _Session:
             return
         address = os.environ.get(ADDRESS_ENV) or LOCAL
         nodes = _local_nodes(address)
+        # Ray ends the process of a driver that cannot reach the GCS for this long (60 s by
+        # default), and otree is the driver: a head that restarts, or an embedded GCS that dies,
+        # must not end the supervisor. Read by ray.init; an embedded instance inherits it.
+        os.environ[_GCS_PATIENCE_ENV] = str(_GCS_PATIENCE_SECONDS)
         if nodes is None:
             _probe(address)
             ray.init(address=address, log_to_driver=False, configure_logging=False)

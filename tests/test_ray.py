@@ -25,7 +25,7 @@ import textwrap
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -775,6 +775,31 @@ def test_a_sigkill_of_otree_run_takes_a_running_process_job_and_its_group_with_i
         assert not left
     finally:
         for pid in left | _wait_gone(_with_environ(f"RAY_TMPDIR={temp}"), 0):
+            os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def test_otree_run_outlives_the_death_of_its_embedded_gcs(tmp_path: Path) -> None:
+    """Ray ends a driver that cannot reach its GCS for ``RAY_gcs_rpc_server_reconnect_timeout_s``
+    (60 s by default; 2 s here, to be quick): otree is that driver, and it stays up, answers
+    ``otree status`` and stops cleanly on SIGTERM, leaving nothing."""
+    temp = tempfile.mkdtemp(prefix="otree-ray-gcs-")
+    (tmp_path / "tree.py").write_text(TREE)
+    env = {"RAY_TMPDIR": temp, "RAY_gcs_rpc_server_reconnect_timeout_s": "2"}
+    seen: set[int] = set()
+    try:
+        with _otree_run(tmp_path / "tree.py", tmp_path / "state", until=_ready, env=env) as process:
+            seen = _descendants(process.pid)
+            [gcs] = {pid for pid in seen if b"gcs_server" in _cmdline(pid)}
+            os.kill(gcs, signal.SIGKILL)
+            with suppress(subprocess.TimeoutExpired):
+                process.wait(timeout=6.0)  # three times Ray's patience
+            assert process.poll() is None, (tmp_path / "stderr.txt").read_text()[-2000:]
+            status = _cli(tmp_path, "status", "--json")
+            assert status.returncode == 0 and json.loads(status.stdout)["root"]["info"]["state"] == "running"
+        assert not _wait_gone(seen | _with_environ(f"RAY_TMPDIR={temp}"))
+    finally:
+        for pid in _wait_gone(seen | _with_environ(f"RAY_TMPDIR={temp}"), 0):
             os.kill(pid, signal.SIGKILL)
         shutil.rmtree(temp, ignore_errors=True)
 
