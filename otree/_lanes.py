@@ -16,8 +16,10 @@ many lanes are held and jobs queued: nothing is rescanned. Heap entries of a lan
 moved or left are dropped lazily (a token per lane says which entry is its own).
 
 A lane is created by its first job and forgotten once it has no job queued, pinned or
-running and its breaker has nothing to remember. Pure: the clock is passed in, no trio,
-no I/O.
+running and its breaker has nothing to remember. An idle lane whose breaker remembers
+failures is kept, but at most ``IDLE_LANES_KEPT`` of them: past that, the one idle longest
+is forgotten, so a pool whose lanes are one-off (a lane per conversation) stays bounded.
+Pure: the clock is passed in, no trio, no I/O.
 """
 
 from __future__ import annotations
@@ -100,6 +102,9 @@ class _Lane(Generic[K, V]):
         yield from self.queue.ranked()
 
 
+IDLE_LANES_KEPT = 10_000  # idle lanes whose breaker remembers failures; the longest idle goes first
+
+
 class Line(Generic[K, V]):
     """The waiting jobs of a pool, with or without a lane; ``peek``/``take`` give the job that
     starts next: the best rank among the jobs without a lane and the heads of the lanes that
@@ -116,6 +121,7 @@ class Line(Generic[K, V]):
         self._turns = itertools.count()
         self.free: JobQueue[K, V] = JobQueue(self._turns)  # the jobs without a lane
         self._lanes: dict[str, _Lane[K, V]] = {}
+        self._idle: dict[str, None] = {}  # lanes kept for their breaker alone, the longest idle first
         self._lane_of: dict[K, _Lane[K, V]] = {}  # queued jobs of lanes (a due pinned retry included)
         # lanes not held, by the rank of their head: (-priority, turn, tie, lane), flat for quick compares
         self._ready: list[tuple[int, int, int, _Lane[K, V]]] = []
@@ -164,6 +170,7 @@ class Line(Generic[K, V]):
         where = self._lanes.get(lane)
         if where is None:
             where = self._lanes[lane] = _Lane(lane, self._turns, self._new_breaker())
+        self._idle.pop(lane, None)
         if key in self._lane_of:
             raise KeyError(f"{key!r} is queued already")
         pin = where.pin
@@ -322,8 +329,8 @@ class Line(Generic[K, V]):
         rank = lane.head_rank()
         if rank is None:
             lane.token = -1
-            if not lane.running and (lane.breaker is None or lane.breaker.pristine):
-                del self._lanes[lane.name]
+            if not lane.running:
+                self._rest(lane)
             return
         if lane.token >= 0 and lane.rank == rank:
             return
@@ -334,6 +341,20 @@ class Line(Generic[K, V]):
         if len(ready) > 2 * len(self._lanes) + _SLACK:
             self._ready = [entry for entry in ready if entry[3].token == entry[2]]
             heapq.heapify(self._ready)
+
+    def _rest(self, lane: _Lane[K, V]) -> None:
+        """``lane`` holds no job: forget it, unless its breaker remembers failures; then keep it
+        among the idle lanes, forgetting the one idle longest beyond ``IDLE_LANES_KEPT``."""
+        idle = self._idle
+        idle.pop(lane.name, None)
+        if lane.breaker is None or lane.breaker.pristine:
+            self._lanes.pop(lane.name, None)
+            return
+        idle[lane.name] = None
+        if len(idle) > IDLE_LANES_KEPT:
+            oldest = next(iter(idle))
+            del idle[oldest]
+            self._lanes.pop(oldest).timer = math.inf  # a wake set for it is dropped
 
     # --- reading -------------------------------------------------------------------------
 

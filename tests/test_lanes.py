@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import otree
+import otree._lanes
 from otree._intensity import CircuitState
 from otree._lanes import Line
 from otree._render import render_jobs, render_status
@@ -219,6 +220,28 @@ def test_a_lane_is_forgotten_when_empty_unless_its_breaker_remembers() -> None:
     assert line.take(11.0)[2] == "half_open"
     assert line.finished(3, "a", 12.0, True) == "closed"
     assert line.lanes == 0 and line.lane("a", 12.0) is None
+
+
+def test_idle_lanes_kept_for_their_breaker_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A lane per conversation, each failing once and never used again: the line keeps the
+    ``IDLE_LANES_KEPT`` idle the shortest, and a lane used again moves to the back of that order."""
+    monkeypatch.setattr(otree._lanes, "IDLE_LANES_KEPT", 3)
+    line: Line[int, int] = Line(breaker=(3, 10.0))  # two failures in a row leave it closed
+
+    def fail_once(key: int, lane: str) -> None:
+        line.push(key, 0, key, lane)
+        line.take(0.0)
+        line.finished(key, lane, 0.0, False)
+
+    for key, lane in enumerate(["a", "b", "c", "a", "d", "e"]):  # "a" again: idle since its second failure
+        fail_once(key, lane)
+    assert line.names() == ["a", "d", "e"] and line.lanes == 3
+    assert line.lane("b", 0.0) is None
+    line.push(10, 0, 10, "d")  # a lane with a job running is not idle: never forgotten
+    line.take(0.0)
+    fail_once(11, "f")
+    fail_once(12, "g")
+    assert line.names() == ["d", "e", "f", "g"] and line.lane("d", 0.0) == otree.LaneStatus("d", 0, 1, "closed")
 
 
 # --- the pool with lanes ----------------------------------------------------------------------
