@@ -33,6 +33,7 @@ import trio
 
 from ._errors import JobFailed, NotFound, NotRunning, OtreeError
 from ._eventlog import EventLog
+from ._events import EventStream
 from ._handles import PoolHandle, SupervisorHandle
 from ._info import ChildInfo, JobInfo
 from ._logfiles import EventFilter
@@ -555,22 +556,44 @@ class ControlServer:
         """Queue a job and reply with its id, then with its outcome once it has ended.
 
         A client that hangs up meanwhile ends the wait, not the job: it was accepted,
-        it runs. If the tree stops first, the client hears where its job stands.
+        it runs. If the tree stops first, the client hears where its job stands. A pool on a
+        Ray node is waited for by the events of its job that come home (subscribed to before the
+        job exists, so its end cannot be missed), then asked for the job's record.
         """
+        events: EventStream | None = None
         try:
-            with _refusals():
-                pool = self._local_pool(args.pool, "submit --wait")
-                job = await _queue(pool, args)
-                assert isinstance(job, Job)  # a local pool's
-        except _Refused as refused:
-            await _reply_error(stream, str(refused), refused.code)
-            return
+            try:
+                with _refusals():
+                    pool = self._pool(args.pool, "submit --wait")
+                    if isinstance(pool, RemotePoolHandle):
+                        events = self.root._tree.bus.subscribe(pool.path, _REMOTE_WAIT_BUFFER)
+                    job = await _queue(pool, args)
+            except _Refused as refused:
+                await _reply_error(stream, str(refused), refused.code)
+                return
+            await self._wait_for(stream, pool, job, events)
+        finally:
+            if events is not None:  # unsubscribed however the wait ended (a client gone at once too)
+                await events.aclose()
+
+    async def _wait_for(
+        self,
+        stream: trio.SocketStream,
+        pool: PoolHandle | RemotePoolHandle,
+        job: Job | JobInfo,
+        events: EventStream | None,
+    ) -> None:
+        """Reply that ``job`` is queued, then with its outcome (or why there is none yet)."""
         await stream.send_all(encode(Reply(VERSION, True, _queued(job))))
         outcome = b""
 
         async def wait() -> None:
             nonlocal outcome
-            outcome = await self._outcome(pool.path, job)
+            if isinstance(job, Job):
+                outcome = await self._outcome(pool.path, job)
+            else:
+                assert isinstance(pool, RemotePoolHandle) and events is not None
+                outcome = await _remote_outcome(pool, job.id, events)
 
         try:
             if not await _while_connected(stream, wait):
@@ -647,6 +670,38 @@ def _refusals() -> Iterator[None]:
         yield
     except (OtreeError, ValueError, TypeError) as error:
         raise _Refused(str(error)) from None
+
+
+_REMOTE_WAIT_BUFFER = 10_000  # events of a remote pool held for a waiting submit (past it: it asks)
+_JOB_ENDS = frozenset({"job.finished", "job.dead_lettered", "job.cancelled", "job.dropped"})
+_STILL_UP = frozenset({"child.started", "child.ready"})
+
+
+async def _remote_outcome(pool: RemotePoolHandle, job_id: str, events: EventStream) -> bytes:
+    """The reply that ends a waiting submit to a pool on a Ray node: once the job's end has come
+    home (or the pool's own end, or events were dropped), its record as its pool has it."""
+    mine = f"{pool.path}/{job_id}"
+    async for event in events:
+        if not (
+            (event.path == mine and event.kind in _JOB_ENDS)
+            or (event.path == pool.path and event.kind.startswith("child.") and event.kind not in _STILL_UP)
+            or "dropped" in event.details
+        ):
+            continue
+        try:
+            info: JobInfo = await pool.request("job", "", job_id)
+        except NotRunning:
+            break
+        if info.state == "done":
+            return encode(Reply(VERSION, True, {"id": info.id, "state": info.state, "result": info.result}))
+        if info.error is not None:  # dead, cancelled, dropped, interrupted: why, in its pool's words
+            code = EXIT_JOB_PENDING if info.state == "interrupted" else EXIT_JOB_FAILED
+            return _error_frame(f"{pool.path}: job {info.id}: {info.error}".replace("\n", " "), code)
+    return _error_frame(
+        f"{pool.path} stopped before job {job_id} ended "
+        "(a durable pool keeps it: it runs when the pool starts again)",
+        EXIT_JOB_PENDING,
+    )
 
 
 async def _queue(pool: PoolHandle | RemotePoolHandle, args: _SubmitArgs) -> Job | JobInfo:

@@ -241,7 +241,8 @@ def test_idle_lanes_kept_for_their_breaker_are_bounded(monkeypatch: pytest.Monke
     line.take(0.0)
     fail_once(11, "f")
     fail_once(12, "g")
-    assert line.names() == ["d", "e", "f", "g"] and line.lane("d", 0.0) == otree.LaneStatus("d", 0, 1, "closed")
+    assert line.names() == ["d", "e", "f", "g"]
+    assert line.lane("d", 0.0) == otree.LaneStatus("d", 0, 1, "closed")
 
 
 # --- the pool with lanes ----------------------------------------------------------------------

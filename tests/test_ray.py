@@ -1218,8 +1218,8 @@ def test_the_cli_submits_to_a_remote_pool_and_its_spend_counts_once(
 
 def test_the_cli_reads_and_changes_the_records_of_a_remote_pool(tmp_path: Path, ray_instance: str) -> None:
     """``otree jobs``, ``job``, ``cancel``, ``dead-letters`` (``--requeue``) and ``lane`` answer for a
-    pool on a Ray node as for a local one; ``submit --wait`` and ``signal --job`` say in one line
-    that they do not reach it."""
+    pool on a Ray node as for a local one; ``signal --job`` says in one line that it does not
+    reach it."""
 
     def ok(*args: str) -> Any:
         done = _cli(tmp_path, *args, "--json")
@@ -1259,11 +1259,6 @@ def test_the_cli_reads_and_changes_the_records_of_a_remote_pool(tmp_path: Path, 
             "otree: fleet/jobs: no job 9 (jobs: 0 running, 0 queued, 0 retrying, 2 recent finished)\n",
         )
         assert ok("dead-letters", "fleet/jobs", "--requeue", "2")["id"] == "3"
-        refused = _cli(tmp_path, "submit", "fleet/jobs", "spend", "--wait")
-        assert (refused.returncode, refused.stderr) == (
-            4,
-            "otree: fleet/jobs runs on a Ray node: submit --wait does not reach it\n",
-        )
         signal_job = _cli(tmp_path, "signal", "fleet/jobs", "TERM", "--job", "3")
         assert (signal_job.returncode, signal_job.stderr) == (
             4,
@@ -1271,6 +1266,40 @@ def test_the_cli_reads_and_changes_the_records_of_a_remote_pool(tmp_path: Path, 
         )
     cancelled = [e for e in _events(log) if e["path"] == "fleet/jobs/1" and e["kind"] == "job.cancelled"]
     assert [e["details"].get("by") for e in cancelled] == ["operator"]
+
+
+def test_a_waiting_submit_to_a_remote_pool_ends_with_the_jobs_outcome(
+    tmp_path: Path, ray_instance: str
+) -> None:
+    """``otree submit --wait`` to a pool on a Ray node: the result, a dead letter's one line
+    (exit 6), a job cancelled while it waits (exit 6), as for a local pool."""
+    with _daemon(tmp_path, CONTROLLED, ray_instance):
+        done = _cli(tmp_path, "submit", "fleet/jobs", "spend", '{"n": 5}', "--wait", "--json")
+        assert (done.returncode, done.stdout, done.stderr) == (0, '{"n":5}\n', "")
+        failed = _cli(tmp_path, "submit", "fleet/jobs", "fail", "--wait")
+        assert (failed.returncode, failed.stdout, failed.stderr) == (
+            6,
+            "",
+            "otree: fleet/jobs: job 2: dead-lettered after 1 attempt: ValueError: no model answers\n",
+        )
+        waiter = subprocess.Popen(
+            [*OTREE, "submit", "fleet/jobs", "wait", "--wait", "--state-dir", os.fspath(tmp_path / "state")],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            deadline = time.monotonic() + DEADLINE
+            while _cli(tmp_path, "job", "fleet/jobs", "3", "--json").returncode != 0:  # not queued yet
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+            assert _cli(tmp_path, "cancel", "fleet/jobs", "3").returncode == 0
+            out, err = waiter.communicate(timeout=DEADLINE)
+        finally:
+            if waiter.poll() is None:
+                waiter.kill()
+                waiter.communicate()
+        assert (waiter.returncode, out, err) == (6, "", "otree: fleet/jobs: job 3: cancelled\n")
 
 
 class _Line:
