@@ -1272,7 +1272,8 @@ def test_a_waiting_submit_to_a_remote_pool_ends_with_the_jobs_outcome(
     tmp_path: Path, ray_instance: str
 ) -> None:
     """``otree submit --wait`` to a pool on a Ray node: the result, a dead letter's one line
-    (exit 6), a job cancelled while it waits (exit 6), as for a local pool."""
+    (exit 6), a job cancelled while it waits (exit 6), its pool stopped first (exit 7), as for a
+    local pool."""
     with _daemon(tmp_path, CONTROLLED, ray_instance):
         done = _cli(tmp_path, "submit", "fleet/jobs", "spend", '{"n": 5}', "--wait", "--json")
         assert (done.returncode, done.stdout, done.stderr) == (0, '{"n":5}\n', "")
@@ -1300,6 +1301,24 @@ def test_a_waiting_submit_to_a_remote_pool_ends_with_the_jobs_outcome(
                 waiter.kill()
                 waiter.communicate()
         assert (waiter.returncode, out, err) == (6, "", "otree: fleet/jobs: job 3: cancelled\n")
+        waiter = subprocess.Popen(
+            [*OTREE, "submit", "fleet/jobs", "wait", "--wait", "--state-dir", os.fspath(tmp_path / "state")],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            while _cli(tmp_path, "job", "fleet/jobs", "4", "--json").returncode != 0:  # not queued yet
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+            assert _cli(tmp_path, "stop", "fleet/jobs").returncode == 0  # the pool stops first
+            out, err = waiter.communicate(timeout=DEADLINE)
+        finally:
+            if waiter.poll() is None:
+                waiter.kill()
+                waiter.communicate()
+        assert (waiter.returncode, out) == (7, ""), err
+        assert err.startswith("otree: fleet/jobs") and err.count("\n") == 1, err
 
 
 class _Line:
