@@ -695,6 +695,35 @@ def test_a_local_cluster_that_fails_to_come_up_is_one_line_and_leaves_nothing(tm
         shutil.rmtree(temp, ignore_errors=True)
 
 
+def test_a_watcher_that_dies_is_replaced_and_a_sigkill_still_leaves_nothing(tmp_path: Path) -> None:
+    """The watcher of the embedded instance killed (``kill -9``, the OOM killer): a new one holds
+    every process of the instance, so a SIGKILL of otree run afterwards still leaves nothing."""
+    temp = tempfile.mkdtemp(prefix="otree-ray-watcher-")
+    (tmp_path / "tree.py").write_text(TREE)
+    seen: set[int] = set()
+
+    def watchers(below: int) -> set[int]:
+        return {pid for pid in _descendants(below) if b"pidfd_send_signal" in _cmdline(pid)}
+
+    try:
+        env = {"RAY_TMPDIR": temp}
+        with _otree_run(tmp_path / "tree.py", tmp_path / "state", until=_ready, env=env) as process:
+            [first] = watchers(process.pid)
+            os.kill(first, signal.SIGKILL)
+            deadline = time.monotonic() + DEADLINE
+            while not (replaced := watchers(process.pid) - {first}):
+                assert time.monotonic() < deadline, "no new watcher"
+                time.sleep(0.05)
+            seen = _descendants(process.pid) - replaced
+            process.kill()
+            process.wait()
+        assert not _wait_gone(seen | _with_environ(f"RAY_TMPDIR={temp}"))
+    finally:
+        for pid in _wait_gone(seen | _with_environ(f"RAY_TMPDIR={temp}"), 0):
+            os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
 def test_a_sigkill_of_otree_run_while_its_cluster_comes_up_leaves_nothing(tmp_path: Path) -> None:
     """Killed while the second node is coming up: the head's and the nodes' processes started so
     far (their agents hang for good without otree's watcher) are gone."""
@@ -720,8 +749,12 @@ def test_a_sigkill_of_otree_run_while_its_cluster_comes_up_leaves_nothing(tmp_pa
         while not marker.exists():
             assert process.poll() is None and time.monotonic() < deadline
             time.sleep(0.05)
-        agents = {pid for pid in _with_environ(f"RAY_TMPDIR={temp}") if _cmdline(pid).startswith(b"ray::")}
-        assert len(agents) >= 2  # the head's DashboardAgent and RuntimeEnvAgent at least
+        while (
+            len({pid for pid in _with_environ(f"RAY_TMPDIR={temp}") if _cmdline(pid).startswith(b"ray::")})
+            < 2
+        ):
+            assert process.poll() is None and time.monotonic() < deadline  # the head's two agents, started
+            time.sleep(0.05)
         process.kill()
         process.wait()
         assert not _wait_gone(_with_environ(f"RAY_TMPDIR={temp}"))
