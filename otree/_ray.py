@@ -140,15 +140,31 @@ def check_options(path: str, options: object, kind: Literal["actor", "task"] = "
 # Ray's worker SIGKILLs its own children as it exits (killed by ``ray.kill``, its owner's death or
 # its raylet's): the spawn helper among them, whose last act, killing every group it listed (an
 # agent's tools), would then never happen. otree's helper does that work, whole groups included.
-_WORKER_KEEPS_CHILDREN = {"RAY_kill_child_processes_on_worker_exit": "false"}
+_WORKER_KEEPS_CHILDREN = ("RAY_kill_child_processes_on_worker_exit", "false")
 
 
-def owned_by_otree(options: dict[str, Any]) -> dict[str, Any]:
-    """``options`` for a worker whose process children otree keeps and kills: Ray must not kill
-    them itself (a ``runtime_env`` the options give keeps all else it says)."""
-    runtime_env = dict(options.get("runtime_env") or {})
-    runtime_env["env_vars"] = {**(runtime_env.get("env_vars") or {}), **_WORKER_KEEPS_CHILDREN}
-    return {**options, "runtime_env": runtime_env}
+def actor_options(spec: RaySpec, *, embedded: bool) -> dict[str, Any]:
+    """The Ray options of ``spec``'s actors. Where the wrapped spec holds process children and the
+    instance is not otree's own (whose workers inherit the switch from otree's environment), the
+    actor's ``runtime_env`` turns Ray's kill of the worker's children off (Ray then starts a worker
+    for it through its runtime-env agent: ~0.3 s more per actor, measured)."""
+    if embedded or not _holds_processes(spec.spec):
+        return spec.options
+    name, value = _WORKER_KEEPS_CHILDREN
+    runtime_env = dict(spec.options.get("runtime_env") or {})
+    runtime_env["env_vars"] = {**(runtime_env.get("env_vars") or {}), name: value}
+    return {**spec.options, "runtime_env": runtime_env}
+
+
+def _holds_processes(spec: ChildSpec) -> bool:
+    """Whether otree would spawn processes for ``spec``: a process child, a pool's process jobs."""
+    from ._pool import ProcessJob  # not at import: _pool -> _spec -> here
+
+    if isinstance(spec, ProcessSpec):
+        return True
+    if isinstance(spec, PoolSpec):
+        return any(isinstance(handler, ProcessJob) for handler in spec.handlers.values())
+    return isinstance(spec, SupervisorSpec) and any(_holds_processes(child) for child in spec.children)
 
 
 def check_picklable(path: str, spec: ChildSpec) -> None:
@@ -197,6 +213,8 @@ class _Session:
             os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
             ray._private.ray_constants.ENABLE_RAY_CLUSTER = False
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        switch, off = _WORKER_KEEPS_CHILDREN
+        os.environ[switch] = off  # every worker of the instance inherits it
         guard = RayGuard()
         # a new local instance has token authentication on (Ray's default), and Ray says so on
         # otree's stderr at every start: a warning about nothing to do
@@ -369,7 +387,8 @@ async def run_ray(spec: RaySpec, tree: Tree, *, task_status: trio.TaskStatus[Non
     stopping = me.stopping  # trapping: a stop is a graceful remote stop under this child's grace
     ray = import_ray(me.path)
     _SESSION.connect(ray)
-    actor = _host_class(ray).options(**owned_by_otree(spec.options), max_restarts=0, max_task_retries=0)
+    options = actor_options(spec, embedded=_SESSION.embedded)
+    actor = _host_class(ray).options(**options, max_restarts=0, max_task_retries=0)
     _send_tree_files_by_value(ray)
     root = _remote_root(me.path, spec)
     work = (root, os.fspath(tree.state_dir), tree.durable)

@@ -724,6 +724,38 @@ def test_a_watcher_that_dies_is_replaced_and_a_sigkill_still_leaves_nothing(tmp_
         shutil.rmtree(temp, ignore_errors=True)
 
 
+def test_a_brutal_stop_on_the_embedded_ray_takes_a_remote_process_and_its_group(tmp_path: Path) -> None:
+    """``otree stop`` of a Ray process child whose shutdown is ``brutal_kill``, on the instance
+    otree started: ``ray.kill`` of its actor, whose worker would SIGKILL its own children as it
+    exited, the spawn helper among them, before the helper killed the agent's group."""
+    temp = tempfile.mkdtemp(prefix="otree-ray-brutal-")
+    notes = tmp_path / "pids"
+    script = tmp_path / "agent.py"
+    script.write_text(
+        "import os, subprocess, sys, time\n"
+        "grandchild = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)'])\n"
+        f"with open({os.fspath(notes)!r}, 'w') as notes:\n"
+        "    notes.write(f'{os.getppid()} {os.getpid()} {grandchild.pid}\\n')\n"
+        "time.sleep(300)\n"
+    )
+    (tmp_path / "tree.py").write_text(
+        "import sys\nimport otree\n"
+        f"agent = otree.process('agent', [sys.executable, {os.fspath(script)!r}], shutdown='brutal_kill')\n"
+        "tree = otree.supervisor('fleet', children=[otree.ray(agent, num_cpus=0)])\n"
+    )
+    left: set[int] = set()
+    try:
+        with _otree_run(tmp_path / "tree.py", tmp_path / "state", until=_ready, env={"RAY_TMPDIR": temp}):
+            actor, child, grandchild = map(int, _wait_file(notes, seconds=DEADLINE).split())
+            assert _cli(tmp_path, "stop", "fleet/agent").returncode == 0
+            left = _wait_gone({actor, child, grandchild})
+            assert not left
+    finally:
+        for pid in left | _wait_gone(_with_environ(f"RAY_TMPDIR={temp}"), 0):
+            os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
 def test_a_sigkill_of_otree_run_while_its_cluster_comes_up_leaves_nothing(tmp_path: Path) -> None:
     """Killed while the second node is coming up: the head's and the nodes' processes started so
     far (their agents hang for good without otree's watcher) are gone."""
